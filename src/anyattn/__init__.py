@@ -1,0 +1,71 @@
+"""anyattn: one attention call over every PyTorch attention backend.
+
+    import anyattn as aa
+    out = aa.attention(q, k, v, mask=aa.causal() & aa.sliding_window(1024), score=aa.softcap(50.0))
+    print(aa.explain(q, k, v, mask=aa.documents([300, 700, 24]) & aa.causal()))
+"""
+
+from .api import AttentionOutput, BackendInfo, attention, attention_with_weights, backends, clear_caches, explain, use
+from .backends import Backend
+from .errors import AnyAttnError, ArgumentError, ArgumentTypeError, UnsupportedError
+from .layout import SeqInfo, pad, unpad
+from .resolve import Decision
+from .spec import (
+    MaskTerm,
+    ScoreTerm,
+    alibi,
+    bias,
+    block_causal,
+    causal,
+    chunked,
+    dense,
+    documents,
+    mask_fn,
+    padding,
+    prefix_lm,
+    relative_bias,
+    same_segment,
+    score_fn,
+    sliding_window,
+    softcap,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "attention",
+    "attention_with_weights",
+    "explain",
+    "use",
+    "backends",
+    "clear_caches",
+    "AttentionOutput",
+    "BackendInfo",
+    "Backend",
+    "Decision",
+    "AnyAttnError",
+    "ArgumentError",
+    "ArgumentTypeError",
+    "UnsupportedError",
+    "SeqInfo",
+    "pad",
+    "unpad",
+    "MaskTerm",
+    "ScoreTerm",
+    "causal",
+    "sliding_window",
+    "documents",
+    "padding",
+    "prefix_lm",
+    "block_causal",
+    "same_segment",
+    "chunked",
+    "mask_fn",
+    "dense",
+    "softcap",
+    "alibi",
+    "bias",
+    "relative_bias",
+    "score_fn",
+    "__version__",
+]

@@ -1,0 +1,258 @@
+"""The public call: ``attention``, ``explain``, ``use``, ``backends``.
+
+Layout (one, everywhere): q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv), any strides;
+output (B, Hq, Sq, Dv). A model holding (B, S, H, D) memory passes ``x.transpose(1, 2)`` views.
+GQA/MQA whenever Hq is a multiple of Hkv: query head h reads kv head ``h // (Hq // Hkv)``.
+
+Data flow of one call::
+
+    validate -> normalize (canonical spec, call key) -> resolve (cached per key) -> lower (cached
+    per backend) -> run kernel
+
+Decisions and lowered forms are cached on the call key: the canonical spec (term contents, or the
+identity and version of term tensors), shapes, dtype, device and options. A repeated call does
+not re-validate, re-resolve or rebuild its mask.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from ._lru import LRU
+from .backends import REGISTRY
+from .call import Call
+from .errors import bad_type, bad_value
+from .resolve import Decision, availability, check_backend, resolve
+from .spec import Geometry, canonical_mask, canonical_scores
+
+__all__ = ["attention", "explain", "use", "backends", "AttentionOutput", "BackendInfo", "clear_caches"]
+
+_DEFAULT = contextvars.ContextVar("anyattn_backend", default=("auto",))
+_DECISIONS = LRU(1024)  # (call key, requested) -> backend
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class AttentionOutput(NamedTuple):
+    """``attention(..., return_lse=True)``: out (B, Hq, Sq, Dv) and lse (B, Hq, Sq) float32,
+    natural log, ``-inf`` on rows with no visible key."""
+
+    out: torch.Tensor
+    lse: torch.Tensor
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    name: str
+    available: bool
+    reason: str  # why not, when unavailable
+
+    def __str__(self) -> str:
+        return f"{self.name:<14} {'available' if self.available else 'unavailable: ' + self.reason}"
+
+
+def backends() -> list[BackendInfo]:
+    """Every registered backend and whether it can run on this machine (and if not, why)."""
+    out = []
+    for name in REGISTRY:
+        why = availability(name)
+        out.append(BackendInfo(name, why is None, why or ""))
+    return out
+
+
+@contextlib.contextmanager
+def use(backend):
+    """Default backend (or preference list) for ``attention`` calls in this block.
+
+    An explicit ``backend=`` argument other than "auto" still wins inside the block.
+    """
+    names = check_backend(backend)
+    token = _DEFAULT.set(names)
+    try:
+        yield
+    finally:
+        _DEFAULT.reset(token)
+
+
+def clear_caches() -> None:
+    """Drop cached decisions and lowered forms (BlockMasks, materialized masks)."""
+    from .backends import flex, sdpa
+
+    _DECISIONS.clear()
+    flex._BLOCK_MASKS.clear()
+    sdpa.SDPA.cache.clear()
+    sdpa.CUDNN.cache.clear()
+
+
+def _check_qkv(q, k, v) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise bad_type(name, "a torch.Tensor", type(t).__name__)
+        if t.dim() != 4:
+            want = {"q": "(B, Hq, Sq, D)", "k": "(B, Hkv, Sk, D)", "v": "(B, Hkv, Sk, Dv)"}[name]
+            raise bad_value(name, f"4 dims {want}", f"shape {tuple(t.shape)}")
+        if t.dtype not in _FLOATS:
+            raise bad_type(name, "float16, bfloat16, float32 or float64", f"dtype {t.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise bad_type(name, f"the same dtype as q ({q.dtype})", f"dtype {t.dtype}")
+        if t.device != q.device:
+            raise bad_value(name, f"the same device as q ({q.device})", f"device {t.device}")
+    B, Hq, Sq, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise bad_value("k/v", f"batch size B={B} like q", f"k batch {k.shape[0]}, v batch {v.shape[0]}")
+    if v.shape[1] != k.shape[1]:
+        raise bad_value("v", f"Hkv={k.shape[1]} heads like k", f"{v.shape[1]} heads")
+    if v.shape[2] != k.shape[2]:
+        raise bad_value("v", f"Sk={k.shape[2]} positions like k", f"{v.shape[2]} positions")
+    if k.shape[3] != D:
+        raise bad_value("k", f"head dim D={D} like q", f"head dim {k.shape[3]}")
+    Hkv = k.shape[1]
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise bad_value("k", f"a number of heads that divides Hq={Hq} (GQA/MQA)", f"Hkv={Hkv}")
+
+
+def _check_options(scale, dropout_p, return_lse) -> float | None:
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise bad_value("scale", "a finite float or None (= 1/sqrt(D))", repr(scale))
+        scale = float(scale)
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise bad_value("dropout_p", "a float in [0, 1)", repr(dropout_p))
+    if not isinstance(return_lse, bool):
+        raise bad_type("return_lse", "a bool", type(return_lse).__name__)
+    return scale
+
+
+def _make_call(q, k, v, mask, score, scale, dropout_p, return_lse, need_weights, validate: bool) -> Call:
+    compiling = torch.compiler.is_compiling()
+    if validate and not compiling:
+        _check_qkv(q, k, v)
+        scale = _check_options(scale, dropout_p, return_lse)
+    cmask = canonical_mask(mask)
+    scores = canonical_scores(score)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    term_grad = False
+    mkey, skey = None, None
+    if not compiling:
+        term_tensors = (cmask.tensors() if cmask is not None else ()) + tuple(t for s in scores for t in s.tensors())
+        term_grad = any(t.requires_grad for t in term_tensors)
+        grad = grad or (term_grad and torch.is_grad_enabled())
+        mkey = (cmask.key, cmask.versions()) if cmask is not None else None
+        skey = tuple((s.key, s.versions()) for s in scores)
+    key = (
+        mkey, skey, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, q.device, grad, scale,
+        dropout_p > 0, return_lse, need_weights,
+    )  # fmt: skip
+    return Call(q, k, v, cmask, scores, scale, float(dropout_p), return_lse, grad, key, not (term_grad or compiling), need_weights)
+
+
+def _validate_terms(call: Call) -> None:
+    geo: Geometry = call.geo
+    if call.mask is not None:
+        call.mask.check(geo)
+    for s in call.scores:
+        s.check(geo)
+
+
+def _backend_for(call: Call, backend) -> tuple:
+    requested = _DEFAULT.get() if backend == "auto" else check_backend(backend)
+    dkey = (call.key, requested)
+    hit = _DECISIONS.get(dkey) if call.cacheable else None
+    if hit is not None:
+        return hit
+    _validate_terms(call)  # once per call key: may read term values to the host (see layout.py)
+    impl, decision = resolve(call, requested)
+    if call.cacheable:
+        _DECISIONS.put(dkey, (impl, decision))
+    return impl, decision
+
+
+def _empty_result(call: Call):
+    """Sq == 0 or Sk == 0: every row sees no key -> zeros (lse -inf), gradients 0."""
+    B, Hq, Sq, _ = call.q.shape
+    out = call.q.new_zeros(B, Hq, Sq, call.Dv)
+    if call.requires_grad:  # keep the graph so that .backward() gives zero gradients
+        out = out + 0.0 * (call.q.sum() + call.k.sum() + call.v.sum())
+    lse = torch.full((B, Hq, Sq), float("-inf"), device=call.device, dtype=torch.float32)
+    return out, lse
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mask=None,
+    score=None,
+    scale: float | None = None,
+    backend="auto",
+    dropout_p: float = 0.0,
+    return_lse: bool = False,
+):
+    """Attention ``softmax(score_terms(scale * q k^T) masked) @ v`` on the backend that computes
+    it exactly and fastest.
+
+    Args:
+        q: (B, Hq, Sq, D). k: (B, Hkv, Sk, D). v: (B, Hkv, Sk, Dv). Any strides; Hq % Hkv == 0.
+        mask: a mask term (``causal()``, ``documents(...)``, ... combined with ``& | ~``) or None.
+        score: a score term or a sequence of them, applied in order before the mask.
+        scale: logit scale, default ``1/sqrt(D)``. Models that pre-scale q pass 1.0.
+        backend: "auto", a backend name, or a sequence of names tried in order. A named backend
+            that cannot serve the call raises :class:`UnsupportedError`; it is never replaced.
+        dropout_p: attention-weight dropout probability (applied whenever > 0).
+        return_lse: also return the log-sum-exp (B, Hq, Sq), float32, natural log.
+
+    Returns:
+        out (B, Hq, Sq, Dv), or ``AttentionOutput(out, lse)`` when ``return_lse=True``.
+        Rows with no visible key are exactly 0 (lse -inf), forward and backward.
+    """
+    call = _make_call(q, k, v, mask, score, scale, dropout_p, return_lse, False, validate=True)
+    impl, _ = _backend_for(call, backend)
+    if call.q.shape[2] == 0 or call.k.shape[2] == 0:
+        out, lse = _empty_result(call)
+    else:
+        out, lse = impl.run(call)
+    if return_lse:
+        return AttentionOutput(out, lse)
+    return out
+
+
+def attention_with_weights(q, k, v, *, mask=None, score=None, scale=None, dropout_p=0.0):
+    """Eager attention that also returns the weights (B, Hq, Sq, Sk), float32: (out, weights).
+
+    This is the one sanctioned path to attention weights (``output_attentions``); it always runs
+    the eager backend.
+    """
+    call = _make_call(q, k, v, mask, score, scale, dropout_p, False, True, validate=True)
+    _validate_terms(call)
+    from .backends import eager
+
+    out, _, weights = eager.run_with_weights(call)
+    return out, weights
+
+
+def explain(q, k, v, *, mask=None, score=None, scale=None, backend="auto", dropout_p=0.0, return_lse=False) -> Decision:
+    """The decision ``attention`` would take for these arguments, with every backend's answer.
+
+    Prints as a table: backend, chosen/accepted/rejected/unavailable, reason. Raises the same
+    validation errors as ``attention``; a call no backend can serve returns the decision with
+    ``chosen=None`` instead of raising.
+    """
+    from .errors import UnsupportedError
+
+    call = _make_call(q, k, v, mask, score, scale, dropout_p, return_lse, False, validate=True)
+    _validate_terms(call)
+    requested = _DEFAULT.get() if backend == "auto" else check_backend(backend)
+    try:
+        _, decision = resolve(call, requested, full=True)
+    except UnsupportedError as e:
+        decision = e.decision
+    return decision

@@ -1,0 +1,263 @@
+"""Packed <-> padded: one description of a batch's sequence structure.
+
+Shape legend:
+    B batch rows     S row length (padded)     T real tokens in the whole batch
+    N documents per row (zero-length documents pad ragged rows)     D documents in the batch
+
+A *row* of length S holds one or more *documents* back to back (packing), followed by padding;
+or, for a padded batch, one sequence whose real tokens a keep-mask marks (left or right padding).
+:class:`SeqInfo` holds both views at once::
+
+    row 0:  [a a a b b . .]        keep     [1 1 1 1 1 0 0]   doc_ids   [0 0 0 1 1 -1 -1]
+    row 1:  [c c c c c c d]        keep     [1 1 1 1 1 1 1]   doc_ids   [2 2 2 2 2 2  3]
+    varlen: cu_seqlens = [0, 3, 5, 11, 12] (int32, device)   max_seqlen = 6 (Python int)
+            indices    = flat positions of the T=12 real tokens in the (B*S) stream
+
+Every backend derives its own form from it: flex a BlockMask from ``doc_ids``, varlen kernels
+``cu_seqlens``/``max_seqlen``, SDPA a dense mask. Build it once per batch; every layer reuses it.
+
+Host <-> device synchronization: constructors that receive *host* data (Python lists) never
+sync. Constructors that receive *device* tensors (``from_padding_mask``, ``from_position_ids``,
+``from_cu_seqlens`` without ``max_seqlen``, tensor lengths) read the values they must know on the
+host (max length, total tokens) once, at construction. Nothing in ``pad``/``unpad`` syncs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import bad_type, bad_value
+
+__all__ = ["SeqInfo", "pad", "unpad"]
+
+
+@dataclass(frozen=True, eq=False)
+class SeqInfo:
+    """A batch's sequence structure. Build with one of the ``from_*`` constructors."""
+
+    B: int
+    S: int
+    lengths: torch.Tensor  # (B, N) int64 document lengths per row, zero-padded; on device
+    host_lengths: tuple  # the same as Python ints: tuple of B tuples
+    cu_seqlens: torch.Tensor  # (D+1,) int32 on device, over the real tokens of all rows
+    max_seqlen: int  # longest document (Python int: no sync when a kernel needs it)
+    total: int  # T, real tokens in the batch
+    indices: torch.Tensor  # (T,) int64 flat positions of the real tokens in the (B*S) stream
+    keep: torch.Tensor  # (B, S) bool, True = real token
+    doc_ids: torch.Tensor  # (B, S) int32 global document index, -1 for padding
+    positions: torch.Tensor  # (B, S) int64 position inside its document (0 for padding)
+    kind: str  # "documents" (packed rows, right padding) or "padding" (keep-mask rows)
+
+    def __repr__(self) -> str:
+        return (
+            f"SeqInfo(kind={self.kind!r}, B={self.B}, S={self.S}, documents={self.cu_seqlens.numel() - 1}, "
+            f"tokens={self.total}, max_seqlen={self.max_seqlen})"
+        )
+
+    @property
+    def num_docs(self) -> int:
+        return self.cu_seqlens.numel() - 1
+
+    # ---------------------------------------------------------------- constructors
+    @classmethod
+    def from_lengths(cls, lengths, *, total_length: int | None = None, device=None) -> SeqInfo:
+        """Packed rows from document lengths: a list (one row), a list of lists (one per row) or
+        an integer tensor (N,) / (B, N). ``total_length`` is the row length S (default: the
+        longest row's sum)."""
+        if isinstance(lengths, torch.Tensor):
+            if lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
+                raise bad_type("lengths", "integer document lengths", f"dtype {lengths.dtype}")
+            if lengths.dim() not in (1, 2):
+                raise bad_value("lengths", "a (N,) or (B, N) tensor", f"shape {tuple(lengths.shape)}")
+            device = lengths.device if device is None else torch.device(device)
+            rows = lengths.reshape(-1, lengths.shape[-1]).tolist()  # one sync, at construction
+        elif isinstance(lengths, (list, tuple)):
+            if all(isinstance(x, int) and not isinstance(x, bool) for x in lengths):
+                rows = [list(lengths)]
+            elif all(isinstance(r, (list, tuple)) for r in lengths):
+                rows = [list(r) for r in lengths]
+            else:
+                raise bad_type("lengths", "a list of ints or a list of lists of ints", repr(lengths)[:80])
+        else:
+            raise bad_type("lengths", "a list of ints, a list of lists or an integer tensor", type(lengths).__name__)
+        device = torch.device("cpu") if device is None else torch.device(device)
+        for r in rows:
+            for x in r:
+                if not isinstance(x, int) or x < 0:
+                    raise bad_value("lengths", "non-negative integer document lengths", x)
+        if not rows or not any(rows):
+            raise bad_value("lengths", "at least one row with at least one document", rows)
+        S = max(sum(r) for r in rows)
+        if total_length is not None:
+            if total_length < S:
+                raise bad_value("total_length", f"at least the longest row's total {S}", total_length)
+            S = total_length
+        return cls._build(rows, S, device, kind="documents")
+
+    @classmethod
+    def from_padding_mask(cls, mask: torch.Tensor) -> SeqInfo:
+        """Padded batch from a (B, S) keep-mask (HF ``attention_mask``: 1 = real token). Left,
+        right or mixed padding; each row is one sequence. Reads the row lengths to the host once."""
+        if not isinstance(mask, torch.Tensor):
+            raise bad_type("mask", "a (B, S) bool or 0/1 integer tensor", type(mask).__name__)
+        if mask.dim() != 2:
+            raise bad_value("mask", "a (B, S) keep-mask", f"shape {tuple(mask.shape)}")
+        if mask.dtype.is_floating_point:
+            raise bad_type("mask", "a bool or 0/1 integer keep-mask", f"dtype {mask.dtype}")
+        keep = mask if mask.dtype == torch.bool else mask != 0
+        B, S = keep.shape
+        counts = keep.sum(-1).tolist()  # one sync, at construction
+        flat = keep.reshape(-1)
+        indices = torch.nonzero(flat, as_tuple=False).flatten()
+        cu = torch.zeros(B + 1, dtype=torch.int32, device=keep.device)
+        cu[1:] = torch.cumsum(keep.sum(-1), 0).to(torch.int32)
+        # document index = row index for real tokens
+        rows = torch.arange(B, device=keep.device, dtype=torch.int32)[:, None].expand(B, S)
+        doc_ids = torch.where(keep, rows, -1).to(torch.int32)
+        positions = torch.where(keep, torch.cumsum(keep.to(torch.int64), -1) - 1, 0)
+        lengths = torch.tensor(counts, dtype=torch.int64, device=keep.device)[:, None]
+        return cls(
+            B=B, S=S, lengths=lengths, host_lengths=tuple((c,) for c in counts), cu_seqlens=cu,
+            max_seqlen=max(counts) if counts else 0, total=int(sum(counts)), indices=indices, keep=keep,
+            doc_ids=doc_ids, positions=positions, kind="padding",
+        )  # fmt: skip
+
+    @classmethod
+    def from_position_ids(cls, position_ids: torch.Tensor) -> SeqInfo:
+        """Packed rows from ``position_ids`` that restart at 0 for every document (HF's
+        DataCollatorWithFlattening convention): (S,) or (B, S). Each row must start at 0 and
+        each next id be the previous + 1 (same document) or 0 (a new one); anything else is an
+        error, not a guess. Reads the ids to the host once."""
+        if not isinstance(position_ids, torch.Tensor):
+            raise bad_type("position_ids", "an integer tensor (S,) or (B, S)", type(position_ids).__name__)
+        if position_ids.dtype.is_floating_point or position_ids.dtype == torch.bool:
+            raise bad_type("position_ids", "integer position ids", f"dtype {position_ids.dtype}")
+        if position_ids.dim() not in (1, 2):
+            raise bad_value(
+                "position_ids", "a (S,) or (B, S) tensor restarting at 0 per document", f"shape {tuple(position_ids.shape)}"
+            )
+        p = position_ids.reshape(-1, position_ids.shape[-1])
+        host = p.tolist()  # one sync, at construction
+        rows = []
+        for b, r in enumerate(host):
+            if not r:
+                raise bad_value("position_ids", "non-empty rows", "a row of length 0")
+            if r[0] != 0:
+                raise bad_value("position_ids", "each row to start at 0", f"row {b} starts at {r[0]}")
+            docs, cur = [], 0
+            for s in range(1, len(r)):
+                if r[s] == r[s - 1] + 1:
+                    continue
+                if r[s] == 0:
+                    docs.append(s - cur)
+                    cur = s
+                    continue
+                raise bad_value(
+                    "position_ids", "each id to be the previous + 1 or 0 (a new document)", f"{r[s - 1]} then {r[s]} at row {b}, position {s}"
+                )
+            docs.append(len(r) - cur)
+            rows.append(docs)
+        return cls._build(rows, p.shape[-1], p.device, kind="documents")
+
+    @classmethod
+    def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, *, max_seqlen: int | None = None, total_length: int | None = None) -> SeqInfo:
+        """One packed row from varlen metadata ``cu_seqlens`` (D+1,) int32: starts at 0,
+        non-decreasing. ``max_seqlen`` is checked against the values when given."""
+        if not isinstance(cu_seqlens, torch.Tensor):
+            raise bad_type("cu_seqlens", "a 1-D int32 tensor", type(cu_seqlens).__name__)
+        if cu_seqlens.dtype != torch.int32:
+            raise bad_type("cu_seqlens", "dtype torch.int32", f"dtype {cu_seqlens.dtype}")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise bad_value("cu_seqlens", "a 1-D tensor of at least 2 values (0, ..., total)", f"shape {tuple(cu_seqlens.shape)}")
+        cu = cu_seqlens.tolist()  # one sync, at construction
+        if cu[0] != 0:
+            raise bad_value("cu_seqlens", "a first value of 0", cu[0])
+        lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
+        if any(x < 0 for x in lens):
+            i = next(i for i, x in enumerate(lens) if x < 0)
+            raise bad_value("cu_seqlens", "non-decreasing values", f"{cu[i]} then {cu[i + 1]} at index {i}")
+        if max_seqlen is not None and max_seqlen != max(lens):
+            raise bad_value("max_seqlen", f"the longest document in cu_seqlens ({max(lens)})", max_seqlen)
+        S = cu[-1] if total_length is None else total_length
+        if S < cu[-1]:
+            raise bad_value("total_length", f"at least cu_seqlens[-1] = {cu[-1]}", total_length)
+        return cls._build([lens], S, cu_seqlens.device, kind="documents")
+
+    @classmethod
+    def _build(cls, rows: list[list[int]], S: int, device: torch.device, kind: str) -> SeqInfo:
+        B = len(rows)
+        N = max(len(r) for r in rows)
+        padded = [r + [0] * (N - len(r)) for r in rows]
+        flat_docs = [x for r in rows for x in r]
+        cu = [0]
+        for x in flat_docs:
+            cu.append(cu[-1] + x)
+        keep_l, ids_l, pos_l, idx_l = [], [], [], []
+        doc = 0
+        for b, r in enumerate(rows):
+            ids_row, pos_row = [], []
+            for x in r:
+                ids_row += [doc] * x
+                pos_row += list(range(x))
+                doc += 1
+            n = len(ids_row)
+            idx_l += range(b * S, b * S + n)
+            keep_l.append([True] * n + [False] * (S - n))
+            ids_l.append(ids_row + [-1] * (S - n))
+            pos_l.append(pos_row + [0] * (S - n))
+        return cls(
+            B=B, S=S,
+            lengths=torch.tensor(padded, dtype=torch.int64, device=device),
+            host_lengths=tuple(tuple(r) for r in padded),
+            cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=device),
+            max_seqlen=max(flat_docs) if flat_docs else 0, total=cu[-1],
+            indices=torch.tensor(idx_l, dtype=torch.int64, device=device),
+            keep=torch.tensor(keep_l, dtype=torch.bool, device=device),
+            doc_ids=torch.tensor(ids_l, dtype=torch.int32, device=device),
+            positions=torch.tensor(pos_l, dtype=torch.int64, device=device), kind=kind,
+        )  # fmt: skip
+
+    # ---------------------------------------------------------------- views
+    def to(self, device) -> SeqInfo:
+        device = torch.device(device)
+        if self.cu_seqlens.device == device:
+            return self
+        mv = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        return SeqInfo(
+            B=self.B, S=self.S, lengths=mv(self.lengths), host_lengths=self.host_lengths, cu_seqlens=mv(self.cu_seqlens),
+            max_seqlen=self.max_seqlen, total=self.total, indices=mv(self.indices), keep=mv(self.keep),
+            doc_ids=mv(self.doc_ids), positions=mv(self.positions), kind=self.kind,
+        )  # fmt: skip
+
+    def as_documents(self):
+        """The ``documents(...)`` mask term for this structure (carries this SeqInfo)."""
+        from .spec import Documents
+
+        if self.kind != "documents":
+            raise bad_value("seq_info", "a SeqInfo of packed documents (from_lengths/position_ids/cu_seqlens)", f"kind {self.kind!r}")
+        return Documents(self.lengths, self.host_lengths, self)
+
+    def as_padding(self):
+        """The ``padding(...)`` mask term for this structure (carries this SeqInfo)."""
+        from .spec import Padding
+
+        if self.kind != "padding":
+            raise bad_value("seq_info", "a SeqInfo built from a padding mask", f"kind {self.kind!r}")
+        return Padding(keep=self.keep, info=self)
+
+
+def unpad(x: torch.Tensor, info: SeqInfo) -> torch.Tensor:
+    """(B, S, ...) -> (T, ...): the real tokens, in row order. Differentiable."""
+    if x.shape[:2] != (info.B, info.S):
+        raise bad_value("x", f"leading dims (B, S) = ({info.B}, {info.S})", f"shape {tuple(x.shape)}")
+    return x.reshape(info.B * info.S, *x.shape[2:]).index_select(0, info.indices)
+
+
+def pad(x: torch.Tensor, info: SeqInfo) -> torch.Tensor:
+    """(T, ...) -> (B, S, ...) with zeros at padding positions. Differentiable."""
+    if x.shape[0] != info.total:
+        raise bad_value("x", f"leading dim T = {info.total} real tokens", f"shape {tuple(x.shape)}")
+    out = x.new_zeros(info.B * info.S, *x.shape[1:]).index_copy(0, info.indices, x)
+    return out.view(info.B, info.S, *x.shape[1:])

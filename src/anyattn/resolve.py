@@ -1,0 +1,126 @@
+"""Choosing a backend: capability checks, ranking, and a decision trace that explains itself."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+from .backends import REGISTRY, Backend
+from .errors import UnsupportedError, bad_value
+from .ranking import ranking_for, variant_class
+
+__all__ = ["Decision", "resolve", "backend_names", "check_backend"]
+
+
+@dataclass
+class Row:
+    backend: str
+    status: str  # "chosen" | "accepted" | "rejected" | "unavailable" | "not checked"
+    reason: str = ""
+
+
+@dataclass
+class Decision:
+    """Who could serve a call, who could not and why, and who won. Prints as a table."""
+
+    call: str
+    requested: tuple[str, ...]
+    variant: str
+    rows: list[Row] = field(default_factory=list)
+    chosen: str | None = None
+
+    def __str__(self) -> str:
+        req = "auto" if self.requested == ("auto",) else ", ".join(self.requested)
+        lines = [f"call:      {self.call}", f"requested: {req}   (variant class: {self.variant})"]
+        w = max([len(r.backend) for r in self.rows] + [7])
+        lines.append(f"  {'backend':<{w}}  {'status':<11}  reason")
+        for r in self.rows:
+            lines.append(f"  {r.backend:<{w}}  {r.status:<11}  {r.reason}")
+        lines.append(f"chosen:    {self.chosen}" if self.chosen else "chosen:    none: no requested backend can serve this call")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+    def _repr_pretty_(self, p, cycle):  # IPython
+        p.text(str(self))
+
+
+@functools.lru_cache(maxsize=None)
+def availability(name: str) -> str | None:
+    """None if the backend can run on this machine, else why not (cached per process)."""
+    impl = REGISTRY[name]
+    try:
+        return impl.available()
+    except ImportError as e:  # an optional package is missing: say which
+        return f"import failed: {e}"
+
+
+def backend_names() -> tuple[str, ...]:
+    return ("auto",) + tuple(REGISTRY)
+
+
+def check_backend(backend) -> tuple[str, ...]:
+    """Normalize ``backend=`` to a tuple of registered names; error lists the valid ones."""
+    if isinstance(backend, Backend):
+        backend = backend.value
+    if isinstance(backend, str):
+        names = (backend,)
+    elif isinstance(backend, (list, tuple)) and backend and all(isinstance(b, (str, Backend)) for b in backend):
+        names = tuple(b.value if isinstance(b, Backend) else b for b in backend)
+    else:
+        raise bad_value("backend", f"one of {list(backend_names())} or a sequence of them", repr(backend))
+    for n in names:
+        if n != "auto" and n not in REGISTRY:
+            raise bad_value("backend", f"one of {list(backend_names())}", repr(n))
+    if "auto" in names and len(names) > 1:
+        raise bad_value("backend", "'auto' alone, or a sequence of explicit backend names", repr(backend))
+    return names
+
+
+def resolve(call, requested: tuple[str, ...], *, full: bool = False):
+    """Pick the backend for ``call``. Returns (backend module, Decision).
+
+    ``requested == ("auto",)``: walk the ranking for this device and variant; the first backend
+    that is available and supports the call wins. With ``full=True`` (explain) every backend
+    is checked; otherwise the ones ranked below the winner are listed as "not checked".
+    Explicit names are tried in the order given; none is ever replaced by another.
+    """
+    auto = requested == ("auto",)
+    if auto:
+        order = list(ranking_for(call))
+        order = [n for n in order if n in REGISTRY] + [n for n in REGISTRY if n not in order]
+    else:
+        order = list(requested)
+    decision = Decision(call.describe(), requested, variant_class(call))
+    chosen = None
+    for name in order:
+        if chosen is not None and not full:
+            decision.rows.append(Row(name, "not checked", "ranked below the chosen backend"))
+            continue
+        why = availability(name)
+        if why is not None:
+            decision.rows.append(Row(name, "unavailable", why))
+            continue
+        why = REGISTRY[name].supports(call)
+        if why is not None:
+            decision.rows.append(Row(name, "rejected", why))
+            continue
+        if chosen is None:
+            chosen = name
+            decision.rows.append(Row(name, "chosen", "ranked first among the backends that can serve it" if auto else "requested"))
+        else:
+            decision.rows.append(Row(name, "accepted", "can serve it; ranked lower" if auto else "can serve it; requested later"))
+    decision.chosen = chosen
+    if chosen is None:
+        raise UnsupportedError(_unsupported_message(decision), decision)
+    return REGISTRY[chosen], decision
+
+
+def _unsupported_message(d: Decision) -> str:
+    lines = [f"no requested backend can compute this call exactly ({d.call})"]
+    for r in d.rows:
+        lines.append(f"  {r.backend}: {r.status}: {r.reason}")
+    if d.requested != ("auto",):
+        alts = [n for n in REGISTRY if n not in d.requested]
+        lines.append(f"try backend='auto' or one of {alts}; anyattn.explain(...) shows what each backend says")
+    return "\n".join(lines)

@@ -1,0 +1,118 @@
+"""Reference tools shipped with the package: the float64 oracle, input factories, and the
+tolerance rule every backend is held to (DESIGN.md section 7).
+
+    err(backend vs oracle) <= 2 * err(eager in the same dtype vs oracle) + 1e-5    (forward)
+    err(backend vs oracle) <= 3 * err(eager in the same dtype vs oracle) + 1e-4    (gradients)
+
+where err is the max absolute difference. The oracle is the eager backend on float64 copies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .api import attention
+
+__all__ = ["generate_qkv", "oracle", "Comparison", "compare_to_oracle"]
+
+
+def generate_qkv(
+    B=2, Hq=4, Hkv=None, Sq=33, Sk=None, D=64, Dv=None, *, dtype=torch.float32, device="cpu",
+    requires_grad=False, layout="bhsd", seed=0,
+):  # fmt: skip
+    """Random q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv).
+
+    ``layout="bshd"`` returns transposed views of (B, S, H, D) memory (non-contiguous), the way
+    models hold them.
+    """
+    Hkv = Hq if Hkv is None else Hkv
+    Sk = Sq if Sk is None else Sk
+    Dv = D if Dv is None else Dv
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def make(b, h, s, d):
+        if layout == "bshd":
+            t = torch.randn(b, s, h, d, generator=g).to(device=device, dtype=dtype).transpose(1, 2)
+        else:
+            t = torch.randn(b, h, s, d, generator=g).to(device=device, dtype=dtype)
+        return t.requires_grad_(requires_grad)
+
+    return make(B, Hq, Sq, D), make(B, Hkv, Sk, D), make(B, Hkv, Sk, Dv)
+
+
+def _f64(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(torch.float64).requires_grad_(t.requires_grad)
+
+
+def oracle(q, k, v, **kw):
+    """The eager backend on float64 copies (same kwargs as ``attention``)."""
+    return attention(_f64(q), _f64(k), _f64(v), backend="eager", **kw)
+
+
+@dataclass
+class Comparison:
+    name: str
+    err: float
+    ref_err: float
+    bound: float
+
+    @property
+    def ok(self) -> bool:
+        return self.err <= self.bound  # NaN compares False: a NaN never passes
+
+    def __str__(self) -> str:
+        return f"{self.name}: err {self.err:.3e} vs bound {self.bound:.3e} (eager same-dtype err {self.ref_err:.3e})"
+
+
+def _maxdiff(a, b) -> float:
+    if a is None or b is None:
+        return 0.0 if a is None and b is None else float("nan")
+    if not torch.isfinite(a).all() and not torch.equal(torch.isinf(a), torch.isinf(b.to(a.dtype))):
+        return float("nan")
+    a64, b64 = a.detach().double(), b.detach().double()
+    both_inf = torch.isinf(a64) & torch.isinf(b64) & (a64.sign() == b64.sign())
+    d = torch.where(both_inf, torch.zeros_like(a64), (a64 - b64).abs())
+    if d.numel() == 0:
+        return 0.0
+    return float(d.max())
+
+
+def compare_to_oracle(q, k, v, *, backend, grad=True, return_lse=False, **kw) -> list[Comparison]:
+    """Run ``backend`` and the same-dtype eager reference against the float64 oracle.
+
+    Returns one :class:`Comparison` for the output, the lse (if asked) and each input gradient
+    (q, k, v and any term tensor passed as ``grad_tensors``).
+    """
+    grad_tensors = kw.pop("grad_tensors", ())
+    leaves = [q, k, v, *grad_tensors]
+    results = {}
+    for name, be, cast in (("oracle", "eager", _f64), ("ref", "eager", None), ("test", backend, None)):
+        ins = [(cast(t) if cast else t).detach().requires_grad_(grad) for t in (q, k, v)]
+        extra = kw
+        if grad_tensors:
+            extra = dict(kw)
+        r = attention(*ins, backend=be, return_lse=return_lse, **extra)
+        out, lse = (r.out, r.lse) if return_lse else (r, None)
+        grads = []
+        if grad:
+            dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+            gs = torch.autograd.grad(out, ins, dout.to(out.device, out.dtype), allow_unused=True)
+            grads = list(gs)
+        results[name] = (out, lse, grads)
+    o_out, o_lse, o_g = results["oracle"]
+    comps = []
+
+    def add(name, test, ref, orc, fwd):
+        e, r = _maxdiff(test, orc), _maxdiff(ref, orc)
+        bound = (2 * r + 1e-5) if fwd else (3 * r + 1e-4)
+        comps.append(Comparison(name, e, r, bound))
+
+    add("out", results["test"][0], results["ref"][0], o_out, True)
+    if return_lse:
+        add("lse", results["test"][1], results["ref"][1], o_lse, True)
+    for i, n in enumerate(("dq", "dk", "dv")[: len(o_g)]):
+        add(n, results["test"][2][i], results["ref"][2][i], o_g[i], False)
+    del leaves
+    return comps
