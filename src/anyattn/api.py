@@ -145,8 +145,8 @@ def _make_call(q, k, v, mask, score, scale, dropout_p, return_lse, need_weights,
         term_tensors = (cmask.tensors() if cmask is not None else ()) + tuple(t for s in scores for t in s.tensors())
         term_grad = any(t.requires_grad for t in term_tensors)
         grad = grad or (term_grad and torch.is_grad_enabled())
-        mkey = (cmask.key, cmask.versions()) if cmask is not None else None
-        skey = tuple((s.key, s.versions()) for s in scores)
+        mkey = cmask.key if cmask is not None else None
+        skey = tuple(s.key for s in scores)
     key = (
         mkey, skey, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, q.device, grad, scale,
         dropout_p > 0, return_lse, need_weights,

@@ -101,18 +101,29 @@ class BoundScore(NamedTuple):
     dense: Callable[[], torch.Tensor] | None  # additive terms: the bias as a broadcast tensor
 
 
+# Small host tensors are keyed by content: a fresh ``torch.tensor([16, 40])`` built every call
+# maps to the same cached lowering. Other tensors are keyed by identity (of the base tensor for
+# views, since factories may reshape) plus the version counter, which in-place edits bump. A term
+# keeps its tensors alive, so an id cannot be reused while a cache entry holding the term exists.
+_CONTENT_KEY_MAX = 256
+
+
 def _tensor_key(t: torch.Tensor) -> tuple:
-    # Identity, not content: a term keeps its tensors alive, so the id cannot be reused while
-    # the term (and any cache entry holding it) exists. In-place edits are caught by
-    # `versions()`, which the call key includes.
-    return ("tensor", id(t), tuple(t.shape), t.dtype, t.device)
+    if t.device.type == "cpu" and t.numel() <= _CONTENT_KEY_MAX and not t.requires_grad:
+        return ("value", t.dtype, tuple(t.shape), tuple(t.reshape(-1).tolist()))
+    base = t._base if t._base is not None else t
+    return ("tensor", id(base), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device, t._version)
 
 
 def _value_key(v: Any) -> Any:
+    if isinstance(v, _Term):
+        return v.key
     if isinstance(v, torch.Tensor):
         return _tensor_key(v)
     if callable(v):
         return ("fn", id(v))
+    if hasattr(v, "cu_seqlens"):  # a SeqInfo: its content is in the term's other fields
+        return ("seqinfo", id(v))
     if isinstance(v, (list, tuple)):
         return tuple(_value_key(x) for x in v)
     return v
@@ -128,10 +139,13 @@ class _Term:
 
     @property
     def key(self) -> tuple:
+        """Hashable identity of the term's content (see _tensor_key). Cached for terms without
+        tensors; recomputed on every access otherwise, so that in-place edits are seen."""
         k = self.__dict__.get("_key")
         if k is None:
             k = (type(self).__name__,) + tuple(_value_key(v) for v in self._fields())
-            object.__setattr__(self, "_key", k)
+            if not self.tensors():
+                object.__setattr__(self, "_key", k)
         return k
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
@@ -275,7 +289,7 @@ class Documents(MaskTerm):
         """(Bd, Sk) int32 document index per key position, -1 for padding past the last document."""
         if self.info is not None and self.info.S == geo.Sk:
             return _dev(self.info.doc_ids, geo.device)
-        lengths = _dev(self.lengths, geo.device)
+        lengths = _dev(self.lengths, geo.device).to(torch.int64)
         cu = torch.cumsum(lengths, dim=-1)
         pos = torch.arange(geo.Sk, device=geo.device).expand(lengths.shape[0], geo.Sk).contiguous()
         ids = torch.searchsorted(cu, pos, right=True)
@@ -650,16 +664,17 @@ def documents(lengths) -> MaskTerm:
             lengths = rows
         elif all(isinstance(x, int) and not isinstance(x, bool) for x in lengths):
             host = (tuple(lengths),)
+            lengths = [list(lengths)]
         else:
             raise bad_type("documents(lengths)", "a list of ints, a list of lists of ints or an integer tensor", repr(lengths)[:80])
     t = _int_tensor("documents(lengths)", lengths, dims=(1, 2))
     if t.dim() == 1:
-        t = t.unsqueeze(0)
+        t = t.unsqueeze(0)  # a view: keyed by its base tensor
     if t.shape[1] == 0:
         raise bad_value("documents(lengths)", "at least one document", "an empty list")
     if host is not None and any(x < 0 for r in host for x in r):
         raise bad_value("documents(lengths)", "non-negative lengths", host)
-    return Documents(t.to(torch.int64), host)
+    return Documents(t, host)
 
 
 def padding(lengths=None, *, mask=None) -> MaskTerm:
@@ -684,7 +699,7 @@ def padding(lengths=None, *, mask=None) -> MaskTerm:
             raise bad_type("padding(mask)", "a bool or 0/1 integer keep-mask", f"dtype {mask.dtype}")
         return Padding(keep=mask if mask.dtype == torch.bool else mask != 0)
     t = _int_tensor("padding(lengths)", lengths, dims=(1,))
-    return Padding(lengths=t.to(torch.int64))
+    return Padding(lengths=t)
 
 
 def prefix_lm(prefix_lengths) -> MaskTerm:
@@ -693,7 +708,7 @@ def prefix_lm(prefix_lengths) -> MaskTerm:
         if prefix_lengths < 0:
             raise bad_value("prefix_lm(prefix_lengths)", "a non-negative int or (B,) tensor", prefix_lengths)
         return PrefixLM(prefix_lengths)
-    return PrefixLM(_int_tensor("prefix_lm(prefix_lengths)", prefix_lengths, dims=(1,)).to(torch.int64))
+    return PrefixLM(_int_tensor("prefix_lm(prefix_lengths)", prefix_lengths, dims=(1,)))
 
 
 def block_causal(block_ids) -> MaskTerm:

@@ -170,7 +170,7 @@ def block_mask_for(call):
     if call.mask is None:
         return None
     geo = call.geo
-    key = (call.mask.key, call.mask.versions(), geo.B, geo.H, geo.Sq, geo.Sk, geo.device)
+    key = (call.mask.key, geo.B, geo.H, geo.Sq, geo.Sk, geo.device)
     bm = _BLOCK_MASKS.get(key)
     if bm is None:
         fa, _ = _flex_api()

@@ -1,0 +1,424 @@
+"""``flash_torch``: PyTorch's own FlashAttention kernels, no extra package.
+
+Two entry points of torch reach the FlashAttention kernels that ship inside torch:
+
+* ``F.scaled_dot_product_attention`` restricted to ``SDPBackend.FLASH_ATTENTION`` (dense, and
+  causal when Sq == Sk: SDPA's ``is_causal`` is top-left aligned, ours bottom-right);
+* ``torch.nn.attention.varlen.varlen_attn`` over packed (T, H, D) tokens with ``cu_seqlens``
+  (documents, padding, windows, bottom-right causal with Sq != Sk, and every call that asks for
+  the log-sum-exp, which SDPA does not return).
+
+Shape legend: B batch, Hq/Hkv heads, S row length (Sq == Sk on the packed paths), T real tokens,
+D head dim. ``x_BSHD`` is a (B, S, H, D) view, ``x_THD`` packed tokens, ``lse_TH`` (T, Hq).
+
+Lowering (pure, cached per (mask key, shapes, device) in ``_PLANS``)::
+
+    mask                          route    window_size   sequences
+    None                          sdpa     -             -            (varlen when return_lse)
+    causal(), Sq == Sk            sdpa     -             -            (varlen when return_lse)
+    causal(), Sq != Sk            varlen   (-1, 0)       one per row, cu_q = [0, Sq, 2Sq, ...]
+    sliding_window(l, r)          varlen   (l, r)        one per row
+    documents(...) [& window]     varlen   (l, r)|none   one per document (SeqInfo)
+    padding(...)   [& window]     varlen   (l, r)|none   one per row's real tokens (SeqInfo)
+
+Window convention: our ``sliding_window(left, right)`` counts keys beside the query itself, which
+is exactly FlashAttention's ``window_size=(left, right)``; None maps to -1 (unbounded). See
+docs/flash.md for the picture and HF's off-by-one (HF ``sliding_window=W`` is ``(W - 1, 0)``).
+
+Host <-> device synchronization. The hot path never syncs: max lengths are Python ints from
+``SeqInfo.max_seqlen`` or ``Documents.host_lengths``. Building a plan (once per mask key, then
+cached) reads device values to the host when the term holds only device data:
+``documents(tensor)`` without host lengths (the lengths), ``padding(mask=...)`` (the row counts,
+through ``SeqInfo.from_padding_mask``; plus one bool when combined with a window, see
+``_contiguous``), ``padding(lengths=tensor)`` (the lengths). Terms built from Python lists or
+from a :class:`anyattn.SeqInfo` never sync.
+
+Limits (refused by ``supports``, with the reason): CUDA fp16/bf16 only, head dim <= 256 and a
+multiple of 8, D == Dv, no dropout, no score terms, no masks beyond the table above, Sq == Sk for
+documents/padding. The returned lse is detached: varlen's backward ignores a gradient on the lse,
+so gradients flow through ``out`` only (use eager or flex to differentiate through the lse).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .._lru import LRU
+from ..layout import SeqInfo, pad, unpad
+from ..spec import And, Documents, Padding, Window
+
+NAME = "flash_torch"
+
+# The kernels this backend calls, as module-level references: tests patch them to record what
+# ran (tests/test_cuda_flash.py) or to run the packing logic on CPU (tests/test_flash_backends.py).
+_VARLEN = None  # torch.nn.attention.varlen.varlen_attn, bound on first use
+_VARLEN_PARAMS: frozenset = frozenset()  # its keyword parameters (signatures change between releases)
+_AUX_REQUEST = None  # torch.nn.attention.varlen.AuxRequest, when this torch has return_aux
+_SDPA = F.scaled_dot_product_attention
+_SDPA_KERNELS = [SDPBackend.FLASH_ATTENTION]
+
+_PLANS = LRU(128)  # (mask key, versions, B, Sq, Sk, device) -> (Plan, mask term kept alive)
+_UNIFORM_CU = LRU(64)  # (B, Sq, Sk, device) -> (cu_q, cu_k)
+
+MAX_HEAD_DIM = 256
+
+
+# --------------------------------------------------------------------------------------------
+# torch capability probes
+
+
+@functools.lru_cache(maxsize=None)
+def _load_varlen() -> str | None:
+    """Bind the varlen entry point; None on success, else why it is missing."""
+    global _VARLEN, _VARLEN_PARAMS, _AUX_REQUEST
+    try:
+        from torch.nn.attention import varlen as varlen_mod
+    except ImportError:
+        return f"torch {torch.__version__} has no torch.nn.attention.varlen (varlen_attn); upgrade torch"
+    fn = getattr(varlen_mod, "varlen_attn", None)
+    if fn is None:
+        return f"torch {torch.__version__}: torch.nn.attention.varlen has no varlen_attn; upgrade torch"
+    _VARLEN_PARAMS = varlen_params(fn)
+    _AUX_REQUEST = getattr(varlen_mod, "AuxRequest", None)
+    _VARLEN = fn
+    return None
+
+
+def varlen_params(fn) -> frozenset:
+    """The parameter names of a varlen_attn function (torch 2.11: ... return_aux, scale,
+    window_size; torch 2.13 adds enable_gqa, seqused_k, block_table, num_splits)."""
+    try:
+        return frozenset(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return frozenset()
+
+
+def available() -> str | None:
+    why = _load_varlen()
+    if why is not None:
+        return why
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU (torch.cuda.is_available() is False); PyTorch's FlashAttention kernels are CUDA-only"
+    if not torch.backends.cuda.is_flash_attention_available():
+        return f"torch {torch.__version__} was built without FlashAttention kernels"
+    major, minor = torch.cuda.get_device_capability()
+    if major < 8:
+        return f"FlashAttention needs compute capability >= 8.0, found {major}.{minor}"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# lowering: pure functions of the call
+
+
+def map_window(w: Window | None) -> tuple[int, int]:
+    """Our Window -> FlashAttention ``window_size=(left, right)``.
+
+    Both count keys beside the query itself, so the numbers carry over unchanged; None
+    (unbounded) is -1. No mask is (-1, -1); causal() is (-1, 0).
+    """
+    if w is None:
+        return (-1, -1)
+    return (-1 if w.left is None else w.left, -1 if w.right is None else w.right)
+
+
+class Parts(NamedTuple):
+    """A canonical mask split into what FlashAttention can take: at most one window and at most
+    one sequence-structure term (documents or padding)."""
+
+    window: Window | None
+    seq: Documents | Padding | None
+
+
+def split_mask(mask) -> Parts | str:
+    """The FlashAttention reading of a canonical mask, or why there is none."""
+    if mask is None:
+        return Parts(None, None)
+    terms = mask.terms if isinstance(mask, And) else (mask,)
+    window, seq = None, None
+    for t in terms:
+        if isinstance(t, Window) and window is None:
+            window = t
+        elif isinstance(t, (Documents, Padding)) and seq is None:
+            seq = t
+        elif isinstance(t, (Documents, Padding)):
+            return f"{mask!r}: FlashAttention takes one sequence structure (documents or padding), not two"
+        else:
+            return (
+                f"mask {t!r} is not expressible in FlashAttention (it takes causal, sliding_window, "
+                "documents, padding and documents/padding & window); use flex, cudnn or sdpa"
+            )
+    return Parts(window, seq)
+
+
+class Packing(NamedTuple):
+    """Varlen metadata for one (sequence term, B, S, device): built once, then cached."""
+
+    info: SeqInfo | None  # for unpad/pad (indices, B, S, total); None when no token is real
+    cu: torch.Tensor | None  # (D+1,) int32 on device, zero-length sequences dropped
+    max_seqlen: int  # Python int: no sync at run time
+    total: int  # T real tokens
+
+
+class Plan(NamedTuple):
+    route: str  # "sdpa" | "varlen"
+    kind: str  # "dense" | "causal" | "window" | "documents" | "padding" (for explain and tests)
+    window: tuple[int, int]  # FlashAttention window_size
+    is_causal: bool  # SDPA route only
+    packing: Packing | None  # documents / padding; None: one sequence per row
+
+
+def _cu_from_counts(counts: list[int], device) -> tuple[torch.Tensor, int]:
+    cu = [0]
+    for c in counts:
+        if c > 0:  # zero-length sequences carry no tokens; leave them out of the kernel's batch
+            cu.append(cu[-1] + c)
+    return torch.tensor(cu, dtype=torch.int32, device=device), max(counts, default=0)
+
+
+def _document_rows(term: Documents, B: int) -> list[list[int]]:
+    rows = term.host_lengths
+    if rows is None:
+        rows = term.lengths.tolist()  # host sync: once per mask key (the plan is cached)
+    rows = [list(r) for r in rows]
+    if len(rows) == 1 and B > 1:
+        rows = rows * B
+    return rows
+
+
+def _packing_documents(term: Documents, B: int, S: int, device) -> Packing:
+    info = term.info
+    if info is not None and info.B == B and info.S == S:
+        info = info.to(device)
+        rows = [list(r) for r in info.host_lengths]
+    else:
+        rows = _document_rows(term, B)
+        rows = [[x for x in r if x > 0] for r in rows]
+        if not any(rows):
+            return Packing(None, None, 0, 0)
+        info = SeqInfo.from_lengths(rows, total_length=S, device=device)
+    cu, mx = _cu_from_counts([x for r in rows for x in r], device)
+    return Packing(info, cu, mx, info.total)
+
+
+def _packing_padding(term: Padding, B: int, S: int, device) -> Packing:
+    info = term.info
+    if info is not None and info.B == B and info.S == S:
+        info = info.to(device)
+    elif term.keep is not None:
+        info = SeqInfo.from_padding_mask(term.keep.to(device))  # host sync (row counts), once
+    else:
+        lengths = term.lengths.tolist()  # host sync, once per mask key
+        if not any(lengths):
+            return Packing(None, None, 0, 0)
+        info = SeqInfo.from_lengths([[x] if x > 0 else [] for x in lengths], total_length=S, device=device)
+    counts = [sum(r) for r in info.host_lengths]
+    if info.total == 0:
+        return Packing(None, None, 0, 0)
+    cu, mx = _cu_from_counts(counts, device)
+    return Packing(info, cu, mx, info.total)
+
+
+def _contiguous(keep: torch.Tensor) -> bool:
+    """Whether every row's real tokens form one run (left or right padding, no holes).
+
+    Windows count positions; packing removes padding, so a hole inside a row would shorten the
+    distances a window sees. One host sync, at planning time (cached)."""
+    B, S = keep.shape
+    pos = torch.arange(S, device=keep.device).expand(B, S)
+    first = torch.where(keep, pos, S).amin(-1)
+    last = torch.where(keep, pos, -1).amax(-1)
+    n = keep.sum(-1)
+    return bool(((last - first + 1 == n) | (n == 0)).all())
+
+
+def plan(call) -> Plan | str:
+    """How ``flash_torch`` computes a call (pure up to the documented one-time syncs), or why it
+    cannot. Checks only the mask; dtype/device/options are ``supports``' job."""
+    parts = split_mask(call.mask)
+    if isinstance(parts, str):
+        return parts
+    geo = call.geo
+    window = map_window(parts.window)
+    if parts.seq is None:
+        if parts.window is None:
+            return Plan("varlen" if call.return_lse else "sdpa", "dense", window, False, None)
+        if parts.window.is_causal:
+            if geo.Sq == geo.Sk and not call.return_lse:
+                return Plan("sdpa", "causal", window, True, None)
+            return Plan("varlen", "causal", window, False, None)
+        return Plan("varlen", "window", window, False, None)
+    seq = parts.seq
+    kind = "documents" if isinstance(seq, Documents) else "padding"
+    if geo.Sq != geo.Sk:
+        return f"{kind} on flash_torch needs Sq == Sk, got Sq={geo.Sq}, Sk={geo.Sk}; use flex or sdpa"
+    key = (call.mask.key, call.mask.versions(), geo.B, geo.Sq, geo.Sk, geo.device) if call.cacheable else None
+    hit = _PLANS.get(key) if key is not None else None
+    if hit is not None:
+        return hit[0]
+    if kind == "documents":
+        packing = _packing_documents(seq, geo.B, geo.Sk, geo.device)
+    else:
+        if parts.window is not None and seq.keep is not None and seq.lengths is None:
+            if not _contiguous(seq.keep.to(geo.device)):
+                return (
+                    "padding(mask=...) with holes inside a row, combined with a window: packing would "
+                    "shorten window distances; use flex, or left/right padding"
+                )
+        packing = _packing_padding(seq, geo.B, geo.Sk, geo.device)
+    p = Plan("varlen", kind, window, False, packing)
+    if key is not None:
+        _PLANS.put(key, (p, call.mask))  # the term keeps its tensors (and their ids) alive
+    return p
+
+
+# --------------------------------------------------------------------------------------------
+# capability check
+
+
+def supports(call) -> str | None:
+    if call.device.type != "cuda":
+        return f"needs CUDA tensors, got {call.device.type} (PyTorch's FlashAttention kernels are CUDA-only)"
+    return _supports_portable(call)
+
+
+def _supports_portable(call) -> str | None:
+    """Everything but the device check (the CPU tests exercise it with a stand-in kernel)."""
+    if call.dtype not in (torch.float16, torch.bfloat16):
+        return f"FlashAttention takes float16/bfloat16, got {call.dtype}"
+    if call.dropout_p > 0:
+        return "flash_torch has no dropout (dropout_p > 0); use sdpa, cudnn or eager"
+    if call.need_weights:
+        return "FlashAttention does not return attention weights"
+    if call.scores:
+        names = ", ".join(repr(s) for s in call.scores)
+        return f"score terms ({names}) are not supported by PyTorch's FlashAttention; use flash (softcap, alibi) or flex"
+    if call.D != call.Dv:
+        return f"FlashAttention needs equal q/k and v head dims, got D={call.D}, Dv={call.Dv}"
+    if call.D > MAX_HEAD_DIM or call.D % 8 != 0:
+        return f"FlashAttention needs a head dim <= {MAX_HEAD_DIM} and a multiple of 8, got {call.D}"
+    p = plan(call)
+    if isinstance(p, str):
+        return p
+    if p.route == "varlen":
+        why = _load_varlen()
+        if why is not None:
+            return why
+        params = _VARLEN_PARAMS
+        if p.window not in ((-1, -1), (-1, 0)) and "window_size" not in params:
+            return f"torch {torch.__version__}'s varlen_attn has no window_size; sliding windows need torch >= 2.11"
+        if p.window == (-1, 0) and "window_size" not in params and "is_causal" not in params:
+            return f"torch {torch.__version__}'s varlen_attn has no causal option"
+        if call.return_lse and "return_aux" not in params:
+            return f"torch {torch.__version__}'s varlen_attn cannot return the log-sum-exp (no return_aux)"
+        if not math.isclose(call.scale, 1.0 / math.sqrt(call.D)) and "scale" not in params:
+            return f"torch {torch.__version__}'s varlen_attn has no scale argument (only 1/sqrt(D))"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# running
+
+
+def _uniform_cu(B: int, Sq: int, Sk: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    key = (B, Sq, Sk, device)
+    hit = _UNIFORM_CU.get(key)
+    if hit is None:
+        ar = torch.arange(B + 1, dtype=torch.int32)
+        hit = ((ar * Sq).to(device), (ar * Sk).to(device))
+        _UNIFORM_CU.put(key, hit)
+    return hit
+
+
+def lse_to_TH(lse: torch.Tensor, T: int, H: int) -> torch.Tensor:
+    """varlen's lse as (T, H) float32 with -inf for rows that saw no key.
+
+    FlashAttention's varlen kernels return (H, T) (torch's own fake kernel says so too, while
+    its docstring says (T, H)); accept both. When T == H the shape cannot tell, and the kernel
+    layout (H, T) is assumed. FlashAttention 2 marks empty rows with +inf; ours is -inf.
+    """
+    if lse.dim() == 3 and lse.shape[-1] == 1:
+        lse = lse.squeeze(-1)
+    if tuple(lse.shape) == (H, T):
+        lse = lse.transpose(0, 1)
+    elif tuple(lse.shape) != (T, H):
+        raise RuntimeError(f"flash_torch: varlen_attn returned an lse of shape {tuple(lse.shape)}, expected (H={H}, T={T})")
+    lse = lse.float()
+    return torch.where(lse == float("inf"), float("-inf"), lse)
+
+
+def _varlen(q_THD, k_THD, v_THD, cu_q, cu_k, max_q, max_k, window, scale, gqa, want_lse):
+    params = _VARLEN_PARAMS
+    kw = {}
+    if window != (-1, -1):
+        if "window_size" in params:
+            kw["window_size"] = window  # a tuple: torch compares it with (-1, 0) to set is_causal
+        else:
+            kw["is_causal"] = True  # supports() let only (-1, 0) through
+    if "scale" in params:
+        kw["scale"] = scale
+    if gqa and "enable_gqa" in params:
+        kw["enable_gqa"] = True  # torch 2.13 checks heads; 2.11's kernel handles Hq != Hkv natively
+    if want_lse:
+        kw["return_aux"] = _AUX_REQUEST(lse=True)
+    r = _VARLEN(q_THD, k_THD, v_THD, cu_q, cu_k, max_q, max_k, **kw)
+    if want_lse:
+        return r[0], r[1]
+    return r, None
+
+
+def _zeros(call):
+    """No real token in the batch: every row sees nothing."""
+    B, Hq, Sq, _ = call.q.shape
+    out = call.q.new_zeros(B, Hq, Sq, call.Dv)
+    if call.requires_grad:  # keep the graph so that backward gives zero gradients
+        out = out + 0.0 * (call.q.sum() + call.k.sum() + call.v.sum())
+    lse = torch.full((B, Hq, Sq), float("-inf"), device=call.device) if call.return_lse else None
+    return out, lse
+
+
+def run(call):
+    """(out (B, Hq, Sq, Dv), lse (B, Hq, Sq) float32 or None)."""
+    p = plan(call)
+    if isinstance(p, str):  # resolve() checked supports(); reaching this is a bug
+        raise RuntimeError(f"flash_torch cannot run this call: {p}")
+    if p.route == "sdpa":
+        kw = {"enable_gqa": True} if call.gqa else {}
+        with sdpa_kernel(_SDPA_KERNELS):
+            out = _SDPA(call.q, call.k, call.v, is_causal=p.is_causal, scale=call.scale, **kw)
+        return out, None
+    _load_varlen()
+    B, Hq, Sq, D = call.q.shape
+    Sk, Hkv = call.k.shape[2], call.Hkv
+    q_BSHD, k_BSHD, v_BSHD = (t.transpose(1, 2) for t in (call.q, call.k, call.v))
+    pk = p.packing
+    if pk is None:  # one sequence per row
+        cu_q, cu_k = _uniform_cu(B, Sq, Sk, call.device)
+        out_THD, lse = _varlen(
+            q_BSHD.reshape(B * Sq, Hq, D), k_BSHD.reshape(B * Sk, Hkv, D), v_BSHD.reshape(B * Sk, Hkv, call.Dv),
+            cu_q, cu_k, Sq, Sk, p.window, call.scale, call.gqa, call.return_lse,
+        )  # fmt: skip
+        out = out_THD.view(B, Sq, Hq, call.Dv).transpose(1, 2)
+        if lse is not None:
+            lse = lse_to_TH(lse, B * Sq, Hq).detach().view(B, Sq, Hq).transpose(1, 2)
+        return out, lse
+    if pk.total == 0:
+        return _zeros(call)
+    info = pk.info
+    out_THD, lse = _varlen(
+        unpad(q_BSHD, info), unpad(k_BSHD, info), unpad(v_BSHD, info),
+        pk.cu, pk.cu, pk.max_seqlen, pk.max_seqlen, p.window, call.scale, call.gqa, call.return_lse,
+    )  # fmt: skip
+    out = pad(out_THD, info).transpose(1, 2)  # padding tokens: exactly 0
+    if lse is not None:
+        lse_TH = lse_to_TH(lse, info.total, Hq).detach()
+        full = torch.full((B * Sq, Hq), float("-inf"), device=call.device).index_copy(0, info.indices, lse_TH)
+        lse = full.view(B, Sq, Hq).transpose(1, 2)
+    return out, lse
