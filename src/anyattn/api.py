@@ -81,12 +81,15 @@ def use(backend):
 
 def clear_caches() -> None:
     """Drop cached decisions and lowered forms (BlockMasks, materialized masks)."""
-    from .backends import flex, sdpa
+    from .backends import flash, flash_torch, flex, sdpa
 
     _DECISIONS.clear()
     flex._BLOCK_MASKS.clear()
     sdpa.SDPA.cache.clear()
     sdpa.CUDNN.cache.clear()
+    flash_torch._PLANS.clear()
+    flash_torch._UNIFORM_CU.clear()
+    flash._clear()
 
 
 def _check_qkv(q, k, v) -> None:
@@ -130,28 +133,35 @@ def _check_options(scale, dropout_p, return_lse) -> float | None:
 
 
 def _make_call(q, k, v, mask, score, scale, dropout_p, return_lse, need_weights, validate: bool) -> Call:
+    """Normalize the arguments into a Call. With ``validate=True`` everything is checked now;
+    otherwise only what the call key needs, and ``_backend_for`` validates on a key miss (a key
+    seen before was validated then: repeated calls skip it)."""
     compiling = torch.compiler.is_compiling()
-    if validate and not compiling:
-        _check_qkv(q, k, v)
-        scale = _check_options(scale, dropout_p, return_lse)
+    if not compiling:
+        if validate:
+            _check_qkv(q, k, v)
+            scale = _check_options(scale, dropout_p, return_lse)
+        elif not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)):
+            _check_qkv(q, k, v)  # raises the precise error
     cmask = canonical_mask(mask)
     scores = canonical_scores(score)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     term_grad = False
     mkey, skey = None, None
     if not compiling:
-        term_tensors = (cmask.tensors() if cmask is not None else ()) + tuple(t for s in scores for t in s.tensors())
-        term_grad = any(t.requires_grad for t in term_tensors)
-        grad = grad or (term_grad and torch.is_grad_enabled())
-        mkey = cmask.key if cmask is not None else None
-        skey = tuple(s.key for s in scores)
+        if cmask is not None or scores:
+            term_tensors = (cmask.tensors() if cmask is not None else ()) + tuple(t for s in scores for t in s.tensors())
+            term_grad = any(t.requires_grad for t in term_tensors)
+            grad = grad or (term_grad and torch.is_grad_enabled())
+            mkey = cmask.key if cmask is not None else None
+            skey = tuple(s.key for s in scores)
     key = (
-        mkey, skey, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, q.device, grad, scale,
-        dropout_p > 0, return_lse, need_weights,
+        mkey, skey, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, grad,
+        scale, dropout_p, return_lse, need_weights,
     )  # fmt: skip
-    return Call(q, k, v, cmask, scores, scale, float(dropout_p), return_lse, grad, key, not (term_grad or compiling), need_weights)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    return Call(q, k, v, cmask, scores, scale, dropout_p, return_lse, grad, key, not (term_grad or compiling), need_weights)
 
 
 def _validate_terms(call: Call) -> None:
@@ -162,13 +172,34 @@ def _validate_terms(call: Call) -> None:
         s.check(geo)
 
 
+_REQUESTED: dict = {}  # backend argument -> normalized tuple (only for hashable arguments)
+
+
+def _requested(backend) -> tuple:
+    if backend == "auto":
+        return _DEFAULT.get()
+    try:
+        hit = _REQUESTED.get(backend)
+    except TypeError:  # unhashable (a list): normalize every time
+        return check_backend(backend)
+    if hit is None:
+        hit = check_backend(backend)
+        _REQUESTED[backend] = hit
+    return hit
+
+
 def _backend_for(call: Call, backend) -> tuple:
-    requested = _DEFAULT.get() if backend == "auto" else check_backend(backend)
+    requested = _requested(backend)
     dkey = (call.key, requested)
     hit = _DECISIONS.get(dkey) if call.cacheable else None
     if hit is not None:
+        call.scale = float(call.scale)
         return hit
-    _validate_terms(call)  # once per call key: may read term values to the host (see layout.py)
+    if not torch.compiler.is_compiling():
+        _check_qkv(call.q, call.k, call.v)
+        call.scale = _check_options(call.scale, call.dropout_p, call.return_lse)
+        _validate_terms(call)  # may read term values to the host once (see layout.py)
+    call.dropout_p = float(call.dropout_p)
     impl, decision = resolve(call, requested)
     if call.cacheable:
         _DECISIONS.put(dkey, (impl, decision))
@@ -214,7 +245,7 @@ def attention(
         out (B, Hq, Sq, Dv), or ``AttentionOutput(out, lse)`` when ``return_lse=True``.
         Rows with no visible key are exactly 0 (lse -inf), forward and backward.
     """
-    call = _make_call(q, k, v, mask, score, scale, dropout_p, return_lse, False, validate=True)
+    call = _make_call(q, k, v, mask, score, scale, dropout_p, return_lse, False, validate=False)
     impl, _ = _backend_for(call, backend)
     if call.q.shape[2] == 0 or call.k.shape[2] == 0:
         out, lse = _empty_result(call)
@@ -250,7 +281,7 @@ def explain(q, k, v, *, mask=None, score=None, scale=None, backend="auto", dropo
 
     call = _make_call(q, k, v, mask, score, scale, dropout_p, return_lse, False, validate=True)
     _validate_terms(call)
-    requested = _DEFAULT.get() if backend == "auto" else check_backend(backend)
+    requested = _requested(backend)
     try:
         _, decision = resolve(call, requested, full=True)
     except UnsupportedError as e:

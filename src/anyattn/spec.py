@@ -134,6 +134,10 @@ class _Term:
 
     __slots__ = ()
 
+    def __post_init__(self):
+        if not self.tensors():  # tensorless terms compute their key once, at construction
+            self.key
+
     def _fields(self) -> tuple:
         return tuple(getattr(self, f) for f in self.__dataclass_fields__)  # type: ignore[attr-defined]
 

@@ -4,9 +4,11 @@
   (mask, shapes, device): a repeated mask is never rebuilt (on an H200 a 16k-token document
   BlockMask costs ~5 ms against a ~0.6 ms kernel).
 * Score terms are chained into one ``score_mod`` in the order given.
-* One compiled entry point per *variant structure* (the tree of term types), each with its own
-  code object and therefore its own dynamo cache, compiled with dynamic shapes: changing lengths
-  do not recompile, and many variants in one process do not exhaust one shared recompile limit.
+* One compiled entry point per variant structure (the tree of term types) and geometry, each
+  with its own code object and therefore its own dynamo cache: every entry compiles exactly
+  once, and many variants in one process never exhaust a shared recompile limit. Document
+  lengths, padding masks and other term tensors are kernel inputs: changing them never
+  recompiles. (Why not dynamic shapes: see _DYNAMIC below.)
 * The unfused path never runs silently. An uncompiled ``flex_attention`` call materializes the
   full score matrix (seen at 7 TFLOP/s instead of ~300). If dynamo ever falls back to running
   the entry point eagerly (recompile limit hit, dynamo disabled), the entry point notices it is
@@ -32,17 +34,14 @@ NAME = "flex"
 
 _BLOCK_MASKS = LRU(64)  # (mask key, versions, B, H, Sq, Sk, device) -> BlockMask
 _ENTRIES: dict = {}
-# CUDA: dynamic shapes, so a new sequence length reuses the compiled kernel. CPU: static shapes,
-# because inductor's CPU flex template fails to lower captured index tensors under dynamic shapes
-# (torch 2.13: "LoweringException: 'Mul' object has no attribute 'get_name'"); each new CPU shape
-# compiles once. ANYATTN_FLEX_DYNAMIC=1/0/auto overrides both.
-_DYNAMIC_ENV = os.environ.get("ANYATTN_FLEX_DYNAMIC")
-
-
-def _dynamic_for(device_type: str):
-    if _DYNAMIC_ENV is not None:
-        return {"1": True, "0": False, "auto": None}[_DYNAMIC_ENV]
-    return device_type == "cuda"  # variant structure -> compiled entry point
+# Static shapes, one compiled entry point per (variant structure, shapes, dtype, grad mode).
+# Dynamic-shape FlexAttention fails to lower on the torch versions we test (torch 2.11 CUDA:
+# "LoweringException: 'ShapeAsConstantBuffer' object has no attribute 'dtype'"; torch 2.13 CPU:
+# "'Mul' object has no attribute 'get_name'"; python floats such as the scale become unbacked
+# scalars), so each entry is compiled for one geometry, exactly once. Changing *document lengths*
+# at a fixed sequence length never recompiles (they are tensors captured by the mask); a new
+# sequence length compiles one new kernel. ANYATTN_FLEX_DYNAMIC=1 opts into dynamic shapes.
+_DYNAMIC = os.environ.get("ANYATTN_FLEX_DYNAMIC", "0") == "1"
 STATS = {"block_mask_builds": 0, "compiled_entries": 0}
 
 
@@ -149,13 +148,17 @@ def _structure(term) -> tuple:
 
 
 def _entry_for(call):
-    key = (_structure(call.mask), tuple(_structure(s) for s in call.scores), call.device.type)
+    key = (
+        _structure(call.mask), tuple(_structure(s) for s in call.scores), call.device.type,
+        None if _DYNAMIC else (tuple(call.q.shape), tuple(call.k.shape), tuple(call.v.shape)),
+        call.dtype, call.requires_grad, call.return_lse,
+    )  # fmt: skip
     fn = _ENTRIES.get(key)
     if fn is None:
         n = len(_ENTRIES)
         code = _entry_template.__code__.replace(co_name=f"anyattn_flex_{n}")
         raw = types.FunctionType(code, _entry_template.__globals__, f"anyattn_flex_{n}")
-        fn = torch.compile(raw, dynamic=_dynamic_for(call.device.type), fullgraph=True)
+        fn = torch.compile(raw, dynamic=_DYNAMIC, fullgraph=True)
         _ENTRIES[key] = fn
         STATS["compiled_entries"] += 1
     return fn
@@ -205,11 +208,19 @@ def score_mod_for(call):
     return score_mod
 
 
+_BY_CALL = LRU(256)  # call key -> (entry, score_mod): skips rebuilding both on repeated calls
+
+
 def run(call):
     _flex_api()
-    bm = block_mask_for(call)
-    sm = score_mod_for(call)
     q, k, v = call.q, call.k, call.v
     if torch.compiler.is_compiling():  # inside the caller's compiled graph
-        return _call_flex(q, k, v, sm, bm, call.scale, call.gqa, call.return_lse)
-    return _entry_for(call)(q, k, v, sm, bm, call.scale, call.gqa, call.return_lse)
+        return _call_flex(q, k, v, score_mod_for(call), block_mask_for(call), call.scale, call.gqa, call.return_lse)
+    bm = block_mask_for(call)
+    hit = _BY_CALL.get(call.key) if call.cacheable else None
+    if hit is None:
+        hit = (_entry_for(call), score_mod_for(call))
+        if call.cacheable:
+            _BY_CALL.put(call.key, hit)
+    fn, sm = hit
+    return fn(q, k, v, sm, bm, call.scale, call.gqa, call.return_lse)

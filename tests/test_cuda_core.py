@@ -1,0 +1,148 @@
+"""Core semantics on CUDA: every backend x variant x dtype against the float64 oracle, forward and
+backward; compile stability of flex; the cuDNN known issue. Run on a GPU machine:
+
+    PYTHONPATH=src python3 -m pytest -m cuda tests/test_cuda_core.py
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import anyattn as aa
+from anyattn.backends import flex as flex_backend
+from anyattn.testing import compare_to_oracle, generate_qkv
+
+from .variants import VARIANTS, applicable, make
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+SHAPES = [
+    (2, 8, 2, 113, 113, 64),
+    (1, 4, 4, 1025, 1025, 128),
+    (2, 4, 1, 17, 40, 128),
+    (1, 4, 4, 40, 17, 64),
+    (1, 2, 1, 1, 1, 256),
+    (2, 4, 2, 200, 200, 80),
+]
+
+
+def _sid(s):
+    return "B{}-H{}/{}-{}x{}-D{}".format(*s)
+
+
+def _cases():
+    # SDPA-family: every variant x dtype x shape (no compilation). flex: every variant in bf16 on
+    # two shapes, a few in fp16 (each new variant structure compiles a kernel).
+    out = []
+    for be in ("sdpa", "cudnn"):
+        for var in VARIANTS:
+            for dt in ("bf16", "fp16"):
+                for sh in SHAPES:
+                    out.append((be, var, dt, sh))
+    for var in VARIANTS:
+        for sh in (SHAPES[0], SHAPES[2]):
+            out.append(("flex", var, "bf16", sh))
+    for var in ("causal", "documents_causal", "softcap_alibi_window", "padding"):
+        out.append(("flex", var, "fp16", SHAPES[5]))
+    return [pytest.param(*c, id=f"{c[0]}-{c[1]}-{c[2]}-{_sid(c[3])}") for c in out]
+
+
+_DT = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@pytest.mark.parametrize("backend, variant, dtype, shape", _cases())
+def test_cuda_backend_matches_oracle(backend, variant, dtype, shape):
+    dtype = _DT[dtype]
+    B, Hq, Hkv, Sq, Sk, D = shape
+    if not applicable(variant, Sq, Sk):
+        pytest.skip("variant needs Sq <= Sk")
+    q, k, v = generate_qkv(B, Hq, Hkv, Sq, Sk, D, dtype=dtype, device="cuda", layout="bshd", seed=11)
+    kw = make(variant, B, Hq, Sq, Sk)
+    d = aa.explain(q.detach().requires_grad_(True), k, v, backend=backend, **kw)
+    if d.chosen is None:
+        pytest.skip(f"refused: {d.rows[0].reason}")
+    comps = compare_to_oracle(q, k, v, backend=backend, grad=True, **kw)
+    bad = [str(c) for c in comps if not c.ok]
+    assert not bad, f"{backend}/{variant}: " + "; ".join(bad)
+
+
+@pytest.mark.parametrize("variant", ["causal", "documents_causal", "softcap", "padding"])
+def test_cuda_flex_return_lse_matches_oracle(variant):
+    q, k, v = generate_qkv(2, 4, 2, 113, 113, 64, dtype=torch.bfloat16, device="cuda")
+    comps = compare_to_oracle(q, k, v, backend="flex", grad=True, return_lse=True, **make(variant, 2, 4, 113, 113))
+    assert all(c.ok for c in comps), [str(c) for c in comps]
+
+
+def test_cuda_fully_masked_rows_zero_and_finite_grads_every_backend():
+    for be in ("sdpa", "cudnn", "flex", "eager"):
+        q, k, v = generate_qkv(1, 4, 4, 256, 256, 64, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+        out = aa.attention(q, k, v, mask=aa.documents([100, 60]) & aa.causal(), backend=be)
+        assert torch.all(out[:, :, 160:] == 0), be
+        out.float().square().sum().backward()
+        for t in (q, k, v):
+            assert torch.isfinite(t.grad).all(), be
+
+
+def test_cuda_flex_recompiles_are_bounded_when_lengths_change():
+    """Changing document lengths at a fixed sequence length never recompiles; each new sequence
+    length compiles exactly one kernel (static shapes: dynamic-shape flex does not lower on
+    torch 2.11)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    torch._dynamo.reset()
+    flex_backend._ENTRIES.clear()
+    flex_backend._BY_CALL.clear()
+    gen = torch.Generator().manual_seed(0)
+    S = 2048
+    q, k, v = generate_qkv(1, 4, 4, S, S, 64, dtype=torch.bfloat16, device="cuda")
+    for _ in range(6):
+        cuts = sorted(torch.randint(1, S, (3,), generator=gen).tolist())
+        lengths = [cuts[0], cuts[1] - cuts[0], cuts[2] - cuts[1], S - cuts[2]]
+        aa.attention(q, k, v, mask=aa.documents(lengths) & aa.causal(), backend="flex")
+    assert len(flex_backend._ENTRIES) == 1
+    (fn,) = flex_backend._ENTRIES.values()
+    assert len(_debug_get_cache_entry_list(fn._torchdynamo_orig_callable.__code__)) == 1
+    for S in (512, 640, 1024):
+        q, k, v = generate_qkv(1, 4, 4, S, S, 64, dtype=torch.bfloat16, device="cuda")
+        aa.attention(q, k, v, mask=aa.documents([S // 2, S - S // 2]) & aa.causal(), backend="flex")
+    assert len(flex_backend._ENTRIES) == 4
+    for fn in flex_backend._ENTRIES.values():
+        assert len(_debug_get_cache_entry_list(fn._torchdynamo_orig_callable.__code__)) == 1
+
+
+def test_cuda_flex_refuses_to_run_unfused_when_dynamo_gives_up():
+    q, k, v = generate_qkv(1, 4, 4, 256, 256, 64, dtype=torch.bfloat16, device="cuda")
+    torch._dynamo.reset()
+    flex_backend._ENTRIES.clear()
+    flex_backend._BY_CALL.clear()
+    aa.attention(q, k, v, mask=aa.chunked(64), backend="flex")
+    # a second input layout recompiles the same entry (stride guards); with a limit of 1 dynamo
+    # would run it eagerly, i.e. the unfused path: anyattn must raise instead
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        with pytest.raises(flex_backend.FlexFallbackError, match="refusing to run"):
+            aa.attention(qt, k, v, mask=aa.chunked(64), backend="flex")
+
+
+def test_cuda_cudnn_masked_backward_at_64_mod_128():
+    """pytorch#196678: cuDNN attention backward with a mask at lengths = 64 mod 128 reported NaN on
+    H100/H200. Records what this torch/cuDNN does; anyattn's cudnn backend must never return NaN."""
+    for S in (192, 320, 1088):
+        q, k, v = generate_qkv(1, 4, 4, S, S, 128, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+        d = aa.explain(q, k, v, mask=aa.documents([S // 2, S - S // 2]), backend="cudnn")
+        if d.chosen is None:
+            continue  # refused (known issue) is acceptable
+        out = aa.attention(q, k, v, mask=aa.documents([S // 2, S - S // 2]), backend="cudnn")
+        out.float().sum().backward()
+        assert all(torch.isfinite(t.grad).all() for t in (q, k, v)), f"NaN in cuDNN backward at S={S}"
+
+
+def test_cuda_auto_prefers_fast_backends():
+    q, k, v = generate_qkv(1, 16, 16, 2048, 2048, 128, dtype=torch.bfloat16, device="cuda")
+    assert aa.explain(q, k, v, mask=aa.causal()).chosen in ("cudnn", "flash_torch", "flex")
+    assert aa.explain(q, k, v, mask=aa.documents([1000, 1048]) & aa.causal()).chosen in ("flex", "flash_torch")
+    assert aa.explain(q, k, v, score=aa.softcap(30.0)).chosen == "flex"
