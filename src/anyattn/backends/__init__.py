@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from enum import Enum
 
-from . import eager, flex, sdpa
+from . import eager, flash, flash_torch, flex, sdpa
 
 
 class Backend(str, Enum):
@@ -21,6 +21,9 @@ class Backend(str, Enum):
     SDPA = "sdpa"
     CUDNN = "cudnn"
     FLEX = "flex"
+    FLASH_TORCH = "flash_torch"
+    FLASH = "flash"
+    KERNELS_FLASH = "kernels_flash"
 
 
 REGISTRY = {
@@ -28,4 +31,7 @@ REGISTRY = {
     "sdpa": sdpa.SDPA,
     "cudnn": sdpa.CUDNN,
     "flex": flex,
+    "flash_torch": flash_torch,
+    "flash": flash.FLASH,
+    "kernels_flash": flash.KERNELS_FLASH,
 }

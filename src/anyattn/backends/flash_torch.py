@@ -42,16 +42,17 @@ so gradients flow through ``out`` only (use eager or flex to differentiate throu
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 import math
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .._lru import LRU
 from ..layout import SeqInfo, pad, unpad
+from ._sdp_switch import run_only
 from ..spec import And, Documents, Padding, Window
 
 NAME = "flash_torch"
@@ -62,9 +63,9 @@ _VARLEN = None  # torch.nn.attention.varlen.varlen_attn, bound on first use
 _VARLEN_PARAMS: frozenset = frozenset()  # its keyword parameters (signatures change between releases)
 _AUX_REQUEST = None  # torch.nn.attention.varlen.AuxRequest, when this torch has return_aux
 _SDPA = F.scaled_dot_product_attention
-_SDPA_KERNELS = [SDPBackend.FLASH_ATTENTION]
+_SDPA_KERNEL = "flash"  # SDPA kernel of the dense/causal route (see _sdp_switch.run_only)
 
-_PLANS = LRU(128)  # (mask key, versions, B, Sq, Sk, device) -> (Plan, mask term kept alive)
+_PLANS = LRU(128)  # (mask key, B, Sq, Sk, device) -> {packing, contiguous, term kept alive}
 _UNIFORM_CU = LRU(64)  # (B, Sq, Sk, device) -> (cu_q, cu_k)
 
 MAX_HEAD_DIM = 256
@@ -79,7 +80,7 @@ def _load_varlen() -> str | None:
     """Bind the varlen entry point; None on success, else why it is missing."""
     global _VARLEN, _VARLEN_PARAMS, _AUX_REQUEST
     try:
-        from torch.nn.attention import varlen as varlen_mod
+        varlen_mod = importlib.import_module("torch.nn.attention.varlen")
     except ImportError:
         return f"torch {torch.__version__} has no torch.nn.attention.varlen (varlen_attn); upgrade torch"
     fn = getattr(varlen_mod, "varlen_attn", None)
@@ -106,7 +107,8 @@ def available() -> str | None:
         return why
     if not torch.cuda.is_available():
         return "needs a CUDA GPU (torch.cuda.is_available() is False); PyTorch's FlashAttention kernels are CUDA-only"
-    if not torch.backends.cuda.is_flash_attention_available():
+    probe = getattr(torch.backends.cuda, "is_flash_attention_available", None)
+    if probe is not None and not probe():
         return f"torch {torch.__version__} was built without FlashAttention kernels"
     major, minor = torch.cuda.get_device_capability()
     if major < 8:
@@ -239,9 +241,36 @@ def _contiguous(keep: torch.Tensor) -> bool:
     return bool(((last - first + 1 == n) | (n == 0)).all())
 
 
+def packing_for(call, seq: Documents | Padding, positional: bool) -> Packing | str:
+    """Varlen metadata of a call's sequence term, built once per (mask key, shapes, device).
+
+    ``positional``: the call also measures distances (a window, alibi), which packing preserves
+    only when each row's real tokens are one run; a padding keep-mask with holes is refused."""
+    geo = call.geo
+    key = (call.mask.key, geo.B, geo.Sq, geo.Sk, geo.device) if call.cacheable else None
+    entry = _PLANS.get(key) if key is not None else None
+    if entry is None:
+        if isinstance(seq, Documents):
+            packing = _packing_documents(seq, geo.B, geo.Sk, geo.device)
+        else:
+            packing = _packing_padding(seq, geo.B, geo.Sk, geo.device)
+        entry = {"packing": packing, "contiguous": None, "term": call.mask}  # the term keeps tensor ids alive
+        if key is not None:
+            _PLANS.put(key, entry)
+    if positional and isinstance(seq, Padding) and seq.keep is not None:
+        if entry["contiguous"] is None:
+            entry["contiguous"] = _contiguous(seq.keep.to(geo.device))
+        if not entry["contiguous"]:
+            return (
+                "padding(mask=...) with holes inside a row, combined with a window or alibi: packing "
+                "would shorten the distances they measure; use flex, or left/right padding"
+            )
+    return entry["packing"]
+
+
 def plan(call) -> Plan | str:
-    """How ``flash_torch`` computes a call (pure up to the documented one-time syncs), or why it
-    cannot. Checks only the mask; dtype/device/options are ``supports``' job."""
+    """How ``flash_torch`` computes a call, or why it cannot. Checks only the mask;
+    dtype/device/options are ``supports``' job. Sequence metadata is cached (``packing_for``)."""
     parts = split_mask(call.mask)
     if isinstance(parts, str):
         return parts
@@ -255,28 +284,13 @@ def plan(call) -> Plan | str:
                 return Plan("sdpa", "causal", window, True, None)
             return Plan("varlen", "causal", window, False, None)
         return Plan("varlen", "window", window, False, None)
-    seq = parts.seq
-    kind = "documents" if isinstance(seq, Documents) else "padding"
+    kind = "documents" if isinstance(parts.seq, Documents) else "padding"
     if geo.Sq != geo.Sk:
-        return f"{kind} on flash_torch needs Sq == Sk, got Sq={geo.Sq}, Sk={geo.Sk}; use flex or sdpa"
-    key = (call.mask.key, call.mask.versions(), geo.B, geo.Sq, geo.Sk, geo.device) if call.cacheable else None
-    hit = _PLANS.get(key) if key is not None else None
-    if hit is not None:
-        return hit[0]
-    if kind == "documents":
-        packing = _packing_documents(seq, geo.B, geo.Sk, geo.device)
-    else:
-        if parts.window is not None and seq.keep is not None and seq.lengths is None:
-            if not _contiguous(seq.keep.to(geo.device)):
-                return (
-                    "padding(mask=...) with holes inside a row, combined with a window: packing would "
-                    "shorten window distances; use flex, or left/right padding"
-                )
-        packing = _packing_padding(seq, geo.B, geo.Sk, geo.device)
-    p = Plan("varlen", kind, window, False, packing)
-    if key is not None:
-        _PLANS.put(key, (p, call.mask))  # the term keeps its tensors (and their ids) alive
-    return p
+        return f"{kind} on FlashAttention needs Sq == Sk, got Sq={geo.Sq}, Sk={geo.Sk}; use flex or sdpa"
+    packing = packing_for(call, parts.seq, parts.window is not None)
+    if isinstance(packing, str):
+        return packing
+    return Plan("varlen", kind, window, False, packing)
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,21 +351,48 @@ def _uniform_cu(B: int, Sq: int, Sk: int, device) -> tuple[torch.Tensor, torch.T
     return hit
 
 
-def lse_to_TH(lse: torch.Tensor, T: int, H: int) -> torch.Tensor:
+def lse_to_TH(lse: torch.Tensor, T: int, H: int, heads_first: bool = True) -> torch.Tensor:
     """varlen's lse as (T, H) float32 with -inf for rows that saw no key.
 
     FlashAttention's varlen kernels return (H, T) (torch's own fake kernel says so too, while
-    its docstring says (T, H)); accept both. When T == H the shape cannot tell, and the kernel
-    layout (H, T) is assumed. FlashAttention 2 marks empty rows with +inf; ours is -inf.
+    its docstring says (T, H)); accept both. When T == H the shape cannot tell: ``heads_first``
+    decides (``_lse_heads_first`` learns it from the kernel). FlashAttention 2 marks empty rows
+    with +inf; ours is -inf.
     """
     if lse.dim() == 3 and lse.shape[-1] == 1:
         lse = lse.squeeze(-1)
-    if tuple(lse.shape) == (H, T):
+    if tuple(lse.shape) == (H, T) and (T != H or heads_first):
         lse = lse.transpose(0, 1)
     elif tuple(lse.shape) != (T, H):
         raise RuntimeError(f"flash_torch: varlen_attn returned an lse of shape {tuple(lse.shape)}, expected (H={H}, T={T})")
     lse = lse.float()
     return torch.where(lse == float("inf"), float("-inf"), lse)
+
+
+_LSE_HEADS_FIRST: dict = {}  # varlen function -> whether its lse is (H, T)
+
+
+def _lse_heads_first(lse: torch.Tensor, T: int, H: int, like: torch.Tensor) -> bool:
+    """The layout of the current varlen kernel's lse, learned from an unambiguous shape; when the
+    call itself is ambiguous (T == H), from one tiny probe call (3 tokens, 1 head), once."""
+    fn = _VARLEN
+    known = _LSE_HEADS_FIRST.get(fn)
+    if known is not None:
+        return known
+    if T != H:
+        known = tuple(lse.shape[:2]) == (H, T)
+    else:
+        x = torch.zeros(3, 1, 8, device=like.device, dtype=like.dtype)
+        cu = torch.tensor([0, 3], dtype=torch.int32, device=like.device)
+        with torch.no_grad():
+            _, probe = _VARLEN(x, x, x, cu, cu, 3, 3, return_aux=_AUX_REQUEST(lse=True))
+        known = tuple(probe.shape[:2]) == (1, 3)
+    _LSE_HEADS_FIRST[fn] = known
+    return known
+
+
+def _lse_TH(lse, T, H, like):
+    return lse_to_TH(lse, T, H, _lse_heads_first(lse, T, H, like)).detach()
 
 
 def _varlen(q_THD, k_THD, v_THD, cu_q, cu_k, max_q, max_k, window, scale, gqa, want_lse):
@@ -391,8 +432,7 @@ def run(call):
         raise RuntimeError(f"flash_torch cannot run this call: {p}")
     if p.route == "sdpa":
         kw = {"enable_gqa": True} if call.gqa else {}
-        with sdpa_kernel(_SDPA_KERNELS):
-            out = _SDPA(call.q, call.k, call.v, is_causal=p.is_causal, scale=call.scale, **kw)
+        out = run_only(_SDPA_KERNEL, lambda: _SDPA(call.q, call.k, call.v, is_causal=p.is_causal, scale=call.scale, **kw))
         return out, None
     _load_varlen()
     B, Hq, Sq, D = call.q.shape
@@ -407,18 +447,29 @@ def run(call):
         )  # fmt: skip
         out = out_THD.view(B, Sq, Hq, call.Dv).transpose(1, 2)
         if lse is not None:
-            lse = lse_to_TH(lse, B * Sq, Hq).detach().view(B, Sq, Hq).transpose(1, 2)
+            lse = _lse_TH(lse, B * Sq, Hq, call.q).view(B, Sq, Hq).transpose(1, 2)
         return out, lse
     if pk.total == 0:
         return _zeros(call)
     info = pk.info
+    T = info.total
+    # Copy-free fast paths: rows filled exactly (no padding) are a reshape; one packed row with
+    # right padding is a slice. Otherwise gather the real tokens (unpad) and scatter back (pad).
+    if T == B * Sq and info.kind == "documents":
+        ins = (q_BSHD.reshape(T, Hq, D), k_BSHD.reshape(T, Hkv, D), v_BSHD.reshape(T, Hkv, call.Dv))
+        finish = lambda o: o.view(B, Sq, Hq, call.Dv)  # noqa: E731
+    elif B == 1 and info.kind == "documents":
+        ins = (q_BSHD[0, :T], k_BSHD[0, :T], v_BSHD[0, :T])
+        finish = lambda o: torch.nn.functional.pad(o, (0, 0, 0, 0, 0, Sq - T)).unsqueeze(0)  # noqa: E731
+    else:
+        ins = (unpad(q_BSHD, info), unpad(k_BSHD, info), unpad(v_BSHD, info))
+        finish = lambda o: pad(o, info)  # noqa: E731  padding tokens: exactly 0
     out_THD, lse = _varlen(
-        unpad(q_BSHD, info), unpad(k_BSHD, info), unpad(v_BSHD, info),
-        pk.cu, pk.cu, pk.max_seqlen, pk.max_seqlen, p.window, call.scale, call.gqa, call.return_lse,
+        *ins, pk.cu, pk.cu, pk.max_seqlen, pk.max_seqlen, p.window, call.scale, call.gqa, call.return_lse,
     )  # fmt: skip
-    out = pad(out_THD, info).transpose(1, 2)  # padding tokens: exactly 0
+    out = finish(out_THD).transpose(1, 2)
     if lse is not None:
-        lse_TH = lse_to_TH(lse, info.total, Hq).detach()
+        lse_TH = _lse_TH(lse, info.total, Hq, call.q)
         full = torch.full((B * Sq, Hq), float("-inf"), device=call.device).index_copy(0, info.indices, lse_TH)
         lse = full.view(B, Sq, Hq).transpose(1, 2)
     return out, lse

@@ -223,4 +223,13 @@ def run(call):
         if call.cacheable:
             _BY_CALL.put(call.key, hit)
     fn, sm = hit
-    return fn(q, k, v, sm, bm, call.scale, call.gqa, call.return_lse)
+    try:
+        return fn(q, k, v, sm, bm, call.scale, call.gqa, call.return_lse)
+    except Exception as e:  # fullgraph=True: dynamo raises at its recompile limit; say what it means
+        if "recompile limit" in str(e) or "recompile_limit" in str(e):
+            raise FlexFallbackError(
+                f"flex: torch.compile reached its recompile limit ({torch._dynamo.config.recompile_limit}) for "
+                f"this variant; refusing to run FlexAttention's unfused path. Raise "
+                "torch._dynamo.config.recompile_limit or keep the number of input layouts per geometry bounded."
+            ) from e
+        raise

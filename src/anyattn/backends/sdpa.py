@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .._lru import LRU
+from ._sdp_switch import run_only
 from ..spec import Padding, Window, materialize_mask
 
 # Known kernel issues that make a backend refuse a call (checked in supports(), reported by
@@ -88,40 +89,6 @@ def _has_enable_gqa() -> bool:
         return "enable_gqa" in inspect.signature(F.scaled_dot_product_attention).parameters
     except (TypeError, ValueError):  # builtin without a signature: check the docstring
         return "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
-
-
-def _flag_setters():
-    """(getter, setter) pairs of SDPA's global kernel switches, or None if torch lacks them."""
-    names = [("flash", "flash"), ("mem_efficient", "mem_efficient"), ("math", "math"), ("cudnn", "cudnn")]
-    out = []
-    for get_name, set_name in names:
-        g = getattr(torch._C, f"_get_{get_name}_sdp_enabled", None)
-        st = getattr(torch._C, f"_set_sdp_use_{set_name}", None)
-        if g is None or st is None:
-            return None
-        out.append((g, st))
-    return out
-
-
-_FLAGS = _flag_setters()
-_CUDNN_ONLY = (False, False, False, True)
-
-
-def _run_cudnn_only(fn):
-    """Run ``fn`` with SDPA restricted to cuDNN. Same effect as ``sdpa_kernel([CUDNN_ATTENTION])``
-    at a fraction of its host cost (that context manager costs ~20 us per call, more than our
-    whole per-call budget); under torch.compile the public context manager is used."""
-    if _FLAGS is None or torch.compiler.is_compiling():
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-            return fn()
-    prev = [g() for g, _ in _FLAGS]
-    try:
-        for (_, st), on in zip(_FLAGS, _CUDNN_ONLY):
-            st(on)
-        return fn()
-    finally:
-        for (_, st), on in zip(_FLAGS, prev):
-            st(on)
 
 
 class _SdpaBackend:
@@ -191,11 +158,12 @@ class _SdpaBackend:
                 is_causal=lw.is_causal, scale=call.scale, **kw,
             )  # fmt: skip
         else:
-            out = _run_cudnn_only(
+            out = run_only(
+                "cudnn",
                 lambda: F.scaled_dot_product_attention(
                     call.q, call.k, call.v, attn_mask=lw.attn_mask, dropout_p=call.dropout_p,
                     is_causal=lw.is_causal, scale=call.scale, **kw,
-                )
+                ),
             )  # fmt: skip
         if lw.row_ok is not None:
             out = torch.where(lw.row_ok, out, 0.0)

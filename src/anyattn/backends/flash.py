@@ -1,0 +1,338 @@
+"""The flash-attn package backends: ``flash`` (pip ``flash-attn``) and ``kernels_flash`` (HF
+``kernels`` hub builds of the same kernels).
+
+NOT RUN ON A GPU HERE: neither package is installable where this project's GPU tests run. What
+is tested (tests/test_flash_backends.py, CPU) is the argument mapping below, which is pure:
+``map_window``, ``plan``, ``lse_to_BHS`` and the refusal reasons. See docs/flash.md.
+
+* ``flash``: FlashAttention 3 (``flash_attn_interface``) when it imports on a Hopper GPU
+  (compute capability 9.x), else FlashAttention 2 (``flash_attn``).
+* ``kernels_flash``: ``kernels.get_kernel("kernels-community/flash-attn3")`` on Hopper, then
+  ``kernels-community/flash-attn2``; loaded on first use, API variant detected from the
+  functions the loaded module has (``flash_attn_func`` + ``flash_attn_varlen_func``).
+
+Both take (B, S, H, D) (dense) or (T, H, D) (varlen) tensors: the transposes happen here, at the
+boundary. GQA is native. Mapping of a call (``plan``)::
+
+    causal()                      causal=True,  window_size=(-1, -1)
+    sliding_window(l, r)          causal=False, window_size=(l, r)   (None -> -1)
+    documents / padding [& ...]   flash_attn_varlen_func with cu_seqlens from a SeqInfo
+    softcap(c)                    softcap=c
+    alibi(slopes)                 alibi_slopes=slopes (float32, (Hq,)); FA2 only
+    dropout_p                     dropout_p; FA2 only
+
+Packing (documents, padding) reuses flash_torch's planning: the same SeqInfo-derived varlen
+metadata, the same one-time host syncs, documented there.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import inspect
+from typing import Any, Callable, NamedTuple
+
+import torch
+
+from ..layout import pad, unpad
+from ..spec import Alibi, Documents, Softcap
+from .flash_torch import Packing, lse_to_TH, map_window, packing_for, split_mask
+
+MAX_HEAD_DIM = 256
+
+FLASH_INSTALL = "flash-attn is not installed: pip install anyattn[flash]"
+KERNELS_INSTALL = "the HF kernels package is not installed: pip install anyattn[kernels]"
+KERNEL_REPOS_HOPPER = ("kernels-community/flash-attn3", "kernels-community/flash-attn2")
+KERNEL_REPOS_OTHER = ("kernels-community/flash-attn2",)
+
+
+class Impl(NamedTuple):
+    """One loaded FlashAttention build."""
+
+    version: int  # 2 or 3
+    source: str  # where it came from, for messages ("flash_attn 2.7.4", "kernels-community/flash-attn3")
+    func: Callable  # flash_attn_func: (B, S, H, D)
+    varlen_func: Callable  # flash_attn_varlen_func: (T, H, D) + cu_seqlens
+    func_params: frozenset  # keyword names each accepts (empty: unknown, pass everything)
+    varlen_params: frozenset
+
+
+def _params(fn) -> frozenset:
+    try:
+        return frozenset(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return frozenset()
+
+
+def impl_from_module(mod, version: int, source: str) -> Impl | str:
+    """The API variant of a loaded module: it must have flash_attn_func and
+    flash_attn_varlen_func (the flash-attn Python interface)."""
+    func = getattr(mod, "flash_attn_func", None)
+    vfunc = getattr(mod, "flash_attn_varlen_func", None)
+    if func is None or vfunc is None:
+        have = sorted(n for n in dir(mod) if not n.startswith("_"))[:12]
+        return f"{source}: unrecognized API (no flash_attn_func/flash_attn_varlen_func; has {have})"
+    return Impl(version, source, func, vfunc, _params(func), _params(vfunc))
+
+
+# --------------------------------------------------------------------------------------------
+# pure mapping
+
+
+class FlashPlan(NamedTuple):
+    route: str  # "func" | "varlen"
+    kind: str  # dense | causal | window | documents | padding
+    kwargs: dict  # keyword arguments of flash_attn_func / flash_attn_varlen_func (besides tensors)
+    packing: Packing | None  # varlen: SeqInfo-derived metadata
+
+
+# Keyword defaults shared by FA2 and FA3: a kwarg still at its default is dropped when the
+# installed function does not accept it; a kwarg with a real value makes the call refused.
+_DEFAULTS = {
+    "causal": False,
+    "window_size": (-1, -1),
+    "softcap": 0.0,
+    "alibi_slopes": None,
+    "dropout_p": 0.0,
+    "return_attn_probs": False,
+}
+
+
+def causal_and_window(w) -> tuple[bool, tuple[int, int]]:
+    """FlashAttention's (causal, window_size) for our Window (or None)."""
+    if w is not None and w.is_causal:
+        return True, (-1, -1)
+    return False, map_window(w)
+
+
+def plan(call, impl: Impl) -> FlashPlan | str:
+    """The flash-attn arguments for a call, or why this build cannot compute it exactly."""
+    parts = split_mask(call.mask)
+    if isinstance(parts, str):
+        return parts
+    geo = call.geo
+    causal, window = causal_and_window(parts.window)
+    kw: dict[str, Any] = {"softmax_scale": call.scale, "causal": causal, "window_size": window}
+    softcap = alibi = None
+    for s in call.scores:
+        if isinstance(s, Softcap) and softcap is None:
+            softcap = s
+        elif isinstance(s, Alibi) and alibi is None:
+            alibi = s
+        else:
+            return f"score term {s!r} is not expressible in flash-attn (it takes softcap and alibi); use flex"
+    if softcap is not None and alibi is not None:
+        return "softcap and alibi together are not verified against flash-attn's order of application; use flex"
+    if softcap is not None:
+        kw["softcap"] = softcap.cap
+    if alibi is not None:
+        if impl.version != 2:
+            return f"alibi: {impl.source} (FlashAttention {impl.version}) has no alibi_slopes; use flash-attn 2 or flex"
+        if alibi.slopes.requires_grad:
+            return "alibi slopes that require grad: flash-attn does not differentiate them; use flex or eager"
+        kw["alibi_slopes"] = alibi.slopes.to(device=geo.device, dtype=torch.float32)
+    if call.dropout_p > 0:
+        if impl.version != 2:
+            return f"dropout_p > 0: {impl.source} (FlashAttention {impl.version}) has no dropout"
+        if softcap is not None:
+            return "flash-attn 2 does not combine softcap with dropout"
+        kw["dropout_p"] = call.dropout_p
+    if call.return_lse:
+        kw["return_attn_probs"] = True  # FA2: (out, lse, S_dmask); FA3: (out, lse)
+    packing = None
+    if parts.seq is None:
+        route, params = "func", impl.func_params
+        kind = "dense" if parts.window is None else ("causal" if causal else "window")
+    else:
+        route, params = "varlen", impl.varlen_params
+        seq = parts.seq
+        kind = "documents" if isinstance(seq, Documents) else "padding"
+        if geo.Sq != geo.Sk:
+            return f"{kind} on flash-attn needs Sq == Sk, got Sq={geo.Sq}, Sk={geo.Sk}; use flex or sdpa"
+        packing = packing_for(call, seq, parts.window is not None or alibi is not None)
+        if isinstance(packing, str):
+            return packing
+    if params:  # an argument this build lacks: drop it at its default, refuse it otherwise
+        for name in [n for n in kw if n not in params and n != "softmax_scale"]:
+            value, default = kw[name], _DEFAULTS.get(name)
+            at_default = value is None if default is None else (not isinstance(value, torch.Tensor) and value == default)
+            if name == "return_attn_probs" and impl.version == 3:
+                at_default = True  # early FA3 builds have no such flag and always return (out, lse)
+            if not at_default:
+                return f"{impl.source}: its {route} function has no {name!r} argument (installed version too old?)"
+            del kw[name]
+    return FlashPlan(route, kind, kw, packing)
+
+
+def lse_to_BHS(lse: torch.Tensor, B: int, H: int, S: int) -> torch.Tensor:
+    """flash_attn_func's lse as (B, H, S) float32, -inf on rows that saw no key (FA2 writes +inf)."""
+    if tuple(lse.shape) == (B, S, H) and (B, S, H) != (B, H, S):
+        lse = lse.transpose(1, 2)
+    elif tuple(lse.shape) != (B, H, S):
+        raise RuntimeError(f"flash-attn returned an lse of shape {tuple(lse.shape)}, expected (B={B}, H={H}, S={S})")
+    lse = lse.float()
+    return torch.where(lse == float("inf"), float("-inf"), lse)
+
+
+def _split_result(r, want_lse: bool):
+    if isinstance(r, (tuple, list)):
+        return r[0], (r[1] if want_lse else None)
+    if want_lse:
+        raise RuntimeError("flash-attn returned no lse although return_attn_probs=True was passed")
+    return r, None
+
+
+# --------------------------------------------------------------------------------------------
+# loaders (first use)
+
+
+@functools.lru_cache(maxsize=None)
+def _is_hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+def _version_of(mod, name: str) -> str:
+    return f"{name} {getattr(mod, '__version__', '')}".strip()
+
+
+@functools.lru_cache(maxsize=None)
+def _load_flash_attn() -> Impl | str:
+    if _is_hopper() and importlib.util.find_spec("flash_attn_interface") is not None:
+        try:
+            mod = importlib.import_module("flash_attn_interface")
+        except ImportError as e:
+            fa3_err = f"flash_attn_interface (FA3) failed to import: {e}"
+        else:
+            return impl_from_module(mod, 3, "flash_attn_interface (FA3)")
+    else:
+        fa3_err = None
+    if importlib.util.find_spec("flash_attn") is None:
+        return fa3_err or FLASH_INSTALL
+    try:
+        mod = importlib.import_module("flash_attn")
+    except ImportError as e:
+        return f"flash_attn failed to import ({e}); reinstall flash-attn for torch {torch.__version__}"
+    return impl_from_module(mod, 2, _version_of(mod, "flash_attn"))
+
+
+@functools.lru_cache(maxsize=None)
+def _load_kernels() -> Impl | str:
+    try:
+        from kernels import get_kernel
+    except ImportError as e:
+        return f"{KERNELS_INSTALL} ({e})"
+    repos = KERNEL_REPOS_HOPPER if _is_hopper() else KERNEL_REPOS_OTHER
+    errors = []
+    for repo in repos:
+        try:
+            mod = get_kernel(repo)
+        except (ImportError, OSError) as e:  # not on the hub cache / no build for this torch+CUDA
+            errors.append(f"{repo}: {type(e).__name__}: {e}")
+            continue
+        impl = impl_from_module(mod, 3 if repo.endswith("3") else 2, repo)
+        if isinstance(impl, Impl):
+            return impl
+        errors.append(impl)
+    return "no usable flash-attn build from the kernels hub: " + "; ".join(errors)
+
+
+# --------------------------------------------------------------------------------------------
+# the two backends
+
+
+class _FlashFamily:
+    def __init__(self, name: str, spec_names: tuple[str, ...], install: str, loader):
+        self.NAME = name
+        self._specs = spec_names
+        self._install = install
+        self._loader = loader
+
+    def __repr__(self) -> str:
+        return f"<backend {self.NAME}>"
+
+    def available(self) -> str | None:
+        if all(importlib.util.find_spec(n) is None for n in self._specs):
+            return self._install
+        if not torch.cuda.is_available():
+            return "needs a CUDA GPU (torch.cuda.is_available() is False)"
+        major, minor = torch.cuda.get_device_capability()
+        if major < 8:
+            return f"FlashAttention needs compute capability >= 8.0, found {major}.{minor}"
+        return None  # the package itself is imported on first use (supports/run)
+
+    def impl(self) -> Impl | str:
+        return self._loader()
+
+    def supports(self, call) -> str | None:
+        if call.device.type != "cuda":
+            return f"needs CUDA tensors, got {call.device.type}"
+        impl = self.impl()
+        if isinstance(impl, str):
+            return impl
+        return supports_with(call, impl)
+
+    def run(self, call):
+        impl = self.impl()
+        if isinstance(impl, str):
+            raise RuntimeError(f"{self.NAME}: {impl}")
+        return run_with(call, impl)
+
+
+def supports_with(call, impl: Impl) -> str | None:
+    """Everything but the device and the loading (CPU tests pass a stand-in Impl)."""
+    if call.dtype not in (torch.float16, torch.bfloat16):
+        return f"FlashAttention takes float16/bfloat16, got {call.dtype}"
+    if call.need_weights:
+        return "FlashAttention does not return attention weights"
+    if call.D != call.Dv:
+        return f"flash-attn here needs equal q/k and v head dims, got D={call.D}, Dv={call.Dv}"
+    if call.D > MAX_HEAD_DIM or call.D % 8 != 0:
+        return f"FlashAttention needs a head dim <= {MAX_HEAD_DIM} and a multiple of 8, got {call.D}"
+    p = plan(call, impl)
+    return p if isinstance(p, str) else None
+
+
+def run_with(call, impl: Impl):
+    p = plan(call, impl)
+    if isinstance(p, str):
+        raise RuntimeError(f"flash-attn cannot run this call: {p}")
+    B, Hq, Sq, _ = call.q.shape
+    q_BSHD, k_BSHD, v_BSHD = (t.transpose(1, 2) for t in (call.q, call.k, call.v))
+    want_lse = call.return_lse
+    if p.route == "func":
+        out, lse = _split_result(impl.func(q_BSHD, k_BSHD, v_BSHD, **p.kwargs), want_lse)
+        out = out.transpose(1, 2)
+        if lse is not None:
+            lse = lse_to_BHS(lse, B, Hq, Sq).detach()
+        return out, lse
+    pk = p.packing
+    if pk.total == 0:
+        out = call.q.new_zeros(B, Hq, Sq, call.Dv)
+        if call.requires_grad:
+            out = out + 0.0 * (call.q.sum() + call.k.sum() + call.v.sum())
+        lse = torch.full((B, Hq, Sq), float("-inf"), device=call.device) if want_lse else None
+        return out, lse
+    info = pk.info
+    r = impl.varlen_func(
+        unpad(q_BSHD, info), unpad(k_BSHD, info), unpad(v_BSHD, info), pk.cu, pk.cu, pk.max_seqlen, pk.max_seqlen,
+        **p.kwargs,
+    )  # fmt: skip
+    out_THD, lse = _split_result(r, want_lse)
+    out = pad(out_THD, info).transpose(1, 2)
+    if lse is not None:
+        lse_TH = lse_to_TH(lse, info.total, Hq).detach()
+        full = torch.full((B * Sq, Hq), float("-inf"), device=call.device).index_copy(0, info.indices, lse_TH)
+        lse = full.view(B, Sq, Hq).transpose(1, 2)
+    return out, lse
+
+
+FLASH = _FlashFamily("flash", ("flash_attn", "flash_attn_interface"), FLASH_INSTALL, _load_flash_attn)
+KERNELS_FLASH = _FlashFamily("kernels_flash", ("kernels",), KERNELS_INSTALL, _load_kernels)
+
+
+def _clear() -> None:
+    """Forget loaded builds (api.clear_caches)."""
+    _load_flash_attn.cache_clear()
+    _load_kernels.cache_clear()
+    _is_hopper.cache_clear()
