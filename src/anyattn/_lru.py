@@ -1,33 +1,34 @@
-"""A bounded dict for lowered forms and decisions (oldest entry evicted first)."""
+"""A bounded dict for lowered forms and decisions.
+
+Lookups are a plain ``dict.get`` (they sit on every attention call); when full, the oldest
+inserted entry is evicted (first in, first out), which for caches keyed by call signature behaves
+like LRU in practice at a fraction of the cost.
+"""
 
 from __future__ import annotations
-
-from collections import OrderedDict
 
 
 class LRU:
     def __init__(self, maxsize: int = 256):
         self.maxsize = maxsize
-        self._d: OrderedDict = OrderedDict()
+        self._d: dict = {}
         self.hits = 0
         self.misses = 0
 
     def get(self, key):
-        d = self._d
-        v = d.get(key)
+        v = self._d.get(key)
         if v is None:
             self.misses += 1
-            return None
-        d.move_to_end(key)
-        self.hits += 1
+        else:
+            self.hits += 1
         return v
 
     def put(self, key, value) -> None:
         d = self._d
+        d.pop(key, None)
         d[key] = value
-        d.move_to_end(key)
         if len(d) > self.maxsize:
-            d.popitem(last=False)
+            del d[next(iter(d))]
 
     def clear(self) -> None:
         self._d.clear()
@@ -35,3 +36,6 @@ class LRU:
 
     def __len__(self) -> int:
         return len(self._d)
+
+    def values(self):
+        return self._d.values()

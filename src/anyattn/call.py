@@ -13,7 +13,7 @@ import torch
 from .spec import BoundMask, BoundScore, Geometry, MaskTerm, ScoreTerm
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Call:
     q: torch.Tensor  # (B, Hq, Sq, D), any strides
     k: torch.Tensor  # (B, Hkv, Sk, D)

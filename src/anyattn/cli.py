@@ -37,7 +37,9 @@ def _bench_modules() -> dict:
 
 
 def build_parser(prog: str = "anyattn") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="anyattn: one attention call over every PyTorch attention backend.")
+    p = argparse.ArgumentParser(
+        prog=prog, description="anyattn: one attention call over every PyTorch attention backend."
+    )
     sub = p.add_subparsers(dest="command", metavar="{doctor,bench}")
 
     d = sub.add_parser("doctor", help="environment, backends, correctness vs the float64 oracle, a speed probe")

@@ -32,6 +32,7 @@ So the dense mask and the flex mask cannot drift apart. Score terms are written 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -596,6 +597,9 @@ class Not(MaskTerm):
         return BoundMask(pred, inner.uses_b, inner.uses_h)
 
 
+_CAUSAL = Window(None, 0)
+
+
 def _paren(t: MaskTerm) -> str:
     return f"({t!r})" if isinstance(t, (And, Or)) else repr(t)
 
@@ -606,7 +610,7 @@ def _paren(t: MaskTerm) -> str:
 
 def causal() -> MaskTerm:
     """Key j visible iff ``j <= i'`` (bottom-right aligned when Sq != Sk)."""
-    return Window(None, 0)
+    return _CAUSAL
 
 
 def _check_window_side(name: str, v) -> int | None:
@@ -619,6 +623,13 @@ def _check_window_side(name: str, v) -> int | None:
     return v
 
 
+@functools.lru_cache(maxsize=256)
+def _window(left, right) -> Window:
+    # Terms are immutable, so equal windows can be one object: building a frozen dataclass and
+    # its key costs microseconds, and these factories run on every attention call.
+    return Window(left, right)
+
+
 def sliding_window(left: int | None, right: int | None = 0) -> MaskTerm:
     """Key j visible iff ``i' - left <= j <= i' + right``; None = unbounded on that side.
 
@@ -626,7 +637,9 @@ def sliding_window(left: int | None, right: int | None = 0) -> MaskTerm:
     convention): ``sliding_window(1024)`` sees the query's own position and 1024 keys before it.
     HF's ``sliding_window=W`` (W keys including self) is ``sliding_window(W - 1)``.
     """
-    return Window(_check_window_side("sliding_window(left)", left), _check_window_side("sliding_window(right)", right))
+    if type(left) is int and type(right) is int and left >= 0 and right >= 0:
+        return _window(left, right)
+    return _window(_check_window_side("sliding_window(left)", left), _check_window_side("sliding_window(right)", right))
 
 
 def _int_tensor(name: str, x, *, dims: tuple[int, ...], nonneg: bool = True) -> torch.Tensor:
@@ -731,6 +744,11 @@ def chunked(size: int) -> MaskTerm:
         raise bad_type("chunked(size)", "a positive int", type(size).__name__)
     if size <= 0:
         raise bad_value("chunked(size)", "a positive int", size)
+    return _chunked(size)
+
+
+@functools.lru_cache(maxsize=256)
+def _chunked(size: int) -> Chunked:
     return Chunked(size)
 
 
@@ -906,7 +924,12 @@ def softcap(cap: float) -> ScoreTerm:
         raise bad_type("softcap(cap)", "a positive finite float", type(cap).__name__)
     if not math.isfinite(cap) or cap <= 0:
         raise bad_value("softcap(cap)", "a positive finite float", cap)
-    return Softcap(float(cap))
+    return _softcap(float(cap))
+
+
+@functools.lru_cache(maxsize=256)
+def _softcap(cap: float) -> Softcap:
+    return Softcap(cap)
 
 
 def _float_tensor(name: str, t, dims: tuple[int, ...], what: str) -> torch.Tensor:
@@ -991,6 +1014,8 @@ def canonical_mask(mask) -> MaskTerm | None:
     """
     if mask is None:
         return None
+    if type(mask) is Window:  # the common case, first
+        return None if mask.left is None and mask.right is None else mask
     if not isinstance(mask, MaskTerm):
         raise bad_type("mask", "a mask term such as causal() (or None)", type(mask).__name__)
     if isinstance(mask, Not):

@@ -208,7 +208,32 @@ def score_mod_for(call):
     return score_mod
 
 
-_BY_CALL = LRU(256)  # call key -> (entry, score_mod): skips rebuilding both on repeated calls
+_BY_CALL = LRU(256)  # call key -> (entry, score_mod, expand_kv): skips rebuilding on repeated calls
+
+# Known issue (torch 2.11, H200): FlexAttention forward+backward with GQA fails to compile at some
+# sequence lengths ("NoValidChoicesError: No choices to select", e.g. S=113 with 8 query / 2 kv
+# heads; the same geometry without GQA, and S=128 or 200 with GQA, compile). Reproducer:
+# benchmarks/flex_diag.py; results in benchmarks/results/flex_diag_h200.txt. When it happens the
+# kv heads are repeated to the query heads (the same math: head h reads kv head h // (Hq // Hkv))
+# and that form is compiled instead; the call stays on flex and stays exact.
+_GQA_COMPILE_FAILURE = "NoValidChoicesError"
+
+
+def _expand_kv(call):
+    g = call.geo.H // call.Hkv
+    return call.k.repeat_interleave(g, dim=1), call.v.repeat_interleave(g, dim=1)
+
+
+def _entry_expanded(call):
+    key = ("expanded-kv", id(_entry_for(call)))
+    fn = _ENTRIES.get(key)
+    if fn is None:
+        n = len(_ENTRIES)
+        code = _entry_template.__code__.replace(co_name=f"anyattn_flex_{n}")
+        fn = torch.compile(types.FunctionType(code, _entry_template.__globals__, f"anyattn_flex_{n}"), dynamic=_DYNAMIC, fullgraph=True)
+        _ENTRIES[key] = fn
+        STATS["compiled_entries"] += 1
+    return fn
 
 
 def run(call):
@@ -219,17 +244,29 @@ def run(call):
     bm = block_mask_for(call)
     hit = _BY_CALL.get(call.key) if call.cacheable else None
     if hit is None:
-        hit = (_entry_for(call), score_mod_for(call))
+        hit = (_entry_for(call), score_mod_for(call), False)
         if call.cacheable:
             _BY_CALL.put(call.key, hit)
-    fn, sm = hit
+    fn, sm, expand = hit
+    if expand:
+        k, v = _expand_kv(call)
+        return fn(q, k, v, sm, bm, call.scale, False, call.return_lse)
     try:
         return fn(q, k, v, sm, bm, call.scale, call.gqa, call.return_lse)
-    except Exception as e:  # fullgraph=True: dynamo raises at its recompile limit; say what it means
-        if "recompile limit" in str(e) or "recompile_limit" in str(e):
+    except Exception as e:  # noqa: BLE001 - re-raised below unless it is one of two known cases
+        msg = str(e)
+        if "recompile limit" in msg or "recompile_limit" in msg:
+            # fullgraph=True: dynamo raises at its recompile limit; say what it means
             raise FlexFallbackError(
                 f"flex: torch.compile reached its recompile limit ({torch._dynamo.config.recompile_limit}) for "
                 f"this variant; refusing to run FlexAttention's unfused path. Raise "
                 "torch._dynamo.config.recompile_limit or keep the number of input layouts per geometry bounded."
             ) from e
+        if call.gqa and _GQA_COMPILE_FAILURE in msg:
+            STATS["gqa_expanded"] = STATS.get("gqa_expanded", 0) + 1
+            fn = _entry_expanded(call)
+            if call.cacheable:
+                _BY_CALL.put(call.key, (fn, sm, True))
+            k, v = _expand_kv(call)
+            return fn(q, k, v, sm, bm, call.scale, False, call.return_lse)
         raise

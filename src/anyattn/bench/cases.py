@@ -31,19 +31,19 @@ from .. import spec as _spec
 from ..spec import alibi, causal, documents, padding, prefix_lm, sliding_window, softcap
 
 __all__ = [
-    "VARIANTS",
-    "MODES",
     "DTYPES",
+    "MODES",
+    "VARIANTS",
     "Config",
-    "make_config",
     "Inputs",
+    "attention_flops",
     "build_inputs",
     "build_terms",
     "doc_lengths",
+    "make_config",
     "pad_lengths",
-    "visible_pairs",
-    "attention_flops",
     "verify_config",
+    "visible_pairs",
 ]
 
 VARIANTS = ("dense", "causal", "documents", "window", "gqa", "padding", "prefix_lm", "softcap", "alibi")
@@ -94,7 +94,9 @@ def make_config(variant, mode, dtype, *, B, S, H, D, window, n_docs, cap, device
     Hkv = max(1, H // 4) if variant == "gqa" else H
     while H % Hkv:  # keep Hq a multiple of Hkv
         Hkv -= 1
-    return Config(variant, mode, dtype, B, S, H, Hkv, D, min(window, max(S - 1, 0)), max(1, min(n_docs, S)), cap, device)
+    return Config(
+        variant, mode, dtype, B, S, H, Hkv, D, min(window, max(S - 1, 0)), max(1, min(n_docs, S)), cap, device
+    )
 
 
 @dataclass
@@ -244,7 +246,9 @@ def verify_config(cfg: Config, max_score_elems: int = 1 << 25) -> Config:
         S //= 2
     S = min(S, 1024) if S < cfg.S else S
     r = S / cfg.S
-    return dataclasses.replace(cfg, B=B, S=S, window=max(1, round(cfg.window * r)), n_docs=max(1, min(cfg.n_docs, S // 8 or 1)))
+    return dataclasses.replace(
+        cfg, B=B, S=S, window=max(1, round(cfg.window * r)), n_docs=max(1, min(cfg.n_docs, S // 8 or 1))
+    )
 
 
 def describe_verify(cfg: Config, vcfg: Config) -> str:

@@ -32,7 +32,7 @@ from . import UsageError
 from .cases import attention_flops, fmt_tflops, visible_pairs
 from .timing import first_call_ms, measure, timing_method
 
-__all__ = ["HELP", "add_arguments", "run_from_args", "diagnose"]
+__all__ = ["HELP", "add_arguments", "diagnose", "run_from_args"]
 
 HELP = "check this machine: environment, backends, correctness vs the float64 oracle, speed"
 SCHEMA = "anyattn.doctor/1"
@@ -80,7 +80,14 @@ def environment() -> dict:
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
-            gpus.append({"index": i, "name": p.name, "capability": f"{p.major}.{p.minor}", "memory_gib": round(p.total_memory / 2**30, 1)})
+            gpus.append(
+                {
+                    "index": i,
+                    "name": p.name,
+                    "capability": f"{p.major}.{p.minor}",
+                    "memory_gib": round(p.total_memory / 2**30, 1),
+                }
+            )
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -134,7 +141,10 @@ def _check(name, variant, device, full) -> dict:
            "shape": f"B={q.shape[0]} Hq={q.shape[1]} Hkv={k.shape[1]} S={q.shape[2]} D={q.shape[3]}",
            "grad": False, "status": "", "err": math.nan, "bound": math.nan, "detail": ""}  # fmt: skip
     if name == "flex" and not full and variant not in FLEX_VARIANTS.get(device, ()):
-        rec.update(status="skipped", detail=f"Flex checked on {', '.join(FLEX_VARIANTS[device])} only (a new compiled kernel costs seconds; --full checks all)")
+        rec.update(
+            status="skipped",
+            detail=f"Flex checked on {', '.join(FLEX_VARIANTS[device])} only (a new compiled kernel costs seconds; --full checks all)",
+        )
         return rec
     try:
         grad, note = _decide(q, k, v, kw, name)
@@ -179,7 +189,9 @@ def _speed(name, device) -> dict:
             return _api.attention(q, k, v, mask=mask, backend=name)
 
         rec["first_ms"] = first_call_ms(fn, device)
-        t = measure(fn, device, warmup_ms=10, rep_ms=150 if device == "cpu" else 100, max_reps=20 if device == "cpu" else 1000)
+        t = measure(
+            fn, device, warmup_ms=10, rep_ms=150 if device == "cpu" else 100, max_reps=20 if device == "cpu" else 1000
+        )
         flops = attention_flops(visible_pairs(mask, B, H, S, S), D)
         rec.update(status="ok", ms=t.ms, tflops=fmt_tflops(flops, t.ms), detail=t.method)
     except Exception as e:  # noqa: BLE001
@@ -213,7 +225,9 @@ def diagnose(*, backends=None, device=None, full=False, speed=True, progress=Tru
     for n in requested or ():
         if not avail[n]:
             report["ok"] = False
-            report["notes"].append(f"requested backend {n!r} is unavailable: {next(b.reason for b in infos if b.name == n)}")
+            report["notes"].append(
+                f"requested backend {n!r} is unavailable: {next(b.reason for b in infos if b.name == n)}"
+            )
     run_names = [n for n in names if avail[n]]
     notes = report["notes"]
     if "flex" in run_names and not full:
@@ -226,7 +240,9 @@ def diagnose(*, backends=None, device=None, full=False, speed=True, progress=Tru
         notes.append("CUDA checks run in bfloat16 with gradients wherever the backend has a backward")
 
     jobs = [(n, v) for n in run_names for v in CHECK_VARIANTS]
-    log(f"\ncorrectness vs the float64 oracle ({device}; bound = 2x / 3x for grads the error of eager in the same dtype):")
+    log(
+        f"\ncorrectness vs the float64 oracle ({device}; bound = 2x / 3x for grads the error of eager in the same dtype):"
+    )
     bar = _bar(len(jobs), progress)
     threads = torch.get_num_threads()
     if device == "cpu":  # tiny shapes: one thread, immune to OpenMP contention on a busy machine
@@ -249,10 +265,14 @@ def diagnose(*, backends=None, device=None, full=False, speed=True, progress=Tru
             rec = _speed(name, device)
             report["speed"].append(rec)
             if rec["status"] == "ok":
-                log(f"  {name:<14} {rec['ms']:9.3f} ms  {rec['tflops']:7.2f} TFLOP/s  (first call {rec['first_ms']:.0f} ms; {rec['case']})")
+                log(
+                    f"  {name:<14} {rec['ms']:9.3f} ms  {rec['tflops']:7.2f} TFLOP/s  (first call {rec['first_ms']:.0f} ms; {rec['case']})"
+                )
             else:
                 log(f"  {name:<14} {rec['status']}: {rec['detail']}")
-    bad = [c for c in report["checks"] if c["status"] in ("fail", "error")] + [s for s in report["speed"] if s["status"] == "error"]
+    bad = [c for c in report["checks"] if c["status"] in ("fail", "error")] + [
+        s for s in report["speed"] if s["status"] == "error"
+    ]
     if bad:
         report["ok"] = False
     report["exit_code"] = 0 if report["ok"] else 1
@@ -270,7 +290,11 @@ def _check_line(rec) -> str:
     head = f"  {rec['backend']:<14} {rec['variant']:<10}"
     if rec["status"] in ("ok", "fail"):
         g = "fwd+bwd" if rec["grad"] else "fwd    "
-        s = f"{head} {g} {rec['status'].upper() if rec['status'] == 'fail' else 'ok':<4} err {rec['err']:.2e} <= {rec['bound']:.2e}" if rec["status"] == "ok" else f"{head} {g} FAIL {rec['detail']}"
+        s = (
+            f"{head} {g} {rec['status'].upper() if rec['status'] == 'fail' else 'ok':<4} err {rec['err']:.2e} <= {rec['bound']:.2e}"
+            if rec["status"] == "ok"
+            else f"{head} {g} FAIL {rec['detail']}"
+        )
         if rec["status"] == "ok" and rec["detail"]:
             s += f"  ({rec['detail']})"
         return s
@@ -302,7 +326,9 @@ def run_from_args(args, command: str = "anyattn doctor") -> int:
         raise UsageError(f"--device: expected cuda or cpu, got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: torch.cuda.is_available() is False on this machine")
-    report = diagnose(backends=names, device=device, full=args.full, speed=not args.no_speed, progress=not args.no_progress)
+    report = diagnose(
+        backends=names, device=device, full=args.full, speed=not args.no_speed, progress=not args.no_progress
+    )
     report["command"] = command
     if args.json:
         with open(args.json, "w") as f:

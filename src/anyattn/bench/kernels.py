@@ -49,9 +49,9 @@ from .cases import (
     verify_config,
     visible_pairs,
 )
-from .timing import first_call_ms, host_us_per_call, measure, sync, timing_method
+from .timing import first_call_ms, host_us_per_call, measure, timing_method
 
-__all__ = ["Sweep", "Result", "run", "preset", "add_arguments", "run_from_args", "sweep_from_args"]
+__all__ = ["Result", "Sweep", "add_arguments", "preset", "run", "run_from_args", "sweep_from_args"]
 
 SCHEMA = "anyattn.bench.kernels/1"
 HELP = "time every attention variant on every backend, next to raw torch calls"
@@ -266,7 +266,11 @@ def _run_anyattn(name, cfg, inp, vcfg, get_vinp, base, state, raw_ms) -> Result:
         rows = [r for r in d.rows if r.status in ("rejected", "unavailable")]
         if name != "auto":
             rows = [r for r in rows if r.backend == name] or rows
-        why = "; ".join(f"{r.backend}: {r.reason}" for r in rows) if name == "auto" else (rows[0].reason if rows else "refused")
+        why = (
+            "; ".join(f"{r.backend}: {r.reason}" for r in rows)
+            if name == "auto"
+            else (rows[0].reason if rows else "refused")
+        )
         return Result(**dict(row, reason=f"refused: {why}"))
     chosen = d.chosen
     row["chosen"] = chosen
@@ -275,7 +279,12 @@ def _run_anyattn(name, cfg, inp, vcfg, get_vinp, base, state, raw_ms) -> Result:
         if why:
             return Result(**dict(row, reason=why))
     if chosen == "eager" and sw.eager_max_gib is not None and score_gib(cfg) > sw.eager_max_gib:
-        return Result(**dict(row, reason=f"eager would materialize {score_gib(cfg):.1f} GiB float32 scores (> {sw.eager_max_gib:g} GiB)"))
+        return Result(
+            **dict(
+                row,
+                reason=f"eager would materialize {score_gib(cfg):.1f} GiB float32 scores (> {sw.eager_max_gib:g} GiB)",
+            )
+        )
     fn = _anyattn_fn(inp, name, cfg.grad)
     try:
         row["first_ms"] = first_call_ms(fn, cfg.device)
@@ -291,11 +300,23 @@ def _run_anyattn(name, cfg, inp, vcfg, get_vinp, base, state, raw_ms) -> Result:
         t = measure(fn, cfg.device)
     except Exception as e:  # noqa: BLE001
         _free(cfg.device)
-        return Result(**dict(row, status="failed", check="error" if row["check"] != "ok" else "ok", reason=_err_text(e)))
+        return Result(
+            **dict(row, status="failed", check="error" if row["check"] != "ok" else "ok", reason=_err_text(e))
+        )
     cp = raw.COUNTERPART.get(chosen, "")
     rms = raw_ms.get(cp, math.nan)
-    ovh = 100.0 * (t.ms - rms) / rms if rms == rms and rms > 0 else math.nan
-    return Result(**dict(row, status="ok", ms=t.ms, tflops=fmt_tflops(row["flops"], t.ms), raw=cp if rms == rms else "", raw_ms=rms, overhead_pct=ovh))
+    ovh = 100.0 * (t.ms - rms) / rms if not math.isnan(rms) and rms > 0 else math.nan
+    return Result(
+        **dict(
+            row,
+            status="ok",
+            ms=t.ms,
+            tflops=fmt_tflops(row["flops"], t.ms),
+            raw=cp if not math.isnan(rms) else "",
+            raw_ms=rms,
+            overhead_pct=ovh,
+        )
+    )
 
 
 def _raw_check(name, cfg, vcfg, inp, get_vinp, get_oracle):
@@ -344,7 +365,7 @@ def _run_raw(name, cfg, inp, vcfg, get_vinp, get_oracle, base, state) -> Result:
             warnings.simplefilter("always")
             try:
                 row["first_ms"] = first_call_ms(prep.run, cfg.device)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 why = raw.refusal(e, caught)
                 if why:
                     return Result(**dict(row, reason=why))
@@ -353,18 +374,27 @@ def _run_raw(name, cfg, inp, vcfg, get_vinp, get_oracle, base, state) -> Result:
             err, bound = _raw_check(name, cfg, vcfg, inp, get_vinp, get_oracle)
             row.update(check_err=err, check_bound=bound, verify=describe_verify(cfg, vcfg))
             if not err <= bound:
-                return Result(**dict(row, status="failed", check="FAIL", reason=f"wrong result vs float64 oracle: out err {err:.3g} > bound {bound:.3g}"))
+                return Result(
+                    **dict(
+                        row,
+                        status="failed",
+                        check="FAIL",
+                        reason=f"wrong result vs float64 oracle: out err {err:.3g} > bound {bound:.3g}",
+                    )
+                )
             row["check"] = "ok"
         t = measure(prep.run, cfg.device)
     except Exception as e:  # noqa: BLE001
         _free(cfg.device)
-        return Result(**dict(row, status="failed", check="error" if row["check"] != "ok" else "ok", reason=_err_text(e)))
+        return Result(
+            **dict(row, status="failed", check="error" if row["check"] != "ok" else "ok", reason=_err_text(e))
+        )
     return Result(**dict(row, status="ok", ms=t.ms, tflops=fmt_tflops(row["flops"], t.ms)))
 
 
 def run_case(cfg: Config, state: _State) -> list[Result]:
     sw = state.sweep
-    pairs = _pairs(dataclasses.replace(cfg, mode='fwd', dtype='fp32', device='cpu'))
+    pairs = _pairs(dataclasses.replace(cfg, mode="fwd", dtype="fp32", device="cpu"))
     inp = build_inputs(cfg)
     base = _base(cfg, inp.spec, pairs)
     vcfg = verify_config(cfg, sw.verify_max_elems)
@@ -394,7 +424,7 @@ def run_case(cfg: Config, state: _State) -> list[Result]:
             raw_ms[name] = r.ms
     for name in sw.all_backends():
         out.append(_run_anyattn(name, cfg, inp, vcfg, get_vinp, base, state, raw_ms))
-    del inp, cache
+    cache.clear()
     _free(cfg.device)
     return out
 
@@ -409,7 +439,9 @@ def host_overhead(state: _State) -> list[dict]:
     cuda = torch.device(sw.device).type == "cuda"
     B, S, H, D = (1, 128, 4, 64) if cuda else (1, 32, 2, 32)
     n = 500 if cuda else 200
-    cfg = make_config("causal", "fwd", sw.dtypes[0], B=B, S=S, H=H, D=D, window=16, n_docs=1, cap=sw.cap, device=sw.device)
+    cfg = make_config(
+        "causal", "fwd", sw.dtypes[0], B=B, S=S, H=H, D=D, window=16, n_docs=1, cap=sw.cap, device=sw.device
+    )
     inp = build_inputs(cfg)
     rows = []
     for name in sw.all_backends():
@@ -489,7 +521,9 @@ def _raise_recompile_limit(state: _State) -> None:
     for attr in ("recompile_limit", "cache_size_limit"):
         if hasattr(cfg, attr) and getattr(cfg, attr) < 64:
             setattr(cfg, attr, 64)
-            state.notes.append(f"torch._dynamo.config.{attr} raised to 64 for this process (one compiled entry serves several variants)")
+            state.notes.append(
+                f"torch._dynamo.config.{attr} raised to 64 for this process (one compiled entry serves several variants)"
+            )
             break
 
 
@@ -524,7 +558,9 @@ def run(sweep: Sweep, *, out_dir: str | None = None, command: str = "", progress
             report.write_outputs(out_dir, doc, state.results, final=final, log=log)
 
     bar = _progress(len(configs), progress)
-    log(f"anyattn bench kernels: {len(configs)} cases on {meta['device_name']} (torch {meta['torch']}, timing: {meta['timing']})")
+    log(
+        f"anyattn bench kernels: {len(configs)} cases on {meta['device_name']} (torch {meta['torch']}, timing: {meta['timing']})"
+    )
     try:
         if sweep.host_overhead:
             state.host.extend(host_overhead(state))
@@ -537,7 +573,11 @@ def run(sweep: Sweep, *, out_dir: str | None = None, command: str = "", progress
             except Exception as e:  # noqa: BLE001 - building the case itself failed: record it, go on
                 _free(cfg.device)
                 b = _base(cfg, "", 0)
-                rows = [Result(**dict(b, impl="anyattn", backend="(case)", status="failed", check="error", reason=_err_text(e)))]
+                rows = [
+                    Result(
+                        **dict(b, impl="anyattn", backend="(case)", status="failed", check="error", reason=_err_text(e))
+                    )
+                ]
             state.results.extend(rows)
             msg = report.case_line(i + 1, len(configs), cfg, rows)
             if bar is not None:
@@ -588,7 +628,9 @@ def _sweep_dict(sw: Sweep) -> dict:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--preset", choices=["h200"], help="h200: bf16, H=16, D=128, 16k tokens per call (see docs/benchmarks.md)")
+    p.add_argument(
+        "--preset", choices=["h200"], help="h200: bf16, H=16, D=128, 16k tokens per call (see docs/benchmarks.md)"
+    )
     p.add_argument("--quick", action="store_true", help="tiny CPU smoke sizes (< 1 min on a laptop CPU)")
     p.add_argument("--variants", help=f"comma list of {','.join(VARIANTS)} (default: all)")
     p.add_argument("--backends", help="comma list of anyattn backends and 'auto', 'raw' (all raw calls) or raw:NAME "
@@ -653,7 +695,7 @@ def sweep_from_args(args) -> Sweep:
         opts.update(_load_sweep_file(args.sweep))
     for k in _SWEEP_KEYS:
         v = getattr(args, k, None)
-        if v not in (None, False):
+        if v is not None and v is not False:  # 0 is a value (and an error), not "unset"
             opts[k] = v
     device = opts.get("device")
     if device is not None and device not in ("cuda", "cpu"):
@@ -698,7 +740,9 @@ def sweep_from_args(args) -> Sweep:
         ch["budget_s"] = float(b)
     if "shapes" in opts:
         shapes = opts["shapes"]
-        if not isinstance(shapes, list) or not all(isinstance(s, dict) and set(s) <= {"batch", "seqlen"} for s in shapes):
+        if not isinstance(shapes, list) or not all(
+            isinstance(s, dict) and set(s) <= {"batch", "seqlen"} for s in shapes
+        ):
             raise UsageError("sweep 'shapes': expected a list of {batch: B, seqlen: S} mappings")
         ch["shapes"] = tuple((_posint("batch", s.get("batch", 1)), _posint("seqlen", s["seqlen"])) for s in shapes)
         ch["variant_shapes"] = ()

@@ -29,15 +29,15 @@ from __future__ import annotations
 import functools
 import inspect
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from .cases import Config, Inputs
 
-__all__ = ["RAW_NAMES", "COUNTERPART", "Skip", "Prepared", "prepare", "refusal", "varlen_fn"]
+__all__ = ["COUNTERPART", "RAW_NAMES", "Prepared", "Skip", "prepare", "refusal", "varlen_fn"]
 
 RAW_NAMES = (
     "raw:sdpa",
@@ -106,7 +106,11 @@ def _sdpa_form(cfg: Config, inp: Inputs):
     raise Skip(f"no SDPA form for variant {var!r}")
 
 
-_KERNELS = {"raw:sdpa[flash]": "FLASH_ATTENTION", "raw:sdpa[cudnn]": "CUDNN_ATTENTION", "raw:sdpa[efficient]": "EFFICIENT_ATTENTION"}
+_KERNELS = {
+    "raw:sdpa[flash]": "FLASH_ATTENTION",
+    "raw:sdpa[cudnn]": "CUDNN_ATTENTION",
+    "raw:sdpa[efficient]": "EFFICIENT_ATTENTION",
+}
 
 
 def _prepare_sdpa(name, cfg, inp):
@@ -250,7 +254,7 @@ def _prepare_flex(cfg, inp):
 # varlen_attn
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def varlen_fn():
     """(varlen_attn, its keyword parameters) or (None, why not)."""
     try:
@@ -303,6 +307,13 @@ def _prepare_varlen(cfg, inp):
     fn, params = varlen_fn()
     if fn is None:
         raise Skip(params)
+    return packed(cfg, inp, fn, params)
+
+
+def packed(cfg: Config, inp: Inputs, fn, params) -> Prepared:
+    """``fn(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, **kw)`` (varlen_attn's signature) on the
+    packed tokens of a case; ``params`` are the keyword parameters ``fn`` accepts."""
+    dev = inp.q.device
     idx, cu, max_len, window = _segments(cfg, inp)
     kw = {}
     if window != (-1, -1):
@@ -345,7 +356,7 @@ def _prepare_padded(cfg, inp):
     dev = inp.q.device
     lens = list(inp.doc_lengths) * cfg.B
     starts = [b * cfg.S + s for b in range(cfg.B) for s in _cumsum0(inp.doc_lengths)]
-    N, L = len(lens), max(lens)
+    L = max(lens)
     pos = torch.arange(L)
     valid = pos[None, :] < torch.tensor(lens)[:, None]  # (N, L)
     idx = (torch.tensor(starts)[:, None] + pos[None, :]).clamp(max=cfg.B * cfg.S - 1)
@@ -399,7 +410,9 @@ def _runner(fwd, leaves, grad: bool):
 def refusal(exc: BaseException, caught) -> str | None:
     """The reason when ``exc`` (raised by a raw call's first run, with warnings ``caught``) is
     SDPA refusing the call ("No available kernel"), else None (a real failure)."""
-    if isinstance(exc, RuntimeError) and "no available kernel" in str(exc).lower():
+    text = str(exc).lower()
+    # torch <= 2.12: "No available kernel. Aborting execution."; later: "No viable backend ..."
+    if isinstance(exc, RuntimeError) and ("no available kernel" in text or "no viable backend" in text):
         why = "; ".join(dict.fromkeys(str(w.message).splitlines()[0] for w in caught))
         return "SDPA refused: " + (why[:300] or str(exc).splitlines()[0])
     return None

@@ -14,7 +14,7 @@ import json
 import math
 import os
 
-__all__ = ["case_line", "write_outputs", "print_final", "flat_table", "compact_table"]
+__all__ = ["case_line", "compact_table", "flat_table", "print_final", "write_outputs"]
 
 
 def _f(x, fmt: str) -> str:
@@ -53,8 +53,8 @@ def case_line(i: int, n: int, cfg, rows) -> str:
 
 
 def compact_table(results) -> str:
-    """Grouped per case (variant mode dtype shape), one short line per measured row."""
-    lines = [f"  {'backend':<20} {'ms':>9} {'TFLOP/s':>8} {'vs raw':>7}  check"]
+    """Grouped per case (variant | mode | dtype | shape), one short line per measured row."""
+    lines = [f"  {'backend':<19} {'ms':>8} {'TFLOP/s':>7} {'vs raw':>6}  check"]
     key = None
     skipped = 0
     for r in results:
@@ -65,12 +65,14 @@ def compact_table(results) -> str:
         if k != key:
             key = k
             ver = _get(r, "verify")
-            lines.append(f"{k[0]} | {k[1]} | {k[2]} | B={k[3]} S={k[4]}" + (f" (checked {ver})" if ver and ver != "full shape" else ""))
-        lines.append(
-            f"  {_name(r):<20} {_f(_get(r, 'ms'), '.3f'):>9} {_tf(_get(r, 'tflops')):>8} {_ovh(_get(r, 'overhead_pct')):>7}  {_get(r, 'check')}"
-        )
+            short = " ".join(w for w in ver.replace("reduced: ", "").split() if w[:2] in ("B=", "S=", "W="))
+            lines.append(f"{k[0]} | {k[1]} | {k[2]} | B={k[3]} S={k[4]}" + (f" (checked at {short})" if short else ""))
+        ms, tf, ovh = _f(_get(r, "ms"), ".3f"), _tf(_get(r, "tflops")), _ovh(_get(r, "overhead_pct"))
+        lines.append(f"  {_name(r):<19} {ms:>8} {tf:>7} {ovh:>6}  {_get(r, 'check')}")
     if skipped:
-        lines.append(f"({skipped} skipped rows not shown: refused or not applicable; reasons in kernels.json/kernels.md)")
+        lines.append(
+            f"({skipped} skipped rows not shown: refused or not applicable; reasons in kernels.json/kernels.md)"
+        )
     return "\n".join(lines)
 
 
@@ -99,7 +101,9 @@ def host_table(rows) -> str:
         if h["reason"]:
             lines.append(f"  {name:<16} {'-':>11} {'-':>9} {'-':>12}  ({h['reason'][:70]})")
         else:
-            lines.append(f"  {name:<16} {h['anyattn_us']:>11.1f} {h['raw_us']:>9.1f} {h['overhead_us']:>+12.1f}  {h['raw']}")
+            lines.append(
+                f"  {name:<16} {h['anyattn_us']:>11.1f} {h['raw_us']:>9.1f} {h['overhead_us']:>+12.1f}  {h['raw']}"
+            )
     return "\n".join(lines)
 
 
@@ -205,7 +209,11 @@ def print_final(doc: dict, out_dir: str | None = None) -> None:
     res = doc["results"]
     n_fail = sum(r["status"] == "failed" for r in res)
     if out_dir:
-        print(f"\nwrote {os.path.join(out_dir, 'kernels.json')} (.csv, .md" + (", .png" if os.path.exists(os.path.join(out_dir, 'kernels.png')) else "") + ")")
+        print(
+            f"\nwrote {os.path.join(out_dir, 'kernels.json')} (.csv, .md"
+            + (", .png" if os.path.exists(os.path.join(out_dir, "kernels.png")) else "")
+            + ")"
+        )
     if not doc["complete"]:
         print("run INCOMPLETE (interrupted): the table holds what was measured")
     for n in doc["notes"]:
@@ -213,5 +221,7 @@ def print_final(doc: dict, out_dir: str | None = None) -> None:
     if doc["host_overhead"]:
         print(host_table(doc["host_overhead"]))
     m = doc["meta"]
-    print(f"\n{m['device_name']} | torch {m['torch']} | timing {m['timing']} | {len(res)} rows, {n_fail} failed | {doc['elapsed_s']} s")
+    print(
+        f"\n{m['device_name']} | torch {m['torch']} | timing {m['timing']} | {len(res)} rows, {n_fail} failed | {doc['elapsed_s']} s"
+    )
     print(compact_table(res))

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Timing", "timing_method", "first_call_ms", "measure", "host_us_per_call", "sync"]
+__all__ = ["Timing", "first_call_ms", "host_us_per_call", "measure", "sync", "timing_method"]
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _do_bench():
     if importlib.util.find_spec("triton") is None:
         return None
