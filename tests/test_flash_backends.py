@@ -275,8 +275,10 @@ def test_plan_is_cached_per_mask_key(monkeypatch):
     """A repeated mask does not rebuild its varlen metadata."""
     aa.clear_caches()
     built = []
-    real = flash_torch._packing_documents
-    monkeypatch.setattr(flash_torch, "_packing_documents", lambda *a: built.append(1) or real(*a))
+    from anyattn.backends import _varlen
+
+    real = _varlen._packing_documents
+    monkeypatch.setattr(_varlen, "_packing_documents", lambda *a: built.append(1) or real(*a))
     q, k, v = _qkv(B=1, Sq=10)
     for _ in range(3):
         flash_torch.plan(_call(q, k, v, aa.documents([4, 6])))

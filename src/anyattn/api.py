@@ -81,13 +81,15 @@ def use(backend):
 
 def clear_caches() -> None:
     """Drop cached decisions and lowered forms (BlockMasks, materialized masks)."""
-    from .backends import flash, flash_torch, flex, sdpa
+    from .backends import _varlen, flash, flash_torch, flex, sdpa
 
     _DECISIONS.clear()
+    _REQUESTED.clear()
+    flex._BY_CALL.clear()
     flex._BLOCK_MASKS.clear()
     sdpa.SDPA.cache.clear()
     sdpa.CUDNN.cache.clear()
-    flash_torch._PLANS.clear()
+    _varlen._PLANS.clear()
     flash_torch._UNIFORM_CU.clear()
     flash._clear()
 

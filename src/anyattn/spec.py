@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -209,7 +209,7 @@ def _check_positional(name: str, geo: Geometry) -> None:
     # Terms that look up a query's own key position i' need i' >= 0, i.e. Sq <= Sk.
     if geo.Sq > geo.Sk:
         raise bad_value(
-            name, f"Sq <= Sk (queries are aligned to the last Sq of the Sk keys)", f"Sq={geo.Sq} > Sk={geo.Sk}"
+            name, "Sq <= Sk (queries are aligned to the last Sq of the Sk keys)", f"Sq={geo.Sq} > Sk={geo.Sk}"
         )
 
 

@@ -37,7 +37,7 @@ import torch
 
 from ..layout import pad, unpad
 from ..spec import Alibi, Documents, Softcap
-from .flash_torch import Packing, lse_to_TH, map_window, packing_for, split_mask
+from ._varlen import Packing, lse_to_TH, map_window, packing_for, split_mask
 
 MAX_HEAD_DIM = 256
 
