@@ -7,6 +7,7 @@ functions in-process on tiny shapes. The whole file stays well under 90 s on a 2
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -27,7 +28,6 @@ from anyattn.bench.cases import (
     doc_lengths,
     make_config,
     pad_lengths,
-    verify_config,
     visible_pairs,
 )
 from anyattn.cli import main
@@ -331,12 +331,11 @@ def test_visible_pairs_are_exact(variant):
     assert visible_pairs(t.mask, B, H, S, S, chunk_elems=1000) == H * sum(per_row)
 
 
-def test_verification_shape_is_reduced_with_the_same_structure():
+def test_large_cases_are_checked_on_the_last_query_rows():
     cfg = make_config("window", "fwd", "bf16", B=1, S=16384, H=16, D=128, window=1024, n_docs=16, cap=1.0, device="cpu")
-    v = verify_config(cfg)
-    assert (v.B, v.S, v.window, v.variant, v.Hq, v.D) == (1, 1024, 64, "window", 16, 128)
+    assert kernels.check_rows(cfg, 1 << 25) == 128
     small = make_config("causal", "fwd", "bf16", B=2, S=64, H=2, D=32, window=16, n_docs=4, cap=1.0, device="cpu")
-    assert verify_config(small) == small
+    assert kernels.check_rows(small, 1 << 25) == 64
 
 
 def test_raw_calls_know_what_they_cannot_express():
@@ -355,15 +354,34 @@ def test_time_budget_skips_rows_with_the_reason():
     assert doc["results"] and all(r["status"] == "skipped" and "time budget" in r["reason"] for r in doc["results"])
 
 
-def test_reduced_verification_keeps_the_structure():
-    """Cases too big for the float64 oracle are checked at a smaller shape of the same variant,
-    raw calls included (padded SDPA for documents)."""
-    sw = _tiny_sweep(variants=("window", "documents"), shapes=((2, 96),), raw=("raw:sdpa", "raw:sdpa-padded"),
-                     backends=("sdpa",), docs=4, verify_max_elems=20000)  # fmt: skip
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+def test_slice_verification_of_large_cases(mode, monkeypatch):
+    """Cases too big for the float64 oracle are checked on the last query rows of the full shape
+    (outputs and, in fwd+bwd, dq/dk/dv); a wrong gradient is caught there too."""
+    sw = _tiny_sweep(variants=("window", "documents", "padding"), shapes=((2, 96),), modes=(mode,),
+                     raw=("raw:sdpa", "raw:sdpa-padded"), backends=("eager", "sdpa"), docs=4, verify_max_elems=20000)  # fmt: skip
     doc = kernels.run(sw, progress=False, log=lambda *a: None)
     ran = [r for r in doc["results"] if r["status"] != "skipped"]
-    assert len(ran) == 5 and all(r["status"] == "ok" and r["check"] == "ok" for r in ran), ran
-    assert all(r["verify"].startswith("reduced: B=2 S=48") for r in ran)
+    assert len(ran) == 10 and all(r["status"] == "ok" for r in ran), [r["reason"] for r in ran]
+    assert all(r["verify"] == "last 52 query rows of the full shape" for r in ran if r["check"] == "ok")
+    assert {r["check"] for r in ran} == ({"ok"} if mode == "fwd" else {"ok", "-"})
+    if mode == "fwd+bwd":  # a backend with a wrong backward fails the sliced gradient check
+        real = sdpa_backend.SDPA.run
+
+        class _Scale(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x):
+                return x.clone()
+
+            @staticmethod
+            def backward(ctx, g):
+                return 1.5 * g
+
+        anyattn.clear_caches()
+        monkeypatch.setattr(sdpa_backend.SDPA, "run", lambda call: (_Scale.apply(real(call)[0]), None))
+        doc = kernels.run(dataclasses.replace(sw, variants=("window",)), progress=False, log=lambda *a: None)
+        r = next(r for r in doc["results"] if r["backend"] == "sdpa")
+        assert r["status"] == "failed" and r["check"] == "FAIL" and "dq" in r["reason"]
 
 
 def _fake_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, -1), enable_gqa=False):

@@ -259,5 +259,6 @@ def pad(x: torch.Tensor, info: SeqInfo) -> torch.Tensor:
     """(T, ...) -> (B, S, ...) with zeros at padding positions. Differentiable."""
     if x.shape[0] != info.total:
         raise bad_value("x", f"leading dim T = {info.total} real tokens", f"shape {tuple(x.shape)}")
-    out = x.new_zeros(info.B * info.S, *x.shape[1:]).index_copy(0, info.indices, x)
+    out = x.new_zeros(info.B * info.S, *x.shape[1:])
+    out.index_copy_(0, info.indices, x)  # in place on the fresh buffer: one write of x, not two
     return out.view(info.B, info.S, *x.shape[1:])

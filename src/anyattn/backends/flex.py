@@ -219,6 +219,19 @@ _BY_CALL = LRU(256)  # call key -> (entry, score_mod, expand_kv): skips rebuildi
 _GQA_COMPILE_FAILURE = "NoValidChoicesError"
 
 
+def _is_recompile_limit(e: BaseException) -> bool:
+    """Dynamo's recompile-limit failure (torch 2.11 raises FailOnRecompileLimitHit, "Hard failure
+    due to fullgraph=True", chained to an Unsupported("Dynamo recompile limit exceeded"))."""
+    seen = 0
+    while e is not None and seen < 8:
+        name = type(e).__name__
+        if "RecompileLimit" in name or "CacheLimit" in name or "recompile limit" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+        seen += 1
+    return False
+
+
 def _expand_kv(call):
     g = call.geo.H // call.Hkv
     return call.k.repeat_interleave(g, dim=1), call.v.repeat_interleave(g, dim=1)
@@ -255,7 +268,7 @@ def run(call):
         return fn(q, k, v, sm, bm, call.scale, call.gqa, call.return_lse)
     except Exception as e:  # noqa: BLE001 - re-raised below unless it is one of two known cases
         msg = str(e)
-        if "recompile limit" in msg or "recompile_limit" in msg:
+        if _is_recompile_limit(e):
             # fullgraph=True: dynamo raises at its recompile limit; say what it means
             raise FlexFallbackError(
                 f"flex: torch.compile reached its recompile limit ({torch._dynamo.config.recompile_limit}) for "

@@ -21,7 +21,6 @@ not useful work, even where a kernel computes them.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -42,7 +41,6 @@ __all__ = [
     "doc_lengths",
     "make_config",
     "pad_lengths",
-    "verify_config",
     "visible_pairs",
 ]
 
@@ -229,32 +227,6 @@ def attention_flops(pairs: int, D: int, Dv: int | None = None, mode: str = "fwd"
     Dv = D if Dv is None else Dv
     fwd = 2.0 * (D + Dv) * pairs
     return fwd * (1.0 + BWD_FACTOR) if mode == "fwd+bwd" else fwd
-
-
-def verify_config(cfg: Config, max_score_elems: int = 1 << 25) -> Config:
-    """The shape the float64 oracle checks this case at.
-
-    The full shape when its score matrix (B * Hq * S * S) has at most ``max_score_elems``
-    elements; otherwise the same variant at B <= 2 and S = 1024 (or less), with the window and
-    the document structure scaled by the same factor.
-    """
-    if cfg.B * cfg.Hq * cfg.S * cfg.S <= max_score_elems:
-        return cfg
-    B = min(cfg.B, 2)
-    S = cfg.S
-    while B * cfg.Hq * S * S > max_score_elems and S > 64:
-        S //= 2
-    S = min(S, 1024) if S < cfg.S else S
-    r = S / cfg.S
-    return dataclasses.replace(
-        cfg, B=B, S=S, window=max(1, round(cfg.window * r)), n_docs=max(1, min(cfg.n_docs, S // 8 or 1))
-    )
-
-
-def describe_verify(cfg: Config, vcfg: Config) -> str:
-    if vcfg == cfg:
-        return "full shape"
-    return f"reduced: {vcfg.shape}"
 
 
 def score_gib(cfg: Config) -> float:

@@ -32,7 +32,6 @@ import torch
 
 from .. import api as _api
 from ..backends import REGISTRY
-from ..testing import compare_to_oracle, oracle
 from . import UsageError, raw, report
 from .cases import (
     DTYPES,
@@ -42,11 +41,9 @@ from .cases import (
     attention_flops,
     build_inputs,
     build_terms,
-    describe_verify,
     fmt_tflops,
     make_config,
     score_gib,
-    verify_config,
     visible_pairs,
 )
 from .timing import first_call_ms, host_us_per_call, measure, timing_method
@@ -82,7 +79,7 @@ class Sweep:
     flex_cases: int | None = None  # at most this many cases compile flex (anyattn or raw)
     host_overhead: bool = True
     preset: str | None = None
-    verify_max_elems: int = 1 << 25  # float64 oracle at full shape up to B*Hq*S*S elements
+    verify_max_elems: int = 1 << 25  # float64 reference over at most this many scores (B*Hq*R*S)
     eager_max_gib: float | None = None  # skip eager when a float32 score matrix is larger
     cpu_threads: int | None = None  # torch.set_num_threads for a CPU run (None: leave as is)
 
@@ -248,11 +245,83 @@ def _anyattn_fn(inp, name: str, grad: bool):
     return fwd_bwd
 
 
-def _worst(comps):
-    return max(comps, key=lambda c: (c.err / c.bound) if c.bound > 0 and c.err == c.err else math.inf)
+class _Reference:
+    """The float64 oracle and same-dtype eager on the last ``R`` query rows of a case.
+
+    With bottom-right alignment the last R queries of a call with Sq = R and the full keys are
+    exactly the last R rows of the full call, so the backend under test runs at the full shape
+    (the kernel that is timed, no extra compilation) and only the reference is small. Gradients:
+    the upstream gradient is nonzero only on those rows, so dk and dv of the full call equal
+    those of the sliced reference, and dq is zero elsewhere. R = S when the full oracle fits.
+    """
+
+    def __init__(self, inp, R: int, grad: bool):
+        q, k, v = inp.q.detach(), inp.k.detach(), inp.v.detach()
+        self.S, self.R, self.grad, self.kw = q.shape[2], R, grad, inp.kwargs()
+        g = torch.Generator().manual_seed(1)
+        self.dout = torch.randn(q.shape[:2] + (R, v.shape[-1]), generator=g, dtype=torch.float64).to(q.device)
+        res = {}
+        for name, dt in (("oracle", torch.float64), ("ref", q.dtype)):
+            qs = q[:, :, self.S - R :].to(dt).requires_grad_(grad)
+            ks, vs = k.to(dt).requires_grad_(grad), v.to(dt).requires_grad_(grad)
+            with torch.set_grad_enabled(grad):
+                r = _api.attention(qs, ks, vs, backend="eager", return_lse=True, **self.kw)
+            grads = torch.autograd.grad(r.out, (qs, ks, vs), self.dout.to(dt)) if grad else ()
+            res[name] = (r.out.detach(), r.lse.detach(), [x.detach() for x in grads])
+        self.out, self.lse, self.grads = res["oracle"]
+        self.ref_out, _, self.ref_grads = res["ref"]
+        self.rows = torch.isfinite(self.lse)[..., None]
+
+    @property
+    def where(self) -> str:
+        return "full shape" if self.R == self.S else f"last {self.R} query rows of the full shape"
+
+    def check(self, out, grads=(), rows_only=False) -> list[tuple[str, float, float]]:
+        """(name, err, bound) for the output (and q, k, v gradients) of the full-shape call."""
+        rows = self.rows if rows_only else None
+        res = []
+        err = _maxdiff(out[:, :, self.S - self.R :], self.out, rows)
+        res.append(("out", err, 2 * _maxdiff(self.ref_out, self.out, rows) + 1e-5))
+        for i, n in enumerate(("dq", "dk", "dv")[: len(grads)]):
+            got = grads[i]
+            if n == "dq":  # rows outside the slice had zero upstream gradient
+                outside = got[:, :, : self.S - self.R]
+                spill = float(outside.abs().max()) if outside.numel() else 0.0
+                got = got[:, :, self.S - self.R :]
+            err = _maxdiff(got, self.grads[i])
+            if n == "dq" and spill == spill:
+                err = max(err, spill) if err == err else err
+            res.append((n, err, 3 * _maxdiff(self.ref_grads[i], self.grads[i]) + 1e-4))
+        return res
+
+    def full_dout(self, out):
+        d = torch.zeros_like(out)
+        d[:, :, self.S - self.R :] = self.dout.to(out.dtype)
+        return d
 
 
-def _run_anyattn(name, cfg, inp, vcfg, get_vinp, base, state, raw_ms) -> Result:
+def _maxdiff(a, b, rows=None) -> float:
+    d = (a.detach().double() - b.detach().double()).abs()
+    if rows is not None:
+        d = torch.where(rows, d, torch.zeros_like(d))
+    if torch.isnan(d).any():
+        return math.nan
+    return float(d.max()) if d.numel() else 0.0
+
+
+def _verdict(row: dict, comps, ref) -> Result | None:
+    """Fill the check columns; a failed Result when a comparison is outside its bound."""
+    worst = max(comps, key=lambda c: (c[1] / c[2]) if c[1] == c[1] else math.inf)
+    row.update(check_err=worst[1], check_bound=worst[2], verify=ref.where)
+    bad = [c for c in comps if not c[1] <= c[2]]  # NaN never passes
+    if bad:
+        msg = "; ".join(f"{n} err {e:.3g} > bound {b:.3g}" for n, e, b in bad)
+        return Result(**dict(row, status="failed", check="FAIL", reason=f"wrong result vs float64 oracle: {msg}"))
+    row["check"] = "ok"
+    return None
+
+
+def _run_anyattn(name, cfg, inp, get_ref, base, state, raw_ms) -> Result:
     sw = state.sweep
     row = dict(base, impl="anyattn", backend=name)
     why = state.over_budget()
@@ -266,11 +335,10 @@ def _run_anyattn(name, cfg, inp, vcfg, get_vinp, base, state, raw_ms) -> Result:
         rows = [r for r in d.rows if r.status in ("rejected", "unavailable")]
         if name != "auto":
             rows = [r for r in rows if r.backend == name] or rows
-        why = (
-            "; ".join(f"{r.backend}: {r.reason}" for r in rows)
-            if name == "auto"
-            else (rows[0].reason if rows else "refused")
-        )
+        if name == "auto":
+            why = "; ".join(f"{r.backend}: {r.reason}" for r in rows)
+        else:
+            why = rows[0].reason if rows else "refused"
         return Result(**dict(row, reason=f"refused: {why}"))
     chosen = d.chosen
     row["chosen"] = chosen
@@ -279,71 +347,36 @@ def _run_anyattn(name, cfg, inp, vcfg, get_vinp, base, state, raw_ms) -> Result:
         if why:
             return Result(**dict(row, reason=why))
     if chosen == "eager" and sw.eager_max_gib is not None and score_gib(cfg) > sw.eager_max_gib:
+        gib = score_gib(cfg)
         return Result(
-            **dict(
-                row,
-                reason=f"eager would materialize {score_gib(cfg):.1f} GiB float32 scores (> {sw.eager_max_gib:g} GiB)",
-            )
+            **dict(row, reason=f"eager would materialize {gib:.1f} GiB float32 scores (> {sw.eager_max_gib:g})")
         )
     fn = _anyattn_fn(inp, name, cfg.grad)
     try:
         row["first_ms"] = first_call_ms(fn, cfg.device)
-        vinp = get_vinp()
-        comps = compare_to_oracle(vinp.q, vinp.k, vinp.v, backend=name, grad=cfg.grad, **vinp.kwargs())
-        w = _worst(comps)
-        row.update(check_err=w.err, check_bound=w.bound, verify=describe_verify(cfg, vcfg))
-        if not all(c.ok for c in comps):
-            bad = [c for c in comps if not c.ok]
-            msg = "; ".join(f"{c.name} err {c.err:.3g} > bound {c.bound:.3g}" for c in bad)
-            return Result(**dict(row, status="failed", check="FAIL", reason=f"wrong result vs float64 oracle: {msg}"))
-        row["check"] = "ok"
+        ref = get_ref()
+        q, k, v = (t.detach().requires_grad_(cfg.grad) for t in (inp.q, inp.k, inp.v))
+        out = _api.attention(q, k, v, backend=name, **inp.kwargs())
+        grads = torch.autograd.grad(out, (q, k, v), ref.full_dout(out)) if cfg.grad else ()
+        failed = _verdict(row, ref.check(out.detach(), grads), ref)
+        del out, grads
+        if failed is not None:
+            return failed
         t = measure(fn, cfg.device)
     except Exception as e:  # noqa: BLE001
         _free(cfg.device)
-        return Result(
-            **dict(row, status="failed", check="error" if row["check"] != "ok" else "ok", reason=_err_text(e))
-        )
+        check = "error" if row["check"] != "ok" else "ok"
+        return Result(**dict(row, status="failed", check=check, reason=_err_text(e)))
     cp = raw.COUNTERPART.get(chosen, "")
     rms = raw_ms.get(cp, math.nan)
     ovh = 100.0 * (t.ms - rms) / rms if not math.isnan(rms) and rms > 0 else math.nan
     return Result(
-        **dict(
-            row,
-            status="ok",
-            ms=t.ms,
-            tflops=fmt_tflops(row["flops"], t.ms),
-            raw=cp if not math.isnan(rms) else "",
-            raw_ms=rms,
-            overhead_pct=ovh,
-        )
-    )
+        **dict(row, status="ok", ms=t.ms, tflops=fmt_tflops(row["flops"], t.ms), raw=cp if ovh == ovh else "",
+               raw_ms=rms, overhead_pct=ovh)
+    )  # fmt: skip
 
 
-def _raw_check(name, cfg, vcfg, inp, get_vinp, get_oracle):
-    """Forward output of the raw call at the verification shape vs the float64 oracle, on the
-    rows that see at least one key (raw kernels leave garbage or NaN on the others)."""
-    if vcfg == cfg:
-        prep = raw.prepare(name, cfg, inp)
-    else:
-        prep = raw.prepare(name, vcfg, get_vinp())
-    with torch.no_grad():
-        out = prep.forward()
-    o_out, o_lse, ref_out = get_oracle()
-    rows = torch.isfinite(o_lse)[..., None].to(o_out.device)
-    err = _maxdiff(out, o_out, rows)
-    ref = _maxdiff(ref_out, o_out, rows)
-    return err, 2 * ref + 1e-5
-
-
-def _maxdiff(a, b, rows) -> float:
-    d = (a.detach().double() - b.detach().double()).abs()
-    d = torch.where(rows, d, torch.zeros_like(d))
-    if torch.isnan(d).any():
-        return math.nan
-    return float(d.max()) if d.numel() else 0.0
-
-
-def _run_raw(name, cfg, inp, vcfg, get_vinp, get_oracle, base, state) -> Result:
+def _run_raw(name, cfg, inp, get_ref, base, state) -> Result:
     row = dict(base, impl="raw", backend=name)
     why = state.over_budget()
     if why:
@@ -370,26 +403,26 @@ def _run_raw(name, cfg, inp, vcfg, get_vinp, get_oracle, base, state) -> Result:
                 if why:
                     return Result(**dict(row, reason=why))
                 raise
-        if not cfg.grad:
-            err, bound = _raw_check(name, cfg, vcfg, inp, get_vinp, get_oracle)
-            row.update(check_err=err, check_bound=bound, verify=describe_verify(cfg, vcfg))
-            if not err <= bound:
-                return Result(
-                    **dict(
-                        row,
-                        status="failed",
-                        check="FAIL",
-                        reason=f"wrong result vs float64 oracle: out err {err:.3g} > bound {bound:.3g}",
-                    )
-                )
-            row["check"] = "ok"
+        if not cfg.grad:  # raw rows: forward, on rows that see a key (raw kernels leave garbage on the others)
+            with torch.no_grad():
+                out = prep.forward()
+            ref = get_ref()
+            failed = _verdict(row, ref.check(out, rows_only=True), ref)
+            del out
+            if failed is not None:
+                return failed
         t = measure(prep.run, cfg.device)
     except Exception as e:  # noqa: BLE001
         _free(cfg.device)
-        return Result(
-            **dict(row, status="failed", check="error" if row["check"] != "ok" else "ok", reason=_err_text(e))
-        )
+        check = "error" if row["check"] != "ok" else "ok"
+        return Result(**dict(row, status="failed", check=check, reason=_err_text(e)))
     return Result(**dict(row, status="ok", ms=t.ms, tflops=fmt_tflops(row["flops"], t.ms)))
+
+
+def check_rows(cfg: Config, max_elems: int) -> int:
+    """Query rows the float64 reference covers: all when B*Hq*S*S <= max_elems, else the last R."""
+    per_row = cfg.B * cfg.Hq * cfg.S
+    return max(1, min(cfg.S, max_elems // per_row))
 
 
 def run_case(cfg: Config, state: _State) -> list[Result]:
@@ -397,33 +430,22 @@ def run_case(cfg: Config, state: _State) -> list[Result]:
     pairs = _pairs(dataclasses.replace(cfg, mode="fwd", dtype="fp32", device="cpu"))
     inp = build_inputs(cfg)
     base = _base(cfg, inp.spec, pairs)
-    vcfg = verify_config(cfg, sw.verify_max_elems)
     cache: dict = {}
 
-    def get_vinp():
-        if "vinp" not in cache:
-            cache["vinp"] = inp if vcfg == cfg else build_inputs(vcfg)
-        return cache["vinp"]
-
-    def get_oracle():
-        if "oracle" not in cache:
-            vi = get_vinp()
-            with torch.no_grad():
-                q, k, v = (t.detach() for t in (vi.q, vi.k, vi.v))
-                o = oracle(q, k, v, return_lse=True, **vi.kwargs())
-                ref = _api.attention(q, k, v, backend="eager", **vi.kwargs())
-            cache["oracle"] = (o.out, o.lse, ref)
-        return cache["oracle"]
+    def get_ref() -> _Reference:
+        if "ref" not in cache:
+            cache["ref"] = _Reference(inp, check_rows(cfg, sw.verify_max_elems), cfg.grad)
+        return cache["ref"]
 
     out: list[Result] = []
     raw_ms: dict = {}
     for name in sw.raw:  # raw first: the anyattn rows report their overhead against them
-        r = _run_raw(name, cfg, inp, vcfg, get_vinp, get_oracle, base, state)
+        r = _run_raw(name, cfg, inp, get_ref, base, state)
         out.append(r)
         if r.status == "ok":
             raw_ms[name] = r.ms
     for name in sw.all_backends():
-        out.append(_run_anyattn(name, cfg, inp, vcfg, get_vinp, base, state, raw_ms))
+        out.append(_run_anyattn(name, cfg, inp, get_ref, base, state, raw_ms))
     cache.clear()
     _free(cfg.device)
     return out

@@ -154,16 +154,16 @@ def _flex_template(q, k, v, score_mod, block_mask, enable_gqa):
 
 
 def _compiled_flex(cfg: Config):
-    key = (cfg.variant, cfg.mode, cfg.dtype, cfg.device)
+    key = (cfg.variant, cfg.mode, cfg.dtype, cfg.device, cfg.B, cfg.S, cfg.Hq, cfg.Hkv, cfg.D)
     fn = _FLEX_CACHE.get(key)
     if fn is None:
-        # One code object per case: each has its own dynamo cache, so many variants in one
-        # process never exhaust one shared recompile limit.
+        # One code object per case and shape: each has its own dynamo cache, so many variants
+        # in one process never exhaust one shared recompile limit. Static shapes: dynamic-shape
+        # flex fails to lower on torch 2.11 CUDA and 2.13 CPU (see anyattn/backends/flex.py).
         name = f"raw_flex_{len(_FLEX_CACHE)}"
         code = _flex_template.__code__.replace(co_name=name)
         raw = types.FunctionType(code, _flex_template.__globals__, name)
-        dynamic = torch.device(cfg.device).type == "cuda"  # CPU inductor flex: static shapes
-        fn = torch.compile(raw, dynamic=dynamic, fullgraph=True)
+        fn = torch.compile(raw, dynamic=False, fullgraph=True)
         _FLEX_CACHE[key] = fn
     return fn
 

@@ -65,8 +65,10 @@ def compact_table(results) -> str:
         if k != key:
             key = k
             ver = _get(r, "verify")
-            short = " ".join(w for w in ver.replace("reduced: ", "").split() if w[:2] in ("B=", "S=", "W="))
-            lines.append(f"{k[0]} | {k[1]} | {k[2]} | B={k[3]} S={k[4]}" + (f" (checked at {short})" if short else ""))
+            short = ver.replace(" query rows of the full shape", " rows") if ver.startswith("last") else ""
+            lines.append(
+                f"{k[0]} | {k[1]} | {k[2]} | B={k[3]} S={k[4]}" + (f" (checked on the {short})" if short else "")
+            )
         ms, tf, ovh = _f(_get(r, "ms"), ".3f"), _tf(_get(r, "tflops")), _ovh(_get(r, "overhead_pct"))
         lines.append(f"  {_name(r):<19} {ms:>8} {tf:>7} {ovh:>6}  {_get(r, 'check')}")
     if skipped:
