@@ -146,3 +146,11 @@ def test_cuda_auto_prefers_fast_backends():
     assert aa.explain(q, k, v, mask=aa.causal()).chosen in ("cudnn", "flash_torch", "flex")
     assert aa.explain(q, k, v, mask=aa.documents([1000, 1048]) & aa.causal()).chosen in ("flex", "flash_torch")
     assert aa.explain(q, k, v, score=aa.softcap(30.0)).chosen == "flex"
+    # measured on the H200: flash_torch leads packed documents forward, flex forward+backward,
+    # and flex leads padded batches (flash_torch's unpad/pad dominates there)
+    docs = aa.documents([1000, 1048]) & aa.causal()
+    assert aa.explain(q, k, v, mask=docs).chosen == "flash_torch"
+    assert aa.explain(q.detach().requires_grad_(True), k, v, mask=docs).chosen == "flex"
+    keep = torch.ones(1, 2048, dtype=torch.bool, device="cuda")
+    keep[:, 1500:] = False
+    assert aa.explain(q, k, v, mask=aa.padding(mask=keep)).chosen == "flex"

@@ -1,27 +1,35 @@
 """The ranking ``auto`` uses: for each device kind and variant class, backends fastest first.
 
 This is data, not logic. ``auto`` walks the list and takes the first backend that can compute
-the call exactly; backends missing from a list are tried after it, in registry order.
+the call exactly; backends missing from a list are tried after it, in registry order. A class
+with a ``+grad`` row uses it when autograd runs through the call (training), because the fastest
+forward kernel is not always the fastest forward+backward.
 
-Source of the CUDA rows: ``benchmarks/results/h200_kernels.md`` (H200, torch 2.11, bf16, H=16,
-D=128, 16k tokens per call), produced by
+Source of the CUDA rows: ``benchmarks/results/h200/kernels.md`` (H200, torch 2.11, bf16,
+Hq=16, D=128, 16k tokens per call; forward and forward+backward), produced by
 
-    python -m anyattn bench kernels --preset h200 --out benchmarks/results
+    python -m anyattn bench kernels --preset h200 --out benchmarks/results/h200
 
-and DESIGN.md section 6 for the rows that benchmark does not cover. The CPU rows come from
-``anyattn bench kernels --quick`` on a 2-core CPU: SDPA's CPU kernels beat the eager reference,
-and compiled Flex costs ~20 s of compilation per new variant, so it is last.
+Measured there (TFLOP/s, fwd | fwd+bwd): dense cudnn 619 | 505, flex 452 | 399, flash_torch
+340 | 286; causal cudnn 486 | 411, flex 320 | 318; sliding window 1024 flex 313 | 308,
+flash_torch 236 | 221; 16 packed documents flash_torch 310 | 251, flex 280 | 285, dense-mask
+SDPA 24 | 25; padding (B=8, 25% padded) flex 338 | 329, flash_torch 165 | 169 (unpad/pad
+dominates), SDPA 204 | 193; prefix-LM flex 336 | 328, SDPA 180 | 160; ALiBi flex 287 | 296,
+SDPA 146 | 142; softcap flex only. The CPU row comes from ``anyattn bench kernels --quick`` on a
+2-core CPU: SDPA's CPU kernels beat the eager reference, and compiled Flex costs seconds of
+compilation per new variant and shape, so it is last.
 """
 
 from __future__ import annotations
 
 RANKING: dict[str, dict[str, tuple[str, ...]]] = {
     "cuda": {
-        "dense": ("cudnn", "flash_torch", "flex", "sdpa", "flash", "kernels_flash", "eager"),
-        "causal": ("cudnn", "flash_torch", "flex", "sdpa", "flash", "kernels_flash", "eager"),
+        "dense": ("cudnn", "sdpa", "flex", "flash_torch", "flash", "kernels_flash", "eager"),
+        "causal": ("cudnn", "sdpa", "flex", "flash_torch", "flash", "kernels_flash", "eager"),
         "window": ("flex", "flash_torch", "flash", "kernels_flash", "cudnn", "sdpa", "eager"),
         "documents": ("flash_torch", "flex", "flash", "kernels_flash", "cudnn", "sdpa", "eager"),
-        "padding": ("flash_torch", "flex", "cudnn", "sdpa", "flash", "kernels_flash", "eager"),
+        "documents+grad": ("flex", "flash_torch", "flash", "kernels_flash", "cudnn", "sdpa", "eager"),
+        "padding": ("flex", "cudnn", "sdpa", "flash_torch", "flash", "kernels_flash", "eager"),
         "masked": ("flex", "cudnn", "sdpa", "eager"),
         "scored": ("flex", "flash", "kernels_flash", "cudnn", "sdpa", "eager"),
     },
@@ -52,4 +60,7 @@ def variant_class(call) -> str:
 
 def ranking_for(call) -> tuple[str, ...]:
     rows = RANKING.get(call.device.type, RANKING["cpu"])
-    return rows.get(variant_class(call)) or rows.get("*") or ()
+    cls = variant_class(call)
+    if call.requires_grad and cls + "+grad" in rows:
+        return rows[cls + "+grad"]
+    return rows.get(cls) or rows.get("*") or ()

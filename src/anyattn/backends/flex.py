@@ -208,7 +208,7 @@ def score_mod_for(call):
     return score_mod
 
 
-_BY_CALL = LRU(256)  # call key -> (entry, score_mod, expand_kv): skips rebuilding on repeated calls
+_BY_CALL = LRU(256)  # call key -> (entry, score_mod, expand_kv, BlockMask): one lookup per repeated call
 
 # Known issue (torch 2.11, H200): FlexAttention forward+backward with GQA fails to compile at some
 # sequence lengths ("NoValidChoicesError: No choices to select", e.g. S=113 with 8 query / 2 kv
@@ -250,17 +250,18 @@ def _entry_expanded(call):
 
 
 def run(call):
-    _flex_api()
+    if _FA is None:
+        _flex_api()
     q, k, v = call.q, call.k, call.v
     if torch.compiler.is_compiling():  # inside the caller's compiled graph
         return _call_flex(q, k, v, score_mod_for(call), block_mask_for(call), call.scale, call.gqa, call.return_lse)
-    bm = block_mask_for(call)
+    # one lookup on the hot path: the call key determines entry, score_mod and BlockMask
     hit = _BY_CALL.get(call.key) if call.cacheable else None
     if hit is None:
-        hit = (_entry_for(call), score_mod_for(call), False)
+        hit = (_entry_for(call), score_mod_for(call), False, block_mask_for(call))
         if call.cacheable:
             _BY_CALL.put(call.key, hit)
-    fn, sm, expand = hit
+    fn, sm, expand, bm = hit
     if expand:
         k, v = _expand_kv(call)
         return fn(q, k, v, sm, bm, call.scale, False, call.return_lse)
@@ -279,7 +280,7 @@ def run(call):
             STATS["gqa_expanded"] = STATS.get("gqa_expanded", 0) + 1
             fn = _entry_expanded(call)
             if call.cacheable:
-                _BY_CALL.put(call.key, (fn, sm, True))
+                _BY_CALL.put(call.key, (fn, sm, True, bm))
             k, v = _expand_kv(call)
             return fn(q, k, v, sm, bm, call.scale, False, call.return_lse)
         raise
