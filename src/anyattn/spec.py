@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -529,52 +530,44 @@ def _check_broadcast(name: str, t: torch.Tensor, geo: Geometry) -> None:
         raise bad_value(name, f"a tensor broadcastable to (B, H, Sq, Sk) = {target}", f"shape {tuple(t.shape)}")
 
 
-@dataclass(frozen=True, eq=False, repr=False)
-class And(MaskTerm):
-    terms: tuple
+class _Combine(MaskTerm):
+    """``&`` / ``|`` of several mask terms (flattened by canonical_mask)."""
+
+    _sym = ""
+    _op = staticmethod(operator.and_)
 
     def __repr__(self) -> str:
-        return " & ".join(_paren(t) for t in self.terms)
+        return f" {self._sym} ".join(_paren(t) for t in self.terms)  # type: ignore[attr-defined]
 
     def check(self, geo: Geometry) -> None:
-        for t in self.terms:
+        for t in self.terms:  # type: ignore[attr-defined]
             t.check(geo)
 
     def bind(self, geo: Geometry) -> BoundMask:
-        bs = [t.bind(geo) for t in self.terms]
-        preds = [x.pred for x in bs]
+        bs = [t.bind(geo) for t in self.terms]  # type: ignore[attr-defined]
+        preds, op = [x.pred for x in bs], self._op
 
         def pred(b, h, q, kv):
             out = preds[0](b, h, q, kv)
             for p in preds[1:]:
-                out = out & p(b, h, q, kv)
+                out = op(out, p(b, h, q, kv))
             return out
 
         return BoundMask(pred, any(x.uses_b for x in bs), any(x.uses_h for x in bs))
 
 
 @dataclass(frozen=True, eq=False, repr=False)
-class Or(MaskTerm):
+class And(_Combine):
     terms: tuple
+    _sym = "&"
+    _op = staticmethod(operator.and_)
 
-    def __repr__(self) -> str:
-        return " | ".join(_paren(t) for t in self.terms)
 
-    def check(self, geo: Geometry) -> None:
-        for t in self.terms:
-            t.check(geo)
-
-    def bind(self, geo: Geometry) -> BoundMask:
-        bs = [t.bind(geo) for t in self.terms]
-        preds = [x.pred for x in bs]
-
-        def pred(b, h, q, kv):
-            out = preds[0](b, h, q, kv)
-            for p in preds[1:]:
-                out = out | p(b, h, q, kv)
-            return out
-
-        return BoundMask(pred, any(x.uses_b for x in bs), any(x.uses_h for x in bs))
+@dataclass(frozen=True, eq=False, repr=False)
+class Or(_Combine):
+    terms: tuple
+    _sym = "|"
+    _op = staticmethod(operator.or_)
 
 
 @dataclass(frozen=True, eq=False, repr=False)
