@@ -192,7 +192,9 @@ def _requested(backend) -> tuple:
 
 def _backend_for(call: Call, backend) -> tuple:
     requested = _requested(backend)
-    dkey = (call.key, requested)
+    # torch.use_deterministic_algorithms changes what a backend may run (cuDNN refuses), so a
+    # decision taken in the other mode must not be reused.
+    dkey = (call.key, requested, torch.are_deterministic_algorithms_enabled())
     hit = _DECISIONS.get(dkey) if call.cacheable else None
     if hit is not None:
         call.scale = float(call.scale)

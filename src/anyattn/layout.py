@@ -138,6 +138,8 @@ class SeqInfo:
             raise bad_value(
                 "position_ids", "a (S,) or (B, S) tensor restarting at 0 per document", f"shape {tuple(position_ids.shape)}"
             )
+        if position_ids.shape[-1] == 0:  # reshape(-1, 0) would raise torch's own error
+            raise bad_value("position_ids", "non-empty rows", "a row of length 0")
         p = position_ids.reshape(-1, position_ids.shape[-1])
         host = p.tolist()  # one sync, at construction
         rows = []

@@ -270,6 +270,10 @@ def run(call):
     p = plan(call)
     if isinstance(p, str):  # resolve() checked supports(); reaching this is a bug
         raise RuntimeError(f"flash_torch cannot run this call: {p}")
+    if call.q.stride(-1) != 1 or call.k.stride(-1) != 1 or call.v.stride(-1) != 1:
+        # FlashAttention needs a unit stride on the head dim (SDPA's FLASH check and varlen_attn
+        # refuse otherwise); copy only the inputs that lack it (e.g. q[..., ::2]).
+        call.q, call.k, call.v = (t if t.stride(-1) == 1 else t.contiguous() for t in (call.q, call.k, call.v))
     if p.route == "sdpa":
         kw = {"enable_gqa": True} if call.gqa else {}
         out = run_only(_SDPA_KERNEL, lambda: _SDPA(call.q, call.k, call.v, is_causal=p.is_causal, scale=call.scale, **kw))

@@ -66,6 +66,12 @@ def lower(call) -> Lowered:
     bias = biases[0]
     for b in biases[1:]:
         bias = bias + b
+    if call.dtype in (torch.float16, torch.bfloat16):
+        # A float32 finfo.min "mask" would round to -inf in half precision and turn a fully
+        # masked row into 0 here while eager and the oracle average v over it: saturate finite
+        # values to the dtype's range instead (a real -inf stays -inf).
+        fi = torch.finfo(call.dtype)
+        bias = torch.where(torch.isfinite(bias), bias.clamp(fi.min, fi.max), bias)
     bias = bias.to(call.dtype)
     if m is not None:
         bias = bias.masked_fill(~m, float("-inf"))
@@ -127,6 +133,11 @@ class _SdpaBackend:
                 return f"needs CUDA tensors, got {call.device.type}"
             if call.dtype not in (torch.float16, torch.bfloat16):
                 return f"cuDNN attention takes float16/bfloat16, got {call.dtype}"
+            if torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled():
+                return (
+                    "cuDNN attention is not deterministic and torch.use_deterministic_algorithms(True) is set; "
+                    "use sdpa (flash/efficient run their deterministic variants), flash_torch or eager"
+                )
             for name, pred, reason in KNOWN_ISSUES:
                 if name == self.NAME and pred(call):
                     return reason
