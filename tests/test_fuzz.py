@@ -151,15 +151,11 @@ def test_fuzz_cuda_every_backend():
     failures: list = []
     backends = [b.name for b in aa.backends() if b.available]
 
-    for backend in backends:
-        # every flex example with a new structure or shape compiles a kernel (~5-10 s on an
-        # H200 host), so flex gets fewer examples per run than the other backends
-        n_examples = int(os.environ.get("ANYATTN_FUZZ_FLEX_EXAMPLES", "20")) if backend == "flex" else 300
-
+    def fuzz(backend: str, n_examples: int):
         @settings(max_examples=n_examples, deadline=None, derandomize=True, database=None,
                   suppress_health_check=list(HealthCheck))  # fmt: skip
         @given(case=_case([torch.bfloat16, torch.float16]))
-        def run(case, backend=backend):
+        def run(case):
             stats[f"{backend}:tried"] += 1
             try:
                 check_case(case, backend, "cuda", stats)
@@ -167,6 +163,11 @@ def test_fuzz_cuda_every_backend():
                 failures.append({"backend": backend, "case": repr(case), "error": f"{type(e).__name__}: {str(e)[:2000]}"})
 
         run()
+
+    for backend in backends:
+        # every flex example with a new structure or shape compiles a kernel (~5-10 s on an
+        # H200 host), so flex gets fewer examples per run than the other backends
+        fuzz(backend, int(os.environ.get("ANYATTN_FUZZ_FLEX_EXAMPLES", "20")) if backend == "flex" else 300)
     out = os.environ.get("ANYATTN_FUZZ_OUT")
     if out:
         meta = {"torch": torch.__version__, "device": torch.cuda.get_device_name(), "backends": backends}

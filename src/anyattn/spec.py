@@ -835,6 +835,11 @@ class Bias(ScoreTerm):
 
     def bind(self, geo: Geometry) -> BoundScore:
         t = _dev(self.tensor, geo.device)
+        # finfo.min is how additive masks are commonly written (HF's 4-D masks): such an entry is
+        # a mask, so it becomes -inf and behaves exactly like one on every backend (fused
+        # kernels that scale logits by 1/ln 2 would otherwise overflow it to -inf on some rows
+        # and not on others).
+        t = t.masked_fill(t <= torch.finfo(t.dtype).min, float("-inf"))
         t4 = t
         while t4.dim() < 4:
             t4 = t4.unsqueeze(0)

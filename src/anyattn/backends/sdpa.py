@@ -54,22 +54,28 @@ def lower(call) -> Lowered:
             q_ok = keep[:, geo.offset :] & any_key[:, None]  # (B, Sq)
             return Lowered(keys[:, None, None, :], False, q_ok[:, None, :, None], "keys-only padding mask")
     m = materialize_mask(call.bound_mask(), geo) if mask is not None else None
+    biases = [bs.dense() for bs in call.bound_scores()]
+    bias = None
+    if biases:
+        bias = biases[0]
+        for b in biases[1:]:
+            bias = bias + b
+        if torch.compiler.is_compiling() or bool(torch.isneginf(bias).any()):  # -inf entries (e.g. finfo.min masks) are masking too
+            vis = ~torch.isneginf(bias)
+            m = vis if m is None else m & vis
     row_ok = None
     if m is not None:
         any_v = m.any(-1, keepdim=True)
-        if not bool(any_v.all()):  # one device sync per lowering (cached), never per call
+        if torch.compiler.is_compiling() or not bool(any_v.all()):  # one sync per lowering (cached)
+            # a row with no visible key attends everywhere (finite logits), then is zeroed
             m = m | ~any_v
             row_ok = any_v
-    biases = [bs.dense() for bs in call.bound_scores()]
-    if not biases:
+            if bias is not None:
+                bias = torch.where(any_v, bias, torch.zeros((), device=bias.device, dtype=bias.dtype))
+    if bias is None:
         return Lowered(m, False, row_ok, "materialized bool mask")
-    bias = biases[0]
-    for b in biases[1:]:
-        bias = bias + b
     if call.dtype in (torch.float16, torch.bfloat16):
-        # A float32 finfo.min "mask" would round to -inf in half precision and turn a fully
-        # masked row into 0 here while eager and the oracle average v over it: saturate finite
-        # values to the dtype's range instead (a real -inf stays -inf).
+        # saturate finite values to the dtype's range (a real -inf stays -inf)
         fi = torch.finfo(call.dtype)
         bias = torch.where(torch.isfinite(bias), bias.clamp(fi.min, fi.max), bias)
     bias = bias.to(call.dtype)
