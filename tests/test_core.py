@@ -376,3 +376,12 @@ def test_dropout_is_applied_and_refused_where_unsupported():
     a = aa.attention(q, k, v, dropout_p=0.5, backend="sdpa")
     assert not torch.allclose(a, aa.attention(q, k, v, backend="sdpa"))
     assert "no dropout" in str(aa.explain(q, k, v, dropout_p=0.5, backend="flex"))
+
+
+def test_sdpa_refuses_float32_additive_terms_in_half_precision():
+    """H200 fuzz finding: SDPA takes the bias in the input dtype, and rounding a float32 ALiBi
+    bias to bf16 broke the accuracy rule (ALiBi, Sq=48, Sk=4: 10x eager's error)."""
+    q, k, v = generate_qkv(1, 2, 2, 8, 8, 64, dtype=torch.bfloat16)
+    d = aa.explain(q, k, v, score=aa.alibi(torch.rand(2)), backend="sdpa")
+    assert d.chosen is None and "would be rounded to bfloat16" in d.rows[0].reason
+    assert aa.explain(q, k, v, score=aa.bias(torch.randn(8, 8, dtype=torch.bfloat16)), backend="sdpa").chosen == "sdpa"

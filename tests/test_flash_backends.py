@@ -709,3 +709,12 @@ def test_flash_torch_learns_the_lse_layout_when_the_shape_cannot_tell(heads_firs
     q, k, v = generate_qkv(1, 4, 4, 4, 4, 16, seed=9)  # T = 4 tokens, H = 4 heads
     _check_against_eager(flash_torch.run, q, k, v, mask=aa.causal())
     assert flash_torch._LSE_HEADS_FIRST[varlen_attn] is heads_first
+
+
+def test_flash_torch_refuses_windows_with_a_right_extent_when_sq_exceeds_sk():
+    """H200 fuzz finding: varlen_attn's window with right > 0 and Sq > Sk disagreed with the
+    bottom-right definition (sliding_window(3, 57), Sq=35, Sk=22: error 1.4)."""
+    q, k, v = generate_qkv(1, 2, 2, 12, 5, 16)
+    why = flash_torch.plan(_call(q, k, v, aa.sliding_window(3, 4)))
+    assert isinstance(why, str) and "Sq=12 > Sk=5" in why
+    assert not isinstance(flash_torch.plan(_call(q, k, v, aa.sliding_window(3))), str)

@@ -25,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .._lru import LRU
 from ._sdp_switch import run_only
-from ..spec import Padding, Window, materialize_mask
+from ..spec import Bias, Padding, Window, materialize_mask
 
 # Known kernel issues that make a backend refuse a call (checked in supports(), reported by
 # explain()). Each entry: (backend, predicate(call) -> bool, reason).
@@ -127,9 +127,19 @@ class _SdpaBackend:
     def supports(self, call) -> str | None:
         if call.return_lse:
             return "SDPA does not return the log-sum-exp (use eager, flex or flash_torch for return_lse)"
+        half = call.dtype in (torch.float16, torch.bfloat16)
         for s in call.scores:
             if not s.additive:
                 return f"{s!r} is not an additive bias; SDPA takes only additive score terms"
+            if half and not (isinstance(s, Bias) and s.tensor.dtype == call.dtype):
+                # SDPA takes the bias in the input dtype. Rounding a float32 ALiBi/relative bias
+                # to bf16 broke the accuracy rule in the H200 fuzz run (ALiBi, Sq=48, Sk=4: 10x
+                # eager's error); a bias tensor already in the input dtype loses nothing.
+                return (
+                    f"{s!r} would be rounded to {str(call.dtype).replace('torch.', '')} in SDPA's attn_mask, which "
+                    "costs more accuracy than the tolerance rule allows; use flex (float32 score_mod) or eager, "
+                    "or pass a bias tensor already in the input dtype"
+                )
         if not call.gqa or _has_enable_gqa():
             pass
         else:
