@@ -97,6 +97,12 @@ def test_flash_torch_sq_ne_sk_bottom_right(dtype, variant, Sq, Sk, return_lse):
     nothing (Sq > Sk) and must give 0 and lse -inf."""
     q, k, v = generate_qkv(2, 8, 2, Sq, Sk, 128, dtype=dtype, device="cuda", seed=Sq)
     kw = VARIANTS[variant](2, min(Sq, Sk))
+    if variant == "window_lr" and Sq > Sk:
+        # refused on purpose: the fuzz run found the varlen window with a right extent wrong on
+        # queries before the first key (sliding_window(3, 57), Sq=35, Sk=22); see flash_torch.plan
+        with pytest.raises(aa.UnsupportedError, match="differs from the bottom-right definition"):
+            aa.attention(q, k, v, backend="flash_torch", return_lse=return_lse, **kw)
+        return
     _assert_ok(compare_to_oracle(q, k, v, backend="flash_torch", grad=True, return_lse=return_lse, **kw), variant)
 
 
