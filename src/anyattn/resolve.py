@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
+
+import torch
 
 from .backends import REGISTRY, Backend
 from .errors import UnsupportedError, bad_value
@@ -45,14 +46,29 @@ class Decision:
         p.text(str(self))
 
 
-@functools.lru_cache(maxsize=None)
+_AVAILABILITY: dict = {}
+
+
+def _constant_under_compile(fn):
+    # Probing availability imports modules, which dynamo cannot trace; inside a caller's
+    # torch.compile the probe runs once at trace time and its answer is a constant.
+    marker = getattr(getattr(torch, "_dynamo", None), "assume_constant_result", None)
+    return marker(fn) if marker is not None else fn
+
+
+@_constant_under_compile
 def availability(name: str) -> str | None:
-    """None if the backend can run on this machine, else why not (cached per process)."""
+    """None if the backend can run on this machine, else why not (cached per process in a plain
+    dict, which torch.compile traces without a warning, unlike functools.lru_cache)."""
+    if name in _AVAILABILITY:
+        return _AVAILABILITY[name]
     impl = REGISTRY[name]
     try:
-        return impl.available()
+        why = impl.available()
     except ImportError as e:  # an optional package is missing: say which
-        return f"import failed: {e}"
+        why = f"import failed: {e}"
+    _AVAILABILITY[name] = why
+    return why
 
 
 def backend_names() -> tuple[str, ...]:

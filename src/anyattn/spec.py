@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -111,6 +110,8 @@ _CONTENT_KEY_MAX = 256
 
 
 def _tensor_key(t: torch.Tensor) -> tuple:
+    if torch.compiler.is_compiling():  # traced: reading values would be data-dependent
+        return ("tensor", id(t), tuple(t.shape), t.dtype, t.device)
     if t.device.type == "cpu" and t.numel() <= _CONTENT_KEY_MAX and not t.requires_grad:
         return ("value", t.dtype, tuple(t.shape), tuple(t.reshape(-1).tolist()))
     base = t._base if t._base is not None else t
@@ -534,7 +535,7 @@ class _Combine(MaskTerm):
     """``&`` / ``|`` of several mask terms (flattened by canonical_mask)."""
 
     _sym = ""
-    _op = staticmethod(operator.and_)
+    _is_and = True
 
     def __repr__(self) -> str:
         return f" {self._sym} ".join(_paren(t) for t in self.terms)  # type: ignore[attr-defined]
@@ -545,12 +546,12 @@ class _Combine(MaskTerm):
 
     def bind(self, geo: Geometry) -> BoundMask:
         bs = [t.bind(geo) for t in self.terms]  # type: ignore[attr-defined]
-        preds, op = [x.pred for x in bs], self._op
+        preds, is_and = [x.pred for x in bs], self._is_and
 
-        def pred(b, h, q, kv):
+        def pred(b, h, q, kv):  # plain & / | (dynamo traces these inside compiled mask_mods)
             out = preds[0](b, h, q, kv)
             for p in preds[1:]:
-                out = op(out, p(b, h, q, kv))
+                out = (out & p(b, h, q, kv)) if is_and else (out | p(b, h, q, kv))
             return out
 
         return BoundMask(pred, any(x.uses_b for x in bs), any(x.uses_h for x in bs))
@@ -560,14 +561,14 @@ class _Combine(MaskTerm):
 class And(_Combine):
     terms: tuple
     _sym = "&"
-    _op = staticmethod(operator.and_)
+    _is_and = True
 
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Or(_Combine):
     terms: tuple
     _sym = "|"
-    _op = staticmethod(operator.or_)
+    _is_and = False
 
 
 @dataclass(frozen=True, eq=False, repr=False)

@@ -287,7 +287,8 @@ def run(call):
         kw = {"enable_gqa": True} if call.gqa else {}
         out = run_only(_SDPA_KERNEL, lambda: _SDPA(call.q, call.k, call.v, is_causal=p.is_causal, scale=call.scale, **kw))
         return out, None
-    _load_varlen()
+    if _VARLEN is None:  # bound by available() (at trace time under torch.compile)
+        _load_varlen()
     B, Hq, Sq, D = call.q.shape
     Sk, Hkv = call.k.shape[2], call.Hkv
     q_BSHD, k_BSHD, v_BSHD = (t.transpose(1, 2) for t in (call.q, call.k, call.v))

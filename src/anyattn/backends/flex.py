@@ -176,7 +176,7 @@ def block_mask_for(call):
     key = (call.mask.key, geo.B, geo.H, geo.Sq, geo.Sk, geo.device)
     bm = _BLOCK_MASKS.get(key)
     if bm is None:
-        fa, _ = _flex_api()
+        fa = _FA if _FA is not None else _flex_api()[0]
         bound = call.bound_mask()
         pred = bound.pred
 

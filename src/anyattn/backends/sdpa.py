@@ -16,7 +16,6 @@ ever sees a fully masked row: the output is exactly 0 and the gradients are fini
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
@@ -93,14 +92,20 @@ def _sdpa_params(call, lw: Lowered):
         return SDPAParams(call.q, call.k, call.v, lw.attn_mask, call.dropout_p, lw.is_causal)
 
 
-@functools.lru_cache(maxsize=None)
-def _has_enable_gqa() -> bool:
+def _probe_enable_gqa() -> bool:
     import inspect
 
     try:
         return "enable_gqa" in inspect.signature(F.scaled_dot_product_attention).parameters
     except (TypeError, ValueError):  # builtin without a signature: check the docstring
         return "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+
+_ENABLE_GQA = _probe_enable_gqa()  # a constant: torch.compile traces it without a cache wrapper
+
+
+def _has_enable_gqa() -> bool:
+    return _ENABLE_GQA
 
 
 class _SdpaBackend:
@@ -157,6 +162,8 @@ class _SdpaBackend:
             for name, pred, reason in KNOWN_ISSUES:
                 if name == self.NAME and pred(call):
                     return reason
+            if torch.compiler.is_compiling():
+                return None  # SDPAParams cannot be traced; the static checks above hold
             lw = self._lowered(call)
             with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
                 ok = torch.backends.cuda.can_use_cudnn_attention(_sdpa_params(call, lw), False)
