@@ -192,7 +192,7 @@ def _supports_portable(call) -> str | None:
     if isinstance(p, str):
         return p
     if p.route == "varlen":
-        why = _load_varlen()
+        why = None if _VARLEN is not None else _load_varlen()  # bound: no traced import under compile
         if why is not None:
             return why
         params = _VARLEN_PARAMS
