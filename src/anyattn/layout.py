@@ -108,16 +108,16 @@ class SeqInfo:
             raise bad_type("mask", "a bool or 0/1 integer keep-mask", f"dtype {mask.dtype}")
         keep = mask if mask.dtype == torch.bool else mask != 0
         B, S = keep.shape
-        counts = keep.sum(-1).tolist()  # one sync, at construction
-        flat = keep.reshape(-1)
-        indices = torch.nonzero(flat, as_tuple=False).flatten()
+        counts_t = keep.sum(-1)
+        counts = counts_t.tolist()  # one sync, at construction
+        indices = torch.nonzero(keep.reshape(-1), as_tuple=False).flatten()
         cu = torch.zeros(B + 1, dtype=torch.int32, device=keep.device)
-        cu[1:] = torch.cumsum(keep.sum(-1), 0).to(torch.int32)
+        cu[1:] = torch.cumsum(counts_t, 0).to(torch.int32)
         # document index = row index for real tokens
         rows = torch.arange(B, device=keep.device, dtype=torch.int32)[:, None].expand(B, S)
         doc_ids = torch.where(keep, rows, -1).to(torch.int32)
         positions = torch.where(keep, torch.cumsum(keep.to(torch.int64), -1) - 1, 0)
-        lengths = torch.tensor(counts, dtype=torch.int64, device=keep.device)[:, None]
+        lengths = counts_t.to(torch.int64)[:, None]
         return cls(
             B=B, S=S, lengths=lengths, host_lengths=tuple((c,) for c in counts), cu_seqlens=cu,
             max_seqlen=max(counts) if counts else 0, total=int(sum(counts)), indices=indices, keep=keep,

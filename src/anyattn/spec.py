@@ -133,9 +133,7 @@ def _value_key(v: Any) -> Any:
 
 
 class _Term:
-    """Shared plumbing: identity key, tensor versions, repr."""
-
-    __slots__ = ()
+    """Shared plumbing: the content key and the term's tensors."""
 
     def __post_init__(self):
         if not self.tensors():  # tensorless terms compute their key once, at construction
@@ -171,9 +169,6 @@ class _Term:
             ts = tuple(ts)
             object.__setattr__(self, "_tensors", ts)
         return ts
-
-    def versions(self) -> tuple[int, ...]:
-        return tuple(t._version for t in self.tensors())
 
 
 # --------------------------------------------------------------------------------------------
@@ -1075,19 +1070,6 @@ def canonical_scores(score) -> tuple[ScoreTerm, ...]:
                 raise bad_type(f"score[{i}]", "a score term such as softcap(50.0)", type(s).__name__)
         return tuple(score)
     raise bad_type("score", "a score term or a sequence of them (or None)", type(score).__name__)
-
-
-def mask_has(mask: MaskTerm | None, cls) -> bool:
-    """Whether a term of type ``cls`` appears anywhere in the mask tree."""
-    if mask is None:
-        return False
-    if isinstance(mask, cls):
-        return True
-    if isinstance(mask, (And, Or)):
-        return any(mask_has(t, cls) for t in mask.terms)
-    if isinstance(mask, Not):
-        return mask_has(mask.term, cls)
-    return False
 
 
 def materialize_mask(bound: BoundMask, geo: Geometry) -> torch.Tensor:

@@ -153,11 +153,16 @@ def _entry_for(call):
         None if _DYNAMIC else (tuple(call.q.shape), tuple(call.k.shape), tuple(call.v.shape)),
         call.dtype, call.requires_grad, call.return_lse,
     )  # fmt: skip
+    return _entry(key)
+
+
+def _entry(key):
+    """The compiled entry point for ``key``: a fresh code object (its own dynamo cache) of
+    ``_entry_template``, compiled once."""
     fn = _ENTRIES.get(key)
     if fn is None:
-        n = len(_ENTRIES)
-        code = _entry_template.__code__.replace(co_name=f"anyattn_flex_{n}")
-        raw = types.FunctionType(code, _entry_template.__globals__, f"anyattn_flex_{n}")
+        name = f"anyattn_flex_{len(_ENTRIES)}"
+        raw = types.FunctionType(_entry_template.__code__.replace(co_name=name), _entry_template.__globals__, name)
         fn = torch.compile(raw, dynamic=_DYNAMIC, fullgraph=True)
         _ENTRIES[key] = fn
         STATS["compiled_entries"] += 1
@@ -238,15 +243,7 @@ def _expand_kv(call):
 
 
 def _entry_expanded(call):
-    key = ("expanded-kv", id(_entry_for(call)))
-    fn = _ENTRIES.get(key)
-    if fn is None:
-        n = len(_ENTRIES)
-        code = _entry_template.__code__.replace(co_name=f"anyattn_flex_{n}")
-        fn = torch.compile(types.FunctionType(code, _entry_template.__globals__, f"anyattn_flex_{n}"), dynamic=_DYNAMIC, fullgraph=True)
-        _ENTRIES[key] = fn
-        STATS["compiled_entries"] += 1
-    return fn
+    return _entry(("expanded-kv", id(_entry_for(call))))
 
 
 def run(call):

@@ -20,7 +20,6 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .._lru import LRU
 from ._sdp_switch import run_only
@@ -104,16 +103,13 @@ def _probe_enable_gqa() -> bool:
 _ENABLE_GQA = _probe_enable_gqa()  # a constant: torch.compile traces it without a cache wrapper
 
 
-def _has_enable_gqa() -> bool:
-    return _ENABLE_GQA
-
 
 class _SdpaBackend:
-    """One SDPA-based backend; ``kernels`` restricts SDPA's choice (None = torch decides)."""
+    """One SDPA-based backend; ``only`` restricts SDPA to one kernel (None = torch decides)."""
 
-    def __init__(self, name: str, kernels):
+    def __init__(self, name: str, only: str | None):
         self.NAME = name
-        self._kernels = kernels
+        self._only = only
         self.cache = LRU(256)
 
     def __repr__(self) -> str:
@@ -145,9 +141,7 @@ class _SdpaBackend:
                     "costs more accuracy than the tolerance rule allows; use flex (float32 score_mod) or eager, "
                     "or pass a bias tensor already in the input dtype"
                 )
-        if not call.gqa or _has_enable_gqa():
-            pass
-        else:
+        if call.gqa and not _ENABLE_GQA:
             return f"GQA (Hq={call.geo.H}, Hkv={call.Hkv}) needs torch >= 2.5 (enable_gqa)"
         if self.NAME == "cudnn":
             if call.device.type != "cuda":
@@ -165,8 +159,7 @@ class _SdpaBackend:
             if torch.compiler.is_compiling():
                 return None  # SDPAParams cannot be traced; the static checks above hold
             lw = self._lowered(call)
-            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-                ok = torch.backends.cuda.can_use_cudnn_attention(_sdpa_params(call, lw), False)
+            ok = run_only("cudnn", lambda: torch.backends.cuda.can_use_cudnn_attention(_sdpa_params(call, lw), False))
             if not ok:
                 return (
                     f"torch's cuDNN check refused this call (head dim {call.D}/{call.Dv}, "
@@ -186,14 +179,14 @@ class _SdpaBackend:
     def run(self, call):
         lw = self._lowered(call)
         kw = {"enable_gqa": True} if call.gqa else {}
-        if self._kernels is None:
+        if self._only is None:
             out = F.scaled_dot_product_attention(
                 call.q, call.k, call.v, attn_mask=lw.attn_mask, dropout_p=call.dropout_p,
                 is_causal=lw.is_causal, scale=call.scale, **kw,
             )  # fmt: skip
         else:
             out = run_only(
-                "cudnn",
+                self._only,
                 lambda: F.scaled_dot_product_attention(
                     call.q, call.k, call.v, attn_mask=lw.attn_mask, dropout_p=call.dropout_p,
                     is_causal=lw.is_causal, scale=call.scale, **kw,
@@ -205,4 +198,4 @@ class _SdpaBackend:
 
 
 SDPA = _SdpaBackend("sdpa", None)
-CUDNN = _SdpaBackend("cudnn", [SDPBackend.CUDNN_ATTENTION])
+CUDNN = _SdpaBackend("cudnn", "cudnn")

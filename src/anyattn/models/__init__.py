@@ -21,13 +21,4 @@ from .esm2 import (
     load_hf_state_dict,
 )
 
-__all__ = [
-    "ESM2Config",
-    "ESM2_PRESETS",
-    "ESM2Model",
-    "ESM2ForMaskedLM",
-    "ESM2Output",
-    "esm2_flops",
-    "load_esm2",
-    "load_hf_state_dict",
-]
+from .esm2 import __all__  # noqa: E402,F401  (one list of public names, kept in esm2.py)
