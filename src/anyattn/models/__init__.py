@@ -1,24 +1,45 @@
 """Models on anyattn: same weights and numbers as the reference implementation, every backend.
 
-    from anyattn.models import ESM2ForMaskedLM, load_esm2
-    model = load_esm2("path/to/hf_esm2_dir", attn_backend="auto")   # config.json + safetensors/.bin
-    out = model(input_ids, attention_mask=attention_mask)            # logits, last_hidden_state, ...
-    model.attn_backend = "flex"                                       # every layer, in place
+    import anyattn.models as am
+    model = am.load("path/or/hub-id", attn_backend="auto", dtype=torch.bfloat16, device="cuda")
+    tok = am.load_tokenizer(model)                       # or ProteinTokenizer.esm()
+    out = model(**tok(["MKV...", "MA..."]))              # logits, last_hidden_state, ...
+    model.attn_backend = "flex"                          # every layer, in place
 
-Implemented so far: ESM2 (``esm2``). The models are plain ``torch.nn.Module``s whose parameter
-names equal HF transformers' ``EsmForMaskedLM`` state_dict keys; transformers itself is only
-needed to read an HF config object (``ESM2Config.from_hf_config``). See docs/models.md.
+Importing this package is light (torch only): the tokenizer is here; the model classes, which
+are transformers ``PreTrainedModel`` s (extra ``anyattn[models]``), load on first access.
+See docs/models.md.
 """
 
-from .esm2 import (
-    ESM2_PRESETS,
-    ESM2Config,
-    ESM2ForMaskedLM,
-    ESM2Model,
-    ESM2Output,
-    esm2_flops,
-    load_esm2,
-    load_hf_state_dict,
-)
+from __future__ import annotations
 
-from .esm2 import __all__  # noqa: E402,F401  (one list of public names, kept in esm2.py)
+import importlib
+
+from .tokenizer import ProteinTokenizer, load_tokenizer
+
+# name -> submodule; imported on first attribute access (these need transformers)
+_LAZY = {
+    "ESM2Config": "esm2",
+    "ESM2_PRESETS": "esm2",
+    "ESM2Model": "esm2",
+    "ESM2ForMaskedLM": "esm2",
+    "ESM2Output": "esm2",
+    "esm2_flops": "esm2",
+    "load_esm2": "esm2",
+    "load_hf_state_dict": "esm2",
+}
+
+__all__ = ["ProteinTokenizer", "load_tokenizer", *_LAZY]
+
+
+def __getattr__(name: str):
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
