@@ -1,0 +1,864 @@
+"""Profluent E1 (E1-150m / 300m / 600m) on anyattn: retrieval-augmented protein encoder.
+
+Shape legend:
+    B batch rows   S row length   C hidden size   H query heads   G kv heads   D head dim (C // H)
+    T real tokens of the batch (packed)   N sequences of the batch   V vocabulary
+
+A *sample* is one query protein with optional context (homologous) sequences before it, each
+sequence written ``<bos> 1 R E S I D U E S 2 <eos>`` and concatenated, query last::
+
+    sample:        [<bos>1 CTX-A 2<eos>][<bos>1 CTX-B 2<eos>][<bos>1 QUERY 2<eos>]
+    sequence_ids:   0 0 0 ...         0  1 1 1 ...        1  2 2 2 ...       2
+    within pos:     0 1 2 ...            0 1 2 ...           0 1 2 ...
+    global pos:     0 1 2 ....................................................  (one count)
+
+Two kinds of layers (``global_attention_every_n_layers = n``: layer i is global iff (i+1) % n == 0):
+
+    within-sequence layer: key j visible from query i iff same sequence        (rope_theta_within_seq,
+                           = anyattn.documents(every sequence of the batch)     within positions)
+    global layer:          key j visible iff same sample and seq(j) <= seq(i)  (rope_theta_global,
+                           = documents(samples) & block_causal(sequence index)  global positions)
+                           (bidirectional inside a sequence; the query sees every context sequence,
+                           context sequence k sees sequences 0..k only)
+
+One layer (pre-RMSNorm, no biases)::
+
+    x ──RMSNorm──> q,k,v = Linear(.)          (GQA: G kv heads, H query heads)
+                   q,k,v = clamp(., -clip_qkv, clip_qkv)       (when clip_qkv is set)
+                   q,k   = rotary(q,k)         float32 cos/sin, NeoX half-split rotation
+                   o     = anyattn.attention(q, k, v, mask=<layer kind>, scale=D**-0.5)
+    x = x + Linear(o)
+    x = x + w2(silu(w1(RMSNorm(x))) * w3(RMSNorm(x)))          (gated_mlp; else w2(act(w1(.))))
+
+Scale: E1 does *not* pre-scale q; its kernels apply the default 1/sqrt(D). We pass
+``scale=D**-0.5`` explicitly on every backend (the same number everywhere, never applied twice).
+
+Batch layout: every forward runs *packed*: the real tokens of all rows are gathered into one row
+(1, T) (``anyattn.unpad``), the layers run on that row with document masks (no compute on padding,
+varlen/flex-friendly), and the outputs are scattered back to (B, S) with zeros at padding. Left,
+right and mixed padding therefore give the same numbers.
+
+Parameter names equal the original checkpoint keys (Profluent-Bio/E1-*: ``model.embed_tokens``,
+``model.embed_seq_id``, ``model.layers.{i}.norm_attn_norm.self_attn.{q,k,v,o}_proj``,
+``model.layers.{i}.norm_attn_norm.{input,post_attention}_layernorm``, ``model.layers.{i}.ffn.mlp.
+{w1,w2,w3}``, ``model.norm``, ``mlm_head.{0,2,3}``). See docs/e1.md for the sources.
+
+transformers is imported here (the ``models`` extra); ``import anyattn`` never imports this module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PretrainedConfig, PreTrainedModel
+
+from ..api import attention, attention_with_weights
+from ..errors import bad_type, bad_value
+from ..layout import SeqInfo, pad, unpad
+from ..resolve import check_backend
+from ..spec import block_causal, documents
+
+__all__ = [
+    "E1Config",
+    "E1_PRESETS",
+    "E1Model",
+    "E1ForMaskedLM",
+    "E1Output",
+    "E1Tokenizer",
+    "E1_DEFAULT_VOCAB",
+    "e1_batch_structure",
+    "is_e1_config",
+    "load_e1",
+    "load_e1_state_dict",
+    "register_auto",
+]
+
+MODEL_TYPE = "anyattn_e1"
+_ORIGINAL_MODEL_TYPES = ("E1", "e1")  # Profluent-Bio/E1-* config.json: "E1" (older uploads: "e1")
+
+
+class E1Config(PretrainedConfig):
+    """E1 hyper-parameters, with the original config.json field names, plus ``attn_backend``.
+
+    Defaults are E1-300m's (Profluent-Bio/E1-300m config.json); presets: :data:`E1_PRESETS`.
+    """
+
+    model_type = MODEL_TYPE
+
+    def __init__(
+        self,
+        vocab_size: int = 34,
+        hidden_size: int = 1024,
+        intermediate_size: int = 3072,
+        gated_mlp: bool = True,  # w2(act(w1 x) * w3 x); False: w2(act(w1 x))
+        num_hidden_layers: int = 20,
+        num_attention_heads: int = 16,
+        num_key_value_heads: int | None = 16,  # GQA when < num_attention_heads (None: = heads)
+        hidden_act: str = "silu",  # the FFN activation (ACT2FN name)
+        rms_norm_eps: float = 1e-5,  # also the eps of the LM head's LayerNorm, as the original
+        initializer_range: float = 0.02,
+        pad_token_id: int = 0,
+        bos_token_id: int = 1,
+        eos_token_id: int = 2,
+        tie_word_embeddings: bool = False,
+        # layer i is global (block-causal across the sample's sequences) iff (i+1) % n == 0;
+        # 0 = every layer within-sequence
+        global_attention_every_n_layers: int = 3,
+        max_num_sequences: int = 512,  # rows of embed_seq_id: sequences per sample
+        max_num_positions_within_seq: int = 8192,  # within-sequence positions must be below this
+        max_num_positions_global: int = 65536,
+        rope_theta_within_seq: float = 10000.0,
+        rope_theta_global: float = 500000.0,
+        clip_qkv: float | None = 8.0,  # clamp q, k, v to [-clip, clip] before rotary; None = off
+        attn_backend="auto",  # anyattn backend name, or a sequence of names
+        **kwargs,
+    ):
+        if num_key_value_heads is None:
+            num_key_value_heads = num_attention_heads
+        if hidden_size % num_attention_heads:
+            raise bad_value("hidden_size", f"a multiple of num_attention_heads={num_attention_heads}", hidden_size)
+        if num_attention_heads % num_key_value_heads:
+            raise bad_value("num_key_value_heads", f"a divisor of num_attention_heads={num_attention_heads}", num_key_value_heads)
+        if clip_qkv is not None and not clip_qkv > 0:
+            raise bad_value("clip_qkv", "None or a positive number", clip_qkv)
+        if global_attention_every_n_layers < 0:
+            raise bad_value("global_attention_every_n_layers", "0 (none) or a positive int", global_attention_every_n_layers)
+        if isinstance(attn_backend, list):
+            attn_backend = tuple(attn_backend)  # JSON round trip gives a list
+        check_backend(attn_backend)
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.gated_mlp = gated_mlp
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.hidden_act = hidden_act
+        self.rms_norm_eps = rms_norm_eps
+        self.initializer_range = initializer_range
+        self.global_attention_every_n_layers = global_attention_every_n_layers
+        self.max_num_sequences = max_num_sequences
+        self.max_num_positions_within_seq = max_num_positions_within_seq
+        self.max_num_positions_global = max_num_positions_global
+        self.rope_theta_within_seq = float(rope_theta_within_seq)
+        self.rope_theta_global = float(rope_theta_global)
+        self.clip_qkv = clip_qkv
+        self.attn_backend = attn_backend
+        super().__init__(
+            pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+            tie_word_embeddings=tie_word_embeddings, **kwargs,
+        )  # fmt: skip
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def is_global_layer(self, i: int) -> bool:
+        n = self.global_attention_every_n_layers
+        return n > 0 and (i + 1) % n == 0
+
+    @classmethod
+    def from_original(cls, config: dict, **overrides) -> E1Config:
+        """From the original E1 config.json dict (``model_type`` "E1"). Unknown extra fields of
+        the original (gradient checkpointing flags, dtype, ...) are kept as attributes."""
+        if not isinstance(config, dict):
+            raise bad_type("config", "a dict (the original E1 config.json)", type(config).__name__)
+        if not is_e1_config(config):
+            raise bad_value("config", f"an E1 config.json (model_type in {_ORIGINAL_MODEL_TYPES + (MODEL_TYPE,)})", repr(config.get("model_type")))
+        d = {k: v for k, v in config.items() if k not in ("model_type", "architectures", "auto_map", "transformers_version")}
+        if "torch_dtype" in d:
+            d.setdefault("dtype", d.pop("torch_dtype"))
+        d.update(overrides)
+        return cls(**d)
+
+
+# Profluent-Bio/E1-300m and E1-600m config.json (via Synthyra's mirrors and the hub commit history;
+# docs/e1.md). E1-150m's config.json was not found: load it from its directory.
+E1_PRESETS: dict[str, dict] = {
+    "E1-300m": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=20, num_attention_heads=16, num_key_value_heads=16),
+    "E1-600m": dict(hidden_size=1280, intermediate_size=3840, num_hidden_layers=30, num_attention_heads=20, num_key_value_heads=20),
+}
+
+
+def is_e1_config(config: dict) -> bool:
+    """True for an original E1 config.json (``model_type`` "E1"/"e1", or ours, "anyattn_e1"), or one
+    without ``model_type`` that has E1's distinctive fields."""
+    if not isinstance(config, dict):
+        return False
+    mt = config.get("model_type")
+    if mt in _ORIGINAL_MODEL_TYPES or mt == MODEL_TYPE:
+        return True
+    return mt is None and {"rope_theta_within_seq", "rope_theta_global", "global_attention_every_n_layers"} <= set(config)
+
+
+# ---------------------------------------------------------------------------------------------
+# pure functions: the compute of one layer, parameters passed in
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _rope_cos_sin(positions_T: torch.Tensor, theta: float, D: int):
+    """cos, sin (T, 1, D) float32. inv_freq = theta ** -(2i/D), computed in float32 like E1."""
+    inv_freq = theta ** -(torch.arange(0, D, 2, dtype=torch.float32, device=positions_T.device) / D)
+    angles = positions_T.float()[:, None] * inv_freq[None, :]
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().unsqueeze(1), angles.sin().unsqueeze(1)
+
+
+def _qkv(x_TC, ln_w, eps: float, wq, wk, wv, cos_T1D, sin_T1D, H: int, G: int, clip):
+    """Pre-RMSNorm, projections, optional clamp, rotary in float32. Returns q (T,H,D), k, v (T,G,D)."""
+    T, C = x_TC.shape
+    D = C // H
+    h = F.rms_norm(x_TC, (C,), ln_w, eps).to(x_TC.dtype)
+    q = F.linear(h, wq).view(T, H, D)
+    k = F.linear(h, wk).view(T, G, D)
+    v = F.linear(h, wv).view(T, G, D)
+    if clip is not None:
+        q, k, v = q.clamp(-clip, clip), k.clamp(-clip, clip), v.clamp(-clip, clip)
+    qf, kf = q.float(), k.float()
+    q = (qf * cos_T1D + _rotate_half(qf) * sin_T1D).to(x_TC.dtype)
+    k = (kf * cos_T1D + _rotate_half(kf) * sin_T1D).to(x_TC.dtype)
+    return q, k, v
+
+
+def _out_ffn(o_TC, x_TC, wo, ln_w, eps: float, w1, w2, w3, act):
+    """Output projection + residual, then pre-RMSNorm (gated) FFN + residual."""
+    x = x_TC + F.linear(o_TC, wo)
+    h = F.rms_norm(x, (x.shape[-1],), ln_w, eps).to(x.dtype)
+    a = act(F.linear(h, w1))
+    if w3 is not None:
+        a = a * F.linear(h, w3)
+    return x + F.linear(a, w2)
+
+
+# ---------------------------------------------------------------------------------------------
+# batch structure
+
+
+class E1Batch(NamedTuple):
+    """Everything a forward derives from its inputs once, shared by every layer (packed form)."""
+
+    rows: SeqInfo | None  # the (B, S) layout of the input (None: one full row, no padding)
+    within_mask: object  # mask term of the within-sequence layers, over the packed row (1, T)
+    global_mask: object  # mask term of the global layers
+    seq_ids_T: torch.Tensor  # (T,) sequence index inside its sample (embed_seq_id row)
+    within_pos_T: torch.Tensor  # (T,) int64
+    global_pos_T: torch.Tensor  # (T,) int64
+    seq_lengths: tuple  # host: tokens per sequence, all samples in order
+    sample_nseq: tuple  # host: sequences per sample
+
+
+def _sample_info(input_ids, attention_mask, seq_info) -> SeqInfo | None:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        got = f"shape {tuple(input_ids.shape)}" if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise bad_value("input_ids", "a (B, S) integer tensor", got)
+    if attention_mask is not None and seq_info is not None:
+        raise bad_value("attention_mask/seq_info", "at most one of them", "both")
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise bad_value("attention_mask", f"shape {tuple(input_ids.shape)} like input_ids", tuple(attention_mask.shape))
+        return SeqInfo.from_padding_mask(attention_mask.to(input_ids.device))
+    if seq_info is not None:
+        if not isinstance(seq_info, SeqInfo):
+            raise bad_type("seq_info", "an anyattn.SeqInfo (one document per sample)", type(seq_info).__name__)
+        if (seq_info.B, seq_info.S) != tuple(input_ids.shape):
+            raise bad_value("seq_info", f"B, S = {tuple(input_ids.shape)} like input_ids", f"B={seq_info.B}, S={seq_info.S}")
+        return seq_info.to(input_ids.device)
+    return None
+
+
+def e1_batch_structure(
+    input_ids, attention_mask=None, *, seq_info=None, sequence_ids=None, within_seq_position_ids=None,
+    global_position_ids=None, bos_token_id: int = 1,
+) -> E1Batch:  # fmt: skip
+    """Derive the packed structure of a batch.
+
+    Samples: one per row (``attention_mask`` = padded batch, left or right padding; nothing = full
+    rows) or one per document of ``seq_info`` (packed rows). Sequences inside a sample: from
+    ``sequence_ids`` (B, S) (0, 1, ... per sample, any value at padding) when given, else each
+    ``<bos>`` token starts a new sequence (the E1 format). Positions: from the optional (B, S)
+    position tensors (E1's ``remove_X_tokens`` leaves gaps), else counted per sequence / sample.
+    Reads the sequence lengths to the host once.
+    """
+    rows = _sample_info(input_ids, attention_mask, seq_info)
+    B, S = input_ids.shape
+    dev = input_ids.device
+    if rows is None:
+        samples_cu = torch.arange(0, (B + 1) * S, S, device=dev)
+        flat = lambda t: t.reshape(-1)  # noqa: E731
+    else:
+        samples_cu = rows.cu_seqlens.long()
+        flat = lambda t: unpad(t, rows)  # noqa: E731
+    ids_T = flat(input_ids)
+    T = ids_T.numel()
+    n_samples = samples_cu.numel() - 1
+    tok = torch.arange(T, device=dev)
+    sample_T = torch.searchsorted(samples_cu[1:], tok, right=True)  # sample index per token
+    sample_start_T = samples_cu[sample_T]
+    if sequence_ids is not None:
+        if not isinstance(sequence_ids, torch.Tensor) or sequence_ids.shape != input_ids.shape:
+            got = tuple(sequence_ids.shape) if isinstance(sequence_ids, torch.Tensor) else type(sequence_ids).__name__
+            raise bad_value("sequence_ids", f"a (B, S) = {tuple(input_ids.shape)} integer tensor like input_ids", got)
+        local_T = flat(sequence_ids.to(dev)).long()
+        first = local_T[samples_cu[:-1].clamp_max(max(T - 1, 0))] if T else local_T
+        starts = torch.ones(T, dtype=torch.bool, device=dev)
+        if T:
+            starts[1:] = (local_T[1:] != local_T[:-1]) | (sample_T[1:] != sample_T[:-1])
+        host_first, host_steps = first.tolist(), local_T[starts].tolist()  # one sync
+        if any(f != 0 for f in host_first):
+            raise bad_value("sequence_ids", "0 at the first token of every sample", f"first values {host_first}")
+        starts_l = starts.tolist()
+    else:
+        is_bos = ids_T == bos_token_id
+        starts = is_bos.clone()
+        host = torch.stack((is_bos.long(), (tok == sample_start_T).long())).tolist() if T else [[], []]  # one sync
+        bad = [s for s in range(T) if host[1][s] and not host[0][s]]
+        if bad:
+            b0 = int(sample_T[bad[0]])
+            raise bad_value(
+                "input_ids", f"every sample to start with <bos> (id {bos_token_id}), or pass sequence_ids=",
+                f"sample {b0} starts with token id {int(ids_T[bad[0]])}",
+            )  # fmt: skip
+        starts_l = [bool(x) for x in host[0]]
+    # host bookkeeping: sequence lengths and sequences per sample
+    seq_starts = [t for t in range(T) if starts_l[t]]
+    seq_lengths = tuple(b - a for a, b in zip(seq_starts, seq_starts[1:] + [T]))
+    cu_samples = samples_cu.tolist()
+    nseq, j = [], 0
+    for s in range(n_samples):
+        n0 = j
+        while j < len(seq_starts) and seq_starts[j] < cu_samples[s + 1]:
+            j += 1
+        nseq.append(j - n0)
+    gseq_T = torch.cumsum(starts.long(), 0) - 1  # global sequence index per token
+    seq_start_T = torch.tensor(seq_starts, dtype=torch.long, device=dev)[gseq_T] if T else gseq_T
+    first_seq_of_sample = torch.tensor([sum(nseq[:s]) for s in range(n_samples)], dtype=torch.long, device=dev)
+    seq_ids_T = gseq_T - first_seq_of_sample[sample_T] if T else gseq_T
+    within_T = tok - seq_start_T if within_seq_position_ids is None else flat(within_seq_position_ids.to(dev)).long()
+    global_T = tok - sample_start_T if global_position_ids is None else flat(global_position_ids.to(dev)).long()
+    within_info = SeqInfo.from_lengths([list(seq_lengths)], device=dev)
+    sample_lengths = [b - a for a, b in zip(cu_samples[:-1], cu_samples[1:])]
+    within_mask = documents(within_info)
+    if all(n <= 1 for n in nseq):  # one sequence per sample: the global layers see the same pairs
+        global_mask = documents(SeqInfo.from_lengths([sample_lengths], device=dev)) if len(sample_lengths) > 1 else within_mask
+    else:
+        global_mask = documents(SeqInfo.from_lengths([sample_lengths], device=dev)) & block_causal(gseq_T)
+    return E1Batch(rows, within_mask, global_mask, seq_ids_T, within_T, global_T, seq_lengths, tuple(nseq))
+
+
+# ---------------------------------------------------------------------------------------------
+# modules: containers named like the original, so that state_dict keys match
+
+
+class _RMSNorm(nn.Module):
+    def __init__(self, C: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(C))
+        self.variance_epsilon = eps
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.variance_epsilon).to(x.dtype)
+
+
+class _SelfAttn(nn.Module):
+    def __init__(self, cfg: E1Config):
+        super().__init__()
+        C, H, G, D = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(C, H * D, bias=False)
+        self.k_proj = nn.Linear(C, G * D, bias=False)
+        self.v_proj = nn.Linear(C, G * D, bias=False)
+        self.o_proj = nn.Linear(H * D, C, bias=False)
+
+
+class _NormAttnNorm(nn.Module):
+    def __init__(self, cfg: E1Config):
+        super().__init__()
+        self.self_attn = _SelfAttn(cfg)
+        self.input_layernorm = _RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = _RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class _MLP(nn.Module):
+    def __init__(self, cfg: E1Config):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.w2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.w3 = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False) if cfg.gated_mlp else None
+
+
+class _FFN(nn.Module):
+    def __init__(self, cfg: E1Config):
+        super().__init__()
+        self.mlp = _MLP(cfg)
+
+
+def _act(name: str):
+    from transformers.activations import ACT2FN
+
+    if name not in ACT2FN:
+        raise bad_value("hidden_act", f"one of transformers' ACT2FN names, e.g. {['silu', 'gelu', 'relu']}", repr(name))
+    return ACT2FN[name]
+
+
+class E1Layer(nn.Module):
+    def __init__(self, cfg: E1Config, index: int):
+        super().__init__()
+        self.cfg = cfg
+        self.is_global = cfg.is_global_layer(index)
+        self.norm_attn_norm = _NormAttnNorm(cfg)
+        self.ffn = _FFN(cfg)
+        self._act = _act(cfg.hidden_act)
+
+    def forward(self, x_TC, cos, sin, mask, backend, need_weights: bool = False, need_s_max: bool = False, batch=None):
+        cfg, na = self.cfg, self.norm_attn_norm
+        sa = na.self_attn
+        H, G, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        T, C = x_TC.shape
+        q, k, v = _qkv(
+            x_TC, na.input_layernorm.weight, cfg.rms_norm_eps, sa.q_proj.weight, sa.k_proj.weight, sa.v_proj.weight,
+            cos, sin, H, G, cfg.clip_qkv,
+        )  # fmt: skip
+        # (T, H, D) memory, (1, H, T, D) views: the layout anyattn takes (DESIGN.md section 4)
+        q4, k4, v4 = q.unsqueeze(0).transpose(1, 2), k.unsqueeze(0).transpose(1, 2), v.unsqueeze(0).transpose(1, 2)
+        scale = D**-0.5
+        weights = None
+        if need_weights:
+            o, weights = attention_with_weights(q4, k4, v4, mask=mask, scale=scale)
+        else:
+            o = attention(q4, k4, v4, mask=mask, scale=scale, backend=backend)
+        s_max = _s_max(q, k, self.is_global, batch, scale) if need_s_max else None
+        mlp = self.ffn.mlp
+        x = _out_ffn(
+            o.transpose(1, 2).reshape(T, C), x_TC, sa.o_proj.weight, na.post_attention_layernorm.weight,
+            cfg.rms_norm_eps, mlp.w1.weight, mlp.w2.weight, None if mlp.w3 is None else mlp.w3.weight, self._act,
+        )  # fmt: skip
+        return x, weights, s_max
+
+
+def _s_max(q_THD, k_TGD, is_global: bool, batch: E1Batch, scale: float) -> torch.Tensor:
+    """(H,) float32: max over visible pairs (i, j) of scale * ||q_i|| * ||k_j||, per query head.
+
+    For a query i, max_j ||q_i|| ||k_j|| = ||q_i|| * max over its visible keys of ||k_j||: the
+    per-sequence max of ||k|| (within-sequence layers), or its running max over the sample's
+    sequences 0..seq(i) (global layers)."""
+    H, G = q_THD.shape[1], k_TGD.shape[1]
+    qn = q_THD.float().norm(dim=-1)  # (T, H)
+    kn = k_TGD.float().norm(dim=-1).repeat_interleave(H // G, dim=1)  # (T, H)
+    T = qn.shape[0]
+    if T == 0:
+        return qn.new_zeros(H)
+    lens = torch.tensor(batch.seq_lengths, device=qn.device)
+    seq_T = torch.repeat_interleave(torch.arange(lens.numel(), device=qn.device), lens)
+    kmax = torch.zeros(lens.numel(), H, device=qn.device).scatter_reduce_(0, seq_T[:, None].expand(T, H), kn, "amax")
+    if is_global:
+        parts, s0 = [], 0
+        for n in batch.sample_nseq:  # running max over the sample's sequences (host loop, small)
+            if n:
+                parts.append(torch.cummax(kmax[s0 : s0 + n], dim=0).values)
+            s0 += n
+        kmax = torch.cat(parts)
+    return (qn * kmax[seq_T]).amax(dim=0) * scale
+
+
+class E1Output(NamedTuple):
+    """Every forward returns all five fields; the optional ones are None unless asked for."""
+
+    logits: torch.Tensor | None  # (B, S, V) float32 (as the original); None from E1Model
+    last_hidden_state: torch.Tensor  # (B, S, C), after the final RMSNorm; zeros at padding
+    hidden_states: tuple | None  # L + 1 tensors (B, S, C): embeddings, layers 1..L-1, last_hidden_state
+    attentions: tuple | None  # L tensors (B, H, S, S) float32, weights among a row's tokens
+    s_max: torch.Tensor | None  # (L, H) float32: per layer, per head max of scale*||q_i||*||k_j||
+
+
+class E1PreTrainedModel(PreTrainedModel):
+    config_class = E1Config
+    base_model_prefix = "model"
+    _no_split_modules = ["E1Layer"]
+    supports_gradient_checkpointing = False
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            module.weight.normal_(0.0, std)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.normal_(0.0, std)
+            if module.padding_idx is not None:
+                module.weight[module.padding_idx].zero_()
+        elif isinstance(module, (_RMSNorm, nn.LayerNorm)):
+            module.weight.fill_(1.0)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+
+    @property
+    def attn_backend(self):
+        return self.config.attn_backend
+
+    @attn_backend.setter
+    def attn_backend(self, value) -> None:
+        if isinstance(value, list):
+            value = tuple(value)
+        check_backend(value)  # raises listing the valid names
+        self.config.attn_backend = value  # every layer reads it at each call; save_pretrained keeps it
+
+
+class E1Model(E1PreTrainedModel):
+    """The encoder: embeddings (+ sequence-index embedding), L layers, final RMSNorm."""
+
+    def __init__(self, config: E1Config):
+        super().__init__(config)
+        C = config.hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, C, padding_idx=config.pad_token_id)
+        self.embed_seq_id = nn.Embedding(config.max_num_sequences, C)
+        self.layers = nn.ModuleList(E1Layer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = _RMSNorm(C, config.rms_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(
+        self, input_ids, attention_mask=None, *, seq_info: SeqInfo | None = None, sequence_ids=None,
+        within_seq_position_ids=None, global_position_ids=None, output_hidden_states: bool = False,
+        output_attentions: bool = False, output_s_max: bool = False, **kwargs,
+    ) -> E1Output:  # fmt: skip
+        """input_ids (B, S) in the E1 format (see :class:`E1Tokenizer`); ``attention_mask`` (B, S)
+        1 = real token (a padded batch, one sample per row), or ``seq_info`` (packed rows, one
+        document per sample). Returns :class:`E1Output` with ``logits=None``."""
+        if kwargs:
+            raise bad_value("forward", "no other keyword arguments", sorted(kwargs))
+        cfg = self.config
+        b = e1_batch_structure(
+            input_ids, attention_mask, seq_info=seq_info, sequence_ids=sequence_ids,
+            within_seq_position_ids=within_seq_position_ids, global_position_ids=global_position_ids,
+            bos_token_id=cfg.bos_token_id,
+        )  # fmt: skip
+        self._check_limits(b)
+        if output_attentions:
+            warnings.warn(
+                "E1: output_attentions=True runs this call's attention through the eager path "
+                f"(anyattn.attention_with_weights); attn_backend stays {self.attn_backend!r}",
+                stacklevel=2,
+            )
+        B, S = input_ids.shape
+        ids_T = input_ids.reshape(-1) if b.rows is None else unpad(input_ids, b.rows)
+        x = self.embed_tokens(ids_T) + self.embed_seq_id(b.seq_ids_T)
+        x = x.to(self.layers[0].norm_attn_norm.self_attn.q_proj.weight.dtype if len(self.layers) else x.dtype)
+        D = cfg.head_dim
+        rope_w = _rope_cos_sin(b.within_pos_T, cfg.rope_theta_within_seq, D)
+        rope_g = _rope_cos_sin(b.global_pos_T, cfg.rope_theta_global, D)
+        to_rows = (lambda t: t.view(B, S, *t.shape[1:])) if b.rows is None else (lambda t: pad(t, b.rows))  # noqa: E731
+        hidden = [x] if output_hidden_states else None
+        attns = [] if output_attentions else None
+        smax = [] if output_s_max else None
+        backend = cfg.attn_backend
+        for layer in self.layers:
+            cos, sin = rope_g if layer.is_global else rope_w
+            mask = b.global_mask if layer.is_global else b.within_mask
+            x, w, s = layer(x, cos, sin, mask, backend, output_attentions, output_s_max, b)
+            if hidden is not None:
+                hidden.append(x)
+            if attns is not None:
+                attns.append(self._weights_to_rows(w, b, B, S))
+            if smax is not None:
+                smax.append(s)
+        x = self.norm(x)
+        if hidden is not None:
+            hidden[-1] = x  # as the original: the last entry is after the final norm
+            hidden = tuple(to_rows(h) for h in hidden)
+        return E1Output(
+            None, to_rows(x), hidden, tuple(attns) if attns is not None else None,
+            torch.stack(smax) if smax is not None else None,
+        )  # fmt: skip
+
+    def _check_limits(self, b: E1Batch) -> None:
+        cfg = self.config
+        if b.sample_nseq and max(b.sample_nseq) > cfg.max_num_sequences:
+            raise bad_value("input_ids", f"at most max_num_sequences={cfg.max_num_sequences} sequences per sample", max(b.sample_nseq))
+        if b.seq_lengths and max(b.seq_lengths) > cfg.max_num_positions_within_seq:
+            raise bad_value(
+                "input_ids", f"sequences of at most max_num_positions_within_seq={cfg.max_num_positions_within_seq} tokens",
+                f"a sequence of {max(b.seq_lengths)}",
+            )  # fmt: skip
+
+    @staticmethod
+    def _weights_to_rows(w_1HTT, b: E1Batch, B: int, S: int) -> torch.Tensor:
+        """(1, H, T, T) packed weights -> (B, H, S, S): each row's tokens among themselves."""
+        H = w_1HTT.shape[1]
+        if b.rows is None:
+            out = w_1HTT.new_zeros(B, H, S, S)
+            for r in range(B):
+                out[r] = w_1HTT[0, :, r * S : (r + 1) * S, r * S : (r + 1) * S]
+            return out
+        out = w_1HTT.new_zeros(B, H, S, S)
+        cu = b.rows.cu_seqlens.tolist()
+        idx = b.rows.indices
+        for s in range(len(cu) - 1):
+            a, e = cu[s], cu[s + 1]
+            if a == e:
+                continue
+            flat = idx[a:e]
+            row = int(flat[0]) // S
+            pos = flat - row * S
+            out[row][:, pos[:, None], pos[None, :]] = w_1HTT[0, :, a:e, a:e]
+        return out
+
+
+class E1ForMaskedLM(E1PreTrainedModel):
+    """E1 with its masked-LM head; ``state_dict()`` keys equal the original checkpoint's."""
+
+    def __init__(self, config: E1Config):
+        super().__init__(config)
+        self.model = E1Model(config)
+        C = config.hidden_size
+        self.mlm_head = nn.Sequential(
+            nn.Linear(C, C, bias=True), nn.GELU(), nn.LayerNorm(C, eps=config.rms_norm_eps), nn.Linear(C, config.vocab_size, bias=True)
+        )
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def forward(
+        self, input_ids, attention_mask=None, *, seq_info: SeqInfo | None = None, sequence_ids=None,
+        within_seq_position_ids=None, global_position_ids=None, output_hidden_states: bool = False,
+        output_attentions: bool = False, output_s_max: bool = False, **kwargs,
+    ) -> E1Output:  # fmt: skip
+        out = self.model(
+            input_ids, attention_mask, seq_info=seq_info, sequence_ids=sequence_ids,
+            within_seq_position_ids=within_seq_position_ids, global_position_ids=global_position_ids,
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+            output_s_max=output_s_max, **kwargs,
+        )  # fmt: skip
+        return out._replace(logits=self.mlm_head(out.last_hidden_state).float())
+
+
+# ---------------------------------------------------------------------------------------------
+# Auto classes
+
+
+def register_auto() -> None:
+    """Register E1Config / E1Model / E1ForMaskedLM with transformers' Auto classes (idempotent)."""
+    AutoConfig.register(MODEL_TYPE, E1Config, exist_ok=True)
+    AutoModel.register(E1Config, E1Model, exist_ok=True)
+    AutoModelForMaskedLM.register(E1Config, E1ForMaskedLM, exist_ok=True)
+
+
+register_auto()
+
+
+# ---------------------------------------------------------------------------------------------
+# loading original checkpoints
+
+
+def load_e1_state_dict(model: E1ForMaskedLM, state_dict: dict) -> None:
+    """Load an original E1 checkpoint's state dict (keys as Profluent-Bio/E1-*) into ``model``.
+
+    Keys saved from an ``E1Model`` (no ``model.`` prefix) get the prefix; the LM head must then be
+    present anyway. Refuses unknown, missing or mis-shaped keys, listing every one: nothing is
+    silently left at its random initialisation. (The original's rotary tables are non-persistent
+    buffers, so no rotary key exists in a checkpoint.)"""
+    if not isinstance(model, E1ForMaskedLM):
+        raise bad_type("model", "an E1ForMaskedLM", type(model).__name__)
+    sd = dict(state_dict)
+    if sd and not any(k.startswith("model.") for k in sd) and any(k.startswith("embed_tokens.") for k in sd):
+        sd = {(k if k.startswith("mlm_head.") else f"model.{k}"): v for k, v in sd.items()}
+    ours = model.state_dict()
+    unknown = sorted(set(sd) - set(ours))
+    missing = sorted(set(ours) - set(sd))
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(sd[k].shape)}, model {tuple(ours[k].shape)}" for k in set(sd) & set(ours) if sd[k].shape != ours[k].shape
+    )
+    if unknown or missing or shapes:
+        parts = []
+        if unknown:
+            parts.append(f"{len(unknown)} unknown key(s): {unknown}")
+        if missing:
+            parts.append(f"{len(missing)} missing key(s): {missing}")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatch(es): {shapes}")
+        raise bad_value("state_dict", "the keys of an original E1ForMaskedLM checkpoint for this config", "; ".join(parts))
+    model.load_state_dict(sd, strict=True)
+
+
+def _read_checkpoint(path: str) -> dict:
+    st = [f for f in sorted(os.listdir(path)) if f.endswith(".safetensors")]
+    if st:
+        from safetensors.torch import load_file
+
+        sd = {}
+        for f in st:
+            sd.update(load_file(os.path.join(path, f)))
+        return sd
+    bins = [f for f in sorted(os.listdir(path)) if f.endswith(".bin") and f.startswith("pytorch_model")]
+    if bins:
+        sd = {}
+        for f in bins:
+            sd.update(torch.load(os.path.join(path, f), map_location="cpu", weights_only=True))
+        return sd
+    raise FileNotFoundError(f"load_e1: no *.safetensors or pytorch_model*.bin in {path}")
+
+
+def load_e1(path: str, *, attn_backend="auto", dtype=None, device=None) -> E1ForMaskedLM:
+    """An E1ForMaskedLM from a local directory in the original format (config.json with
+    ``model_type`` "E1" + model.safetensors or pytorch_model*.bin), or one written by our
+    ``save_pretrained``. Evaluation mode; ``dtype``/``device`` applied after loading."""
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):
+        raise bad_value("path", "a local directory with config.json and *.safetensors / pytorch_model*.bin", repr(path))
+    with open(os.path.join(path, "config.json")) as f:
+        raw = json.load(f)
+    if not is_e1_config(raw):
+        raise bad_value("config.json", f"an E1 config (model_type in {_ORIGINAL_MODEL_TYPES + (MODEL_TYPE,)})", repr(raw.get("model_type")))
+    cfg = E1Config.from_original(raw, attn_backend=attn_backend)
+    model = E1ForMaskedLM(cfg)
+    load_e1_state_dict(model, _read_checkpoint(path))
+    model.eval()
+    if dtype is not None or device is not None:
+        model.to(device=device, dtype=dtype)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer
+
+# Ids 0, 1, 2 (<pad>, <bos>, <eos>) are the checkpoints' config.json pad/bos/eos_token_id; the
+# symbols "1", "2" (sequence start/end markers), "?" (mask) and the 26 letters A-Z come from the
+# original batch preparer; vocab_size is 34. The order of ids 3..33 below is NOT the released
+# tokenizer.json's (not found): with real weights, build the tokenizer from the checkpoint's
+# tokenizer.json (E1Tokenizer.from_pretrained(dir)).
+E1_DEFAULT_VOCAB: dict[str, int] = {
+    tok: i
+    for i, tok in enumerate(["<pad>", "<bos>", "<eos>", "<unk>", "1", "2", "?", *"ABCDEFGHIJKLMNOPQRSTUVWXYZ", "<mask>"])
+}
+
+
+class E1Tokenizer:
+    """E1's alphabet and multi-sequence context format.
+
+    One sequence ``SEQ`` -> ``<bos> 1 S E Q 2 <eos>``. A sample = context sequences then the query,
+    concatenated; as a string, comma-separated with the query last (the original's format:
+    ``"CTX1,CTX2,QUERY"``). Residues: letters A-Z and ``?`` (the mask token).
+    """
+
+    def __init__(self, vocab: dict[str, int] | None = None):
+        vocab = dict(E1_DEFAULT_VOCAB if vocab is None else vocab)
+        need = ["<pad>", "<bos>", "<eos>", "1", "2", "?"]
+        absent = [t for t in need if t not in vocab]
+        if absent:
+            raise bad_value("vocab", f"a vocabulary holding {need} and the letters", f"one without {absent}")
+        self.vocab = vocab
+        self.ids_to_tokens = {i: t for t, i in vocab.items()}
+        self.pad_token_id, self.bos_token_id, self.eos_token_id = vocab["<pad>"], vocab["<bos>"], vocab["<eos>"]
+        self.mask_token_id = vocab["?"]
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> E1Tokenizer:
+        """From a directory's ``tokenizer.json`` (a tokenizers WordLevel/BPE file: its
+        ``model.vocab`` plus ``added_tokens``) or ``vocab.json``."""
+        for name in ("tokenizer.json", "vocab.json"):
+            f = os.path.join(path, name)
+            if os.path.isfile(f):
+                with open(f) as fh:
+                    data = json.load(fh)
+                if name == "vocab.json":
+                    return cls(data)
+                vocab = dict(data.get("model", {}).get("vocab", {}))
+                for t in data.get("added_tokens", []):
+                    vocab.setdefault(t["content"], t["id"])
+                return cls(vocab)
+        raise FileNotFoundError(f"E1Tokenizer.from_pretrained: no tokenizer.json or vocab.json in {path}")
+
+    def save_pretrained(self, path: str) -> None:
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "vocab.json"), "w") as f:
+            json.dump(self.vocab, f, indent=1)
+
+    def __len__(self) -> int:
+        return len(self.vocab)
+
+    def _one(self, seq: str) -> list[int]:
+        if not isinstance(seq, str):
+            raise bad_type("sequence", "a protein string", type(seq).__name__)
+        bad = sorted({c for c in seq if c not in self.vocab or not (c.isalpha() and c.isupper() or c == "?")})
+        if bad:
+            raise bad_value("sequence", "upper-case letters A-Z and '?' only", f"{bad} in {seq[:40]!r}")
+        v = self.vocab
+        return [v["<bos>"], v["1"], *(v[c] for c in seq), v["2"], v["<eos>"]]
+
+    def encode(self, query: str, context=()) -> dict:
+        """One sample: ``query`` (a string; commas split off context sequences, query last) with
+        optional ``context`` sequences before it. Returns lists: input_ids, sequence_ids,
+        within_seq_position_ids, global_position_ids, and context_len (tokens before the query)."""
+        if isinstance(context, str):
+            context = [context]
+        parts = [*context, *query.split(",")]
+        ids, sids, wpos = [], [], []
+        for s, seq in enumerate(parts):
+            t = self._one(seq)
+            ids += t
+            sids += [s] * len(t)
+            wpos += list(range(len(t)))
+        ctx = len(ids) - (len(parts[-1]) + 4)
+        return dict(
+            input_ids=ids, sequence_ids=sids, within_seq_position_ids=wpos,
+            global_position_ids=list(range(len(ids))), context_len=ctx,
+        )  # fmt: skip
+
+    def batch(self, samples, *, padding_side: str = "right", device=None) -> dict:
+        """A padded batch: one sample per row. ``samples``: strings ("CTX,...,QUERY") or
+        (query, context) pairs. Returns tensors input_ids, attention_mask, sequence_ids (-1 at
+        padding), within/global position ids (0 at padding)."""
+        if padding_side not in ("right", "left"):
+            raise bad_value("padding_side", "'right' or 'left'", repr(padding_side))
+        encs = [self.encode(*s) if isinstance(s, tuple) else self.encode(s) for s in samples]
+        if not encs:
+            raise bad_value("samples", "at least one sample", "none")
+        S = max(len(e["input_ids"]) for e in encs)
+        cols = {"input_ids": self.pad_token_id, "sequence_ids": -1, "within_seq_position_ids": 0, "global_position_ids": 0}
+        out = {k: [] for k in cols}
+        out["attention_mask"] = []
+        for e in encs:
+            n = S - len(e["input_ids"])
+            for k, fill in cols.items():
+                out[k].append(e[k] + [fill] * n if padding_side == "right" else [fill] * n + e[k])
+            keep = [1] * len(e["input_ids"])
+            out["attention_mask"].append(keep + [0] * n if padding_side == "right" else [0] * n + keep)
+        return {k: torch.tensor(v, dtype=torch.long, device=device) for k, v in out.items()}
+
+    def pack(self, samples, *, total_length: int | None = None, device=None) -> dict:
+        """Packed form: every sample back to back in one row (1, T). Returns input_ids (1, S),
+        seq_info (a SeqInfo with one document per sample) and sequence_ids (1, S)."""
+        encs = [self.encode(*s) if isinstance(s, tuple) else self.encode(s) for s in samples]
+        if not encs:
+            raise bad_value("samples", "at least one sample", "none")
+        lens = [len(e["input_ids"]) for e in encs]
+        info = SeqInfo.from_lengths([lens], total_length=total_length, device=device)
+        ids = [i for e in encs for i in e["input_ids"]]
+        sids = [i for e in encs for i in e["sequence_ids"]]
+        n = info.S - len(ids)
+        return dict(
+            input_ids=torch.tensor([ids + [self.pad_token_id] * n], dtype=torch.long, device=device),
+            sequence_ids=torch.tensor([sids + [-1] * n], dtype=torch.long, device=device), seq_info=info,
+        )  # fmt: skip
+
+    def decode(self, ids) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return "".join(self.ids_to_tokens.get(int(i), "<unk>") for i in ids)
