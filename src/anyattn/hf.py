@@ -1,0 +1,422 @@
+"""HuggingFace transformers integration: ``attn_implementation="anyattn"``.
+
+    import anyattn.hf
+    anyattn.hf.register()
+    model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="anyattn")       # auto
+    model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="anyattn:flex")  # forced
+
+``register()`` puts two functions into transformers' registries under every name it registers:
+
+* a *mask function* (``AttentionMaskInterface``) that returns an :class:`HFMask` instead of a
+  (B, 1, Sq, Sk) tensor. It reads what HF hands every mask builder (the 2-D padding mask, the
+  query/key offsets, the ``mask_function`` closure) and turns the patterns it recognizes into
+  anyattn terms: ``causal()``, ``sliding_window(W - 1)``, ``padding(...)``, ``documents(...)``
+  (packed rows whose ``position_ids`` restart at 0). Anything else (image-token ``or`` masks,
+  chunked attention, a static cache's unaligned offsets) is materialized exactly, through HF's own
+  ``sdpa_mask``, and passed on as ``dense(...)``: slower, never wrong.
+* an *attention function* (``AttentionInterface``) that calls :func:`anyattn.attention` with
+  those terms plus what the model passes as keywords: ``scaling``, ``dropout``, ``softcap``,
+  ``s_aux`` (attention sinks), ``cu_seq_lens_q/k``, ``position_bias``.
+
+Names. transformers treats every implementation name containing "flash" as FlashAttention (it
+tries to load a hub kernel), so backends of the flash family register under "fa" aliases:
+
+    anyattn               auto              anyattn:sdpa      sdpa
+    anyattn:eager         eager             anyattn:cudnn     cudnn
+    anyattn:flex          flex              anyattn:fa_torch  flash_torch
+    anyattn:fa            flash             anyattn:kernels_fa  kernels_flash
+
+A forced name whose backend cannot compute a layer's variant raises
+:class:`anyattn.UnsupportedError` (never a silent fallback).
+
+Shape legend: B batch, S/Sq query length, Sk key length, Hq/Hkv heads, D head dim.
+HF hands the attention function q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D) and wants (B, Sq, Hq, D) back.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import api as _api
+from . import spec as _spec
+from .errors import bad_type, bad_value
+from .layout import SeqInfo
+
+if importlib.util.find_spec("transformers") is None:  # pragma: no cover - exercised in a subprocess test
+    raise ImportError("anyattn.hf needs HuggingFace transformers (>= 5.0): pip install 'anyattn[hf]'")
+
+__all__ = ["register", "HF_NAMES", "hf_name", "HFMask"]
+
+# HF name suffix -> anyattn backend. "flash" must not appear in a name (see the module docstring).
+_ALIASES = {
+    "eager": "eager",
+    "sdpa": "sdpa",
+    "cudnn": "cudnn",
+    "flex": "flex",
+    "fa_torch": "flash_torch",
+    "fa": "flash",
+    "kernels_fa": "kernels_flash",
+}
+HF_NAMES: dict[str, str] = {"anyattn": "auto", **{f"anyattn:{a}": b for a, b in _ALIASES.items()}}
+
+
+def hf_name(backend: str = "auto") -> str:
+    """The ``attn_implementation`` string for an anyattn backend name ("flash_torch" -> "anyattn:fa_torch")."""
+    for name, b in HF_NAMES.items():
+        if b == backend:
+            return name
+    raise bad_value("backend", f"one of {sorted(set(HF_NAMES.values()))}", repr(backend))
+
+
+def _transformers():
+    try:
+        import transformers
+        from transformers import masking_utils
+    except ImportError as e:  # pragma: no cover
+        raise ImportError("anyattn.hf needs HuggingFace transformers (>= 5.0): pip install 'anyattn[hf]'") from e
+    if not hasattr(transformers, "AttentionMaskInterface") or not hasattr(masking_utils, "sdpa_mask"):
+        raise ImportError(
+            f"anyattn.hf needs transformers >= 5.0 (AttentionMaskInterface), found {transformers.__version__}: "
+            "pip install -U 'anyattn[hf]'"
+        )
+    return transformers, masking_utils
+
+
+# --------------------------------------------------------------------------------------------
+# The mask HF hands to every layer
+
+
+@dataclass(frozen=True, eq=False)
+class HFMask:
+    """What the registered mask function returns in place of a 4-D mask tensor.
+
+    ``term`` is the anyattn mask for a self-attention call of shape (q_length, kv_length), or
+    None (everything visible). ``how`` says how it was derived: "structured" (recognized HF
+    pattern, no S x S tensor) or "dense: <why>" (materialized through HF's ``sdpa_mask``).
+    """
+
+    term: Any
+    q_length: int
+    kv_length: int
+    how: str
+    documents: Any = field(default=None, repr=False)  # the SeqInfo of packed rows, when any
+
+    @property
+    def shape(self) -> tuple:  # a few HF code paths read mask.shape[-1] (the key length)
+        return (None, None, self.q_length, self.kv_length)
+
+    def __repr__(self) -> str:
+        return f"HFMask({self.term!r}, q_length={self.q_length}, kv_length={self.kv_length}, how={self.how!r})"
+
+
+def _closure(fn) -> dict:
+    code = getattr(fn, "__code__", None)
+    cells = getattr(fn, "__closure__", None) or ()
+    if code is None:
+        return {}
+    return {name: c.cell_contents for name, c in zip(code.co_freevars, cells)}
+
+
+def _atoms(fn, mu) -> list | None:
+    """Decompose an HF ``mask_function`` into atoms, or None if any part is not recognized.
+
+    Atoms: ("window", left, right) in anyattn's convention, ("packed", ids (B, S)),
+    ("remapped", atoms) for a function evaluated on per-document positions.
+    Recognition is by identity (module-level functions) and by the qualified name of HF's
+    closure factories in ``transformers.masking_utils``, reading their captured values.
+    """
+    if fn is mu.causal_mask_function:
+        return [("window", None, 0)]
+    if fn is mu.bidirectional_mask_function:
+        return []
+    if getattr(fn, "__module__", None) != mu.__name__:
+        return None
+    qual, cells = getattr(fn, "__qualname__", ""), _closure(fn)
+    factory = qual.split(".<locals>.")[0]
+    if factory == "and_masks" and "mask_functions" in cells:
+        out = []
+        for f in cells["mask_functions"]:
+            a = _atoms(f, mu)
+            if a is None:
+                return None
+            out += a
+        return out
+    if factory == "sliding_window_overlay" and isinstance(cells.get("sliding_window"), int):
+        w = cells["sliding_window"]  # kv_idx > q_idx - w: the query and w - 1 keys before it
+        return [("window", w - 1, None)] if w >= 1 else None
+    if factory == "sliding_window_bidirectional_overlay" and isinstance(cells.get("sliding_window"), int):
+        w = cells["sliding_window"]  # |q_idx - kv_idx| <= w
+        return [("window", w, w)] if w >= 0 else None
+    if factory == "packed_sequence_mask_function" and isinstance(cells.get("packed_sequence_mask"), torch.Tensor):
+        return [("packed", cells["packed_sequence_mask"])]
+    if factory == "remap_positions_for_packed_sequence" and "mask_function" in cells:
+        inner = _atoms(cells["mask_function"], mu)
+        return None if inner is None else [("remapped", inner)]
+    return None
+
+
+def _int(x) -> int | None:
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, int):
+        return x
+    return None  # tensors (StaticCache offsets) are not read to the host here: dense path
+
+
+def _packed_info(ids: torch.Tensor) -> SeqInfo:
+    """SeqInfo from HF's packed-sequence ids (B, S): equal ids = one document (reads to host once)."""
+    rows = []
+    for r in ids.tolist():
+        lens, cur, n = [], None, 0
+        for x in r:
+            if x != cur and n:
+                lens.append(n)
+                n = 0
+            cur = x
+            n += 1
+        lens.append(n)
+        rows.append(lens)
+    return SeqInfo.from_lengths(rows, total_length=ids.shape[1], device=ids.device)
+
+
+def _structured(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, config, mu):
+    """(term, documents SeqInfo) when the mask is recognized and exactly expressible, else a reason (str)."""
+    atoms = _atoms(mask_function, mu)
+    if atoms is None:
+        return f"mask_function {getattr(mask_function, '__qualname__', mask_function)!r} is not a recognized HF pattern"
+    qo, ko = _int(q_offset), _int(kv_offset)
+    if qo is None or ko is None:
+        return "query/key offsets are tensors (static cache)"
+    aligned = qo + q_length == ko + kv_length  # the last query sits at the last key: bottom-right
+    packed = [a for a in atoms if a[0] == "packed"]
+    flat = []
+    for a in atoms:
+        if a[0] == "remapped":
+            if not packed:
+                return "position-remapped mask without a packed-sequence mask"
+            # Within one document the remapped positions are consecutive, so a translation-invariant
+            # window on positions equals the same window on indices; across documents "packed" masks.
+            if any(b[0] != "window" for b in a[1]):
+                return "position-remapped mask with a non-window part"
+            flat += a[1]
+        else:
+            flat.append(a)
+    terms = []
+    for a in flat:
+        if a[0] == "window":
+            if not aligned:
+                return f"window with unaligned offsets (q_offset={qo}, kv_offset={ko}, q_length={q_length}, kv_length={kv_length})"
+            terms.append(_spec.sliding_window(a[1], a[2]))
+    info = None
+    if packed:
+        if len(packed) > 1 or qo != 0 or ko != 0 or q_length != kv_length:
+            return "packed sequences with a cache or offsets"
+        info = _packed_info(packed[0][1])
+        terms.append(info.as_documents())
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+            return f"attention_mask of shape {tuple(getattr(attention_mask, 'shape', ()))}"
+        keep = attention_mask.to(torch.bool)
+        if keep.shape[1] < ko + kv_length:  # HF pads short masks with "not visible" (prepare_padding_mask)
+            keep = torch.nn.functional.pad(keep, (0, ko + kv_length - keep.shape[1]), value=False)
+        keep = keep[:, ko : ko + kv_length]
+        if not bool(keep.all()):  # one host read per mask (once per forward, shared by every layer)
+            if packed:
+                return "packed sequences with a padding mask"
+            # anyattn's padding() also empties padding *query* rows (their output is 0). That is
+            # invisible in self-attention, where those rows are padding tokens whose outputs nothing
+            # reads; it would be wrong for cross-attention, so models with cross-attention keep HF's
+            # keys-only meaning through a broadcast (B, 1, 1, Sk) mask.
+            cross = bool(getattr(config, "is_encoder_decoder", False) or getattr(config, "add_cross_attention", False))
+            if aligned and not cross:
+                terms.append(SeqInfo.from_padding_mask(keep).as_padding())
+            else:
+                terms.append(_spec.dense(keep[:, None, None, :]))
+    term = None
+    for t in terms:
+        term = t if term is None else term & t
+    return _spec.canonical_mask(term), info
+
+
+def _mask_interface(batch_size=None, q_length=None, kv_length=None, q_offset=0, kv_offset=0, mask_function=None,
+                    attention_mask=None, **kwargs):  # fmt: skip
+    """Registered in ``AttentionMaskInterface``: returns an :class:`HFMask` (see the module docstring)."""
+    _, mu = _transformers()
+    if mask_function is None:
+        mask_function = mu.causal_mask_function
+    if q_length is None and isinstance(kwargs.get("cache_position"), torch.Tensor):  # older mask-builder signature
+        cp = kwargs["cache_position"]
+        q_length, q_offset = cp.shape[0], cp[0]
+    if q_length is None or kv_length is None:
+        raise bad_value("mask builder arguments", "q_length and kv_length from transformers", f"{sorted(kwargs)}")
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:  # a prepared 4-D mask
+        return attention_mask
+    got = _structured(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
+                      kwargs.get("config"), mu)  # fmt: skip
+    if not isinstance(got, str):
+        term, info = got
+        return HFMask(term, int(q_length), int(kv_length), "structured", info)
+    dense = mu.sdpa_mask(
+        batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
+        mask_function=mask_function, attention_mask=attention_mask,
+        **{**kwargs, "allow_is_causal_skip": False, "allow_is_bidirectional_skip": False},
+    )  # fmt: skip
+    if dense is None:  # pragma: no cover - sdpa_mask returns a tensor with both skips off
+        raise RuntimeError("transformers' sdpa_mask returned None with allow_*_skip=False")
+    return HFMask(_spec.dense(dense), int(q_length), int(kv_length), f"dense: {got}")
+
+
+# --------------------------------------------------------------------------------------------
+# The attention function
+
+
+_CU_CHECKED: dict = {}  # (id(cu), version, id(SeqInfo)) -> (cu, info): documents from cu_seq_lens
+
+
+def _docs_from_cu(cu_q, cu_k, Sq: int, Sk: int, B: int):
+    if not isinstance(cu_q, torch.Tensor) or (cu_k is not None and not isinstance(cu_k, torch.Tensor)):
+        raise bad_type("cu_seq_lens_q/k", "1-D integer tensors", f"{type(cu_q).__name__}/{type(cu_k).__name__}")
+    if B != 1 or Sq != Sk:
+        raise bad_value("cu_seq_lens_q", "packed self-attention with one batch row and Sq == Sk", f"B={B}, Sq={Sq}, Sk={Sk}")
+    key = (id(cu_q), cu_q._version, id(cu_k))
+    hit = _CU_CHECKED.get(key)
+    if hit is not None and hit[0] is cu_q:
+        return hit[1]
+    if cu_k is not None and cu_k is not cu_q and not torch.equal(cu_q.to(cu_k.device), cu_k):
+        raise bad_value("cu_seq_lens_k", "the same boundaries as cu_seq_lens_q (self-attention)", "different boundaries")
+    info = SeqInfo.from_cu_seqlens(cu_q.to(torch.int32), total_length=Sq)
+    if len(_CU_CHECKED) > 64:
+        _CU_CHECKED.clear()
+    _CU_CHECKED[key] = (cu_q, info)
+    return info
+
+
+def _mask_term(module, query, key, attention_mask, kwargs):
+    B, _, Sq, _ = query.shape
+    Sk = key.shape[2]
+    docs_in_mask = None
+    if isinstance(attention_mask, HFMask):
+        if (attention_mask.q_length, attention_mask.kv_length) != (Sq, Sk):
+            raise bad_value(
+                "attention_mask", f"a mask built for q_length={Sq}, kv_length={Sk}",
+                f"one for q_length={attention_mask.q_length}, kv_length={attention_mask.kv_length}",
+            )  # fmt: skip
+        term, docs_in_mask = attention_mask.term, attention_mask.documents
+    elif attention_mask is None:
+        # No mask at all: HF's eager and sdpa apply only `is_causal` (not `sliding_window`).
+        is_causal = kwargs.get("is_causal")
+        is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+        term = _spec.causal() if is_causal else None
+    elif isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
+        m = attention_mask[:, :, :, :Sk]
+        # A prepared 4-D mask (custom, or from a model that builds its own): used as given.
+        term = None
+        if m.dtype == torch.bool:
+            return _spec.dense(m), None
+        if m.dtype.is_floating_point:
+            return None, _spec.bias(m)
+        raise bad_type("attention_mask", "a bool or floating-point 4-D mask", f"dtype {m.dtype}")
+    elif isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+        # A raw (B, Sk) keep-mask, as flash-style mask builders pass it.
+        keep = attention_mask[:, -Sk:].to(torch.bool)
+        is_causal = kwargs.get("is_causal")
+        is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+        term = _spec.padding(mask=keep)
+        if is_causal:
+            term = _spec.causal() & term
+    else:
+        raise bad_type(
+            "attention_mask", "an anyattn.hf.HFMask, None, or a 2-D/4-D tensor (register() installs the mask builder)",
+            type(attention_mask).__name__,
+        )  # fmt: skip
+    cu_q = kwargs.get("cu_seq_lens_q")
+    if cu_q is not None:
+        info = _docs_from_cu(cu_q, kwargs.get("cu_seq_lens_k"), Sq, Sk, B)
+        if docs_in_mask is not None:
+            if info.host_lengths != docs_in_mask.host_lengths:
+                raise bad_value(
+                    "cu_seq_lens_q", f"the documents position_ids describe {list(docs_in_mask.host_lengths[0])}",
+                    f"{list(info.host_lengths[0])}",
+                )  # fmt: skip
+        else:
+            d = info.as_documents()
+            term = d if term is None else term & d
+    return _spec.canonical_mask(term), None
+
+
+def _attention(*args, **kwargs):  # the one place the core is called (tests patch it to observe calls)
+    return _api.attention(*args, **kwargs)
+
+
+def _make_forward(backend: str):
+    def anyattn_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        mask, bias4 = _mask_term(module, query, key, attention_mask, kwargs)
+        score = []
+        softcap = kwargs.get("softcap")
+        if softcap is not None and softcap != 0:  # HF uses 0 / None for "no soft-capping"
+            score.append(_spec.softcap(float(softcap)))
+        if bias4 is not None:
+            score.append(bias4)
+        position_bias = kwargs.get("position_bias")
+        if position_bias is not None:
+            score.append(_spec.bias(position_bias))
+        sinks = kwargs.get("s_aux")
+        if isinstance(scaling, torch.Tensor):
+            scaling = float(scaling)
+        if kwargs.get("output_attentions"):
+            out, weights = _api.attention_with_weights(
+                query, key, value, mask=mask, score=score or None, scale=scaling, dropout_p=float(dropout)
+            )
+            if sinks is not None:
+                raise bad_value("s_aux", "None with output_attentions=True", "attention sinks")
+            return out.transpose(1, 2), weights.to(query.dtype)
+        if sinks is None:
+            out = _attention(query, key, value, mask=mask, score=score or None, scale=scaling, backend=backend,
+                             dropout_p=float(dropout))  # fmt: skip
+        else:
+            # A sink adds exp(s_aux[h]) to each row's softmax denominator and contributes no value:
+            # out_sink = out * e^lse / (e^lse + e^sink) = out * sigmoid(lse - sink).
+            if not isinstance(sinks, torch.Tensor) or sinks.dim() != 1 or sinks.shape[0] != query.shape[1]:
+                raise bad_value("s_aux", f"a (Hq,) = ({query.shape[1]},) tensor", f"{getattr(sinks, 'shape', type(sinks))}")
+            out, lse = _attention(query, key, value, mask=mask, score=score or None, scale=scaling, backend=backend,
+                                  dropout_p=float(dropout), return_lse=True)  # fmt: skip
+            if torch.is_grad_enabled() and (query.requires_grad or sinks.requires_grad) and not lse.requires_grad:
+                raise bad_value("s_aux", "a backend whose log-sum-exp has gradients (training with sinks)", "an lse without grad")
+            w = torch.sigmoid(lse - sinks.float()[None, :, None])
+            out = (out.float() * w[..., None]).to(out.dtype)
+        return out.transpose(1, 2), None
+
+    anyattn_attention_forward.__name__ = f"anyattn_{backend}_attention_forward"
+    anyattn_attention_forward.__qualname__ = anyattn_attention_forward.__name__
+    return anyattn_attention_forward
+
+
+def register(names=None) -> list[str]:
+    """Register anyattn with transformers (``AttentionInterface`` and ``AttentionMaskInterface``).
+
+    Args:
+        names: the ``attn_implementation`` names to register; default every name in
+            :data:`HF_NAMES` ("anyattn" = auto, "anyattn:flex", "anyattn:fa_torch", ...).
+
+    Returns the registered names. Safe to call more than once.
+    """
+    transformers, _ = _transformers()
+    if names is None:
+        names = list(HF_NAMES)
+    elif isinstance(names, str):
+        names = [names]
+    out = []
+    for n in names:
+        if n not in HF_NAMES:
+            hint = ""
+            if isinstance(n, str) and "flash" in n:
+                hint = " (transformers reserves names containing 'flash' for FlashAttention: use the 'fa' aliases)"
+            raise bad_value("names", f"names from {sorted(HF_NAMES)}{hint}", repr(n))
+        transformers.AttentionInterface.register(n, _make_forward(HF_NAMES[n]))
+        transformers.AttentionMaskInterface.register(n, _mask_interface)
+        out.append(n)
+    return out
