@@ -40,7 +40,7 @@ def build_parser(prog: str = "anyattn") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, description="anyattn: one attention call over every PyTorch attention backend."
     )
-    sub = p.add_subparsers(dest="command", metavar="{doctor,bench}")
+    sub = p.add_subparsers(dest="command", metavar="{doctor,bench,embed}")
 
     d = sub.add_parser("doctor", help="environment, backends, correctness vs the float64 oracle, a speed probe")
     from .bench import doctor
@@ -55,6 +55,9 @@ def build_parser(prog: str = "anyattn") -> argparse.ArgumentParser:
         mod.add_arguments(bp)
         bp.set_defaults(func=lambda a, cmd, _m=mod: _m.run_from_args(a, cmd))
     b.set_defaults(func=None, _bench_parser=b)
+    from .embed.cli import add_parser as add_embed
+
+    add_embed(sub)
     return p
 
 
