@@ -214,14 +214,17 @@ def _rope_cos_sin(positions_T: torch.Tensor, theta: float, D: int):
     return angles.cos().unsqueeze(1), angles.sin().unsqueeze(1)
 
 
-def _qkv(x_TC, ln_w, eps: float, wq, wk, wv, cos_T1D, sin_T1D, H: int, G: int, clip):
-    """Pre-RMSNorm, projections, optional clamp, rotary in float32. Returns q (T,H,D), k, v (T,G,D)."""
+def _qkv(x_TC, norm, q_proj, k_proj, v_proj, cos_T1D, sin_T1D, H: int, G: int, clip):
+    """Pre-RMSNorm, projections, optional clamp, rotary in float32. Returns q (T,H,D), k, v (T,G,D).
+
+    The projections are called as modules (not read as weights) so that adapters wrapping them
+    (PEFT LoRA) take effect."""
     T, C = x_TC.shape
     D = C // H
-    h = F.rms_norm(x_TC, (C,), ln_w, eps).to(x_TC.dtype)
-    q = F.linear(h, wq).view(T, H, D)
-    k = F.linear(h, wk).view(T, G, D)
-    v = F.linear(h, wv).view(T, G, D)
+    h = norm(x_TC)
+    q = q_proj(h).view(T, H, D)
+    k = k_proj(h).view(T, G, D)
+    v = v_proj(h).view(T, G, D)
     if clip is not None:
         q, k, v = q.clamp(-clip, clip), k.clamp(-clip, clip), v.clamp(-clip, clip)
     qf, kf = q.float(), k.float()
@@ -230,14 +233,14 @@ def _qkv(x_TC, ln_w, eps: float, wq, wk, wv, cos_T1D, sin_T1D, H: int, G: int, c
     return q, k, v
 
 
-def _out_ffn(o_TC, x_TC, wo, ln_w, eps: float, w1, w2, w3, act):
+def _out_ffn(o_TC, x_TC, o_proj, norm, w1, w2, w3, act):
     """Output projection + residual, then pre-RMSNorm (gated) FFN + residual."""
-    x = x_TC + F.linear(o_TC, wo)
-    h = F.rms_norm(x, (x.shape[-1],), ln_w, eps).to(x.dtype)
-    a = act(F.linear(h, w1))
+    x = x_TC + o_proj(o_TC)
+    h = norm(x)
+    a = act(w1(h))
     if w3 is not None:
-        a = a * F.linear(h, w3)
-    return x + F.linear(a, w2)
+        a = a * w3(h)
+    return x + w2(a)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,10 +426,7 @@ class E1Layer(nn.Module):
         sa = na.self_attn
         H, G, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         T, C = x_TC.shape
-        q, k, v = _qkv(
-            x_TC, na.input_layernorm.weight, cfg.rms_norm_eps, sa.q_proj.weight, sa.k_proj.weight, sa.v_proj.weight,
-            cos, sin, H, G, cfg.clip_qkv,
-        )  # fmt: skip
+        q, k, v = _qkv(x_TC, na.input_layernorm, sa.q_proj, sa.k_proj, sa.v_proj, cos, sin, H, G, cfg.clip_qkv)
         # (T, H, D) memory, (1, H, T, D) views: the layout anyattn takes (DESIGN.md section 4)
         q4, k4, v4 = q.unsqueeze(0).transpose(1, 2), k.unsqueeze(0).transpose(1, 2), v.unsqueeze(0).transpose(1, 2)
         scale = D**-0.5
@@ -437,10 +437,8 @@ class E1Layer(nn.Module):
             o = attention(q4, k4, v4, mask=mask, scale=scale, backend=backend)
         s_max = _s_max(q, k, self.is_global, batch, scale) if need_s_max else None
         mlp = self.ffn.mlp
-        x = _out_ffn(
-            o.transpose(1, 2).reshape(T, C), x_TC, sa.o_proj.weight, na.post_attention_layernorm.weight,
-            cfg.rms_norm_eps, mlp.w1.weight, mlp.w2.weight, None if mlp.w3 is None else mlp.w3.weight, self._act,
-        )  # fmt: skip
+        o_TC = o.transpose(1, 2).reshape(T, C)
+        x = _out_ffn(o_TC, x_TC, sa.o_proj, na.post_attention_layernorm, mlp.w1, mlp.w2, mlp.w3, self._act)
         return x, weights, s_max
 
 
