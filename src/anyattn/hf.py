@@ -18,10 +18,12 @@
   those terms plus what the model passes as keywords: ``scaling``, ``dropout``, ``softcap``,
   ``s_aux`` (attention sinks), ``cu_seq_lens_q/k``, ``position_bias``.
 
-Names. transformers treats every implementation name containing "flash" as FlashAttention (it
-tries to load a hub kernel), so backends of the flash family register under "fa" aliases:
+Names. transformers reads meaning into substrings of the implementation name: "flash" means
+FlashAttention (it tries to load a hub kernel), "sdpa" runs its own SDPA support check (Gemma2
+fails it), "flex_attention" its flex checks. So anyattn's backends register under aliases that
+contain none of them:
 
-    anyattn               auto              anyattn:sdpa      sdpa
+    anyattn               auto              anyattn:sdp       sdpa
     anyattn:eager         eager             anyattn:cudnn     cudnn
     anyattn:flex          flex              anyattn:fa_torch  flash_torch
     anyattn:fa            flash             anyattn:kernels_fa  kernels_flash
@@ -51,10 +53,10 @@ if importlib.util.find_spec("transformers") is None:  # pragma: no cover - exerc
 
 __all__ = ["register", "HF_NAMES", "hf_name", "HFMask"]
 
-# HF name suffix -> anyattn backend. "flash" must not appear in a name (see the module docstring).
+# HF name suffix -> anyattn backend. No name may contain "flash", "sdpa" or "flex_attention" (module docstring).
 _ALIASES = {
     "eager": "eager",
-    "sdpa": "sdpa",
+    "sdp": "sdpa",
     "cudnn": "cudnn",
     "flex": "flex",
     "fa_torch": "flash_torch",
@@ -104,6 +106,7 @@ class HFMask:
     kv_length: int
     how: str
     documents: Any = field(default=None, repr=False)  # the SeqInfo of packed rows, when any
+    plain: bool = False  # structured, no padding, no documents: position_ids may still pack
 
     @property
     def shape(self) -> tuple:  # a few HF code paths read mask.shape[-1] (the key length)
@@ -184,7 +187,7 @@ def _packed_info(ids: torch.Tensor) -> SeqInfo:
 
 
 def _structured(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, config, mu):
-    """(term, documents SeqInfo) when the mask is recognized and exactly expressible, else a reason (str)."""
+    """(term, documents SeqInfo, plain) when the mask is recognized and exactly expressible, else a reason (str)."""
     atoms = _atoms(mask_function, mu)
     if atoms is None:
         return f"mask_function {getattr(mask_function, '__qualname__', mask_function)!r} is not a recognized HF pattern"
@@ -205,7 +208,7 @@ def _structured(batch_size, q_length, kv_length, q_offset, kv_offset, mask_funct
             flat += a[1]
         else:
             flat.append(a)
-    terms = []
+    terms, plain = [], not packed
     for a in flat:
         if a[0] == "window":
             if not aligned:
@@ -227,6 +230,7 @@ def _structured(batch_size, q_length, kv_length, q_offset, kv_offset, mask_funct
         if not bool(keep.all()):  # one host read per mask (once per forward, shared by every layer)
             if packed:
                 return "packed sequences with a padding mask"
+            plain = False
             # anyattn's padding() also empties padding *query* rows (their output is 0). That is
             # invisible in self-attention, where those rows are padding tokens whose outputs nothing
             # reads; it would be wrong for cross-attention, so models with cross-attention keep HF's
@@ -239,7 +243,7 @@ def _structured(batch_size, q_length, kv_length, q_offset, kv_offset, mask_funct
     term = None
     for t in terms:
         term = t if term is None else term & t
-    return _spec.canonical_mask(term), info
+    return _spec.canonical_mask(term), info, plain
 
 
 def _mask_interface(batch_size=None, q_length=None, kv_length=None, q_offset=0, kv_offset=0, mask_function=None,
@@ -258,8 +262,8 @@ def _mask_interface(batch_size=None, q_length=None, kv_length=None, q_offset=0, 
     got = _structured(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
                       kwargs.get("config"), mu)  # fmt: skip
     if not isinstance(got, str):
-        term, info = got
-        return HFMask(term, int(q_length), int(kv_length), "structured", info)
+        term, info, plain = got
+        return HFMask(term, int(q_length), int(kv_length), "structured", info, plain)
     dense = mu.sdpa_mask(
         batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
         mask_function=mask_function, attention_mask=attention_mask,
@@ -275,6 +279,29 @@ def _mask_interface(batch_size=None, q_length=None, kv_length=None, q_offset=0, 
 
 
 _CU_CHECKED: dict = {}  # (id(cu), version, id(SeqInfo)) -> (cu, info): documents from cu_seq_lens
+
+
+_POS_CHECKED: dict = {}  # (id(position_ids), version) -> (position_ids, SeqInfo | None)
+
+
+def _docs_from_position_ids(pos, B: int, S: int):
+    """Packed documents from ``position_ids`` that restart at 0, or None when they do not restart.
+
+    The same tensor reaches every layer, so the host read happens once per forward."""
+    if not isinstance(pos, torch.Tensor) or pos.dim() != 2 or pos.shape[1] != S or pos.shape[0] not in (1, B):
+        return None
+    key = (id(pos), pos._version)
+    hit = _POS_CHECKED.get(key)
+    if hit is not None and hit[0] is pos:
+        return hit[1]
+    restarts = S > 1 and bool((pos[:, 1:] != pos[:, :-1] + 1).any())
+    info = None
+    if restarts:
+        info = SeqInfo.from_position_ids(pos.expand(B, S))  # raises if the ids are not 0,1,..,0,1,.. rows
+    if len(_POS_CHECKED) > 64:
+        _POS_CHECKED.clear()
+    _POS_CHECKED[key] = (pos, info)
+    return info
 
 
 def _docs_from_cu(cu_q, cu_k, Sq: int, Sk: int, B: int):
@@ -333,6 +360,14 @@ def _mask_term(module, query, key, attention_mask, kwargs):
             "attention_mask", "an anyattn.hf.HFMask, None, or a 2-D/4-D tensor (register() installs the mask builder)",
             type(attention_mask).__name__,
         )  # fmt: skip
+    if docs_in_mask is None and isinstance(attention_mask, HFMask) and attention_mask.plain and Sq == Sk:
+        # transformers detects packing in the mask builder only without a cache object; a forward
+        # with use_cache=True (the default) gets a plain causal mask. FlashAttention's rule applies
+        # then, as in HF's flash path: position_ids that restart mean separate documents.
+        docs_in_mask = _docs_from_position_ids(kwargs.get("position_ids"), B, Sq)
+        if docs_in_mask is not None:
+            d = docs_in_mask.as_documents()
+            term = d if term is None else term & d
     cu_q = kwargs.get("cu_seq_lens_q")
     if cu_q is not None:
         info = _docs_from_cu(cu_q, kwargs.get("cu_seq_lens_k"), Sq, Sk, B)
@@ -413,8 +448,8 @@ def register(names=None) -> list[str]:
     for n in names:
         if n not in HF_NAMES:
             hint = ""
-            if isinstance(n, str) and "flash" in n:
-                hint = " (transformers reserves names containing 'flash' for FlashAttention: use the 'fa' aliases)"
+            if isinstance(n, str) and ("flash" in n or "sdpa" in n):
+                hint = " (transformers reads 'flash' and 'sdpa' inside names as its own implementations: use the aliases)"
             raise bad_value("names", f"names from {sorted(HF_NAMES)}{hint}", repr(n))
         transformers.AttentionInterface.register(n, _make_forward(HF_NAMES[n]))
         transformers.AttentionMaskInterface.register(n, _mask_interface)
