@@ -269,6 +269,9 @@ class SelfAttention(nn.Module):
             scores.append(score_fn(self._clip))
         self._scores = tuple(scores) or None
         self.head_offset = 0  # first global head of this rank (tensor parallel)
+        # repeat k/v to the query heads before the call: torch's context-parallel SDPA handlers
+        # take no enable_gqa (set by anyattn.models.decoder.prepare_context_parallel)
+        self.expand_kv = False
         # anyattn memoizes the normalized backend argument in a module dict that a compiled
         # forward guards on; filling it now keeps the first uncompiled call from invalidating
         # the compiled graph (one avoidable recompile, seen on torch 2.13).
@@ -313,6 +316,9 @@ class SelfAttention(nn.Module):
                 pos = batch.positions if batch is not None else torch.arange(S, device=x_BSC.device).expand(B, S)
                 rope = self.rotary(pos)
             q_BSHD, k_BSHD = apply_rotary(q_BSHD, *rope), apply_rotary(k_BSHD, *rope)
+        if self.expand_kv and k_BSHD.shape[2] != q_BSHD.shape[2]:
+            g = q_BSHD.shape[2] // k_BSHD.shape[2]
+            k_BSHD, v_BSHD = k_BSHD.repeat_interleave(g, dim=2), v_BSHD.repeat_interleave(g, dim=2)
         o_BHSD = attention(
             q_BSHD.transpose(1, 2), k_BSHD.transpose(1, 2), v_BSHD.transpose(1, 2),
             mask=self.mask_for(batch), score=self._scores, backend=c.backend,

@@ -39,7 +39,16 @@ __all__ = [
     "decoder_flops",
     "apply_fsdp",
     "apply_tensor_parallel",
+    "prepare_context_parallel",
+    "CONTEXT_PARALLEL_BACKENDS",
 ]
+
+# anyattn backends that reach torch's context-parallel ring attention: torch's
+# ``context_parallel`` replaces ``F.scaled_dot_product_attention`` (flash, efficient and cuDNN
+# kernels, ``is_causal`` only, no attn_mask); these two look that function up at call time.
+# flash_torch binds SDPA at import and calls varlen_attn, flex compiles its own kernel: under the
+# patch they would attend within the local shard only, so they are refused.
+CONTEXT_PARALLEL_BACKENDS = ("sdpa", "cudnn")
 
 
 @dataclass(frozen=True)
@@ -274,4 +283,27 @@ def apply_tensor_parallel(model: Decoder, tp_mesh) -> Decoder:
         attn.head_offset = rank * local
         if hasattr(attn, "logit_clip"):
             attn.logit_clip = attn.logit_clip[attn.head_offset : attn.head_offset + local].clone()
+    return model
+
+
+def prepare_context_parallel(model: Decoder) -> Decoder:
+    """Check that ``model`` can run under ``torch.distributed.tensor.experimental.context_parallel``
+    and prepare it: full causal attention on every layer (no window, softcap, logit clip or
+    dropout: the ring attention takes ``is_causal`` and nothing else), a backend from
+    :data:`CONTEXT_PARALLEL_BACKENDS`, and k/v repeated to the query heads (the ring handlers take
+    no GQA). Batches must be one sequence per row (no documents): shard ``input_ids``, ``labels``
+    and ``positions`` with ``context_parallel(mesh, buffers=..., buffer_seq_dims=...)``."""
+    from ..resolve import check_backend
+
+    cfg = model.config
+    names = check_backend(cfg.backend)
+    if not names or any(n not in CONTEXT_PARALLEL_BACKENDS for n in names):
+        raise bad_value("config.backend", f"one of {CONTEXT_PARALLEL_BACKENDS} under context parallel", repr(cfg.backend))
+    for name in ("sliding_window", "softcap", "logit_clip"):
+        if getattr(cfg, name) is not None:
+            raise bad_value(f"config.{name}", "None under context parallel (ring attention is causal only)", getattr(cfg, name))
+    if cfg.attn_dropout:
+        raise bad_value("config.attn_dropout", "0.0 under context parallel", cfg.attn_dropout)
+    for layer in model.layers:
+        layer.attention.expand_kv = True
     return model
