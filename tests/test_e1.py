@@ -187,6 +187,7 @@ def test_longer_than_max_length_is_refused():
         model(b["input_ids"], b["attention_mask"])
 
 
+@pytest.mark.slow
 def test_flex_compiled_matches_reference():
     """One flex case (CPU flex compiles a kernel per mask signature; flex needs D >= 16)."""
     model = make_model(attn_backend="flex", hidden_size=64, intermediate_size=96)
