@@ -250,7 +250,7 @@ def test_dplm_matches_transformers(dplm, lengths, masks, backend):
     input_ids != pad, as EsmForDPLM.forward builds it), logits and every hidden state."""
     path, cfg, sd, hf = dplm
     model = load_dplm(str(path), attn_backend=backend)
-    assert type(model) is DPLMForMaskedLM and model.dplm_type == "dplm_esm"
+    assert type(model) is DPLMForMaskedLM and model.config.dplm_type == "dplm_esm"
     ids = _dplm_batch(lengths, masks=masks)
     am = (ids != PAD).long()
     with torch.no_grad():
@@ -348,6 +348,34 @@ def test_dplm2_matches_reference(dplm2, dplm2_model, tok2, case, backend):
     keep = batch["attention_mask"].bool()
     _assert_close(_errs(out, logits, hidden, keep), f"DPLM-2 {case} on {backend}")
     assert torch.equal(out.logits, out2.logits)
+
+
+@pytest.mark.parametrize("case", ["mixed-padded", "aa-only"])
+def test_dplm2_packed_run_of_a_padded_batch_matches_reference(dplm2, tok2, case):
+    """pack_padded=True: the padded batch runs as one packed row (the path flash_torch and flex
+    take); the modality positions and the per-protein second rescaling survive the packing."""
+    _, cfg, sd = dplm2
+    model = load_dplm(str(dplm2[0]), attn_backend="sdpa")
+    model.pack_padded = True
+    batch = tok2(*DPLM2_CASES[case])
+    with torch.no_grad():
+        out = model(batch["input_ids"], output_hidden_states=True)
+    logits, hidden = _reference(sd, cfg, batch["input_ids"], twice=True, modality_positions=True)
+    _assert_close(_errs(out, logits, hidden, batch["attention_mask"].bool()), f"DPLM-2 {case} packed")
+
+
+def test_dplm_packed_documents_equal_the_padded_batch(dplm):
+    """DPLM takes packed documents (seq_info): the same numbers as the padded batch."""
+    from anyattn import SeqInfo
+
+    model = load_dplm(str(dplm[0]), attn_backend="sdpa")
+    ids = _dplm_batch([17, 9, 30], masks=[(0, 3), (2, 7)])
+    keep = ids != PAD
+    lengths = keep.sum(-1).tolist()
+    with torch.no_grad():
+        padded = model(ids).logits[keep]
+        packed = model(ids[keep][None], seq_info=SeqInfo.from_lengths(lengths)).logits[0]
+    assert (padded - packed).abs().max() <= TOL
 
 
 def test_dplm2_differences_are_exercised(dplm2, tok2):

@@ -41,13 +41,18 @@ import torch
 
 from ..errors import bad_type, bad_value
 from ..layout import SeqInfo
-from .esm2 import ESM2Config, ESM2ForMaskedLM, load_hf_state_dict
+from .hub import Family
 from .tokenizer import ProteinTokenizer
+
+# The model classes subclass ESM2ForMaskedLM (a transformers PreTrainedModel): they are built on
+# first access (module __getattr__), so that detection, key mapping and the tokenizers import
+# with torch only (anyattn.models.load runs every family's detector on every config).
 
 __all__ = [
     "DPLMForMaskedLM",
     "DPLM2ForMaskedLM",
     "DPLM2Tokenizer",
+    "DPLM_FAMILY",
     "DPLM_TYPES",
     "dplm2_positions",
     "dplm_config_to_esm2",
@@ -104,10 +109,13 @@ def is_dplm2_config(config_dict: dict) -> bool:
     return t.startswith("dplm2") or int(config_dict.get("vocab_size") or 0) > NUM_AA_TOKENS
 
 
-def dplm_config_to_esm2(config_dict: dict, **overrides) -> ESM2Config:
-    """The ESM2 config of a DPLM / DPLM-2 ``config.json`` (an ``EsmConfig`` dict with
-    ``dplm_type``). ``dplm2_esm`` never ties the LM head to the embeddings (``EsmForDPLM2``
-    sets ``tie_word_embeddings=False`` whatever the file says)."""
+def dplm_config_to_esm2(config_dict: dict, **overrides):
+    """The ``ESM2Config`` of a DPLM / DPLM-2 ``config.json`` (an ``EsmConfig`` dict with
+    ``dplm_type``), keeping ``dplm_type`` (saved with the model). ``dplm2_esm`` never ties the LM
+    head to the embeddings (``EsmForDPLM2`` sets ``tie_word_embeddings=False`` whatever the file
+    says)."""
+    from .esm2 import ESM2Config
+
     if not isinstance(config_dict, dict):
         raise bad_type("config_dict", "the dict of a DPLM config.json", type(config_dict).__name__)
     t = _dplm_type(config_dict)
@@ -115,6 +123,7 @@ def dplm_config_to_esm2(config_dict: dict, **overrides) -> ESM2Config:
         raise bad_value("config_dict['dplm_type']", f"one of {sorted(DPLM_TYPES)}", repr(t))
     if t == "dplm2_esm":
         overrides.setdefault("tie_word_embeddings", False)
+    overrides.setdefault("dplm_type", t)
     return ESM2Config.from_hf_config(config_dict, **overrides)
 
 
@@ -204,76 +213,96 @@ def dplm2_positions(input_ids: torch.Tensor, keep: torch.Tensor | None = None) -
     return torch.where(two_tracks_B[:, None], split, col).to(torch.int64)
 
 
-class DPLMForMaskedLM(ESM2ForMaskedLM):
-    """DPLM (``dplm_type`` ``"dplm_esm"``): ESM2 called the way ``EsmForDPLM.forward`` calls HF's
-    ``EsmModel``: the attention mask is ``input_ids != pad_token_id`` unless ``attention_mask`` is
-    given, and the rotary position of a token is its column (transformers 4.x's
-    ``RotaryEmbedding``), also where padding sits inside a row (DPLM-2 rows). With right padding
-    this is exactly ``ESM2ForMaskedLM``. ``seq_info`` (packed documents) is passed through:
-    positions restart per document, as in ESM2."""
-
-    def _positions(self, input_ids, keep):
-        B, S = input_ids.shape
-        return torch.arange(S, device=input_ids.device).expand(B, S)
-
-    def forward(
-        self, input_ids, attention_mask=None, *, seq_info=None, output_hidden_states: bool = False,
-        output_attentions: bool = False,
-    ):  # fmt: skip
-        kw = dict(output_hidden_states=output_hidden_states, output_attentions=output_attentions)
-        if seq_info is not None:
-            return super().forward(input_ids, attention_mask, seq_info=seq_info, **kw)
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            got = f"shape {tuple(input_ids.shape)}" if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-            raise bad_value("input_ids", "a (B, S) integer tensor", got)
-        if attention_mask is None:
-            keep = input_ids != self.cfg.pad_token_id
-        else:
-            if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
-                got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
-                raise bad_value("attention_mask", f"a tensor of shape {tuple(input_ids.shape)} like input_ids", got)
-            keep = attention_mask.to(input_ids.device) != 0
-        info = SeqInfo.from_padding_mask(keep)
-        info = dataclasses.replace(info, positions=self._positions(input_ids, keep).to(torch.int64))
-        return super().forward(input_ids, seq_info=info, **kw)
+_CLASSES: dict = {}
 
 
-class DPLM2ForMaskedLM(DPLMForMaskedLM):
-    """DPLM-2 (``dplm_type`` ``"dplm2_esm"``): :class:`DPLMForMaskedLM` with modality-restarted
-    rotary positions (:func:`dplm2_positions`) and the double token-dropout rescaling of the
-    official forward (module docstring). ``attention_mask`` defaults to ``input_ids !=
-    pad_token_id``, which is what the official model always uses (padding sits in the middle of a
-    two-track row). Packed documents (``seq_info``) are not supported."""
+def _model_classes() -> dict:
+    """{"DPLMForMaskedLM": ..., "DPLM2ForMaskedLM": ...}, built once (needs transformers)."""
+    if _CLASSES:
+        return _CLASSES
+    from .esm2 import ESM2ForMaskedLM
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        if cfg.token_dropout:
-            self.esm.embeddings.register_forward_hook(self._second_token_dropout, with_kwargs=True)
+    class DPLMForMaskedLM(ESM2ForMaskedLM):
+        """DPLM (``dplm_type`` ``"dplm_esm"``): ESM2 called the way ``EsmForDPLM.forward`` calls
+        HF's ``EsmModel``: the attention mask is ``input_ids != pad_token_id`` unless
+        ``attention_mask`` is given, and the rotary position of a token is its column
+        (transformers' ``RotaryEmbedding``), also where padding sits inside a row (DPLM-2 rows).
+        With right padding this is exactly ``ESM2ForMaskedLM``. ``seq_info`` (packed documents)
+        is passed through: positions restart per document, as in ESM2."""
 
-    def _second_token_dropout(self, module, args, kwargs, x):
-        # The official wrapper's second pass through EsmEmbeddings: the masked rows are already
-        # zero; the rescaling is applied again with attention_mask = input_ids != pad.
-        ids = args[0] if args else kwargs["input_ids"]
-        cfg = self.cfg
-        is_mask = ids == cfg.mask_token_id
-        lens = (ids != cfg.pad_token_id).sum(-1).float()
-        ratio = (is_mask.sum(-1).float() / lens)[:, None, None]
-        return (x * (1 - _MASK_RATIO_TRAIN) / (1 - ratio)).to(x.dtype)
+        def _positions(self, input_ids, keep):
+            B, S = input_ids.shape
+            return torch.arange(S, device=input_ids.device).expand(B, S)
 
-    def _positions(self, input_ids, keep):
-        return dplm2_positions(input_ids, keep)
+        def forward(self, input_ids=None, attention_mask=None, *, seq_info=None, **kwargs):
+            if seq_info is not None:
+                return super().forward(input_ids, attention_mask, seq_info=seq_info, **kwargs)
+            if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
+                got = f"shape {tuple(input_ids.shape)}" if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+                raise bad_value("input_ids", "a (B, S) integer tensor", got)
+            if attention_mask is None:
+                keep = input_ids != self.config.pad_token_id
+            else:
+                if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+                    got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+                    raise bad_value("attention_mask", f"a tensor of shape {tuple(input_ids.shape)} like input_ids", got)
+                keep = attention_mask.to(input_ids.device) != 0
+            info = SeqInfo.from_padding_mask(keep)
+            info = dataclasses.replace(info, positions=self._positions(input_ids, keep).to(torch.int64))
+            return super().forward(input_ids, seq_info=info, **kwargs)
 
-    def forward(
-        self, input_ids, attention_mask=None, *, seq_info=None, output_hidden_states: bool = False,
-        output_attentions: bool = False,
-    ):  # fmt: skip
-        if seq_info is not None:
-            raise bad_value(
-                "seq_info", "None (DPLM-2 takes padded two-track rows; pass attention_mask or nothing)", type(seq_info).__name__
-            )
-        return super().forward(
-            input_ids, attention_mask, output_hidden_states=output_hidden_states, output_attentions=output_attentions
-        )
+    class DPLM2ForMaskedLM(DPLMForMaskedLM):
+        """DPLM-2 (``dplm_type`` ``"dplm2_esm"``): :class:`DPLMForMaskedLM` with modality-restarted
+        rotary positions (:func:`dplm2_positions`) and the double token-dropout rescaling of the
+        official forward (module docstring). ``attention_mask`` defaults to ``input_ids !=
+        pad_token_id``, what the official model always uses (padding sits in the middle of a
+        two-track row). Packed documents (``seq_info``) are not supported."""
+
+        def __init__(self, config):
+            super().__init__(config)
+            if config.token_dropout:
+                self.esm.embeddings.register_forward_hook(self._second_token_dropout, with_kwargs=True)
+
+        def _second_token_dropout(self, module, args, kwargs, x):
+            # The official wrapper's second pass through EsmEmbeddings: the <mask> rows are already
+            # zero; the rescaling is applied again, per protein (a padded row, or a document when
+            # the padded batch runs packed), over its real tokens.
+            ids = args[0] if args else kwargs["input_ids_BS"]
+            info = args[1] if len(args) > 1 else kwargs.get("info")
+            cfg = self.config
+            is_mask = ids == cfg.mask_token_id
+            if info is None:
+                ratio = (is_mask.sum(-1).float() / (ids != cfg.pad_token_id).sum(-1).float())[:, None, None]
+            else:
+                doc = info.doc_ids.long().clamp_min(0).reshape(-1)
+                counts = torch.zeros(info.num_docs, device=x.device, dtype=torch.float32)
+                counts.index_add_(0, doc, (is_mask & info.keep).reshape(-1).float())
+                lens = (info.cu_seqlens[1:] - info.cu_seqlens[:-1]).float()
+                ratio = (counts / lens)[doc].view(*ids.shape, 1)
+            return (x * (1 - _MASK_RATIO_TRAIN) / (1 - ratio)).to(x.dtype)
+
+        def _positions(self, input_ids, keep):
+            return dplm2_positions(input_ids, keep)
+
+        def forward(self, input_ids=None, attention_mask=None, *, seq_info=None, **kwargs):
+            if seq_info is not None:
+                raise bad_value(
+                    "seq_info", "None (DPLM-2 takes padded two-track rows; pass attention_mask or nothing)",
+                    type(seq_info).__name__,
+                )  # fmt: skip
+            return super().forward(input_ids, attention_mask, **kwargs)
+
+    for cls in (DPLMForMaskedLM, DPLM2ForMaskedLM):
+        cls.__module__, cls.__qualname__ = __name__, cls.__name__
+        _CLASSES[cls.__name__] = cls
+        globals()[cls.__name__] = cls
+    return _CLASSES
+
+
+def __getattr__(name: str):
+    if name in ("DPLMForMaskedLM", "DPLM2ForMaskedLM"):
+        return _model_classes()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -488,13 +517,7 @@ def _read_state_dict(path: str) -> dict:
     raise bad_value("path", "a checkpoint directory with *.safetensors or pytorch_model*.bin", f"{path!r} holding {files}")
 
 
-def load_dplm(path, *, attn_backend="auto", dtype=None, device=None) -> DPLMForMaskedLM:
-    """A DPLM or DPLM-2 checkpoint (local HF-format directory or hub id) as an anyattn model:
-    :class:`DPLMForMaskedLM` for ``dplm_type`` ``"dplm_esm"``, :class:`DPLM2ForMaskedLM` for
-    ``"dplm2_esm"``. Every checkpoint key is mapped (:func:`map_dplm_keys`) and checked against
-    the model: unknown, missing or mis-shaped keys raise, listing them."""
-    path = _resolve(path, what="path")
-    cfg_dict = _read_config(path)
+def _build(path: str, cfg_dict: dict, attn_backend, dtype, device):
     t = _dplm_type(cfg_dict)
     if t is None:
         raise bad_value(
@@ -503,11 +526,33 @@ def load_dplm(path, *, attn_backend="auto", dtype=None, device=None) -> DPLMForM
         )  # fmt: skip
     if t not in DPLM_TYPES:
         raise bad_value("config.json dplm_type", f"one of {sorted(DPLM_TYPES)} (implemented)", repr(t))
+    from .esm2 import load_hf_state_dict
+
     cfg = dplm_config_to_esm2(cfg_dict, attn_backend=attn_backend)
-    model = DPLM2ForMaskedLM(cfg) if t == "dplm2_esm" else DPLMForMaskedLM(cfg)
-    load_hf_state_dict(model, map_dplm_keys(_read_state_dict(path)))
+    cls = _model_classes()["DPLM2ForMaskedLM" if t == "dplm2_esm" else "DPLMForMaskedLM"]
+    sd = map_dplm_keys(_read_state_dict(path))
+    with torch.device("meta"):  # no random initialisation: every weight comes from the checkpoint
+        model = cls(cfg)
+    load_hf_state_dict(model, sd)
     model.eval()
-    model.dplm_type = t
-    if dtype is not None or device is not None:
-        model.to(device=device, dtype=dtype)
+    model.to(device=device if device is not None else "cpu", dtype=dtype if dtype is not None else torch.float32)
     return model
+
+
+def load_dplm(path, *, attn_backend="auto", dtype=None, device=None):
+    """A DPLM or DPLM-2 checkpoint (local HF-format directory or hub id) as an anyattn model, in
+    eval mode, float32 unless ``dtype`` is given: :class:`DPLMForMaskedLM` for ``dplm_type``
+    ``"dplm_esm"``, :class:`DPLM2ForMaskedLM` for ``"dplm2_esm"``. Every checkpoint key is mapped
+    (:func:`map_dplm_keys`) and checked against the model: unknown, missing or mis-shaped keys
+    raise, listing them."""
+    path = _resolve(path, what="path")
+    return _build(path, _read_config(path), attn_backend, dtype, device)
+
+
+def _family_loader(path, config, attn_backend, dtype, device):
+    return _build(path, config, attn_backend, dtype, device)
+
+
+# For anyattn.models.load: hub.register_family(DPLM_FAMILY) (before "esm2": DPLM configs say
+# model_type "esm" too). Detection reads the config dict only.
+DPLM_FAMILY = Family("dplm", is_dplm_config, _family_loader)
