@@ -146,7 +146,13 @@ def check_against_reference(model, samples, out, rows_mask, tol=1e-5):
 MIXED = ["MKTAYIAKQR?QISFVKSHF", "GSUZBOX,ACD?EFW,MKV?L", "MA", ("WYVHK", ["ACDE", "FGHIKLMN"])]
 
 
-@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+# eager / sdpa: padded layout (per-row same_segment & block_causal masks); "auto" and
+# ("eager", "flex"): packed layout (one row of documents; eager or sdpa serve it on CPU)
+LAYOUTS = ["eager", "sdpa", "auto", ("eager", "flex")]
+LAYOUT_IDS = ["eager-padded", "sdpa-padded", "auto-packed", "eager-packed"]
+
+
+@pytest.mark.parametrize("backend", LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 def test_matches_float64_reference_mixed_contexts(backend, padding_side):
     """Logits and every layer's hidden state, mixed lengths, several context sequences."""
@@ -161,7 +167,7 @@ def test_matches_float64_reference_mixed_contexts(backend, padding_side):
     assert out.last_hidden_state[~b["attention_mask"].bool()].abs().max() == 0
 
 
-@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+@pytest.mark.parametrize("backend", LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize(
     "samples",
     [["ACDEFGHIK,LMNPQ,RSTVW"], ["M"], ["A" * (MAXLEN - 4)], ["M", "A" * (MAXLEN - 4) + ",MKV"]],
@@ -198,8 +204,10 @@ def test_flex_compiled_matches_reference():
     check_against_reference(model, samples, out, b["attention_mask"])
 
 
-def test_packed_equals_padded_and_explicit_ids():
-    model = make_model()
+@pytest.mark.parametrize("backend", ["sdpa", "auto"], ids=["padded-layout", "packed-layout"])
+def test_packed_input_equals_padded_input_and_explicit_ids(backend):
+    """seq_info input (several samples in one row) = padded input; explicit ids = derived ids."""
+    model = make_model(attn_backend=backend)
     p = TOK.pack(MIXED, total_length=200)
     b = TOK.batch(MIXED)
     with torch.no_grad():
@@ -215,13 +223,14 @@ def test_packed_equals_padded_and_explicit_ids():
     torch.testing.assert_close(got, padded.logits[keep], rtol=0, atol=2e-5)
 
 
-def test_output_attentions_are_the_reference_weights_and_backend_stays():
-    model = make_model(attn_backend="sdpa")
+@pytest.mark.parametrize("backend", ["sdpa", "auto"], ids=["padded", "packed"])
+def test_output_attentions_are_the_reference_weights_and_backend_stays(backend):
+    model = make_model(attn_backend=backend)
     samples = ["ACD,EFGH,MKV", "MKTA"]
     b = TOK.batch(samples, padding_side="left")
     with pytest.warns(UserWarning, match="eager path"):
         out = model(b["input_ids"], b["attention_mask"], output_attentions=True)
-    assert model.attn_backend == "sdpa"
+    assert model.attn_backend == backend
     for r, s in enumerate(samples):
         _, _, w, _ = reference(model, sample_tokens(s))
         keep = b["attention_mask"][r].bool()
@@ -322,7 +331,7 @@ def _write_original(tmp_path, model, sd=None):
 
 
 def test_load_original_format_directory(tmp_path):
-    model = make_model(seed=3)
+    model = make_model(seed=3, attn_backend="sdpa")
     path = _write_original(tmp_path, model)
     assert is_e1_config(json.load(open(os.path.join(path, "config.json"))))
     loaded = load_e1(path, attn_backend="sdpa")

@@ -62,7 +62,7 @@ from ..api import attention, attention_with_weights
 from ..errors import bad_type, bad_value
 from ..layout import SeqInfo, pad, unpad
 from ..resolve import check_backend
-from ..spec import block_causal, documents
+from ..spec import block_causal, documents, same_segment
 
 __all__ = [
     "E1Config",
@@ -206,36 +206,36 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def _rope_cos_sin(positions_T: torch.Tensor, theta: float, D: int):
-    """cos, sin (T, 1, D) float32. inv_freq = theta ** -(2i/D), computed in float32 like E1."""
-    inv_freq = theta ** -(torch.arange(0, D, 2, dtype=torch.float32, device=positions_T.device) / D)
-    angles = positions_T.float()[:, None] * inv_freq[None, :]
+def _rope_cos_sin(positions_BS: torch.Tensor, theta: float, D: int):
+    """cos, sin (B, S, 1, D) float32. inv_freq = theta ** -(2i/D), computed in float32 like E1."""
+    inv_freq = theta ** -(torch.arange(0, D, 2, dtype=torch.float32, device=positions_BS.device) / D)
+    angles = positions_BS.float()[..., None] * inv_freq
     angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos().unsqueeze(1), angles.sin().unsqueeze(1)
+    return angles.cos().unsqueeze(-2), angles.sin().unsqueeze(-2)
 
 
-def _qkv(x_TC, norm, q_proj, k_proj, v_proj, cos_T1D, sin_T1D, H: int, G: int, clip):
-    """Pre-RMSNorm, projections, optional clamp, rotary in float32. Returns q (T,H,D), k, v (T,G,D).
+def _qkv(x_BSC, norm, q_proj, k_proj, v_proj, cos_BS1D, sin_BS1D, H: int, G: int, clip):
+    """Pre-RMSNorm, projections, optional clamp, rotary in float32. Returns q (B,S,H,D), k, v (B,S,G,D).
 
     The projections are called as modules (not read as weights) so that adapters wrapping them
     (PEFT LoRA) take effect."""
-    T, C = x_TC.shape
+    B, S, C = x_BSC.shape
     D = C // H
-    h = norm(x_TC)
-    q = q_proj(h).view(T, H, D)
-    k = k_proj(h).view(T, G, D)
-    v = v_proj(h).view(T, G, D)
+    h = norm(x_BSC)
+    q = q_proj(h).view(B, S, H, D)
+    k = k_proj(h).view(B, S, G, D)
+    v = v_proj(h).view(B, S, G, D)
     if clip is not None:
         q, k, v = q.clamp(-clip, clip), k.clamp(-clip, clip), v.clamp(-clip, clip)
     qf, kf = q.float(), k.float()
-    q = (qf * cos_T1D + _rotate_half(qf) * sin_T1D).to(x_TC.dtype)
-    k = (kf * cos_T1D + _rotate_half(kf) * sin_T1D).to(x_TC.dtype)
+    q = (qf * cos_BS1D + _rotate_half(qf) * sin_BS1D).to(x_BSC.dtype)
+    k = (kf * cos_BS1D + _rotate_half(kf) * sin_BS1D).to(x_BSC.dtype)
     return q, k, v
 
 
-def _out_ffn(o_TC, x_TC, o_proj, norm, w1, w2, w3, act):
+def _out_ffn(o_BSC, x_BSC, o_proj, norm, w1, w2, w3, act):
     """Output projection + residual, then pre-RMSNorm (gated) FFN + residual."""
-    x = x_TC + o_proj(o_TC)
+    x = x_BSC + o_proj(o_BSC)
     h = norm(x)
     a = act(w1(h))
     if w3 is not None:
@@ -248,16 +248,67 @@ def _out_ffn(o_TC, x_TC, o_proj, norm, w1, w2, w3, act):
 
 
 class E1Batch(NamedTuple):
-    """Everything a forward derives from its inputs once, shared by every layer (packed form)."""
+    """Everything a forward derives from its inputs once, shared by every layer.
 
-    rows: SeqInfo | None  # the (B, S) layout of the input (None: one full row, no padding)
-    within_mask: object  # mask term of the within-sequence layers, over the packed row (1, T)
+    Two layouts, same numbers: *packed* (the real tokens of all rows in one row (1, T); document
+    masks; for flex and varlen kernels, no compute on padding or across samples) and *padded*
+    (the input's (B, S) rows; per-row same_segment / block_causal masks; for backends that
+    materialize dense masks, which would otherwise build one (T, T) mask for the whole batch).
+    Tensors below are in the chosen layout: (1, T) or (B, S).
+    """
+
+    rows: SeqInfo | None  # the input's (B, S) structure (None: full rows, no padding)
+    packed: bool
+    B: int
+    S: int
+    within_mask: object  # mask term of the within-sequence layers
     global_mask: object  # mask term of the global layers
-    seq_ids_T: torch.Tensor  # (T,) sequence index inside its sample (embed_seq_id row)
-    within_pos_T: torch.Tensor  # (T,) int64
-    global_pos_T: torch.Tensor  # (T,) int64
+    seq_ids: torch.Tensor  # sequence index inside its sample (embed_seq_id row), 0 at padding
+    within_pos: torch.Tensor  # int64, 0 at padding
+    global_pos: torch.Tensor  # int64, 0 at padding
     seq_lengths: tuple  # host: tokens per sequence, all samples in order
     sample_nseq: tuple  # host: sequences per sample
+
+    def layout(self, t_BS: torch.Tensor) -> torch.Tensor:
+        """An input-shaped (B, S, ...) tensor in this layout."""
+        if not self.packed:
+            return t_BS
+        flat = t_BS.reshape(self.B * self.S, *t_BS.shape[2:]) if self.rows is None else unpad(t_BS, self.rows)
+        return flat.unsqueeze(0)
+
+    def tokens(self, t: torch.Tensor) -> torch.Tensor:
+        """A tensor in this layout -> (T, ...) real tokens, in packed (row-major) order."""
+        if self.packed:
+            return t[0]
+        return t.reshape(self.B * self.S, *t.shape[2:]) if self.rows is None else unpad(t, self.rows)
+
+    def to_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """A tensor in this layout -> (B, S, ...) with zeros at padding."""
+        if self.packed:
+            return t[0].view(self.B, self.S, *t.shape[2:]) if self.rows is None else pad(t[0], self.rows)
+        if self.rows is None:
+            return t
+        return t * self.rows.keep.view(self.B, self.S, *([1] * (t.dim() - 2))).to(t.dtype)
+
+    def weights_to_rows(self, w: torch.Tensor) -> torch.Tensor:
+        """Attention weights in this layout -> (B, H, S, S): each row's tokens among themselves."""
+        if not self.packed:
+            return w
+        B, S, H = self.B, self.S, w.shape[1]
+        out = w.new_zeros(B, H, S, S)
+        if self.rows is None:
+            for r in range(B):
+                out[r] = w[0, :, r * S : (r + 1) * S, r * S : (r + 1) * S]
+            return out
+        pos = self.rows.indices % S
+        row = self.rows.indices // S
+        for r in range(B):  # a row's real tokens are contiguous in the packed order
+            sel = (row == r).nonzero().flatten()
+            if sel.numel():
+                a, e = int(sel[0]), int(sel[-1]) + 1
+                p = pos[a:e]
+                out[r][:, p[:, None], p[None, :]] = w[0, :, a:e, a:e]
+        return out
 
 
 def _sample_info(input_ids, attention_mask, seq_info) -> SeqInfo | None:
@@ -281,7 +332,7 @@ def _sample_info(input_ids, attention_mask, seq_info) -> SeqInfo | None:
 
 def e1_batch_structure(
     input_ids, attention_mask=None, *, seq_info=None, sequence_ids=None, within_seq_position_ids=None,
-    global_position_ids=None, bos_token_id: int = 1,
+    global_position_ids=None, bos_token_id: int = 1, packed: bool = True,
 ) -> E1Batch:  # fmt: skip
     """Derive the packed structure of a batch.
 
@@ -290,7 +341,7 @@ def e1_batch_structure(
     ``sequence_ids`` (B, S) (0, 1, ... per sample, any value at padding) when given, else each
     ``<bos>`` token starts a new sequence (the E1 format). Positions: from the optional (B, S)
     position tensors (E1's ``remove_X_tokens`` leaves gaps), else counted per sequence / sample.
-    Reads the sequence lengths to the host once.
+    Reads the sequence lengths to the host once. ``packed``: the layout (see :class:`E1Batch`).
     """
     rows = _sample_info(input_ids, attention_mask, seq_info)
     B, S = input_ids.shape
@@ -348,14 +399,26 @@ def e1_batch_structure(
     seq_ids_T = gseq_T - first_seq_of_sample[sample_T] if T else gseq_T
     within_T = tok - seq_start_T if within_seq_position_ids is None else flat(within_seq_position_ids.to(dev)).long()
     global_T = tok - sample_start_T if global_position_ids is None else flat(global_position_ids.to(dev)).long()
-    within_info = SeqInfo.from_lengths([list(seq_lengths)], device=dev)
-    sample_lengths = [b - a for a, b in zip(cu_samples[:-1], cu_samples[1:])]
-    within_mask = documents(within_info)
-    if all(n <= 1 for n in nseq):  # one sequence per sample: the global layers see the same pairs
-        global_mask = documents(SeqInfo.from_lengths([sample_lengths], device=dev)) if len(sample_lengths) > 1 else within_mask
+    single = all(n <= 1 for n in nseq)  # one sequence per sample: global layers see the same pairs
+    if packed:
+        within_mask = documents(SeqInfo.from_lengths([list(seq_lengths)], device=dev))
+        if single:
+            global_mask = within_mask
+        else:
+            sample_lengths = [b - a for a, b in zip(cu_samples[:-1], cu_samples[1:])]
+            global_mask = documents(SeqInfo.from_lengths([sample_lengths], device=dev)) & block_causal(gseq_T)
+        lay = lambda t: t.unsqueeze(0)  # noqa: E731
     else:
-        global_mask = documents(SeqInfo.from_lengths([sample_lengths], device=dev)) & block_causal(gseq_T)
-    return E1Batch(rows, within_mask, global_mask, seq_ids_T, within_T, global_T, seq_lengths, tuple(nseq))
+        if rows is None:
+            lay = lambda t: t.view(B, S)  # noqa: E731
+        else:
+            lay = lambda t: pad(t, rows)  # noqa: E731
+        seg = lay(gseq_T + 1) - 1  # -1 at padding: same_segment gives padding no keys and no queries
+        within_mask = same_segment(seg)
+        global_mask = within_mask if single else same_segment(lay(sample_T + 1) - 1) & block_causal(seg)
+    return E1Batch(
+        rows, packed, B, S, within_mask, global_mask, lay(seq_ids_T), lay(within_T), lay(global_T), seq_lengths, tuple(nseq)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,24 +484,25 @@ class E1Layer(nn.Module):
         self.ffn = _FFN(cfg)
         self._act = _act(cfg.hidden_act)
 
-    def forward(self, x_TC, cos, sin, mask, backend, need_weights: bool = False, need_s_max: bool = False, batch=None):
+    def forward(self, x_BSC, cos, sin, mask, backend, need_weights: bool = False, need_s_max: bool = False, batch=None):
+        """x (B, S, C): the packed row (1, T, C) or the padded rows; ``mask`` for that layout."""
         cfg, na = self.cfg, self.norm_attn_norm
         sa = na.self_attn
         H, G, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        T, C = x_TC.shape
-        q, k, v = _qkv(x_TC, na.input_layernorm, sa.q_proj, sa.k_proj, sa.v_proj, cos, sin, H, G, cfg.clip_qkv)
-        # (T, H, D) memory, (1, H, T, D) views: the layout anyattn takes (DESIGN.md section 4)
-        q4, k4, v4 = q.unsqueeze(0).transpose(1, 2), k.unsqueeze(0).transpose(1, 2), v.unsqueeze(0).transpose(1, 2)
+        B, S, C = x_BSC.shape
+        q, k, v = _qkv(x_BSC, na.input_layernorm, sa.q_proj, sa.k_proj, sa.v_proj, cos, sin, H, G, cfg.clip_qkv)
+        # (B, S, H, D) memory, (B, H, S, D) views: the layout anyattn takes (DESIGN.md section 4)
+        q4, k4, v4 = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         scale = D**-0.5
         weights = None
         if need_weights:
             o, weights = attention_with_weights(q4, k4, v4, mask=mask, scale=scale)
         else:
             o = attention(q4, k4, v4, mask=mask, scale=scale, backend=backend)
-        s_max = _s_max(q, k, self.is_global, batch, scale) if need_s_max else None
+        s_max = _s_max(batch.tokens(q), batch.tokens(k), self.is_global, batch, scale) if need_s_max else None
         mlp = self.ffn.mlp
-        o_TC = o.transpose(1, 2).reshape(T, C)
-        x = _out_ffn(o_TC, x_TC, sa.o_proj, na.post_attention_layernorm, mlp.w1, mlp.w2, mlp.w3, self._act)
+        o_BSC = o.transpose(1, 2).reshape(B, S, C)
+        x = _out_ffn(o_BSC, x_BSC, sa.o_proj, na.post_attention_layernorm, mlp.w1, mlp.w2, mlp.w3, self._act)
         return x, weights, s_max
 
 
@@ -465,6 +529,16 @@ def _s_max(q_THD, k_TGD, is_global: bool, batch: E1Batch, scale: float) -> torch
             s0 += n
         kmax = torch.cat(parts)
     return (qn * kmax[seq_T]).amax(dim=0) * scale
+
+
+_DENSE_MASK_BACKENDS = frozenset({"eager", "sdpa", "cudnn"})
+
+
+def _runs_packed(backend) -> bool:
+    """Packed layout unless every requested backend materializes dense masks (then the padded
+    rows keep those masks (B, S, S) instead of one (T, T) for the whole batch)."""
+    names = check_backend(backend)
+    return not set(names) <= _DENSE_MASK_BACKENDS
 
 
 class E1Output(NamedTuple):
@@ -543,7 +617,7 @@ class E1Model(E1PreTrainedModel):
         b = e1_batch_structure(
             input_ids, attention_mask, seq_info=seq_info, sequence_ids=sequence_ids,
             within_seq_position_ids=within_seq_position_ids, global_position_ids=global_position_ids,
-            bos_token_id=cfg.bos_token_id,
+            bos_token_id=cfg.bos_token_id, packed=_runs_packed(cfg.attn_backend),
         )  # fmt: skip
         self._check_limits(b)
         if output_attentions:
@@ -552,14 +626,11 @@ class E1Model(E1PreTrainedModel):
                 f"(anyattn.attention_with_weights); attn_backend stays {self.attn_backend!r}",
                 stacklevel=2,
             )
-        B, S = input_ids.shape
-        ids_T = input_ids.reshape(-1) if b.rows is None else unpad(input_ids, b.rows)
-        x = self.embed_tokens(ids_T) + self.embed_seq_id(b.seq_ids_T)
+        x = self.embed_tokens(b.layout(input_ids)) + self.embed_seq_id(b.seq_ids)
         x = x.to(self.layers[0].norm_attn_norm.self_attn.q_proj.weight.dtype if len(self.layers) else x.dtype)
         D = cfg.head_dim
-        rope_w = _rope_cos_sin(b.within_pos_T, cfg.rope_theta_within_seq, D)
-        rope_g = _rope_cos_sin(b.global_pos_T, cfg.rope_theta_global, D)
-        to_rows = (lambda t: t.view(B, S, *t.shape[1:])) if b.rows is None else (lambda t: pad(t, b.rows))  # noqa: E731
+        rope_w = _rope_cos_sin(b.within_pos, cfg.rope_theta_within_seq, D)
+        rope_g = _rope_cos_sin(b.global_pos, cfg.rope_theta_global, D)
         hidden = [x] if output_hidden_states else None
         attns = [] if output_attentions else None
         smax = [] if output_s_max else None
@@ -571,15 +642,15 @@ class E1Model(E1PreTrainedModel):
             if hidden is not None:
                 hidden.append(x)
             if attns is not None:
-                attns.append(self._weights_to_rows(w, b, B, S))
+                attns.append(b.weights_to_rows(w))
             if smax is not None:
                 smax.append(s)
         x = self.norm(x)
         if hidden is not None:
             hidden[-1] = x  # as the original: the last entry is after the final norm
-            hidden = tuple(to_rows(h) for h in hidden)
+            hidden = tuple(b.to_rows(h) for h in hidden)
         return E1Output(
-            None, to_rows(x), hidden, tuple(attns) if attns is not None else None,
+            None, b.to_rows(x), hidden, tuple(attns) if attns is not None else None,
             torch.stack(smax) if smax is not None else None,
         )  # fmt: skip
 
@@ -592,28 +663,6 @@ class E1Model(E1PreTrainedModel):
                 "input_ids", f"sequences of at most max_num_positions_within_seq={cfg.max_num_positions_within_seq} tokens",
                 f"a sequence of {max(b.seq_lengths)}",
             )  # fmt: skip
-
-    @staticmethod
-    def _weights_to_rows(w_1HTT, b: E1Batch, B: int, S: int) -> torch.Tensor:
-        """(1, H, T, T) packed weights -> (B, H, S, S): each row's tokens among themselves."""
-        H = w_1HTT.shape[1]
-        if b.rows is None:
-            out = w_1HTT.new_zeros(B, H, S, S)
-            for r in range(B):
-                out[r] = w_1HTT[0, :, r * S : (r + 1) * S, r * S : (r + 1) * S]
-            return out
-        out = w_1HTT.new_zeros(B, H, S, S)
-        cu = b.rows.cu_seqlens.tolist()
-        idx = b.rows.indices
-        for s in range(len(cu) - 1):
-            a, e = cu[s], cu[s + 1]
-            if a == e:
-                continue
-            flat = idx[a:e]
-            row = int(flat[0]) // S
-            pos = flat - row * S
-            out[row][:, pos[:, None], pos[None, :]] = w_1HTT[0, :, a:e, a:e]
-        return out
 
 
 class E1ForMaskedLM(E1PreTrainedModel):
