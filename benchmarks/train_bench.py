@@ -47,7 +47,7 @@ import traceback
 import torch
 
 import anyattn as aa
-from anyattn.models.decoder import DECODER_PRESETS, Decoder, decoder_flops
+from anyattn.models.decoder import DECODER_PRESETS, Decoder, compile_blocks, decoder_flops
 from anyattn.nn import PackedBatch
 
 PEAK = 790e12
@@ -121,8 +121,7 @@ def time_case(case: Case, cfg, packs, args) -> dict:
     for block in model.layers:
         block.attention.expand_kv = case.expand_kv
     if args.compile == "blocks":
-        for block in model.layers:
-            block.compile(fullgraph=True)
+        compile_blocks(model)
         step_model = model
     elif args.compile == "model":
         step_model = torch.compile(model, fullgraph=True)

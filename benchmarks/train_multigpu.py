@@ -7,7 +7,7 @@ Spawns its own NCCL processes (no torchrun needed). Two parts (``--part fsdp|cp|
 fsdp  The ~1.1B preset, bf16 compute (FSDP2 ``MixedPrecisionPolicy(param_dtype=bf16,
       reduce_dtype=fp32)``, float32 master weights), B=1 x S=16384 per GPU holding 16 packed
       documents, backend="auto" with the batch structure as device ids, every block compiled
-      (fullgraph). The same per-GPU batch on 1 GPU (fully_shard over a 1-GPU mesh: the same code
+      (fullgraph, before fully_shard). The same per-GPU batch on 1 GPU (fully_shard over a 1-GPU mesh: the same code
       path) and on 2 GPUs. Forward + backward (with FSDP's all-gathers and reduce-scatters), no
       optimizer step. Scaling efficiency = tokens/s on 2 GPUs / (2 x tokens/s on 1 GPU).
 
@@ -83,7 +83,7 @@ def fsdp_worker(rank, world, port, args, path):
     import torch.distributed as dist
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    from anyattn.models.decoder import DECODER_PRESETS, Decoder, apply_fsdp, decoder_flops
+    from anyattn.models.decoder import DECODER_PRESETS, Decoder, apply_fsdp, compile_blocks, decoder_flops
     from anyattn.nn import PackedBatch
     from train_bench import packings
 
@@ -94,9 +94,8 @@ def fsdp_worker(rank, world, port, args, path):
         packs = packings(4, S, args.docs, seed=rank)  # a different packing per rank and step
         torch.manual_seed(0)
         model = Decoder(cfg).cuda()
+        compile_blocks(model)  # before fully_shard: FSDP's hooks stay outside the compiled blocks
         apply_fsdp(model, mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
-        for block in model.layers:
-            block.compile(fullgraph=True)
         batches = [PackedBatch.from_lengths([p], total_length=S, device="cuda") for p in packs]
         g = torch.Generator().manual_seed(10 + rank)
         ids = [torch.randint(0, cfg.vocab_size, (1, S), generator=g).cuda() for _ in packs]
