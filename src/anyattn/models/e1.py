@@ -33,10 +33,17 @@ One layer (pre-RMSNorm, no biases)::
 Scale: E1 does *not* pre-scale q; its kernels apply the default 1/sqrt(D). We pass
 ``scale=D**-0.5`` explicitly on every backend (the same number everywhere, never applied twice).
 
-Batch layout: every forward runs *packed*: the real tokens of all rows are gathered into one row
-(1, T) (``anyattn.unpad``), the layers run on that row with document masks (no compute on padding,
-varlen/flex-friendly), and the outputs are scattered back to (B, S) with zeros at padding. Left,
-right and mixed padding therefore give the same numbers.
+Batch layout (chosen per forward from ``attn_backend``; both give the same numbers, and left,
+right or mixed padding give the same numbers as no padding):
+
+    packed  (default; flex, flash_torch, auto, any sequence naming a non-dense backend): the real
+            tokens of all rows are gathered into one row (1, T) (``anyattn.unpad``); within layers
+            documents(every sequence), global layers documents(samples) & block_causal(sequence
+            index); no compute on padding; varlen kernels serve the within layers
+    padded  (only eager / sdpa / cudnn requested: backends that materialize dense masks): the
+            input rows (B, S); within layers same_segment(sequence index, -1 at padding), global
+            layers same_segment(sample index) & block_causal(sequence index): (B, S, S) masks
+            instead of one (T, T) mask for the whole batch
 
 Parameter names equal the original checkpoint keys (Profluent-Bio/E1-*: ``model.embed_tokens``,
 ``model.embed_seq_id``, ``model.layers.{i}.norm_attn_norm.self_attn.{q,k,v,o}_proj``,
