@@ -115,22 +115,31 @@ def _metrics(got, ref, keep) -> dict:
 
 @pytest.fixture(scope="module", params=["dplm", "dplm2"])
 def models(request):
-    m32 = _model(request.param)
-    m16 = _model(request.param).to(torch.bfloat16)
-    return request.param, m32, m16
+    """(kind, float32 model, bf16 model, batch, float32 output on SDPA, bf16 eager's metrics)."""
+    kind = request.param
+    m32 = _model(kind)
+    m16 = _model(kind).to(torch.bfloat16)
+    batch = _batch(kind)
+    m32.attn_backend, m16.attn_backend = "sdpa", "eager"
+    with torch.no_grad():
+        ref = m32(batch["input_ids"], batch["attention_mask"])
+        base = _metrics(m16(batch["input_ids"], batch["attention_mask"]), ref, batch["attention_mask"].bool())
+    print(kind, "eager bf16 (the error of plain bf16 compute)", base)
+    return kind, m16, batch, ref, base
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_cuda_dplm_bf16_backend_agrees_with_float32(models, backend):
-    kind, m32, m16 = models
-    batch = _batch(kind)
-    m32.attn_backend = "sdpa"
+    """Issue 5's thresholds, and (DESIGN.md section 7) the backend's error within 2x the error
+    of bf16 eager attention in the same model. The relative L2 grows with depth: measured on CPU
+    (bf16, eager) 0.008 at 6 layers, 0.012 at 30 (docs/dplm.md); 6 layers are tested here."""
+    kind, m16, batch, ref, base = models
     m16.attn_backend = backend
     with torch.no_grad():
-        ref = m32(batch["input_ids"], batch["attention_mask"])
         got = m16(batch["input_ids"], batch["attention_mask"])
     m = _metrics(got, ref, batch["attention_mask"].bool())
     print(kind, backend, m)
+    assert m["rel_l2"] <= 2 * base["rel_l2"] + 1e-4, (m, base)
     assert m["rel_l2"] <= 1e-2, m
     assert m["cos_p1"] >= 0.999, m
     assert m["pooled_min"] >= 0.9995, m

@@ -231,8 +231,7 @@ def _model_classes() -> dict:
         is passed through: positions restart per document, as in ESM2."""
 
         def _positions(self, input_ids, keep):
-            B, S = input_ids.shape
-            return torch.arange(S, device=input_ids.device).expand(B, S)
+            return None  # the column index (what HF's RotaryEmbedding uses)
 
         def forward(self, input_ids=None, attention_mask=None, *, seq_info=None, **kwargs):
             if seq_info is not None:
@@ -247,8 +246,14 @@ def _model_classes() -> dict:
                     got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
                     raise bad_value("attention_mask", f"a tensor of shape {tuple(input_ids.shape)} like input_ids", got)
                 keep = attention_mask.to(input_ids.device) != 0
-            info = SeqInfo.from_padding_mask(keep)
-            info = dataclasses.replace(info, positions=self._positions(input_ids, keep).to(torch.int64))
+            info = SeqInfo.from_padding_mask(keep)  # one host read (the row lengths)
+            positions = self._positions(input_ids, keep)
+            if positions is None and info.total == info.B * info.S:
+                return super().forward(input_ids, **kwargs)  # no padding: dense rows, columns = positions
+            if positions is None:
+                B, S = input_ids.shape
+                positions = torch.arange(S, device=input_ids.device).expand(B, S)
+            info = dataclasses.replace(info, positions=positions.to(torch.int64))
             return super().forward(input_ids, seq_info=info, **kwargs)
 
     class DPLM2ForMaskedLM(DPLMForMaskedLM):
