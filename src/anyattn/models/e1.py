@@ -55,6 +55,7 @@ transformers is imported here (the ``models`` extra); ``import anyattn`` never i
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import warnings
@@ -177,7 +178,8 @@ class E1Config(PretrainedConfig):
         if not isinstance(config, dict):
             raise bad_type("config", "a dict (the original E1 config.json)", type(config).__name__)
         if not is_e1_config(config):
-            raise bad_value("config", f"an E1 config.json (model_type in {_ORIGINAL_MODEL_TYPES + (MODEL_TYPE,)})", repr(config.get("model_type")))
+            types = _ORIGINAL_MODEL_TYPES + (MODEL_TYPE,)
+            raise bad_value("config", f"an E1 config.json (model_type in {types})", repr(config.get("model_type")))
         d = {k: v for k, v in config.items() if k not in ("model_type", "architectures", "auto_map", "transformers_version")}
         if "torch_dtype" in d:
             d.setdefault("dtype", d.pop("torch_dtype"))
@@ -188,8 +190,12 @@ class E1Config(PretrainedConfig):
 # Profluent-Bio/E1-300m and E1-600m config.json (via Synthyra's mirrors and the hub commit history;
 # docs/e1.md). E1-150m's config.json was not found: load it from its directory.
 E1_PRESETS: dict[str, dict] = {
-    "E1-300m": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=20, num_attention_heads=16, num_key_value_heads=16),
-    "E1-600m": dict(hidden_size=1280, intermediate_size=3840, num_hidden_layers=30, num_attention_heads=20, num_key_value_heads=20),
+    "E1-300m": dict(
+        hidden_size=1024, intermediate_size=3072, num_hidden_layers=20, num_attention_heads=16, num_key_value_heads=16
+    ),
+    "E1-600m": dict(
+        hidden_size=1280, intermediate_size=3840, num_hidden_layers=30, num_attention_heads=20, num_key_value_heads=20
+    ),
 }
 
 
@@ -370,14 +376,10 @@ def e1_batch_structure(
             got = tuple(sequence_ids.shape) if isinstance(sequence_ids, torch.Tensor) else type(sequence_ids).__name__
             raise bad_value("sequence_ids", f"a (B, S) = {tuple(input_ids.shape)} integer tensor like input_ids", got)
         local_T = flat(sequence_ids.to(dev)).long()
-        first = local_T[samples_cu[:-1].clamp_max(max(T - 1, 0))] if T else local_T
         starts = torch.ones(T, dtype=torch.bool, device=dev)
         if T:
             starts[1:] = (local_T[1:] != local_T[:-1]) | (sample_T[1:] != sample_T[:-1])
-        host_first, host_steps = first.tolist(), local_T[starts].tolist()  # one sync
-        if any(f != 0 for f in host_first):
-            raise bad_value("sequence_ids", "0 at the first token of every sample", f"first values {host_first}")
-        starts_l = starts.tolist()
+        starts_l, step_ids = starts.tolist(), local_T[starts].tolist()  # one sync
     else:
         is_bos = ids_T == bos_token_id
         starts = is_bos.clone()
@@ -400,9 +402,11 @@ def e1_batch_structure(
         while j < len(seq_starts) and seq_starts[j] < cu_samples[s + 1]:
             j += 1
         nseq.append(j - n0)
+        if sequence_ids is not None and step_ids[n0:j] != list(range(j - n0)):
+            raise bad_value("sequence_ids", "0, 1, 2, ... in order inside each sample", f"{step_ids[n0:j][:16]} in sample {s}")
     gseq_T = torch.cumsum(starts.long(), 0) - 1  # global sequence index per token
     seq_start_T = torch.tensor(seq_starts, dtype=torch.long, device=dev)[gseq_T] if T else gseq_T
-    first_seq_of_sample = torch.tensor([sum(nseq[:s]) for s in range(n_samples)], dtype=torch.long, device=dev)
+    first_seq_of_sample = torch.tensor([0, *itertools.accumulate(nseq)][:n_samples], dtype=torch.long, device=dev)
     seq_ids_T = gseq_T - first_seq_of_sample[sample_T] if T else gseq_T
     within_T = tok - seq_start_T if within_seq_position_ids is None else flat(within_seq_position_ids.to(dev)).long()
     global_T = tok - sample_start_T if global_position_ids is None else flat(global_position_ids.to(dev)).long()
@@ -664,7 +668,9 @@ class E1Model(E1PreTrainedModel):
     def _check_limits(self, b: E1Batch) -> None:
         cfg = self.config
         if b.sample_nseq and max(b.sample_nseq) > cfg.max_num_sequences:
-            raise bad_value("input_ids", f"at most max_num_sequences={cfg.max_num_sequences} sequences per sample", max(b.sample_nseq))
+            raise bad_value(
+                "input_ids", f"at most max_num_sequences={cfg.max_num_sequences} sequences per sample", max(b.sample_nseq)
+            )
         if b.seq_lengths and max(b.seq_lengths) > cfg.max_num_positions_within_seq:
             raise bad_value(
                 "input_ids", f"sequences of at most max_num_positions_within_seq={cfg.max_num_positions_within_seq} tokens",
@@ -680,7 +686,10 @@ class E1ForMaskedLM(E1PreTrainedModel):
         self.model = E1Model(config)
         C = config.hidden_size
         self.mlm_head = nn.Sequential(
-            nn.Linear(C, C, bias=True), nn.GELU(), nn.LayerNorm(C, eps=config.rms_norm_eps), nn.Linear(C, config.vocab_size, bias=True)
+            nn.Linear(C, C, bias=True),
+            nn.GELU(),
+            nn.LayerNorm(C, eps=config.rms_norm_eps),
+            nn.Linear(C, config.vocab_size, bias=True),
         )
         self.post_init()
 
@@ -738,7 +747,9 @@ def load_e1_state_dict(model: E1ForMaskedLM, state_dict: dict) -> None:
     unknown = sorted(set(sd) - set(ours))
     missing = sorted(set(ours) - set(sd))
     shapes = sorted(
-        f"{k}: checkpoint {tuple(sd[k].shape)}, model {tuple(ours[k].shape)}" for k in set(sd) & set(ours) if sd[k].shape != ours[k].shape
+        f"{k}: checkpoint {tuple(sd[k].shape)}, model {tuple(ours[k].shape)}"
+        for k in set(sd) & set(ours)
+        if sd[k].shape != ours[k].shape
     )
     if unknown or missing or shapes:
         parts = []
@@ -779,7 +790,8 @@ def load_e1(path: str, *, attn_backend="auto", dtype=None, device=None) -> E1For
     with open(os.path.join(path, "config.json")) as f:
         raw = json.load(f)
     if not is_e1_config(raw):
-        raise bad_value("config.json", f"an E1 config (model_type in {_ORIGINAL_MODEL_TYPES + (MODEL_TYPE,)})", repr(raw.get("model_type")))
+        types = _ORIGINAL_MODEL_TYPES + (MODEL_TYPE,)
+        raise bad_value("config.json", f"an E1 config (model_type in {types})", repr(raw.get("model_type")))
     cfg = E1Config.from_original(raw, attn_backend=attn_backend)
     model = E1ForMaskedLM(cfg)
     load_e1_state_dict(model, _read_checkpoint(path))
