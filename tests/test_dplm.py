@@ -531,3 +531,33 @@ def test_dplm2_tokenizer_keeps_the_last_id_of_a_token_listed_twice():
     tok = DPLM2Tokenizer(vocab)
     assert tok.token_to_id["0003"] == len(vocab) - 2
     assert tok(["A"], [[3]])["input_ids"][0, 1].item() == len(vocab) - 2
+
+
+# ---------------------------------------------------------------------------------------------
+# integration
+
+
+def test_anyattn_models_load_routes_dplm_checkpoints(dplm, dplm2, monkeypatch):
+    """With DPLM_FAMILY registered ahead of esm2, anyattn.models.load gives the DPLM classes."""
+    from anyattn.models import hub
+    from anyattn.models.dplm import DPLM_FAMILY
+
+    monkeypatch.setattr(hub, "FAMILIES", [DPLM_FAMILY, *hub.FAMILIES])
+    assert type(hub.load(str(dplm[0]))) is DPLMForMaskedLM
+    assert type(hub.load(str(dplm2[0]))) is DPLM2ForMaskedLM
+
+
+@pytest.mark.parametrize("which", ["dplm", "dplm2"])
+def test_save_pretrained_round_trip(dplm, dplm2, tok2, which, tmp_path):
+    """save_pretrained keeps dplm_type in config.json; load_dplm reads the saved directory back
+    to the same model (same class, same outputs)."""
+    path = (dplm if which == "dplm" else dplm2)[0]
+    model = load_dplm(str(path), attn_backend="sdpa")
+    model.save_pretrained(tmp_path / "saved")
+    cfg = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert cfg["dplm_type"] == ("dplm_esm" if which == "dplm" else "dplm2_esm")
+    again = load_dplm(str(tmp_path / "saved"), attn_backend="sdpa")
+    assert type(again) is type(model)
+    ids = _dplm_batch([9, 4], masks=[(0, 2)]) if which == "dplm" else tok2(*DPLM2_CASES["mixed-padded"])["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
