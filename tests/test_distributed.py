@@ -180,6 +180,9 @@ def _spawn(device_type, modes, backend, dtype_name="float32", host=False):
     mp.spawn(_worker, args=(2, _free_port(), device_type, modes, backend, dtype_name, host), nprocs=2, join=True)
 
 
+@pytest.mark.skipif(
+    os.environ.get("ANYATTN_CPU_DISTRIBUTED", "1") == "0", reason="ANYATTN_CPU_DISTRIBUTED=0 (spawns 2 processes, ~30 s)"
+)
 def test_fsdp2_and_tensor_parallel_match_one_process_on_cpu():
     """gloo, 2 processes: FSDP2 (rows split over ranks) and TP over heads (eager backend, so the
     per-head logit clip is sliced to each rank's heads) give the one-process loss and gradients."""
