@@ -185,6 +185,18 @@ def test_matches_float64_reference_edge_shapes(backend, samples):
         torch.testing.assert_close(out2.logits, out.logits, rtol=0, atol=1e-6)
 
 
+def test_oracle_comparison_catches_a_wrong_global_mask(monkeypatch):
+    """The comparison can fail: global layers run as within-sequence layers must be caught."""
+    model = make_model(attn_backend="sdpa")
+    for layer in model.model.layers:
+        monkeypatch.setattr(layer, "is_global", False)
+    b = TOK.batch(["ACD,EFGH,MKV"])
+    with torch.no_grad():
+        out = model(b["input_ids"], b["attention_mask"], output_hidden_states=True)
+    with pytest.raises(AssertionError, match="hidden state 3"):
+        check_against_reference(model, ["ACD,EFGH,MKV"], out, b["attention_mask"])
+
+
 def test_longer_than_max_length_is_refused():
     model = make_model()
     b = TOK.batch(["A" * (MAXLEN - 3)])
