@@ -492,6 +492,11 @@ def test_dplm_tokenizer_is_the_esm_alphabet(dplm, tmp_path):
     assert load_dplm_tokenizer(str(no_vocab)).vocab == ESM_VOCAB
 
 
+def test_tokenizer_from_a_loaded_model(dplm, dplm2, dplm2_model):
+    assert load_dplm_tokenizer(dplm2_model).vocab == DPLM2_VOCAB
+    assert load_dplm_tokenizer(load_dplm(str(dplm[0]))).vocab == ESM_VOCAB
+
+
 def test_dplm2_tokenizer_layout(tok2):
     """Structure track then amino-acid track, each padded on its right to the longest track."""
     assert isinstance(tok2, DPLM2Tokenizer)

@@ -464,9 +464,16 @@ class DPLM2Tokenizer:
 
 
 def load_dplm_tokenizer(path):
-    """The tokenizer of a DPLM / DPLM-2 checkpoint directory (or hub id): a
-    :class:`~anyattn.models.ProteinTokenizer` (ESM alphabet, from ``vocab.txt`` when present) for
-    DPLM, a :class:`DPLM2Tokenizer` for DPLM-2 vocabularies."""
+    """The tokenizer of a DPLM / DPLM-2 checkpoint directory (or hub id, or a model returned by
+    :func:`load_dplm`, which remembers its directory): a :class:`~anyattn.models.ProteinTokenizer`
+    (ESM alphabet, from ``vocab.txt`` when present) for DPLM, a :class:`DPLM2Tokenizer` for DPLM-2
+    vocabularies."""
+    config = getattr(path, "config", None)
+    if config is not None and not isinstance(path, (str, os.PathLike)):
+        src = getattr(config, "_name_or_path", "") or ""
+        if not src or not os.path.isdir(src):
+            raise bad_value("path", "a model loaded by load_dplm (its config names its directory)", f"_name_or_path {src!r}")
+        path = src
     path = _resolve(path, what="path")
     cfg = _read_config(path)
     if is_dplm2_config(cfg):
@@ -539,6 +546,7 @@ def _build(path: str, cfg_dict: dict, attn_backend, dtype, device):
     with torch.device("meta"):  # no random initialisation: every weight comes from the checkpoint
         model = cls(cfg)
     load_hf_state_dict(model, sd)
+    model.config._name_or_path = path  # where the tokenizer files are (HF's convention)
     model.eval()
     model.to(device=device if device is not None else "cpu", dtype=dtype if dtype is not None else torch.float32)
     return model
