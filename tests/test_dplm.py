@@ -419,6 +419,11 @@ def test_dplm2_positions():
     assert dplm2_positions(odd, odd != PAD).tolist() == [[0, 1, 2, 3, 0, 1, 2]]
 
 
+def test_dplm2_refuses_contact_prediction(dplm2_model, tok2):
+    with pytest.raises(NotImplementedError, match="contact"):
+        dplm2_model.predict_contacts(tok2(["MKV"], [[1, 2, 3]])["input_ids"])
+
+
 def test_dplm2_refuses_packed_documents(dplm2_model, tok2):
     from anyattn import SeqInfo
 

@@ -289,6 +289,14 @@ def _model_classes() -> dict:
         def _positions(self, input_ids, keep):
             return dplm2_positions(input_ids, keep)
 
+        def predict_contacts(self, input_ids, attention_mask=None):
+            # ESM2Model.predict_contacts runs the encoder without the modality positions, and the
+            # official EsmForDPLM2 sets contact_head = None: refuse rather than return other numbers.
+            raise NotImplementedError(
+                "DPLM2ForMaskedLM.predict_contacts: not available (the official EsmForDPLM2 has no contact "
+                "prediction; use DPLM's, or the attentions of model(..., output_attentions=True))"
+            )
+
         def forward(self, input_ids=None, attention_mask=None, *, seq_info=None, **kwargs):
             if seq_info is not None:
                 raise bad_value(
