@@ -463,7 +463,13 @@ def test_input_without_bos_is_refused():
         model(ids)
 
 
-def test_import_anyattn_does_not_import_transformers():
-    code = "import sys, anyattn; assert 'transformers' not in sys.modules, 'transformers imported'"
+def test_import_anyattn_and_the_e1_detector_do_not_import_transformers():
+    """anyattn.models.load() detects the family from config.json without the models extra."""
+    code = (
+        "import sys, anyattn; assert 'transformers' not in sys.modules, 'anyattn imported transformers'\n"
+        "from anyattn.models.e1_tokenizer import is_e1_config, E1Tokenizer\n"
+        "assert is_e1_config({'model_type': 'E1'}) and E1Tokenizer().encode('M')\n"
+        "assert 'transformers' not in sys.modules, 'the E1 detector imported transformers'"
+    )
     env = dict(os.environ)
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
