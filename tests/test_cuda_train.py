@@ -50,19 +50,23 @@ def _assert_within(tag, got, eager, oracle):
         assert e <= bound, f"{tag}: grad {n} error {e:.3e} > {bound:.3e}"
 
 
-CASES = [
-    ("flex", dict(softcap=20.0, logit_clip=(0.5, 1.0, 2.0, 4.0)), False),
-    ("flex", dict(), False),
-    ("flash_torch", dict(), True),
-    ("cudnn", dict(), False),
-    ("sdpa", dict(), False),
-    ("auto", dict(softcap=20.0), False),
-    ("auto", dict(), True),
+CASES = [  # (backend, variant, host metadata, dtype)
+    ("flex", dict(softcap=20.0, logit_clip=(0.5, 1.0, 2.0, 4.0)), False, torch.bfloat16),
+    ("flex", dict(softcap=20.0, logit_clip=(0.5, 1.0, 2.0, 4.0)), False, torch.float16),
+    ("flex", dict(), False, torch.bfloat16),
+    ("flash_torch", dict(), True, torch.bfloat16),
+    ("flash_torch", dict(), True, torch.float16),
+    ("cudnn", dict(), False, torch.bfloat16),
+    ("sdpa", dict(), False, torch.bfloat16),
+    ("auto", dict(softcap=20.0), False, torch.bfloat16),
+    ("auto", dict(), True, torch.bfloat16),
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("backend, variant, host", CASES, ids=[f"{b}-{'scored' if v else 'plain'}-{'host' if h else 'ids'}" for b, v, h in CASES])
+@pytest.mark.parametrize(
+    "backend, variant, host, dtype", CASES,
+    ids=[f"{b}-{'scored' if v else 'plain'}-{'host' if h else 'ids'}-{str(d)[6:]}" for b, v, h, d in CASES],
+)
 def test_loss_and_gradients_match_eager(backend, variant, host, dtype):
     torch.manual_seed(0)
     model = Decoder(_cfg(**variant)).cuda()
