@@ -134,6 +134,17 @@ def _load_model(source, *, backend):
     return loader(os.fspath(source), attn_backend=backend or "auto")
 
 
+def _compile(model) -> None:
+    """``compile_layers()`` once per model object (a second job with the same in-memory model
+    reuses the compiled layers instead of compiling again)."""
+    enc = _encoder(model)
+    if not hasattr(enc, "compile_layers"):
+        raise bad_value("compile", f"False for {type(model).__name__} (it has no compile_layers())", True)
+    if not getattr(enc, "_anyattn_embed_compiled", False):
+        enc.compile_layers()
+        enc._anyattn_embed_compiled = True
+
+
 def _tokenizer(model, source):
     from ..models import ProteinTokenizer, load_tokenizer
 
@@ -460,7 +471,7 @@ def _worker(rank, device, source, dtype_name, backend, runner_kw, compile_, task
         model = _load_model(source, backend=backend)
         model.to(device=device, dtype=_DTYPES[dtype_name]).eval()
         if compile_:
-            _encoder(model).compile_layers()
+            _compile(model)
         runner = _Runner(model, device, **runner_kw)
         runner.pad_id = _tokenizer(model, source).pad_token_id
         results.put(("ready", rank, _model_identity(model)))
@@ -609,7 +620,7 @@ def embed(
     if len(devs) == 1:
         m.to(device=devs[0], dtype=tdtype).eval()
         if compile:
-            _encoder(m).compile_layers()
+            _compile(m)
     load_s = time.perf_counter() - t0
 
     meta = {
