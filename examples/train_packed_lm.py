@@ -85,10 +85,12 @@ def main():
     bf16 = device.type == "cuda"
     torch.manual_seed(args.seed)
     model = Decoder(cfg).to(device)
-    if args.compile == "blocks":
-        compile_blocks(model)
+    if args.compile == "blocks" and not (mesh is not None and args.tp):
+        compile_blocks(model)  # before fully_shard: FSDP's hooks stay outside the compiled blocks
     if mesh is not None and args.tp:
         model = apply_tensor_parallel(model.to(torch.bfloat16) if bf16 else model, mesh)
+        if args.compile == "blocks":
+            compile_blocks(model)  # after parallelize_module: the blocks trace DTensor weights
     elif mesh is not None:
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
