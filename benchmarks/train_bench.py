@@ -173,7 +173,7 @@ def time_case(case: Case, cfg, packs, args) -> dict:
         "flops_per_step": flops, "attention_share_of_flops": 1 - dense_flops / flops, "first_step_s": compile_s,
         "first_loss": first_loss, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else math.nan,
     }  # fmt: skip
-    del model, step_model
+    model = step_model = None  # free the weights before the next case
     _empty()
     return out
 
