@@ -231,3 +231,35 @@ def test_generation_fp32_auto_equals_sdpa():
     ours.load_state_dict(ref.state_dict())
     ids, am = _batch(60, "left", V)
     _compare_generation(ref, ours, ids, am, 16, margin=1e-3)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gpt_oss_sinks_within_rule(impl):
+    """GPT-OSS passes learned sinks as s_aux: anyattn needs the log-sum-exp (eager, flex,
+    flash_torch); SDPA and cuDNN do not return it, so forcing them must raise."""
+    cfg = transformers.GptOssConfig(vocab_size=V, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_local_experts=4,
+                                    num_experts_per_tok=2, sliding_window=W,
+                                    layer_types=["sliding_attention", "full_attention"])  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        oracle = transformers.GptOssForCausalLM._from_config(copy.deepcopy(cfg), attn_implementation="eager", dtype=torch.float32).eval()
+        ref = transformers.GptOssForCausalLM._from_config(copy.deepcopy(cfg), attn_implementation="eager", dtype=torch.bfloat16).eval()
+        ours = transformers.GptOssForCausalLM._from_config(copy.deepcopy(cfg), attn_implementation=impl, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        for mod in oracle.modules():
+            if hasattr(mod, "sinks"):
+                mod.sinks.normal_(0, 1)
+    sd = oracle.state_dict()
+    ref.load_state_dict(sd)
+    ours.load_state_dict(sd)
+    ids, am = _batch(200, "right", V)
+    with torch.no_grad():
+        if impl in ("anyattn:sdp", "anyattn:cudnn"):
+            with pytest.raises(anyattn.UnsupportedError, match="log-sum-exp"):
+                ours(ids, attention_mask=am)
+            return
+        o = oracle(ids, attention_mask=am).logits
+        r = ref(ids, attention_mask=am).logits
+        a = ours(ids, attention_mask=am).logits
+    _rule(a, r, o, am.bool())

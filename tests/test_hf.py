@@ -116,7 +116,8 @@ def test_missing_transformers_names_the_extra():
         "        if name == 'transformers' or name.startswith('transformers.'): raise ImportError('blocked')\n"
         "sys.meta_path.insert(0, Block())\n"
         "import importlib.util\n"
-        "importlib.util.find_spec = lambda name, *a: None if name == 'transformers' else None\n"
+        "_fs = importlib.util.find_spec\n"
+        "importlib.util.find_spec = lambda name, *a: None if name == 'transformers' else _fs(name, *a)\n"
         "try:\n"
         "    import anyattn.hf\n"
         "except ImportError as e:\n"
@@ -388,3 +389,16 @@ def test_output_attentions_returns_eager_weights():
     rows = am.bool()[:, None, :, None]
     for x, y in zip(a, b):
         _tol(x * rows, y * rows)
+
+
+@pytest.mark.slow
+def test_flex_packed_cpu(spy):
+    """The one CPU flex case (compiles one kernel, ~20 s): a forced "anyattn:flex" on packed input
+    runs documents & causal through FlexAttention and equals each document run alone in eager."""
+    ref, ours = _pair("llama", "anyattn:flex")
+    docs, ids, pos = _packed([5, 9, 3, 7])
+    with torch.no_grad():
+        packed = ours(ids, position_ids=pos).logits[0]
+        alone = torch.cat([ref(d[None]).logits[0] for d in docs])
+    _tol(alone, packed)
+    assert {b for _, b in spy} == {"flex"} and all("documents([5, 9, 3, 7])" in m for m, _ in spy), spy
