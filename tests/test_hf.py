@@ -212,15 +212,19 @@ def _packed(lengths, vocab=V, seed=3):
     return docs, ids, pos
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
 @pytest.mark.parametrize("name", ["llama", "qwen2", "gemma2"])
-def test_packed_equals_separate_documents(name, spy):
+def test_packed_equals_separate_documents(name, use_cache, spy):
     """position_ids restarting at 0, no attention mask (DataCollatorWithFlattening): per-document
-    attention through documents(...), equal to running each document alone."""
+    attention through documents(...), equal to running each document alone. use_cache=False: HF's
+    mask builder detects the packing and hands over its packed-sequence mask function (recognized);
+    use_cache=True: HF's builder sees a cache and builds a plain causal mask, and the attention
+    function finds the documents in position_ids (HF's FlashAttention rule)."""
     ref, ours = _pair(name)
     lengths = [5, 9, 3, 7]
     docs, ids, pos = _packed(lengths)
     with torch.no_grad():
-        packed = ours(ids, position_ids=pos).logits[0]
+        packed = ours(ids, position_ids=pos, use_cache=use_cache).logits[0]
         alone = torch.cat([ref(d[None]).logits[0] for d in docs])
     _tol(alone, packed)
     masks = {m for m, _ in spy}
