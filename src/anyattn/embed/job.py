@@ -765,11 +765,22 @@ def _run_workers(source, devs, dtype, backend, compile_, runner_kw, tok, todo, a
         p.start()
     by_index = dict(todo)
     ntok = {bi: sum(len(r) + 2 for _, _, r in b) for bi, b in todo}
-    for bi, batch in todo:
-        toks, lengths = _batch_tokens(tok, batch)
-        tasks.put((bi, toks, lengths))
-    for _ in procs:
-        tasks.put(None)
+    feed = iter(todo)
+
+    def put_next():
+        """Keep a bounded number of batches in flight (memory stays flat for millions of sequences)."""
+        for bi, batch in feed:
+            toks, lengths = _batch_tokens(tok, batch)
+            tasks.put((bi, toks, lengths))
+            return
+        for _ in procs:  # exhausted: one stop marker per worker
+            tasks.put(None)
+        put_next.done = True
+
+    put_next.done = False
+    for _ in range(4 * len(procs)):
+        if not put_next.done:
+            put_next()
     written, finished, remaining = 0, 0, set(by_index)
     try:
         while finished < len(procs):
@@ -791,6 +802,8 @@ def _run_workers(source, devs, dtype, backend, compile_, runner_kw, tok, todo, a
                 written += len(rows)
                 remaining.discard(key)
                 prog.update(nseq, ntok[key])
+                if not put_next.done:
+                    put_next()
             elif kind == "done":
                 finished += 1
         if remaining:
