@@ -286,9 +286,15 @@ class _Runner:
         self.need_hidden = any(layer != self.L for layer in layers)
         self.cuda = self.device.type == "cuda"
 
-    @torch.inference_mode()
     def submit(self, toks_T, lengths):
         """toks_T: flat int64 host tensor of the batch's tokens; lengths: tokens per sequence."""
+        if self.cuda:  # the event and the copies must live on this device's stream, not cuda:0's
+            with torch.cuda.device(self.device):
+                return self._submit(toks_T, lengths)
+        return self._submit(toks_T, lengths)
+
+    @torch.inference_mode()
+    def _submit(self, toks_T, lengths):
         dev = self.device
         T = int(toks_T.numel())
         S = max(T, self.pad_to or 0)
@@ -328,7 +334,7 @@ class _Runner:
             host = torch.empty(res.shape, dtype=res.dtype, pin_memory=True)
             host.copy_(res, non_blocking=True)
             ev = torch.cuda.Event()
-            ev.record()
+            ev.record(torch.cuda.current_stream(dev))
         else:
             host, ev = res, None
         return host, ev, n_res
@@ -468,6 +474,8 @@ def _worker(rank, device, source, dtype_name, backend, runner_kw, compile_, task
     try:
         if threads:
             torch.set_num_threads(threads)
+        if torch.device(device).type == "cuda":
+            torch.cuda.set_device(torch.device(device))
         model = _load_model(source, backend=backend)
         model.to(device=device, dtype=_DTYPES[dtype_name]).eval()
         if compile_:
