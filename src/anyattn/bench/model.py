@@ -28,6 +28,7 @@ device's dense bf16 peak (H100/H200 SXM: 989 TFLOP/s; ``--peak-tflops`` override
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import json
@@ -106,6 +107,28 @@ def _token_ids(tokens: list[int], seed: int) -> list[torch.Tensor]:
     return out
 
 
+def _padded_inputs(batches, tokens, ids, device) -> list:
+    """Right-padded (input_ids, attention_mask) per batch: B rows x the batch's longest."""
+    out = []
+    for b in batches:
+        S = tokens[b[0]]
+        x = torch.full((len(b), S), PAD, dtype=torch.long)
+        am = torch.zeros((len(b), S), dtype=torch.long)
+        for r, i in enumerate(b):
+            x[r, : tokens[i]] = ids[i]
+            am[r, : tokens[i]] = 1
+        out.append((x.to(device), am.to(device)))
+    return out
+
+
+def _variant(opts, compiled: bool, inputs: str) -> str:
+    """The options that shape an anyattn row, as one string (kept in model.json)."""
+    parts = [f"inputs={inputs}", f"pack_padded={opts['pack']}"]
+    if compiled:
+        parts += [f"compile_mode={opts['compile_mode'] or 'default'}", f"fuse_qkv={opts['fuse_qkv']}"]
+    return " ".join(parts)
+
+
 # ---------------------------------------------------------------------------------------------
 # timing one row
 
@@ -129,6 +152,7 @@ class Row:
     time_s: float = float("nan")
     batches: int = 0
     attn_implementation: str = ""
+    variant: str = ""  # anyattn rows: inputs, pack_padded, compile mode, fuse_qkv
 
 
 def _time_row(row: Row, fn, inputs: list, device, real_tokens: int, flops: float, peak: float | None, max_passes: int) -> Row:
@@ -194,7 +218,7 @@ def _available(names) -> list[str]:
 
 
 def run(opts: dict, *, command: str = "", log=print) -> dict:
-    from ..models import ESM2Config, ESM2ForMaskedLM, esm2_flops
+    from ..models import ESM2Model, esm2_flops
     from .kernels import environment
 
     import anyattn
@@ -222,7 +246,7 @@ def run(opts: dict, *, command: str = "", log=print) -> dict:
     packed_b = make_batches(tokens, max_tokens, padded=False)
     padded_b = make_batches(tokens, max_tokens, padded=True)
     workload = {
-        "preset": opts["preset"], "config": dataclasses.asdict(cfg), "dtype": str(dtype).removeprefix("torch."),
+        "preset": opts["preset"], "config": cfg.to_hf_dict(), "dtype": str(dtype).removeprefix("torch."),
         "device": device, "source": opts["source"], "num_seqs": len(lengths), "lengths": lengths,
         "token_lengths": tokens, "real_tokens": real, "median_len": statistics.median(lengths),
         "mean_len": sum(lengths) / len(lengths), "max_tokens": max_tokens, "batches_packed": len(packed_b),
@@ -241,32 +265,47 @@ def run(opts: dict, *, command: str = "", log=print) -> dict:
     # anyattn: packed rows of exactly max_tokens positions
     if opts["backends"]:
         torch.manual_seed(opts["seed"])
+        mcfg = copy.deepcopy(cfg)
+        mcfg.attn_backend, mcfg.pack_padded = "auto", opts["pack"]
         with torch.device(device):
-            model = ESM2ForMaskedLM(dataclasses.replace(cfg, attn_backend="auto")).esm
+            model = ESM2Model(mcfg)
         model = model.to(dtype=dtype).eval()
-        inputs = []
-        for b in packed_b:
-            row_ids = torch.full((1, max_tokens), PAD, dtype=torch.long)
-            flat = torch.cat([ids[i] for i in b])
-            row_ids[0, : flat.numel()] = flat
-            info = anyattn.SeqInfo.from_lengths([tokens[i] for i in b], total_length=max_tokens, device=device)
-            inputs.append((row_ids.to(device), info))
+        inputs = {}
+        if "packed" in opts["inputs"]:  # one row of exactly max_tokens positions per batch
+            inputs["packed"] = []
+            for b in packed_b:
+                row_ids = torch.full((1, max_tokens), PAD, dtype=torch.long)
+                flat = torch.cat([ids[i] for i in b])
+                row_ids[0, : flat.numel()] = flat
+                info = anyattn.SeqInfo.from_lengths([tokens[i] for i in b], total_length=max_tokens, device=device)
+                inputs["packed"].append((row_ids.to(device), info))
+        if "padded" in opts["inputs"]:  # the same batches as HF's, with attention_mask
+            inputs["padded"] = _padded_inputs(padded_b, tokens, ids, device)
         variants = [(be, False) for be in opts["backends"]] if opts["compile"] != "only" else []
         if opts["compile"] in ("both", "only"):
             variants += [(be, True) for be in opts["backends"]]
         compiled = False
         for be, comp in variants:
-            row = Row(f"anyattn[{be}]" + ("+compile" if comp else ""), "anyattn", be, comp)
-            try:
-                if comp and not compiled:  # uncompiled rows all run first
-                    model.compile_layers()
-                    compiled = True
-                model.attn_backend = be
-                _time_row(row, lambda x: model(x[0], seq_info=x[1]), inputs, device, real, flops, peak, opts["max_passes"])
-            except Exception as e:  # noqa: BLE001 - a failing row is reported and the run goes on
-                _fail(row, e, device)
-            rows.append(row)
-            log(_line(row))
+            for kind, xs in inputs.items():
+                name = f"anyattn[{be}]" + ("+compile" if comp else "") + ("" if kind == "packed" else "+padded-in")
+                row = Row(name, "anyattn", be, comp, variant=_variant(opts, comp, kind))
+                try:
+                    if comp and not compiled:  # uncompiled rows all run first
+                        kw = {} if opts["compile_mode"] is None else {"mode": opts["compile_mode"]}
+                        if opts["pack"] is False:
+                            kw["dynamic"] = False  # every packed row has max_tokens positions: one static shape
+                        model.compile_layers(fuse_qkv=opts["fuse_qkv"], **kw)
+                        compiled = True
+                    model.attn_backend = be
+                    if kind == "packed":
+                        fn = lambda x: model(x[0], seq_info=x[1])  # noqa: E731
+                    else:
+                        fn = lambda x: model(x[0], attention_mask=x[1])  # noqa: E731
+                    _time_row(row, fn, xs, device, real, flops, peak, opts["max_passes"])
+                except Exception as e:  # noqa: BLE001 - a failing row is reported and the run goes on
+                    _fail(row, e, device)
+                rows.append(row)
+                log(_line(row))
         del model, inputs
 
     # HF transformers EsmModel: padded rows
@@ -277,15 +316,7 @@ def run(opts: dict, *, command: str = "", log=print) -> dict:
             import transformers
 
             notes.append(f"transformers {transformers.__version__}")
-            inputs = []
-            for b in padded_b:
-                S = tokens[b[0]]
-                x = torch.full((len(b), S), PAD, dtype=torch.long)
-                am = torch.zeros((len(b), S), dtype=torch.long)
-                for r, i in enumerate(b):
-                    x[r, : tokens[i]] = ids[i]
-                    am[r, : tokens[i]] = 1
-                inputs.append((x.to(device), am.to(device)))
+            inputs = _padded_inputs(padded_b, tokens, ids, device)
             for impl in opts["hf"]:
                 row = Row(f"hf[{impl}]", "hf", impl, False)
                 hf = None
@@ -400,6 +431,10 @@ def add_arguments(p) -> None:
     p.add_argument("--max-tokens", type=int, default=16384, help="tokens per batch (packed: real; padded: B x longest)")
     p.add_argument("--backends", default=None, help="anyattn backends, comma-separated (default auto,flex,flash_torch,sdpa where available; CPU: auto,sdpa,eager); 'none' to skip")
     p.add_argument("--compile", nargs="?", const="both", default="off", choices=["off", "both", "only"], help="torch.compile the layers (--compile = both uncompiled and compiled rows)")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode for the layers, e.g. max-autotune-no-cudagraphs (default: torch's default)")
+    p.add_argument("--fuse-qkv", action="store_true", help="compiled layers: one (3C, C) q/k/v projection instead of three")
+    p.add_argument("--pack", default="auto", choices=["auto", "off"], help="model.pack_padded: auto = padded batches and a packed row's tail padding run as packed tokens on backends that take them; off = compute every position (the layers compile for one static shape)")
+    p.add_argument("--inputs", default="packed", choices=["packed", "padded", "both"], help="anyattn rows: packed rows (seq_info) and/or HF's padded batches (attention_mask)")
     p.add_argument("--hf", default="sdpa,eager", help="HF EsmModel attn_implementations, comma-separated; 'none' to skip")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--device", default=None, choices=["cuda", "cpu"])
@@ -449,7 +484,8 @@ def _opts_from_args(a) -> dict:
     return dict(
         device=device, dtype=dtype, config=cfg, preset=preset, lengths=lengths, source=source, seed=a.seed,
         max_tokens=a.max_tokens, backends=backends, compile=a.compile, hf=hf, peak_tflops=a.peak_tflops,
-        max_passes=max(2, a.max_warmup_passes),
+        max_passes=max(2, a.max_warmup_passes), compile_mode=a.compile_mode, fuse_qkv=a.fuse_qkv,
+        pack={"auto": "auto", "off": False}[a.pack], inputs=["packed", "padded"] if a.inputs == "both" else [a.inputs],
     )  # fmt: skip
 
 

@@ -27,6 +27,13 @@ _LAZY = {
     "esm2_flops": "esm2",
     "load_esm2": "esm2",
     "load_hf_state_dict": "esm2",
+    "build_esm2": "esm2",
+    "is_esm2_config": "hub",
+    "register_auto": "esm2",
+    "load": "hub",
+    "FAMILIES": "hub",
+    "Family": "hub",
+    "register_family": "hub",
 }
 
 __all__ = ["ProteinTokenizer", "load_tokenizer", *_LAZY]

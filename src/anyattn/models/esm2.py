@@ -1,8 +1,10 @@
-"""ESM2 (Lin et al. 2023) on anyattn: HF transformers' ``EsmForMaskedLM`` with rotary positions.
+"""ESM2 (Lin et al. 2023) on anyattn: HF transformers' ``EsmForMaskedLM`` with rotary positions,
+as transformers ``PreTrainedModel`` s (``model_type`` "anyattn_esm2", registered with the Auto
+classes on import of this module).
 
 Shape legend:
     B batch rows   S row length   C hidden size   H heads   D head dim (C // H)   F FFN size
-    T real tokens of the batch   V vocabulary
+    T real tokens of the batch   V vocabulary   L layers
 
 One layer (pre-LayerNorm)::
 
@@ -15,12 +17,20 @@ One layer (pre-LayerNorm)::
 Because q is pre-scaled, every backend is called with ``scale=1.0`` (DESIGN.md section 4; a port
 that double-scaled on its flash path lost all agreement).
 
-Batch structure, built once per forward and shared by every layer:
+Batch structure, built once per forward and shared by every layer::
 
-    input_ids (B, S), no mask                 -> mask None (dense)
-    input_ids (B, S), attention_mask (B, S)   -> SeqInfo.from_padding_mask -> anyattn.padding(info)
-    input_ids (B, S), seq_info (documents)    -> anyattn.documents(info): packed rows, no padding
-                                                 compute between documents (the fast path)
+    input_ids (B, S)                            -> dense: every row is one sequence
+    input_ids (B, S) + attention_mask (B, S)    -> SeqInfo.from_padding_mask (one host read)
+    input_ids (B, S) + seq_info (SeqInfo)       -> packed documents (or padding) as given
+
+    then, with padding or several rows:
+      backend takes packed documents (flash_torch, flex, flash, kernels_flash; for "auto" the
+      backend auto would choose), and ``pack_padded`` is "auto" or True:
+          the real tokens are gathered into ONE row (1, T) of documents; embeddings, every layer
+          and the LM head run on T tokens only; outputs are scattered back to (B, S), zeros at
+          padding. (A packed row's tail padding is not computed either.)
+      otherwise: anyattn.padding(info) / documents(info) on (B, S) (dense-mask backends: eager,
+          sdpa, cudnn), padding rows computed and their values unspecified.
 
 Rotary positions come from the SeqInfo (position inside each sequence). For right padding (HF's
 convention for ESM) this equals HF's ``arange(S)``; for left padding HF shifts the positions of
@@ -29,27 +39,35 @@ the real tokens and we do not: our output does not depend on where the padding i
 Parameter names equal HF's ``EsmForMaskedLM.state_dict()`` keys (transformers 5.x layout, with
 one ``esm.rotary_embeddings.inv_freq``); checkpoints written by transformers 4.x that store one
 ``inv_freq`` per layer load too (the first one is kept, as HF's own load hook does).
+
+transformers is imported here (the ``models`` extra); ``import anyattn.models`` does not import
+this module until an ESM2 name is used.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import importlib.util
 import json
 import math
 import os
 import warnings
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..api import attention, attention_with_weights
-from ..errors import bad_type, bad_value
-from ..layout import SeqInfo
-from ..resolve import check_backend
-from ..spec import documents, padding
+if importlib.util.find_spec("transformers") is None:
+    raise ImportError("anyattn.models.esm2 needs transformers: pip install 'anyattn[models]'")
+
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PretrainedConfig, PreTrainedModel  # noqa: E402
+
+from ..api import attention, attention_with_weights, explain  # noqa: E402
+from ..errors import bad_type, bad_value  # noqa: E402
+from ..layout import SeqInfo, pad  # noqa: E402
+from ..resolve import check_backend  # noqa: E402
+from ..spec import documents, padding  # noqa: E402
+from .hub import is_esm2_config  # noqa: E402
 
 __all__ = [
     "ESM2Config",
@@ -57,46 +75,92 @@ __all__ = [
     "ESM2Model",
     "ESM2ForMaskedLM",
     "ESM2Output",
+    "build_esm2",
     "esm2_flops",
+    "is_esm2_config",
     "load_esm2",
     "load_hf_state_dict",
+    "register_auto",
 ]
+
+MODEL_TYPE = "anyattn_esm2"
 
 # ESM's token dropout: during training 15% of tokens were selected and 80% of those masked, with
 # the <mask> embedding zeroed. At inference the embeddings are rescaled by
 # (1 - 0.12) / (1 - observed mask ratio of the sequence), like dropout's eval-time scaling.
 _MASK_RATIO_TRAIN = 0.15 * 0.8
 
+# Backends that take packed documents natively (varlen metadata or a block-sparse mask): a padded
+# batch runs packed on them. The others would materialize a (T, T) mask for one packed row.
+_PACKED_NATIVE = frozenset({"flash_torch", "flex", "flash", "kernels_flash"})
 
-@dataclass(frozen=True)
-class ESM2Config:
-    """ESM2 hyper-parameters (names as in HF's ``EsmConfig``). Presets: :data:`ESM2_PRESETS`."""
+class ESM2Config(PretrainedConfig):
+    """ESM2 hyper-parameters with HF ``EsmConfig`` field names, plus ``attn_backend`` and
+    ``pack_padded``. Defaults are ESM2-650M's; presets: :data:`ESM2_PRESETS`."""
 
-    vocab_size: int = 33
-    hidden_size: int = 1280
-    num_hidden_layers: int = 33
-    num_attention_heads: int = 20
-    intermediate_size: int = 5120
-    max_position_embeddings: int = 1026  # 1024 residues + <cls> + <eos>
-    layer_norm_eps: float = 1e-5
-    pad_token_id: int = 1
-    mask_token_id: int = 32
-    # zero the <mask> embeddings and rescale by (1 - 0.12) / (1 - observed mask ratio)
-    token_dropout: bool = True
-    # a LayerNorm right after the embeddings (ESM-1b: True; ESM2: False)
-    emb_layer_norm_before: bool = False
-    rope_theta: float = 10000.0
-    # lm_head.decoder.weight is the word embedding matrix (ESM2 checkpoints: True)
-    tie_word_embeddings: bool = True
-    hidden_dropout_prob: float = 0.0  # training only
-    attention_probs_dropout_prob: float = 0.0  # training only
-    attn_backend: str = "auto"  # anyattn backend name, or a sequence of names
+    model_type = MODEL_TYPE
 
-    def __post_init__(self):
-        if self.hidden_size % self.num_attention_heads:
-            raise bad_value(
-                "hidden_size", f"a multiple of num_attention_heads={self.num_attention_heads}", self.hidden_size
-            )
+    def __init__(
+        self,
+        vocab_size: int = 33,
+        hidden_size: int = 1280,
+        num_hidden_layers: int = 33,
+        num_attention_heads: int = 20,
+        intermediate_size: int = 5120,
+        max_position_embeddings: int = 1026,  # 1024 residues + <cls> + <eos>
+        layer_norm_eps: float = 1e-5,
+        pad_token_id: int = 1,
+        mask_token_id: int = 32,
+        # zero the <mask> embeddings and rescale by (1 - 0.12) / (1 - observed mask ratio)
+        token_dropout: bool = True,
+        # a LayerNorm right after the embeddings (ESM-1b: True; ESM2: False)
+        emb_layer_norm_before: bool = False,
+        rope_theta: float = 10000.0,
+        # lm_head.decoder.weight is the word embedding matrix (ESM2 checkpoints: True)
+        tie_word_embeddings: bool = True,
+        hidden_dropout_prob: float = 0.0,  # training only
+        attention_probs_dropout_prob: float = 0.0,  # training only
+        initializer_range: float = 0.02,  # random init: normal(0, this)
+        attn_backend="auto",  # anyattn backend name, or a sequence of names
+        # padded / multi-row batches run as one packed row: "auto" (when the backend takes
+        # packed documents natively), True (always, also on dense-mask backends), False (never)
+        pack_padded="auto",
+        vocab_list: list | None = None,  # the tokens in id order, when not the ESM alphabet
+        **kwargs,
+    ):
+        pos = kwargs.pop("position_embedding_type", "rotary")
+        if pos != "rotary":
+            raise bad_value("position_embedding_type", "'rotary' (ESM2; ESM-1b's absolute positions are not implemented)", repr(pos))
+        if kwargs.pop("is_folding_model", False):
+            raise bad_value("is_folding_model", "False (ESMFold is not implemented)", True)
+        if kwargs.get("is_decoder", False):
+            raise bad_value("is_decoder", "False (ESM2 is bidirectional)", True)
+        kwargs.pop("esmfold_config", None)
+        if hidden_size % num_attention_heads:
+            raise bad_value("hidden_size", f"a multiple of num_attention_heads={num_attention_heads}", hidden_size)
+        if isinstance(attn_backend, list):
+            attn_backend = tuple(attn_backend)  # a JSON round trip gives a list
+        check_backend(attn_backend)
+        if pack_padded not in ("auto", True, False):
+            raise bad_value("pack_padded", "'auto', True or False", repr(pack_padded))
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.intermediate_size = intermediate_size
+        self.max_position_embeddings = max_position_embeddings
+        self.layer_norm_eps = layer_norm_eps
+        self.mask_token_id = mask_token_id
+        self.token_dropout = bool(token_dropout)
+        self.emb_layer_norm_before = bool(emb_layer_norm_before)
+        self.rope_theta = float(rope_theta)
+        self.hidden_dropout_prob = float(hidden_dropout_prob or 0.0)
+        self.attention_probs_dropout_prob = float(attention_probs_dropout_prob or 0.0)
+        self.initializer_range = initializer_range
+        self.attn_backend = attn_backend
+        self.pack_padded = pack_padded
+        self.vocab_list = list(vocab_list) if vocab_list is not None else None
+        super().__init__(pad_token_id=pad_token_id, tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     @property
     def head_dim(self) -> int:
@@ -104,18 +168,19 @@ class ESM2Config:
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> ESM2Config:
-        """A published size by name ("esm2_t33_650M", also "facebook/esm2_t33_650M_UR50D")."""
+        """A published size by name ("esm2_t33_650M", also "facebook/esm2_t33_650M_UR50D"): a new
+        config each call."""
         key = name.split("/")[-1].removesuffix("_UR50D")
-        if key not in ESM2_PRESETS:
-            raise bad_value("name", f"one of {list(ESM2_PRESETS)}", repr(name))
-        return dataclasses.replace(ESM2_PRESETS[key], **overrides)
+        if key not in _PRESET_SHAPES:
+            raise bad_value("name", f"one of {list(_PRESET_SHAPES)}", repr(name))
+        return cls(**{**_PRESET_SHAPES[key], **overrides})
 
     @classmethod
     def from_hf_config(cls, hf_config, **overrides) -> ESM2Config:
-        """From a transformers ``EsmConfig`` (or its ``to_dict()``). Only rotary ESM (ESM2) is
-        supported; ESM-1b's absolute positions and ESMFold configs are refused."""
+        """From a transformers ``EsmConfig`` (or its dict / config.json), or one of ours. Only
+        rotary ESM (ESM2) is supported; ESM-1b's absolute positions and ESMFold are refused."""
         get = hf_config.get if isinstance(hf_config, dict) else lambda k, d=None: getattr(hf_config, k, d)
-        pos = get("position_embedding_type", "absolute")
+        pos = get("position_embedding_type", "absolute" if get("model_type") == "esm" else "rotary")
         if pos != "rotary":
             raise bad_value("hf_config.position_embedding_type", "'rotary' (ESM2)", repr(pos))
         if get("is_folding_model", False):
@@ -135,31 +200,37 @@ class ESM2Config:
             rope_theta=float(theta), tie_word_embeddings=True if tie is None else bool(tie),
             hidden_dropout_prob=float(get("hidden_dropout_prob", 0.0) or 0.0),
             attention_probs_dropout_prob=float(get("attention_probs_dropout_prob", 0.0) or 0.0),
+            initializer_range=float(get("initializer_range", 0.02) or 0.02), vocab_list=get("vocab_list", None),
         )  # fmt: skip
+        if get("model_type") == MODEL_TYPE:
+            kw.update(attn_backend=get("attn_backend", "auto"), pack_padded=get("pack_padded", "auto"))
+        missing = [k for k, v in kw.items() if v is None and k != "vocab_list"]
+        if missing:
+            raise bad_value("hf_config", "an ESM config with " + ", ".join(missing), "no value for them")
         kw.update(overrides)
         return cls(**kw)
 
     def to_hf_dict(self) -> dict:
         """Keyword arguments for ``transformers.EsmConfig(**d)`` describing the same network."""
-        d = dataclasses.asdict(self)
-        d.pop("attn_backend")
+        keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                "max_position_embeddings", "layer_norm_eps", "pad_token_id", "mask_token_id", "token_dropout",
+                "emb_layer_norm_before", "rope_theta", "tie_word_embeddings", "hidden_dropout_prob",
+                "attention_probs_dropout_prob", "initializer_range")  # fmt: skip
+        d = {k: getattr(self, k) for k in keys}
         d.update(position_embedding_type="rotary", is_folding_model=False)
         return d
 
 
-def _preset(L: int, C: int, H: int) -> ESM2Config:
-    return ESM2Config(num_hidden_layers=L, hidden_size=C, num_attention_heads=H, intermediate_size=4 * C)
-
-
-# facebook/esm2_*_UR50D (Lin et al. 2023, table S1; the hub config.json files)
-ESM2_PRESETS: dict[str, ESM2Config] = {
-    "esm2_t6_8M": _preset(6, 320, 20),
-    "esm2_t12_35M": _preset(12, 480, 20),
-    "esm2_t30_150M": _preset(30, 640, 20),
-    "esm2_t33_650M": _preset(33, 1280, 20),
-    "esm2_t36_3B": _preset(36, 2560, 40),
-    "esm2_t48_15B": _preset(48, 5120, 40),
+# facebook/esm2_*_UR50D (Lin et al. 2023, table S1; the hub config.json files): layers, hidden, heads
+_PRESET_SHAPES: dict[str, dict] = {
+    name: dict(num_hidden_layers=L, hidden_size=C, num_attention_heads=H, intermediate_size=4 * C)
+    for name, (L, C, H) in {
+        "esm2_t6_8M": (6, 320, 20), "esm2_t12_35M": (12, 480, 20), "esm2_t30_150M": (30, 640, 20),
+        "esm2_t33_650M": (33, 1280, 20), "esm2_t36_3B": (36, 2560, 40), "esm2_t48_15B": (48, 5120, 40),
+    }.items()  # fmt: skip
 }
+# name -> ESM2Config (ESM2Config.from_name gives a fresh copy to modify)
+ESM2_PRESETS: dict[str, ESM2Config] = {name: ESM2Config(**kw) for name, kw in _PRESET_SHAPES.items()}
 
 
 def esm2_flops(cfg: ESM2Config, lengths) -> int:
@@ -181,7 +252,7 @@ def esm2_flops(cfg: ESM2Config, lengths) -> int:
 # ---------------------------------------------------------------------------------------------
 # pure functions: the compute of one layer, parameters passed in. They see tensors (and a few
 # constant Python numbers) only, so one torch.compile of each serves every layer and every batch
-# of the same shape (see ESM2Model.compile_layers).
+# (see ESM2Model.compile_layers).
 
 
 def _gelu(x: torch.Tensor) -> torch.Tensor:
@@ -194,6 +265,15 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def _rope(q_BSHD, k_BSHD, cos_BS1D, sin_BS1D):
+    """Rotary in float32 (HF computes cos/sin and the rotation in float32 too), cast back."""
+    dtype = q_BSHD.dtype
+    qf, kf = q_BSHD.float(), k_BSHD.float()
+    q = (qf * cos_BS1D + _rotate_half(qf) * sin_BS1D).to(dtype)
+    k = (kf * cos_BS1D + _rotate_half(kf) * sin_BS1D).to(dtype)
+    return q, k
+
+
 def _qkv(x_BSC, ln_w, ln_b, eps: float, wq, bq, wk, bk, wv, bv, cos_BS1D, sin_BS1D, H: int):
     """Pre-LN, projections, q *= D**-0.5, rotary in float32. Returns q, k, v as (B, S, H, D)."""
     B, S, C = x_BSC.shape
@@ -202,10 +282,21 @@ def _qkv(x_BSC, ln_w, ln_b, eps: float, wq, bq, wk, bk, wv, bv, cos_BS1D, sin_BS
     q = F.linear(h, wq, bq).view(B, S, H, D) * D**-0.5
     k = F.linear(h, wk, bk).view(B, S, H, D)
     v = F.linear(h, wv, bv).view(B, S, H, D)
-    qf, kf = q.float(), k.float()
-    q = (qf * cos_BS1D + _rotate_half(qf) * sin_BS1D).to(x_BSC.dtype)
-    k = (kf * cos_BS1D + _rotate_half(kf) * sin_BS1D).to(x_BSC.dtype)
+    q, k = _rope(q, k, cos_BS1D, sin_BS1D)
     return q, k, v
+
+
+def _qkv_fused(x_BSC, ln_w, ln_b, eps: float, wq, bq, wk, bk, wv, bv, cos_BS1D, sin_BS1D, H: int):
+    """:func:`_qkv` with one (3C, C) projection instead of three (C, C) ones: one matmul with a
+    3x wider output (the concatenated weight is rebuilt each call: 3*C*C elements, cheap next to
+    the activations)."""
+    B, S, C = x_BSC.shape
+    D = C // H
+    h = F.layer_norm(x_BSC, (C,), ln_w, ln_b, eps)
+    qkv = F.linear(h, torch.cat((wq, wk, wv)), torch.cat((bq, bk, bv)))
+    q, k, v = qkv.view(B, S, 3, H, D).unbind(2)
+    q, k = _rope(q * D**-0.5, k, cos_BS1D, sin_BS1D)
+    return q, k, v.contiguous()
 
 
 def _out_ffn(o_BSC, x_BSC, wo, bo, ln_w, ln_b, eps: float, w1, b1, w2, b2, p: float, training: bool):
@@ -214,6 +305,23 @@ def _out_ffn(o_BSC, x_BSC, wo, bo, ln_w, ln_b, eps: float, w1, b1, w2, b2, p: fl
     h = F.layer_norm(x, (x.shape[-1],), ln_w, ln_b, eps)
     h = F.linear(_gelu(F.linear(h, w1, b1)), w2, b2)
     return F.dropout(h, p, training) + x
+
+
+def _s_max(q_BSHD, k_BSHD, info: SeqInfo | None) -> torch.Tensor:
+    """(H,) float32: max over visible (i, j) pairs of ||q_i|| * ||k_j|| (q as given to attention:
+    pre-scaled, rotated). Visible = same sequence (row, or document of ``info``), real tokens."""
+    qn = q_BSHD.float().norm(dim=-1)  # (B, S, H)
+    kn = k_BSHD.float().norm(dim=-1)
+    B, S, H = qn.shape
+    if info is None:  # every row one sequence
+        return (qn.amax(1) * kn.amax(1)).amax(0)
+    ids = info.doc_ids.reshape(-1).long()
+    real = (ids >= 0)[:, None]
+    ids = ids.clamp_min(0)[:, None].expand(-1, H)
+    # norms are >= 0, so 0 is neutral for max: padding tokens (and empty documents) drop out
+    qd = torch.zeros(info.num_docs, H, device=qn.device).scatter_reduce_(0, ids, qn.reshape(-1, H) * real, "amax")
+    kd = torch.zeros(info.num_docs, H, device=kn.device).scatter_reduce_(0, ids, kn.reshape(-1, H) * real, "amax")
+    return (qd * kd).amax(0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,22 +353,43 @@ class _Attention(nn.Module):
 class ESM2Layer(nn.Module):
     def __init__(self, cfg: ESM2Config):
         super().__init__()
-        self.cfg = cfg
+        self.num_heads = cfg.num_attention_heads
+        self.attention_probs_dropout_prob = cfg.attention_probs_dropout_prob
+        self.hidden_dropout_prob = cfg.hidden_dropout_prob
         self.attention = _Attention(cfg)
         self.intermediate = _Dense(cfg.hidden_size, cfg.intermediate_size)
         self.output = _Dense(cfg.intermediate_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def forward(self, x_BSC, cos, sin, mask, backend, fns, need_weights: bool = False):
-        cfg, a = self.cfg, self.attention
+    def _plain(self) -> bool:
+        """True when every projection is a plain nn.Linear (the fused functions read .weight and
+        .bias directly). PEFT/LoRA and similar wrappers replace them: then the modules are called,
+        so that their extra terms are applied."""
+        a = self.attention
+        mods = (a.self.query, a.self.key, a.self.value, a.output.dense, self.intermediate.dense, self.output.dense)
+        return all(type(m) is nn.Linear for m in mods) and type(a.LayerNorm) is nn.LayerNorm and type(self.LayerNorm) is nn.LayerNorm
+
+    def forward(self, x_BSC, cos, sin, info, mask, backend, fns, dynamic: bool, need_weights: bool, need_s_max: bool):
+        a, sa = self.attention, self.attention.self
         B, S, C = x_BSC.shape
-        qkv_fn, out_fn = fns
-        sa = a.self
-        q, k, v = qkv_fn(
-            x_BSC, a.LayerNorm.weight, a.LayerNorm.bias, a.LayerNorm.eps, sa.query.weight, sa.query.bias,
-            sa.key.weight, sa.key.bias, sa.value.weight, sa.value.bias, cos, sin, cfg.num_attention_heads,
-        )  # fmt: skip
-        p = cfg.attention_probs_dropout_prob if self.training else 0.0
+        H = self.num_heads
+        plain = self._plain()
+        if dynamic and plain:  # compiled: one graph for every token count (packed batches vary)
+            for t in (x_BSC, cos, sin):
+                torch._dynamo.maybe_mark_dynamic(t, 1)
+        if plain:
+            q, k, v = fns[0](
+                x_BSC, a.LayerNorm.weight, a.LayerNorm.bias, a.LayerNorm.eps, sa.query.weight, sa.query.bias,
+                sa.key.weight, sa.key.bias, sa.value.weight, sa.value.bias, cos, sin, H,
+            )  # fmt: skip
+        else:
+            D = C // H
+            h = a.LayerNorm(x_BSC)
+            q = sa.query(h).view(B, S, H, D) * D**-0.5
+            k, v = sa.key(h).view(B, S, H, D), sa.value(h).view(B, S, H, D)
+            q, k = _rope(q, k, cos, sin)
+        s = _s_max(q, k, info) if need_s_max else None
+        p = self.attention_probs_dropout_prob if self.training else 0.0
         # (B, S, H, D) memory, (B, H, S, D) views: the layout anyattn takes (DESIGN.md section 4)
         q_BHSD, k_BHSD, v_BHSD = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         weights = None
@@ -269,19 +398,27 @@ class ESM2Layer(nn.Module):
         else:
             o = attention(q_BHSD, k_BHSD, v_BHSD, mask=mask, scale=1.0, backend=backend, dropout_p=p)
         o_BSC = o.transpose(1, 2).reshape(B, S, C)
-        ph = cfg.hidden_dropout_prob
-        x = out_fn(
-            o_BSC, x_BSC, a.output.dense.weight, a.output.dense.bias, self.LayerNorm.weight, self.LayerNorm.bias,
-            self.LayerNorm.eps, self.intermediate.dense.weight, self.intermediate.dense.bias, self.output.dense.weight,
-            self.output.dense.bias, ph, self.training,
-        )  # fmt: skip
-        return x, weights
+        ph = self.hidden_dropout_prob
+        if plain:
+            if dynamic:
+                torch._dynamo.maybe_mark_dynamic(o_BSC, 1)
+            x = fns[1](
+                o_BSC, x_BSC, a.output.dense.weight, a.output.dense.bias, self.LayerNorm.weight, self.LayerNorm.bias,
+                self.LayerNorm.eps, self.intermediate.dense.weight, self.intermediate.dense.bias, self.output.dense.weight,
+                self.output.dense.bias, ph, self.training,
+            )  # fmt: skip
+        else:
+            x = F.dropout(a.output.dense(o_BSC), ph, self.training) + x_BSC
+            h = self.output.dense(_gelu(self.intermediate.dense(self.LayerNorm(x))))
+            x = F.dropout(h, ph, self.training) + x
+        return x, weights, s
 
 
 class _Embeddings(nn.Module):
     def __init__(self, cfg: ESM2Config):
         super().__init__()
-        self.cfg = cfg
+        self.token_dropout = cfg.token_dropout
+        self.mask_token_id = cfg.mask_token_id
         self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
         if cfg.emb_layer_norm_before:
             self.layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
@@ -289,10 +426,9 @@ class _Embeddings(nn.Module):
             self.layer_norm = None
 
     def forward(self, input_ids_BS: torch.Tensor, info: SeqInfo | None) -> torch.Tensor:
-        cfg = self.cfg
         x = self.word_embeddings(input_ids_BS)
-        if cfg.token_dropout:
-            is_mask = input_ids_BS == cfg.mask_token_id
+        if self.token_dropout:
+            is_mask = input_ids_BS == self.mask_token_id
             x = x.masked_fill(is_mask.unsqueeze(-1), 0.0)
             if info is None:  # every row is one sequence of length S
                 ratio = (is_mask.sum(-1).float() / input_ids_BS.shape[1])[:, None, None]
@@ -305,7 +441,7 @@ class _Embeddings(nn.Module):
             x = (x * (1 - _MASK_RATIO_TRAIN) / (1 - ratio)).to(x.dtype)
         if self.layer_norm is not None:
             x = self.layer_norm(x)
-        if info is not None:  # HF zeroes padding positions here
+        if info is not None and info.total < info.B * info.S:  # HF zeroes padding positions here
             x = (x * info.keep.unsqueeze(-1)).to(x.dtype)
         return x
 
@@ -315,13 +451,18 @@ class _Rotary(nn.Module):
 
     def __init__(self, cfg: ESM2Config):
         super().__init__()
-        D = cfg.head_dim
-        self.register_buffer("inv_freq", 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float) / D)))
+        self.head_dim, self.theta = cfg.head_dim, cfg.rope_theta
+        self.register_buffer("inv_freq", self.compute_inv_freq())
+
+    def compute_inv_freq(self, device=None) -> torch.Tensor:
+        D = self.head_dim
+        return 1.0 / (self.theta ** (torch.arange(0, D, 2, dtype=torch.float32, device=device) / D))
 
     def _apply(self, fn, *args, **kwargs):
         inv = self.inv_freq
         super()._apply(fn, *args, **kwargs)
-        self.inv_freq = inv.to(self.inv_freq.device)  # device moves only: rotary stays float32
+        if inv.device.type != "meta" and self.inv_freq.device.type != "meta":
+            self.inv_freq = inv.to(self.inv_freq.device)  # device moves only: rotary stays float32
         return self
 
     def forward(self, positions_BS: torch.Tensor):
@@ -359,109 +500,251 @@ class _ContactHead(nn.Module):
 
 
 class ESM2Output(NamedTuple):
-    """Every forward returns all four fields; the optional ones are None unless asked for."""
+    """Every forward returns all six fields; the optional ones are None unless asked for. ``loss``
+    comes first so that ``outputs[0]`` is the loss when ``labels`` are given (HF Trainer)."""
 
+    loss: torch.Tensor | None  # masked-LM cross-entropy (labels given; -100 = ignored)
     logits: torch.Tensor | None  # (B, S, V); None from ESM2Model
     last_hidden_state: torch.Tensor  # (B, S, C), after emb_layer_norm_after
     hidden_states: tuple | None  # L + 1 tensors (B, S, C): embeddings, layers 1..L-1, last_hidden_state
     attentions: tuple | None  # L tensors (B, H, S, S) float32 (output_attentions=True)
+    s_max: torch.Tensor | None  # (L, H) float32: max over the batch's visible pairs of ||q_i|| * ||k_j||
 
 
-class ESM2Model(nn.Module):
-    """The encoder (HF ``EsmModel`` without the pooler). ``attn_backend`` switches every layer."""
+class _Plan(NamedTuple):
+    """How one forward runs: the ids the layers see, the layers' batch structure and mask, and
+    how to turn a layer-shaped tensor back into (B, S, ...)."""
 
-    def __init__(self, cfg: ESM2Config):
-        super().__init__()
-        self.cfg = cfg
-        self.embeddings = _Embeddings(cfg)
-        self.rotary_embeddings = _Rotary(cfg)
-        self.encoder = _Encoder(cfg)
-        self.contact_head = _ContactHead(cfg)
-        self._fns = (_qkv, _out_ffn)
-        self.attn_backend = cfg.attn_backend
+    ids: torch.Tensor  # (B, S) or (1, T) when packed
+    info: SeqInfo | None  # structure of ``ids`` (None: dense rows)
+    mask: object  # the anyattn mask term for every layer
+    rows: SeqInfo | None  # when packed: the caller's structure, to scatter outputs back
+
+
+def _packed_from(info: SeqInfo) -> SeqInfo:
+    """The real tokens of ``info`` as one packed row (1, T) of the same documents (a padded row
+    is one document). No host sync: built from device tensors and host lengths already known."""
+    T, dev = info.total, info.keep.device
+    if info.kind == "documents" and info.B > 1:  # rows are zero-padded to N docs: re-derive
+        return SeqInfo.from_lengths([x for r in info.host_lengths for x in r], device=dev)
+    flat = tuple(x for r in info.host_lengths for x in r)  # padding: one per row; documents, B == 1: exact
+    idx = info.indices
+    return SeqInfo(
+        B=1, S=T, lengths=(info.cu_seqlens[1:] - info.cu_seqlens[:-1]).to(torch.int64)[None], host_lengths=(flat,),
+        cu_seqlens=info.cu_seqlens, max_seqlen=info.max_seqlen, total=T, indices=torch.arange(T, device=dev),
+        keep=torch.ones(1, T, dtype=torch.bool, device=dev), doc_ids=info.doc_ids.reshape(-1).index_select(0, idx)[None],
+        positions=info.positions.reshape(-1).index_select(0, idx)[None], kind="documents",
+    )  # fmt: skip
+
+
+def _takes_packed(backend, info: SeqInfo, H: int, D: int, dtype, grad: bool) -> bool:
+    """Would the attention of this packed row run on a backend that takes packed documents
+    natively? Asks the resolver (anyattn.explain) with the real shape; nothing runs."""
+    q = torch.empty(1, info.S, H, D, device=info.keep.device, dtype=dtype, requires_grad=grad).transpose(1, 2)
+    with torch.set_grad_enabled(grad):
+        d = explain(q, q, q, mask=documents(info), scale=1.0, backend=backend)
+    return d.chosen in _PACKED_NATIVE
+
+
+class ESM2PreTrainedModel(PreTrainedModel):
+    config_class = ESM2Config
+    base_model_prefix = "esm"
+    _no_split_modules = ["ESM2Layer"]
+    supports_gradient_checkpointing = False
+    # transformers 4.x wrote one inv_freq per layer; position_ids was an old persistent buffer.
+    # Both are derived, not learned (our single inv_freq is recomputed when absent).
+    _keys_to_ignore_on_load_unexpected = [r"rotary_embeddings\.inv_freq$", r"position_ids$"]
+    _keys_to_ignore_on_load_missing = [r"rotary_embeddings\.inv_freq$"]
+    _keep_in_fp32_modules_strict = ["rotary_embeddings"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """Random weights like HF's initializer: normal(0, initializer_range), zero biases, unit
+        LayerNorms; rotary inv_freq from rope_theta."""
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            module.weight.normal_(0.0, std)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.normal_(0.0, std)
+            if module.padding_idx is not None:
+                module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            module.weight.fill_(1.0)
+            module.bias.zero_()
+        elif isinstance(module, _LMHead):
+            module.bias.zero_()
+        elif isinstance(module, _Rotary):
+            module.inv_freq.copy_(module.compute_inv_freq(module.inv_freq.device))
 
     @property
     def attn_backend(self):
-        return self._attn_backend
+        return self.config.attn_backend
 
     @attn_backend.setter
     def attn_backend(self, value) -> None:
+        if isinstance(value, list):
+            value = tuple(value)
         check_backend(value)  # raises listing the valid names
-        self._attn_backend = value
+        self.config.attn_backend = value  # every layer reads it at each call; save_pretrained keeps it
 
-    def compile_layers(self, **compile_kwargs) -> None:
+    @property
+    def pack_padded(self):
+        return self.config.pack_padded
+
+    @pack_padded.setter
+    def pack_padded(self, value) -> None:
+        if value not in ("auto", True, False):
+            raise bad_value("pack_padded", "'auto', True or False", repr(value))
+        self.config.pack_padded = value
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' ``from_pretrained``, strict: a checkpoint with unknown, missing or
+        mis-shaped weights raises (listing them) instead of leaving weights at their random
+        initialisation. ``strict=False`` restores transformers' warnings."""
+        strict = kwargs.pop("strict", True)
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        if strict:
+            parts = [f"{k}: {sorted(map(str, info.get(k) or []))}" for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs") if info.get(k)]
+            if parts:
+                raise bad_value("pretrained_model_name_or_path", f"a checkpoint with exactly the weights of {cls.__name__}", "; ".join(parts))
+        return (model, info) if want_info else model
+
+
+class ESM2Model(ESM2PreTrainedModel):
+    """The encoder (HF ``EsmModel`` without the pooler). ``attn_backend`` switches every layer."""
+
+    def __init__(self, config: ESM2Config):
+        super().__init__(config)
+        self.embeddings = _Embeddings(config)
+        self.rotary_embeddings = _Rotary(config)
+        self.encoder = _Encoder(config)
+        self.contact_head = _ContactHead(config)
+        self._fns = (_qkv, _out_ffn)
+        self._dynamic = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.embeddings.word_embeddings = value
+
+    def compile_layers(self, *, fuse_qkv: bool = False, **compile_kwargs) -> None:
         """torch.compile the dense compute of every layer (pre-LN + projections + rotary, and
         output projection + FFN), leaving the attention call and the batch structure outside.
 
+        The two compiled functions take tensors only, so one compile serves every layer; the
+        token dimension is marked dynamic, so packed batches of any token count reuse it (no
+        recompiles from batch to batch). ``fuse_qkv``: one (3C, C) projection instead of three.
         Why not ``torch.compile(model)``: the batch structure (SeqInfo) carries Python ints (the
-        document lengths) that a whole-model graph would guard on, recompiling for every batch.
-        The two compiled functions take tensors only, so one compile serves all layers and every
-        batch of the same (B, S) (the benchmark packs every batch into the same S)."""
-        compile_kwargs.setdefault("dynamic", False)
-        self._fns = (torch.compile(_qkv, **compile_kwargs), torch.compile(_out_ffn, **compile_kwargs))
+        document lengths) that a whole-model graph would guard on, recompiling for every batch."""
+        qkv = _qkv_fused if fuse_qkv else _qkv
+        self._fns = (torch.compile(qkv, **compile_kwargs), torch.compile(_out_ffn, **compile_kwargs))
+        self._dynamic = compile_kwargs.get("dynamic", None) is not False
 
-    def structure(self, input_ids, attention_mask=None, seq_info=None):
-        """(SeqInfo | None, mask term | None) for a batch: built once, shared by every layer."""
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            got = f"shape {tuple(input_ids.shape)}" if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+    def _plan(self, input_ids, attention_mask, seq_info, need_weights: bool) -> _Plan:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
+            got = f"shape {tuple(input_ids.shape)}, dtype {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise bad_value("input_ids", "a (B, S) integer tensor", got)
         if attention_mask is not None and seq_info is not None:
             raise bad_value("attention_mask/seq_info", "at most one of them", "both")
+        info = None
         if attention_mask is not None:
-            if attention_mask.shape != input_ids.shape:
-                raise bad_value("attention_mask", f"shape {tuple(input_ids.shape)} like input_ids", tuple(attention_mask.shape))
-            seq_info = SeqInfo.from_padding_mask(attention_mask.to(input_ids.device))
-        if seq_info is None:
-            return None, None
-        if not isinstance(seq_info, SeqInfo):
-            raise bad_type("seq_info", "an anyattn.SeqInfo", type(seq_info).__name__)
-        if (seq_info.B, seq_info.S) != tuple(input_ids.shape):
-            raise bad_value("seq_info", f"B, S = {tuple(input_ids.shape)} like input_ids", f"B={seq_info.B}, S={seq_info.S}")
-        seq_info = seq_info.to(input_ids.device)
-        if seq_info.max_seqlen > self.cfg.max_position_embeddings:
+            if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+                got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+                raise bad_value("attention_mask", f"a tensor of shape {tuple(input_ids.shape)} like input_ids", got)
+            info = SeqInfo.from_padding_mask(attention_mask.to(input_ids.device))  # one host read
+            if info.total == info.B * info.S:
+                info = None  # no padding: dense rows
+        elif seq_info is not None:
+            if not isinstance(seq_info, SeqInfo):
+                raise bad_type("seq_info", "an anyattn.SeqInfo", type(seq_info).__name__)
+            if (seq_info.B, seq_info.S) != tuple(input_ids.shape):
+                raise bad_value("seq_info", f"B, S = {tuple(input_ids.shape)} like input_ids", f"B={seq_info.B}, S={seq_info.S}")
+            info = seq_info.to(input_ids.device)
+        longest = input_ids.shape[1] if info is None else info.max_seqlen
+        if longest > self.config.max_position_embeddings:
             warnings.warn(
-                f"ESM2: a sequence of {seq_info.max_seqlen} tokens is longer than the "
-                f"{self.cfg.max_position_embeddings} the model was trained on",
-                stacklevel=3,
+                f"ESM2: a sequence of {longest} tokens is longer than the {self.config.max_position_embeddings} "
+                "the model was trained on",
+                stacklevel=4,
             )
-        if seq_info.kind == "padding":
-            mask = None if seq_info.total == seq_info.B * seq_info.S else padding(seq_info)
-        else:
-            mask = documents(seq_info)
-        return seq_info, mask
+        if info is None:
+            return _Plan(input_ids, None, None, None)
+        flat = info.kind == "documents" and info.B == 1 and info.total == info.S  # already one packed row
+        pack = self.config.pack_padded
+        if not flat and not need_weights and info.total > 0 and pack is not False:
+            packed = _packed_from(info)
+            if pack is True or _takes_packed(
+                self.attn_backend, packed, self.config.num_attention_heads, self.config.head_dim,
+                self.embeddings.word_embeddings.weight.dtype, torch.is_grad_enabled() and self.training,
+            ):  # fmt: skip
+                ids = input_ids.reshape(-1).index_select(0, info.indices)[None]
+                return _Plan(ids, packed, documents(packed), info)
+        mask = padding(info) if info.kind == "padding" else documents(info)
+        return _Plan(input_ids, info, mask, None)
 
-    def forward(
-        self, input_ids, attention_mask=None, *, seq_info: SeqInfo | None = None, output_hidden_states: bool = False,
-        output_attentions: bool = False,
-    ) -> ESM2Output:  # fmt: skip
-        """input_ids (B, S); ``attention_mask`` (B, S) 1 = real token (padded batch), or
-        ``seq_info`` (a SeqInfo of packed documents, or of padding). Returns :class:`ESM2Output`
-        with ``logits=None``."""
-        info, mask = self.structure(input_ids, attention_mask, seq_info)
+    def _encode(self, input_ids, attention_mask, seq_info, inputs_embeds, output_hidden_states, output_attentions, output_s_max):
+        """Run the encoder. Returns (plan, x after the final LayerNorm, hidden list, attentions,
+        s_max), tensors in the layers' shape (see :class:`_Plan`)."""
+        if inputs_embeds is not None:
+            raise bad_value("inputs_embeds", "None (ESM2 takes input_ids: token dropout needs the <mask> positions)", "a tensor")
+        plan = self._plan(input_ids, attention_mask, seq_info, bool(output_attentions))
         if output_attentions:
             warnings.warn(
                 "ESM2: output_attentions=True runs this call's attention through the eager path "
                 f"(anyattn.attention_with_weights); attn_backend stays {self.attn_backend!r}",
-                stacklevel=2,
+                stacklevel=3,
             )
-        x = self.embeddings(input_ids, info)
+        info = plan.info
+        x = self.embeddings(plan.ids, info)
         if info is None:
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape)
+            positions = torch.arange(plan.ids.shape[1], device=plan.ids.device).expand(plan.ids.shape)
         else:
             positions = info.positions
         cos, sin = self.rotary_embeddings(positions)
         hidden = [x] if output_hidden_states else None
         attns = [] if output_attentions else None
+        smax = [] if output_s_max else None
+        backend, fns, dynamic = self.attn_backend, self._fns, self._dynamic
         for layer in self.encoder.layer:
-            x, w = layer(x, cos, sin, mask, self._attn_backend, self._fns, need_weights=output_attentions)
+            x, w, s = layer(x, cos, sin, info, plan.mask, backend, fns, dynamic, bool(output_attentions), bool(output_s_max))
             if hidden is not None:
                 hidden.append(x)
             if attns is not None:
                 attns.append(w)
+            if smax is not None:
+                smax.append(s)
         x = self.encoder.emb_layer_norm_after(x)
         if hidden is not None:
             hidden[-1] = x  # as HF (and fair-esm's repr_layers): the last entry is after the final LN
-        return ESM2Output(None, x, tuple(hidden) if hidden is not None else None, tuple(attns) if attns is not None else None)
+        return plan, x, hidden, attns, (torch.stack(smax) if smax is not None else None)
+
+    @staticmethod
+    def _to_rows(plan: _Plan, t: torch.Tensor) -> torch.Tensor:
+        return t if plan.rows is None else pad(t[0], plan.rows)
+
+    def forward(
+        self, input_ids=None, attention_mask=None, *, seq_info: SeqInfo | None = None, inputs_embeds=None,
+        output_hidden_states: bool | None = False, output_attentions: bool | None = False, output_s_max: bool = False,
+        return_dict: bool | None = None,
+    ) -> ESM2Output:  # fmt: skip
+        """input_ids (B, S); ``attention_mask`` (B, S) 1 = real token (a padded batch), or
+        ``seq_info`` (a SeqInfo of packed documents, or of padding). Returns :class:`ESM2Output`
+        with ``logits=None`` (``return_dict`` is accepted for HF callers; the result is always
+        the same NamedTuple)."""
+        plan, x, hidden, attns, smax = self._encode(
+            input_ids, attention_mask, seq_info, inputs_embeds, output_hidden_states, output_attentions, output_s_max
+        )
+        rows = self._to_rows
+        return ESM2Output(
+            None, None, rows(plan, x), tuple(rows(plan, h) for h in hidden) if hidden is not None else None,
+            tuple(attns) if attns is not None else None, smax,
+        )  # fmt: skip
 
     def predict_contacts(self, input_ids, attention_mask=None) -> torch.Tensor:
         """Contact probabilities (B, S-2, S-2) from the attention maps (ESM's contact head)."""
@@ -488,66 +771,80 @@ class _LMHead(nn.Module):
         return self.decoder(self.layer_norm(_gelu(self.dense(x)))) + self.bias
 
 
-class ESM2ForMaskedLM(nn.Module):
+class ESM2ForMaskedLM(ESM2PreTrainedModel):
     """ESM2 with its LM head; ``state_dict()`` keys equal HF's ``EsmForMaskedLM``.
 
     ``model.attn_backend = "flex"`` switches every layer; ``model.esm`` is the encoder alone.
     """
 
-    def __init__(self, cfg: ESM2Config):
-        super().__init__()
-        self.cfg = cfg
-        self.esm = ESM2Model(cfg)
-        self.lm_head = _LMHead(cfg)
-        if cfg.tie_word_embeddings:
+    _tied_weights_keys = {"lm_head.decoder.weight": "esm.embeddings.word_embeddings.weight"}
+
+    def __init__(self, config: ESM2Config):
+        super().__init__(config)
+        self.esm = ESM2Model(config)
+        self.lm_head = _LMHead(config)
+        if config.tie_word_embeddings:
             self.lm_head.decoder.weight = self.esm.embeddings.word_embeddings.weight
-        self._init_weights()
+        self.post_init()
 
-    @torch.no_grad()
-    def _init_weights(self, std: float = 0.02) -> None:
-        """Random weights like HF's initializer (normal(0, 0.02), zero biases, unit LayerNorms)."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                m.weight.normal_(0.0, std)
-                if m.bias is not None:
-                    m.bias.zero_()
-            elif isinstance(m, nn.Embedding):
-                m.weight.normal_(0.0, std)
-                if m.padding_idx is not None:
-                    m.weight[m.padding_idx].zero_()
-            elif isinstance(m, nn.LayerNorm):
-                m.weight.fill_(1.0)
-                m.bias.zero_()
-        self.lm_head.bias.zero_()
+    def get_input_embeddings(self):
+        return self.esm.embeddings.word_embeddings
 
-    @property
-    def attn_backend(self):
-        return self.esm.attn_backend
+    def set_input_embeddings(self, value):
+        self.esm.embeddings.word_embeddings = value
 
-    @attn_backend.setter
-    def attn_backend(self, value) -> None:
-        self.esm.attn_backend = value
+    def get_output_embeddings(self):
+        return self.lm_head.decoder
 
-    def compile_layers(self, **compile_kwargs) -> None:
-        self.esm.compile_layers(**compile_kwargs)
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head.decoder = new_embeddings
+
+    def compile_layers(self, **kwargs) -> None:
+        """See :meth:`ESM2Model.compile_layers`."""
+        self.esm.compile_layers(**kwargs)
 
     def forward(
-        self, input_ids, attention_mask=None, *, seq_info: SeqInfo | None = None, output_hidden_states: bool = False,
-        output_attentions: bool = False,
+        self, input_ids=None, attention_mask=None, *, labels=None, seq_info: SeqInfo | None = None, inputs_embeds=None,
+        output_hidden_states: bool | None = False, output_attentions: bool | None = False, output_s_max: bool = False,
+        return_dict: bool | None = None,
     ) -> ESM2Output:  # fmt: skip
-        out = self.esm(
-            input_ids, attention_mask, seq_info=seq_info, output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
+        """As :meth:`ESM2Model.forward`, plus ``logits`` (B, S, V) and, with ``labels`` (B, S)
+        (-100 = ignored), the masked-LM ``loss``. On the packed path the LM head runs on the
+        real tokens only."""
+        esm = self.esm
+        plan, x, hidden, attns, smax = esm._encode(
+            input_ids, attention_mask, seq_info, inputs_embeds, output_hidden_states, output_attentions, output_s_max
+        )
+        logits = esm._to_rows(plan, self.lm_head(x))
+        loss = None
+        if labels is not None:
+            if not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape:
+                got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+                raise bad_value("labels", f"a tensor of shape {tuple(input_ids.shape)} like input_ids", got)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.to(logits.device).reshape(-1), ignore_index=-100)
+        rows = esm._to_rows
+        return ESM2Output(
+            loss, logits, rows(plan, x), tuple(rows(plan, h) for h in hidden) if hidden is not None else None,
+            tuple(attns) if attns is not None else None, smax,
         )  # fmt: skip
-        return out._replace(logits=self.lm_head(out.last_hidden_state))
 
     def predict_contacts(self, input_ids, attention_mask=None) -> torch.Tensor:
         return self.esm.predict_contacts(input_ids, attention_mask)
 
-    @classmethod
-    def from_pretrained(cls, path: str, **kwargs) -> ESM2ForMaskedLM:
-        """Same as :func:`load_esm2`."""
-        return load_esm2(path, **kwargs)
+
+# ---------------------------------------------------------------------------------------------
+# Auto classes
+
+
+def register_auto() -> None:
+    """Register ESM2Config / ESM2Model / ESM2ForMaskedLM with transformers' AutoConfig, AutoModel
+    and AutoModelForMaskedLM under model_type "anyattn_esm2" (idempotent; run on import)."""
+    AutoConfig.register(MODEL_TYPE, ESM2Config, exist_ok=True)
+    AutoModel.register(ESM2Config, ESM2Model, exist_ok=True)
+    AutoModelForMaskedLM.register(ESM2Config, ESM2ForMaskedLM, exist_ok=True)
+
+
+register_auto()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -586,12 +883,16 @@ def load_hf_state_dict(model: ESM2ForMaskedLM, state_dict: dict) -> None:
     Refuses unknown, missing or mis-shaped keys, listing them; nothing is silently left at its
     random initialisation. A missing ``lm_head.decoder.weight`` is accepted when the embeddings
     are tied (``save_pretrained`` drops the tied copy). A missing ``esm.rotary_embeddings.inv_freq``
-    is recomputed from ``rope_theta`` (it is derived, not learned).
+    is recomputed from ``rope_theta`` (it is derived, not learned). ``model`` may live on the meta
+    device (built without initialisation): the checkpoint tensors are then assigned, not copied.
     """
+    if not isinstance(model, ESM2ForMaskedLM):
+        raise bad_type("model", "an ESM2ForMaskedLM", type(model).__name__)
     sd = _map_hf_keys(state_dict)
     ours = model.state_dict()
     optional = {"esm.rotary_embeddings.inv_freq"}
-    if model.cfg.tie_word_embeddings:
+    tie = model.config.tie_word_embeddings
+    if tie:
         optional.add("lm_head.decoder.weight")
     unknown = sorted(set(sd) - set(ours))
     missing = sorted(set(ours) - set(sd) - optional)
@@ -605,10 +906,21 @@ def load_hf_state_dict(model: ESM2ForMaskedLM, state_dict: dict) -> None:
         if shapes:
             parts.append(f"{len(shapes)} shape mismatch(es): {shapes}")
         raise bad_value("state_dict", "the keys of an HF EsmForMaskedLM ESM2 checkpoint for this config", "; ".join(parts))
-    tied = model.cfg.tie_word_embeddings and "lm_head.decoder.weight" in sd
-    if tied and not torch.equal(sd["lm_head.decoder.weight"].cpu(), sd["esm.embeddings.word_embeddings.weight"].cpu()):
-        raise bad_value("state_dict", "lm_head.decoder.weight equal to the word embeddings (tie_word_embeddings=True)", "different tensors")
-    model.load_state_dict(sd, strict=False)  # completeness checked above
+    if tie and "lm_head.decoder.weight" in sd:
+        if not torch.equal(sd["lm_head.decoder.weight"].cpu(), sd["esm.embeddings.word_embeddings.weight"].cpu()):
+            raise bad_value("state_dict", "lm_head.decoder.weight equal to the word embeddings (tie_word_embeddings=True)", "different tensors")
+        del sd["lm_head.decoder.weight"]
+    rot = model.esm.rotary_embeddings
+    meta = any(p.device.type == "meta" for p in model.parameters())
+    if meta:
+        model.load_state_dict(sd, strict=False, assign=True)  # completeness checked above
+        if tie:
+            model.lm_head.decoder.weight = model.esm.embeddings.word_embeddings.weight
+    else:
+        model.load_state_dict(sd, strict=False)
+    inv = sd.get("esm.rotary_embeddings.inv_freq")
+    # float32 always (a bf16 checkpoint's inv_freq is widened; a missing one recomputed)
+    rot.inv_freq = inv.detach().to(torch.float32).clone() if inv is not None else rot.compute_inv_freq()
 
 
 def _read_checkpoint(path: str) -> dict:
@@ -628,23 +940,41 @@ def _read_checkpoint(path: str) -> dict:
         for f in bins:
             sd.update(torch.load(os.path.join(path, f), map_location="cpu", weights_only=True))
         return sd
-    raise FileNotFoundError(f"load_esm2: no *.safetensors or pytorch_model*.bin in {path}")
+    raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin weights in {path}")
+
+
+def build_esm2(cfg: ESM2Config, state_dict: dict, *, dtype=None, device=None) -> ESM2ForMaskedLM:
+    """An ESM2ForMaskedLM holding exactly ``state_dict`` (HF key names, strict), in eval mode.
+    Built on the meta device (no random initialisation); float32 unless ``dtype`` is given."""
+    with torch.device("meta"):
+        model = ESM2ForMaskedLM(cfg)
+    load_hf_state_dict(model, state_dict)
+    model.eval()
+    model.to(device=device if device is not None else "cpu", dtype=dtype if dtype is not None else torch.float32)
+    return model
 
 
 def load_esm2(path: str, *, attn_backend="auto", dtype=None, device=None) -> ESM2ForMaskedLM:
-    """An ESM2 from a local HF-format directory (config.json + safetensors or .bin), or a hub id
-    (downloaded through huggingface_hub when installed)."""
+    """An ESM2 from a local HF-format directory (config.json + safetensors or .bin; HF's
+    ``EsmForMaskedLM`` or ours), or a hub id (downloaded through huggingface_hub). Eval mode,
+    float32 unless ``dtype`` is given. Prefer :func:`anyattn.models.load`, which detects the
+    family."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise bad_type("path", "a local directory or a hub id", type(path).__name__)
+    path = os.fspath(path)
     if not os.path.isdir(path):
-        try:
-            from huggingface_hub import snapshot_download
-        except ImportError as e:
-            raise FileNotFoundError(f"load_esm2: {path!r} is not a directory and huggingface_hub is not installed") from e
-        path = snapshot_download(path, allow_patterns=["config.json", "*.safetensors", "pytorch_model*.bin"])
-    with open(os.path.join(path, "config.json")) as f:
-        cfg = ESM2Config.from_hf_config(json.load(f), attn_backend=attn_backend)
-    model = ESM2ForMaskedLM(cfg)
-    load_hf_state_dict(model, _read_checkpoint(path))
-    model.eval()
-    if dtype is not None or device is not None:
-        model.to(device=device, dtype=dtype)
-    return model
+        from .hub import download
+
+        path = download(path)
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise bad_value("path", "a directory with config.json", repr(path))
+    with open(cfg_file) as f:
+        raw = json.load(f)
+    if not is_esm2_config(raw):
+        raise bad_value(
+            "config.json", "an ESM2 config (model_type 'esm' with rotary positions and architectures EsmForMaskedLM/EsmModel, or 'anyattn_esm2')",
+            f"model_type {raw.get('model_type')!r}, position_embedding_type {raw.get('position_embedding_type')!r}, architectures {raw.get('architectures')}",
+        )  # fmt: skip
+    cfg = ESM2Config.from_hf_config(raw, attn_backend=attn_backend)
+    return build_esm2(cfg, _read_checkpoint(path), dtype=dtype, device=device)

@@ -1,12 +1,29 @@
-"""Hugging Face Hub ids -> local directories (huggingface_hub, imported on first use)."""
+"""``anyattn.models.load``: one entry point for every model family, from a directory or a hub id.
+
+    model = anyattn.models.load("facebook/esm2_t33_650M_UR50D", attn_backend="auto", dtype=torch.bfloat16, device="cuda")
+
+Steps: resolve the path (a local directory, else a hub id downloaded with huggingface_hub) ->
+read config.json -> the FIRST family in :data:`FAMILIES` whose ``detect(config)`` is true ->
+its ``loader`` maps the checkpoint's keys onto our classes and refuses unknown, missing or
+mis-shaped weights, naming them (no weight is silently left at its random initialisation).
+
+Order matters: families that reuse another's ``model_type`` (DPLM writes ``"esm"`` with its own
+architectures) come before the family whose type they borrow; ESM2's detector accepts only HF's
+ESM2 architectures, so an unregistered look-alike is refused rather than misread.
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from typing import Callable
 
-from ..errors import bad_value
+from ..errors import bad_type, bad_value
 
-__all__ = ["download"]
+__all__ = ["Family", "FAMILIES", "download", "is_esm2_config", "load", "register_family"]
+
 
 # What a model directory needs; weights in either format, whichever the repository has.
 MODEL_FILES = ["config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
@@ -26,3 +43,98 @@ def download(repo_id: str, *, allow_patterns=None) -> str:
     from huggingface_hub import snapshot_download
 
     return snapshot_download(repo_id, allow_patterns=allow_patterns or MODEL_FILES)
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family: ``detect(config_dict) -> bool`` on the parsed config.json, and
+    ``loader(path, config_dict, attn_backend, dtype, device) -> model`` for a local directory."""
+
+    name: str
+    detect: Callable[[dict], bool]
+    loader: Callable
+
+
+def _load_esm2(path, config, attn_backend, dtype, device):
+    from .esm2 import ESM2Config, _read_checkpoint, build_esm2
+
+    cfg = ESM2Config.from_hf_config(config, attn_backend=attn_backend)
+    return build_esm2(cfg, _read_checkpoint(path), dtype=dtype, device=device)
+
+
+def is_esm2_config(config: dict) -> bool:
+    """True for a config.json of ours (model_type "anyattn_esm2") or of an HF ESM2 ``EsmForMaskedLM``
+    / ``EsmModel`` (model_type "esm", rotary positions, not ESMFold). Checkpoints that reuse
+    model_type "esm" with other architectures (DPLM's ``EsmForDPLM``, ...) are not ESM2."""
+    if not isinstance(config, dict):
+        return False
+    mt = config.get("model_type")
+    if mt == "anyattn_esm2":
+        return True
+    if mt != "esm" or config.get("position_embedding_type", "absolute") != "rotary" or config.get("is_folding_model"):
+        return False
+    return all(a in ("EsmForMaskedLM", "EsmModel") for a in (config.get("architectures") or []))
+
+
+# First match wins. Other families go BEFORE esm2 (DPLM checkpoints say model_type "esm" too):
+# DPLM / DPLM2 (anyattn.models.dplm) and E1 (anyattn.models.e1) enter this list as
+# Family(name, detect, loader) with the loader signature of _load_esm2, either in this literal or
+# through register_family. A detector must not import transformers (use the config dict only).
+FAMILIES: list[Family] = [
+    Family("esm2", is_esm2_config, _load_esm2),
+]
+
+
+def register_family(family: Family, *, before: str | None = "esm2") -> None:
+    """Add (or replace, by name) a family; ``before`` names the family it must precede (None:
+    append at the end)."""
+    if not isinstance(family, Family):
+        raise bad_type("family", "an anyattn.models.Family", type(family).__name__)
+    FAMILIES[:] = [f for f in FAMILIES if f.name != family.name]
+    names = [f.name for f in FAMILIES]
+    if before is None:
+        FAMILIES.append(family)
+    elif before in names:
+        FAMILIES.insert(names.index(before), family)
+    else:
+        raise bad_value("before", f"None or one of {names}", repr(before))
+
+
+def _resolve_path(path_or_repo) -> str:
+    if not isinstance(path_or_repo, (str, os.PathLike)):
+        raise bad_type("path_or_repo", "a local directory or a hub id 'owner/name'", type(path_or_repo).__name__)
+    path = os.fspath(path_or_repo)
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise bad_value("path_or_repo", "a directory with config.json and weights (not a file)", repr(path))
+    return download(path)
+
+
+def load(path_or_repo, *, attn_backend="auto", dtype=None, device=None):
+    """The model in ``path_or_repo`` (a local HF-format directory: config.json + *.safetensors
+    or pytorch_model*.bin; or a hub id), as the anyattn class of its family, in eval mode.
+
+    ``attn_backend``: anyattn backend for every layer (``model.attn_backend = ...`` changes it
+    later). ``dtype``: parameter dtype (default float32). ``device``: where to put it (default CPU).
+    """
+    path = _resolve_path(path_or_repo)
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise bad_value("path_or_repo", "a model directory containing config.json", f"{path!r} without config.json")
+    with open(cfg_file) as f:
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError as e:
+            raise bad_value("config.json", "valid JSON", f"{cfg_file}: {e}") from None
+    if not isinstance(config, dict):
+        raise bad_value("config.json", "a JSON object", type(config).__name__)
+    for fam in FAMILIES:
+        if fam.detect(config):
+            return fam.loader(path, config, attn_backend, dtype, device)
+    raise bad_value(
+        "path_or_repo",
+        f"a checkpoint of a known family ({', '.join(f.name for f in FAMILIES)})",
+        f"config.json with model_type {config.get('model_type')!r}, architectures {config.get('architectures')}"
+        + (f", position_embedding_type {config['position_embedding_type']!r}" if "position_embedding_type" in config else ""),
+    )
