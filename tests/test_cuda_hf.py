@@ -74,6 +74,22 @@ def _no_tf32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
+@pytest.fixture
+def structured(monkeypatch):
+    """Fails the test if any layer got a dense (materialized) mask: the recognized HF patterns
+    must stay structured on the installed transformers version too."""
+    seen = []
+    orig = ah._attention
+
+    def record(*a, **k):
+        seen.append(repr(k.get("mask")))
+        return orig(*a, **k)
+
+    monkeypatch.setattr(ah, "_attention", record)
+    yield seen
+    assert not any("dense(" in m for m in seen), sorted(set(seen))
+
+
 def _models(name: str, impl: str, dtype=torch.bfloat16):
     """(oracle fp32 eager, HF eager in dtype, anyattn in dtype), same weights, own config objects."""
     cfg, cls = _tiny(name)
@@ -111,7 +127,7 @@ def _rule(ours, ref, oracle, where=None, factor=2.0, add=1e-5, what="logits"):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "gemma2", "esm", "bert"])
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_bf16_logits_within_rule(name, impl, side):
+def test_bf16_logits_within_rule(name, impl, side, structured):
     oracle, ref, ours = _models(name, impl)
     ids, am = _batch(200, side, 33 if name == "esm" else V)
     with torch.no_grad():
@@ -143,7 +159,7 @@ LENGTHS = [37, 192, 64, 129, 1, 90]  # odd sizes, 64 mod 128 (the cuDNN issue), 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", ["llama", "qwen2", "gemma2"])
-def test_packed_bf16_equals_padded_oracle(name, impl):
+def test_packed_bf16_equals_padded_oracle(name, impl, structured):
     """Packed rows (position_ids restarting, no mask) against each document alone in fp32."""
     oracle, ref, ours = _models(name, impl)
     ids, pos, padded, am = _packed(LENGTHS)
@@ -157,6 +173,7 @@ def test_packed_bf16_equals_padded_oracle(name, impl):
         r = ref(padded, attention_mask=am).logits[keep]
         a = ours(ids, position_ids=pos).logits[0]  # use_cache default: documents come from position_ids
     _rule(a, r, o)
+    assert all("documents(" in m for m in structured), sorted(set(structured))
 
 
 def _grads(model, loss):
@@ -166,7 +183,7 @@ def _grads(model, loss):
 
 
 @pytest.mark.parametrize("impl", ["anyattn", "anyattn:cudnn", "anyattn:fa_torch", "anyattn:flex"])
-def test_packed_training_gradients_within_rule(impl):
+def test_packed_training_gradients_within_rule(impl, structured):
     oracle, ref, ours = _models("qwen2", impl)
     for m in (oracle, ref, ours):
         m.train()
@@ -203,7 +220,7 @@ def _compare_generation(ref, ours, ids, am, steps, margin):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", ["llama", "qwen2", "gemma2"])
-def test_generation_matches_hf(name, impl):
+def test_generation_matches_hf(name, impl, structured):
     """Left-padded prompts of 60 tokens, 16 greedy steps with a KV cache (crosses the 64-token
     window of Qwen2/Gemma2): decode steps have Sq=1 < Sk, bottom-right aligned."""
     cfg, cls = _tiny(name)

@@ -278,7 +278,7 @@ def _mask_interface(batch_size=None, q_length=None, kv_length=None, q_offset=0, 
 # The attention function
 
 
-_CU_CHECKED: dict = {}  # (id(cu), version, id(SeqInfo)) -> (cu, info): documents from cu_seq_lens
+_CU_CHECKED: dict = {}  # (id(cu_q), version, id(cu_k)) -> (cu_q, SeqInfo): documents from cu_seq_lens
 
 
 _POS_CHECKED: dict = {}  # (id(position_ids), version) -> (position_ids, SeqInfo | None)
