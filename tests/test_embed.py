@@ -404,3 +404,23 @@ def test_cli_exit_codes(ckpt, tmp_path):
     fa.write_text(">a\nMKV\n>b\nMK\n")
     assert main(["embed", str(fa), "--model", ckpt, "--out", str(tmp_path / "o.sqlite"), "--no-progress", "--layers", "-1"]) == 0
     assert open_store(tmp_path / "o.sqlite").metadata["layers"] == "2"
+
+
+def test_gzip_fasta_and_in_memory_model(ckpt, ref_model, tmp_path):
+    """A .gz FASTA reads like the plain file; an in-memory model object works on one device and
+    is refused (with the reason) for several devices, which each load their own copy."""
+    import gzip
+
+    fa = tmp_path / "in.fasta.gz"
+    with gzip.open(fa, "wt") as f:
+        f.write(">a\nMKTAY\nIAK\n")
+    out = tmp_path / "o.sqlite"
+    embed(str(fa), model=ref_model, out=out, progress=False)
+    want = _pool(_alone(ref_model, "MKTAYIAK")[-1], "mean").numpy()
+    assert _maxdiff(open_store(out)["a"], want) <= 1e-5
+    assert open_store(out).metadata["model_source"] == type(ref_model).__name__
+    # the same weights from the directory are the same model for the store
+    s = embed(str(fa), model=ckpt, out=out, progress=False)
+    assert s.skipped == 1
+    with pytest.raises(ValueError, match=r"model: expected a checkpoint directory or hub id when devices has several entries"):
+        embed(str(fa), model=ref_model, out=tmp_path / "o2.sqlite", devices="cpu,cpu", progress=False)
