@@ -84,7 +84,6 @@ def clear_caches() -> None:
     from .backends import _varlen, flash, flash_torch, flex, sdpa
 
     _DECISIONS.clear()
-    _REQUESTED.clear()
     flex._BY_CALL.clear()
     flex._BLOCK_MASKS.clear()
     sdpa.SDPA.cache.clear()
@@ -174,20 +173,10 @@ def _validate_terms(call: Call) -> None:
         s.check(geo)
 
 
-_REQUESTED: dict = {}  # backend argument -> normalized tuple (only for hashable arguments)
-
-
 def _requested(backend) -> tuple:
     if backend == "auto":
         return _DEFAULT.get()
-    try:
-        hit = _REQUESTED.get(backend)
-    except TypeError:  # unhashable (a list): normalize every time
-        return check_backend(backend)
-    if hit is None:
-        hit = check_backend(backend)
-        _REQUESTED[backend] = hit
-    return hit
+    return check_backend(backend)  # remembers hashable arguments
 
 
 def _backend_for(call: Call, backend) -> tuple:

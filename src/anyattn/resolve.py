@@ -75,8 +75,25 @@ def backend_names() -> tuple[str, ...]:
     return ("auto",) + tuple(REGISTRY)
 
 
+_NORMALIZED: dict = {}  # hashable backend argument -> normalized tuple
+
+
 def check_backend(backend) -> tuple[str, ...]:
-    """Normalize ``backend=`` to a tuple of registered names; error lists the valid ones."""
+    """Normalize ``backend=`` to a tuple of registered names; error lists the valid ones.
+
+    Hashable arguments are remembered: a module that validates its backend when it is built
+    (``model.attn_backend = "flex"``) fills the entry its compiled graphs later read, so tracing
+    sees a dict that does not change between calls."""
+    try:
+        hit = _NORMALIZED.get(backend)
+    except TypeError:  # unhashable (a list): normalize every time
+        return _normalize(backend)
+    if hit is None:
+        hit = _NORMALIZED[backend] = _normalize(backend)
+    return hit
+
+
+def _normalize(backend) -> tuple[str, ...]:
     if isinstance(backend, Backend):
         backend = backend.value
     if isinstance(backend, str):
@@ -107,7 +124,9 @@ def resolve(call, requested: tuple[str, ...], *, full: bool = False):
         order = [n for n in order if n in REGISTRY] + [n for n in REGISTRY if n not in order]
     else:
         order = list(requested)
-    decision = Decision(call.describe(), requested, variant_class(call))
+    # the text form joins strings over the mask's terms: not traceable with symbolic sizes
+    text = "<call traced by torch.compile>" if torch.compiler.is_compiling() else call.describe()
+    decision = Decision(text, requested, variant_class(call))
     chosen = None
     for name in order:
         if chosen is not None and not full:
