@@ -224,7 +224,7 @@ def test_sigkill_at_random_points_then_resume_equals_uninterrupted(ckpt, tmp_pat
         before = _count(out)
         p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         if attempt == 0:
-            time.sleep(rng.uniform(0.0, 1.0))  # most likely still importing / loading
+            time.sleep(rng.uniform(0.0, 0.3))  # still importing / loading
         else:
             target = before + rng.randint(5, 120)
             t_end = time.time() + 60

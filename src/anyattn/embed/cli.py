@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="output: *.sqlite (default format, resumable), *.safetensors or *.npz")
     p.add_argument("--pooling", choices=POOLINGS, default="mean", help="mean/max over residues, cls token, none = per residue (default mean)")
     p.add_argument("--layers", type=int, nargs="+", default=None,
-                   help="hidden-state indices (0 = embeddings, -1 = last); given: arrays get a leading layer axis")  # fmt: skip
+                   help="hidden-state indices (0 = embeddings, -1 = last); two or more: arrays get a leading layer axis")  # fmt: skip
     p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"), help="compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--store-dtype", default=None, choices=("float16", "float32"), help="stored dtype (default: float32 for fp32, else float16)")
     p.add_argument("--max-tokens", type=int, default=16384, help="tokens per packed batch (default 16384)")
