@@ -424,3 +424,16 @@ def test_gzip_fasta_and_in_memory_model(ckpt, ref_model, tmp_path):
     assert s.skipped == 1
     with pytest.raises(ValueError, match=r"model: expected a checkpoint directory or hub id when devices has several entries"):
         embed(str(fa), model=ref_model, out=tmp_path / "o2.sqlite", devices="cpu,cpu", progress=False)
+
+
+def test_batch_tokenization_equals_tokenizer_encode():
+    """The job's table-driven tokenizing equals ProteinTokenizer.encode on every letter of the
+    alphabet (incl. X B U Z O)."""
+    from anyattn.embed.job import _batch_tokens
+
+    tok = ProteinTokenizer.esm()
+    rng = random.Random(0)
+    batch = [(0, 0, "".join(rng.choices(AA + "XBUZO", k=rng.randint(1, 300)))) for _ in range(20)]
+    toks, lengths = _batch_tokens(tok, batch)
+    assert toks.tolist() == [t for _, _, r in batch for t in tok.encode(r)]
+    assert lengths == [len(r) + 2 for _, _, r in batch]

@@ -719,11 +719,41 @@ def _summary(out, n_records, id_map, seqs, written, skipped, computed, tokens, n
     )  # fmt: skip
 
 
-def _batch_tokens(tok, batch):
+_LUTS: dict = {}
+
+
+def _lut(tok):
+    """A 256-entry byte -> token id table of the tokenizer's one-letter tokens (-1 elsewhere),
+    equal to ``tok.encode`` on the validated (ASCII letter) sequences, ~100x faster than a Python
+    loop per residue: tokenizing stays off the critical path of a GPU batch."""
     np = _np()
-    toks = [tok.encode(r) for _, _, r in batch]
-    lengths = [len(t) for t in toks]
-    return np.fromiter((t for row in toks for t in row), dtype=np.int64, count=sum(lengths)), lengths
+    key = (id(tok), tok.vocab)
+    lut = _LUTS.get(key)
+    if lut is None:
+        lut = np.full(256, -1, dtype=np.int64)
+        for t, i in tok.token_to_id.items():
+            if len(t) == 1 and t.isascii():
+                lut[ord(t)] = i
+        _LUTS.clear()
+        _LUTS[key] = lut
+    return lut
+
+
+def _batch_tokens(tok, batch):
+    """Flat int64 token ids of a batch (``<cls> residues <eos>`` per item) and the lengths."""
+    np = _np()
+    lut = _lut(tok)
+    lengths = [len(r) + 2 for _, _, r in batch]
+    out = np.empty(sum(lengths), dtype=np.int64)
+    pos = 0
+    for (_, _, r), n in zip(batch, lengths):
+        out[pos] = tok.cls_token_id
+        out[pos + 1 : pos + n - 1] = lut[np.frombuffer(r.encode("ascii"), dtype=np.uint8)]
+        out[pos + n - 1] = tok.eos_token_id
+        pos += n
+    if (out < 0).any():  # the reader validated every residue against this alphabet
+        raise RuntimeError("anyattn.embed: a residue outside the tokenizer's one-letter tokens reached the model")
+    return out, lengths
 
 
 def _run_local(model, device, tok, runner_kw, todo, asm, store, prog):
