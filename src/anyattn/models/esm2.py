@@ -617,6 +617,9 @@ class ESM2PreTrainedModel(PreTrainedModel):
 class ESM2Model(ESM2PreTrainedModel):
     """The encoder (HF ``EsmModel`` without the pooler). ``attn_backend`` switches every layer."""
 
+    # the encoder alone may come from a masked-LM checkpoint: its head is not ours to load
+    _keys_to_ignore_on_load_unexpected = [*ESM2PreTrainedModel._keys_to_ignore_on_load_unexpected, r"^lm_head\."]
+
     def __init__(self, config: ESM2Config):
         super().__init__(config)
         self.embeddings = _Embeddings(config)
