@@ -94,24 +94,55 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "sdpa+packed"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_transformers_logits_and_every_hidden_state(ckpt, ours, backend, case):
+    """``sdpa+packed``: the padded batch runs as one packed row of documents (pack_padded=True),
+    the path varlen/flex backends take on GPU."""
     lengths, masks = CASES[case]
     ids, am = _batch(lengths, seed=len(case), masks=masks)
-    ours.attn_backend = backend
+    ours.attn_backend = backend.split("+")[0]
+    ours.pack_padded = backend.endswith("+packed")
+    labels = torch.where(am.bool(), ids, -100)
+    try:
+        with torch.no_grad():
+            ref = ckpt[1](ids, attention_mask=am, output_hidden_states=True, labels=labels)
+            out = ours(ids, attention_mask=am, output_hidden_states=True, labels=labels)
+    finally:
+        ours.pack_padded = "auto"
+    _compare(out, ref, am.bool(), f"{backend}/{case}")
+    assert abs(out.loss.item() - ref.loss.item()) <= TOL
+
+
+def test_padding_on_both_sides_matches_transformers_right_padded(ckpt, ours):
+    """Rows padded on the left, the right and both sides at once (a keep-mask with real tokens in
+    the middle) give HF's right-padded result: positions restart at each row's first real token."""
+    lengths = [12, 30, 5, 21]
+    ids, am = _batch(lengths, seed=8, masks=[(1, 4)])
+    S = 36
+    shift = [3, 0, 31, 7]  # pad tokens before each row's sequence
+    both_ids, both_am = torch.full((4, S), PAD, dtype=torch.long), torch.zeros((4, S), dtype=torch.long)
+    for b, n in enumerate(lengths):
+        both_ids[b, shift[b] : shift[b] + n], both_am[b, shift[b] : shift[b] + n] = ids[b, :n], 1
     with torch.no_grad():
         ref = ckpt[1](ids, attention_mask=am, output_hidden_states=True)
-        out = ours(ids, attention_mask=am, output_hidden_states=True)
-    _compare(out, ref, am.bool(), f"{backend}/{case}")
+        for backend, pack in (("eager", False), ("sdpa", True)):
+            ours.attn_backend, ours.pack_padded = backend, pack
+            out = ours(both_ids, attention_mask=both_am, output_hidden_states=True)
+            for i, (h, r) in enumerate(zip((out.logits, *out.hidden_states), (ref.logits, *ref.hidden_states))):
+                d = (h[both_am.bool()] - r[am.bool()]).abs().max().item()
+                assert d <= TOL, f"{backend}, pack={pack}: output {i} differs by {d}"
+    ours.attn_backend, ours.pack_padded = "auto", "auto"
 
 
 def test_matches_transformers_on_flex_forward(ckpt, ours):
-    """One shape only: CPU flex compiles a kernel per geometry (~5-10 s each)."""
+    """One shape only: CPU flex compiles a kernel per geometry (~5-20 s each). The padded batch
+    runs as one packed row of documents (flex takes them natively)."""
     if not next(b for b in anyattn.backends() if b.name == "flex").available:
         pytest.skip("flex unavailable")
     ids, am = _batch([16, 9, 3], seed=5, masks=[(0, 5)])
     ours.attn_backend = "flex"
+    assert ours.esm._plan(ids, am, None, False).rows is not None  # flex takes packed documents: packed
     try:
         with torch.no_grad():
             ref = ckpt[1](ids, attention_mask=am, output_hidden_states=True)
