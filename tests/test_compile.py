@@ -30,6 +30,31 @@ def test_fullgraph_compile_has_no_anyattn_graph_break(backend, kw):
     torch.testing.assert_close(out, f(q, k, v), atol=1e-5, rtol=1e-5)
 
 
+def test_auto_and_use_under_fullgraph_compile_without_recompiles():
+    """backend="auto" (and the ``use`` default it reads) traces with fullgraph; eager calls in
+    between (which fill anyattn's decision cache) do not invalidate the compiled graph, and a
+    ``use`` block is honoured by tracing again."""
+    from torch._dynamo.testing import CompileCounter
+
+    q, k, v = generate_qkv(1, 2, 2, 16, 16, 64)
+
+    def f(q, k, v, mask):
+        return aa.attention(q, k, v, mask=mask)
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    g = torch.compile(f, backend=counter, fullgraph=True)
+    for lengths in ([5, 11], [8, 8], [3, 13]):
+        mask = aa.documents(torch.tensor(lengths)) & aa.causal()
+        out = g(q, k, v, mask)
+        torch.testing.assert_close(out, aa.attention(q, k, v, mask=mask, backend="eager"), atol=1e-5, rtol=1e-5)
+    assert counter.frame_count == 1
+    with aa.use("eager"):
+        out = g(q, k, v, aa.causal())
+    assert counter.frame_count == 2  # the default changed: traced again, not a stale decision
+    torch.testing.assert_close(out, aa.attention(q, k, v, mask=aa.causal(), backend="eager"), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("backend", ["sdpa", "cudnn", "flex", "flash_torch"])

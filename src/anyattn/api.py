@@ -34,6 +34,10 @@ from .spec import Geometry, canonical_mask, canonical_scores
 __all__ = ["attention", "explain", "use", "backends", "AttentionOutput", "BackendInfo", "clear_caches"]
 
 _DEFAULT = contextvars.ContextVar("anyattn_backend", default=("auto",))
+# What torch.compile reads instead: dynamo cannot trace ContextVar.get. A plain list it guards on,
+# so a graph traced inside ``use(...)`` is traced again outside it. Process-wide: a graph traced
+# while another thread is inside ``use`` sees that thread's default.
+_TRACED_DEFAULT: list = [("auto",)]
 _DECISIONS = LRU(1024)  # (call key, requested) -> backend
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -73,10 +77,13 @@ def use(backend):
     """
     names = check_backend(backend)
     token = _DEFAULT.set(names)
+    before = _TRACED_DEFAULT[0]
+    _TRACED_DEFAULT[0] = names
     try:
         yield
     finally:
         _DEFAULT.reset(token)
+        _TRACED_DEFAULT[0] = before
 
 
 def clear_caches() -> None:
@@ -175,12 +182,17 @@ def _validate_terms(call: Call) -> None:
 
 def _requested(backend) -> tuple:
     if backend == "auto":
-        return _DEFAULT.get()
+        return _TRACED_DEFAULT[0] if torch.compiler.is_compiling() else _DEFAULT.get()
     return check_backend(backend)  # remembers hashable arguments
 
 
 def _backend_for(call: Call, backend) -> tuple:
     requested = _requested(backend)
+    if torch.compiler.is_compiling():
+        # Decided once, at trace time, and baked into the graph. The decision cache is not read:
+        # eager calls adding entries to it would invalidate the graph's guards (a recompile).
+        call.dropout_p = float(call.dropout_p)
+        return resolve(call, requested)
     # torch.use_deterministic_algorithms changes what a backend may run (cuDNN refuses), so a
     # decision taken in the other mode must not be reused.
     dkey = (call.key, requested, torch.are_deterministic_algorithms_enabled())
