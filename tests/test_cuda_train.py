@@ -37,14 +37,22 @@ def _run(model, dtype, backend, lens, host=False):
     m.set_backend(backend)
     batch = PackedBatch.from_lengths(lens, total_length=S, device="cuda", host=host)
     ids = torch.randint(0, 512, (len(lens), S), generator=torch.Generator().manual_seed(1)).cuda()
-    loss = m(ids, batch, batch.labels(ids)).loss
+    logits = m(ids, batch).logits
+    labels = batch.labels(ids)
+    loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
     loss.backward()
-    return loss.detach().double(), {n: p.grad.double() for n, p in m.named_parameters()}
+    return logits.detach().double(), loss.detach().double(), {n: p.grad.double() for n, p in m.named_parameters()}
 
 
 def _assert_within(tag, got, eager, oracle):
-    (lb, gb), (le, ge), (lo, go) = got, eager, oracle
-    assert float((lb - lo).abs()) <= 2 * float((le - lo).abs()) + 1e-5, f"{tag}: loss {float(lb)} vs {float(lo)}"
+    """DESIGN.md rule on the elementwise outputs: logits 2x eager's error + 1e-5, gradients 3x +
+    1e-4. The loss is one number whose error is a sum of cancelling terms, so eager's loss error
+    is a lottery; it is bounded through the logits instead: cross-entropy moves by at most 2x the
+    largest logit change, so |loss - oracle| <= 2 x the logits bound."""
+    (zb, lb, gb), (ze, le, ge), (zo, lo, go) = got, eager, oracle
+    ez, bz = float((zb - zo).abs().max()), 2 * float((ze - zo).abs().max()) + 1e-5
+    assert ez <= bz, f"{tag}: logits error {ez:.3e} > {bz:.3e}"
+    assert float((lb - lo).abs()) <= 2 * bz, f"{tag}: loss {float(lb)} vs {float(lo)} (bound {2 * bz:.3e})"
     for n in go:
         e, bound = float((gb[n] - go[n]).abs().max()), 3 * float((ge[n] - go[n]).abs().max()) + 1e-4
         assert e <= bound, f"{tag}: grad {n} error {e:.3e} > {bound:.3e}"
