@@ -480,3 +480,23 @@ def test_load_tokenizer_from_a_model_and_its_directory(tmp_path):
     odd = _random_model(vocab_size=40)
     with pytest.raises(ValueError, match="path_or_model"):
         load_tokenizer(odd)
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_forward_under_inference_mode(pack):
+    """Masks built from inference tensors must still be usable as cache keys (they have no
+    version counter): padded batches, packed rows and seq_info built inside inference_mode."""
+    import anyattn
+
+    m = _random_model(seed=12, attn_backend="sdpa", pack_padded=pack)
+    ids, am = _batch([300, 40, 7], seed=6)  # > 256 mask elements: keyed by identity, not content
+    with torch.no_grad():
+        ref = m(ids, attention_mask=am).logits
+    with torch.inference_mode():
+        out = m(ids, attention_mask=am.bool()).logits
+        info = anyattn.SeqInfo.from_lengths([300, 40, 7], total_length=360)
+        row = torch.full((1, 360), PAD, dtype=torch.long)
+        row[0, :347] = ids[am.bool()]
+        packed = m(row, seq_info=info).logits
+    assert (out - ref)[am.bool()].abs().max().item() <= TOL
+    assert (packed[0, :347] - ref[am.bool()]).abs().max().item() <= TOL

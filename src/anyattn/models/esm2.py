@@ -46,6 +46,7 @@ this module until an ESM2 name is used.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -537,6 +538,19 @@ def _packed_from(info: SeqInfo) -> SeqInfo:
     )  # fmt: skip
 
 
+def _outside_inference(info: SeqInfo) -> SeqInfo:
+    """``info`` with ordinary tensors. anyattn keys cached mask lowerings by tensor identity and
+    version counter, which tensors made under ``torch.inference_mode`` do not have: the batch
+    structure is therefore always built outside inference mode (a few small copies)."""
+    if not info.keep.is_inference():
+        return info
+    with torch.inference_mode(False):
+        return dataclasses.replace(info, **{f: getattr(info, f).clone() for f in _SEQINFO_TENSORS})
+
+
+_SEQINFO_TENSORS = ("lengths", "cu_seqlens", "indices", "keep", "doc_ids", "positions")
+
+
 def _takes_packed(backend, info: SeqInfo, H: int, D: int, dtype, grad: bool) -> bool:
     """Would the attention of this packed row run on a backend that takes packed documents
     natively? Asks the resolver (anyattn.explain) with the real shape; nothing runs."""
@@ -660,7 +674,8 @@ class ESM2Model(ESM2PreTrainedModel):
             if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
                 got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
                 raise bad_value("attention_mask", f"a tensor of shape {tuple(input_ids.shape)} like input_ids", got)
-            info = SeqInfo.from_padding_mask(attention_mask.to(input_ids.device))  # one host read
+            with torch.inference_mode(False):  # see _outside_inference
+                info = SeqInfo.from_padding_mask(attention_mask.to(input_ids.device).clone())  # one host read
             if info.total == info.B * info.S:
                 info = None  # no padding: dense rows
         elif seq_info is not None:
@@ -668,7 +683,7 @@ class ESM2Model(ESM2PreTrainedModel):
                 raise bad_type("seq_info", "an anyattn.SeqInfo", type(seq_info).__name__)
             if (seq_info.B, seq_info.S) != tuple(input_ids.shape):
                 raise bad_value("seq_info", f"B, S = {tuple(input_ids.shape)} like input_ids", f"B={seq_info.B}, S={seq_info.S}")
-            info = seq_info.to(input_ids.device)
+            info = _outside_inference(seq_info.to(input_ids.device))
         longest = input_ids.shape[1] if info is None else info.max_seqlen
         if longest > self.config.max_position_embeddings:
             warnings.warn(
@@ -681,7 +696,8 @@ class ESM2Model(ESM2PreTrainedModel):
         flat = info.kind == "documents" and info.B == 1 and info.total == info.S  # already one packed row
         pack = self.config.pack_padded
         if not flat and not need_weights and info.total > 0 and pack is not False:
-            packed = _packed_from(info)
+            with torch.inference_mode(False):
+                packed = _packed_from(info)
             if pack is True or _takes_packed(
                 self.attn_backend, packed, self.config.num_attention_heads, self.config.head_dim,
                 self.embeddings.word_embeddings.weight.dtype, torch.is_grad_enabled() and self.training,
