@@ -292,8 +292,12 @@ def test_padded_batch_runs_packed_when_the_backend_takes_packed_documents(monkey
         assert (a - b)[keep].abs().max().item() <= TOL
     assert packed.logits[~keep].abs().max().item() == 0.0
     m.pack_padded = "auto"
-    monkeypatch.setattr(esm2_module, "_takes_packed", lambda *a, **k: True)  # as a varlen backend answers
-    assert m.esm._plan(ids, am, None, False).rows is not None
+    monkeypatch.setattr(esm2_module, "_packed_backend", lambda *a, **k: "flash_torch")  # as on CUDA
+    assert m.esm._plan(ids, am, None, False).ids.shape == (1, 68)  # exactly the real tokens
+    monkeypatch.setattr(esm2_module, "_packed_backend", lambda *a, **k: "flex")
+    plan = m.esm._plan(ids, am, None, False)  # flex compiles per length: a bucketed row
+    assert plan.ids.shape == (1, 80) and plan.info.total == 68 and not plan.info.keep[0, 68:].any()
+    assert (plan.ids[0, 68:] == PAD).all()
     assert m.esm._plan(ids, am, None, True).rows is None  # output_attentions: (B, S, S) weights, padded
 
 
@@ -500,3 +504,11 @@ def test_forward_under_inference_mode(pack):
         packed = m(row, seq_info=info).logits
     assert (out - ref)[am.bool()].abs().max().item() <= TOL
     assert (packed[0, :347] - ref[am.bool()]).abs().max().item() <= TOL
+
+
+def test_bucket_lengths_bound_padding_and_kernel_count():
+    b = esm2_module._bucket
+    assert [b(t) for t in (1, 64, 65, 68, 16000, 16384, 16385, 6880)] == [64, 64, 80, 80, 16384, 16384, 20480, 7168]
+    for t in range(65, 40000, 37):
+        assert t <= b(t) <= 1.25 * t + 1
+    assert len({b(t) for t in range(14337, 16385)}) == 1  # ~16k-token batches share one kernel

@@ -522,20 +522,38 @@ class _Plan(NamedTuple):
     rows: SeqInfo | None  # when packed: the caller's structure, to scatter outputs back
 
 
-def _packed_from(info: SeqInfo) -> SeqInfo:
-    """The real tokens of ``info`` as one packed row (1, T) of the same documents (a padded row
-    is one document). No host sync: built from device tensors and host lengths already known."""
+def _packed_from(info: SeqInfo, S: int | None = None) -> SeqInfo:
+    """The real tokens of ``info`` as one packed row (1, S) of the same documents (a padded row
+    is one document), S = T (default) or more: tail positions are padding. No host sync: built
+    from device tensors and host lengths already known."""
     T, dev = info.total, info.keep.device
+    S = T if S is None else S
     if info.kind == "documents" and info.B > 1:  # rows are zero-padded to N docs: re-derive
-        return SeqInfo.from_lengths([x for r in info.host_lengths for x in r], device=dev)
+        return SeqInfo.from_lengths([x for r in info.host_lengths for x in r], total_length=S, device=dev)
     flat = tuple(x for r in info.host_lengths for x in r)  # padding: one per row; documents, B == 1: exact
-    idx = info.indices
+    idx, tail = info.indices, S - T
+    doc_ids = info.doc_ids.reshape(-1).index_select(0, idx)
+    positions = info.positions.reshape(-1).index_select(0, idx)
+    keep = torch.ones(S, dtype=torch.bool, device=dev)
+    if tail:
+        doc_ids = F.pad(doc_ids, (0, tail), value=-1)
+        positions = F.pad(positions, (0, tail), value=0)
+        keep[T:] = False
     return SeqInfo(
-        B=1, S=T, lengths=(info.cu_seqlens[1:] - info.cu_seqlens[:-1]).to(torch.int64)[None], host_lengths=(flat,),
+        B=1, S=S, lengths=(info.cu_seqlens[1:] - info.cu_seqlens[:-1]).to(torch.int64)[None], host_lengths=(flat,),
         cu_seqlens=info.cu_seqlens, max_seqlen=info.max_seqlen, total=T, indices=torch.arange(T, device=dev),
-        keep=torch.ones(1, T, dtype=torch.bool, device=dev), doc_ids=info.doc_ids.reshape(-1).index_select(0, idx)[None],
-        positions=info.positions.reshape(-1).index_select(0, idx)[None], kind="documents",
+        keep=keep[None], doc_ids=doc_ids[None], positions=positions[None], kind="documents",
     )  # fmt: skip
+
+
+def _bucket(T: int) -> int:
+    """Row length for a packed row of T tokens on a backend that compiles one kernel per sequence
+    length (flex): the next of 4, 5, 6, 7 x 2^k (at most 25% padding; a stream of batches of
+    ~16k tokens shares the 16384 kernel instead of compiling one per batch)."""
+    if T <= 64:
+        return 64
+    k = (T - 1).bit_length() - 3  # 2^(k+2) < T <= 2^(k+3)
+    return next(m << k for m in (4, 5, 6, 7, 8) if (m << k) >= T)
 
 
 def _outside_inference(info: SeqInfo) -> SeqInfo:
@@ -551,13 +569,14 @@ def _outside_inference(info: SeqInfo) -> SeqInfo:
 _SEQINFO_TENSORS = ("lengths", "cu_seqlens", "indices", "keep", "doc_ids", "positions")
 
 
-def _takes_packed(backend, info: SeqInfo, H: int, D: int, dtype, grad: bool) -> bool:
-    """Would the attention of this packed row run on a backend that takes packed documents
-    natively? Asks the resolver (anyattn.explain) with the real shape; nothing runs."""
+def _packed_backend(backend, info: SeqInfo, H: int, D: int, dtype, grad: bool) -> str | None:
+    """The backend that would serve the attention of this packed row, if it takes packed
+    documents natively, else None. Asks the resolver (anyattn.explain) with the real shape;
+    nothing runs."""
     q = torch.empty(1, info.S, H, D, device=info.keep.device, dtype=dtype, requires_grad=grad).transpose(1, 2)
     with torch.set_grad_enabled(grad):
         d = explain(q, q, q, mask=documents(info), scale=1.0, backend=backend)
-    return d.chosen in _PACKED_NATIVE
+    return d.chosen if d.chosen in _PACKED_NATIVE else None
 
 
 class ESM2PreTrainedModel(PreTrainedModel):
@@ -698,12 +717,19 @@ class ESM2Model(ESM2PreTrainedModel):
         if not flat and not need_weights and info.total > 0 and pack is not False:
             with torch.inference_mode(False):
                 packed = _packed_from(info)
-            if pack is True or _takes_packed(
+            chosen = _packed_backend(
                 self.attn_backend, packed, self.config.num_attention_heads, self.config.head_dim,
                 self.embeddings.word_embeddings.weight.dtype, torch.is_grad_enabled() and self.training,
-            ):  # fmt: skip
-                ids = input_ids.reshape(-1).index_select(0, info.indices)[None]
-                return _Plan(ids, packed, documents(packed), info)
+            )  # fmt: skip
+            if pack is True or chosen is not None:
+                S = _bucket(info.total) if chosen == "flex" else info.total  # flex compiles per length
+                if S != info.total:
+                    with torch.inference_mode(False):
+                        packed = _packed_from(info, S)
+                ids = input_ids.reshape(-1).index_select(0, info.indices)
+                if S > info.total:
+                    ids = F.pad(ids, (0, S - info.total), value=self.config.pad_token_id)
+                return _Plan(ids[None], packed, documents(packed), info)
         mask = padding(info) if info.kind == "padding" else documents(info)
         return _Plan(input_ids, info, mask, None)
 
@@ -745,7 +771,7 @@ class ESM2Model(ESM2PreTrainedModel):
 
     @staticmethod
     def _to_rows(plan: _Plan, t: torch.Tensor) -> torch.Tensor:
-        return t if plan.rows is None else pad(t[0], plan.rows)
+        return t if plan.rows is None else pad(t[0, : plan.rows.total], plan.rows)
 
     def forward(
         self, input_ids=None, attention_mask=None, *, seq_info: SeqInfo | None = None, inputs_embeds=None,
