@@ -9,8 +9,11 @@ Batches are length-sorted (longest first) and filled greedily up to ``--max-toke
 
 * anyattn: packed rows, no padding compute between sequences. Each batch is one row of exactly
   ``--max-tokens`` positions holding whole sequences back to back, then padding that sees
-  nothing (``documents`` from a ``SeqInfo``): every batch has the same shape, so nothing
-  recompiles (flex, ``--compile``) from batch to batch.
+  nothing (``documents`` from a ``SeqInfo``). With ``--pack auto`` (default) the model computes
+  only the real tokens of the row on varlen backends (flash_torch) and a bucketed length on flex
+  (one kernel per length); the compiled layers take any token count without recompiling. With
+  ``--pack off`` every position of the row is computed (one static shape).
+  ``--inputs padded`` feeds HF's padded batches (``attention_mask``) instead.
 * HF transformers ``EsmModel`` (``attn_implementation`` sdpa and eager): padded rows, batch size
   x longest length <= ``--max-tokens``, ``attention_mask`` marking the real tokens.
 
