@@ -685,3 +685,20 @@ def test_cuda_determinism(backend, deterministic_mode, catalogue, request):
         assert bwd, f"{backend}: backward not bitwise repeatable under deterministic mode"
     res = "fwd" + ("; bwd " + ("repeatable" if bwd else "NOT repeatable") if grad else "")
     catalogue(item, backend, "cuda", ("honoured: " if deterministic_mode else "") + res)
+
+
+def test_decode_sized_calls_do_not_compile_and_rank_sdpa_first():
+    """Generation: one query against a KV cache that grows every step. flex runs such calls
+    unfused (exact, O(Sq * Sk)) instead of compiling a kernel per KV length; auto ranks the
+    backends that take any length without compiling first."""
+    before = flex_backend.STATS["compiled_entries"]
+    keep = torch.ones(2, 48, dtype=torch.bool)
+    keep[0, :7] = False  # left padding in the cache
+    for Sk in (40, 41, 42, 48):
+        q, k, v = generate_qkv(2, 4, 2, 1, Sk, 32)
+        mask = aa.causal() & aa.padding(mask=keep[:, :Sk].clone())
+        out = aa.attention(q, k, v, mask=mask, score=aa.softcap(5.0), backend="flex")
+        ref = aa.attention(q, k, v, mask=mask, score=aa.softcap(5.0), backend="eager")
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        assert aa.explain(q, k, v, mask=mask).chosen == "sdpa"
+    assert flex_backend.STATS["compiled_entries"] == before

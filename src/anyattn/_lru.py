@@ -3,9 +3,15 @@
 Lookups are a plain ``dict.get`` (they sit on every attention call); when full, the oldest
 inserted entry is evicted (first in, first out), which for caches keyed by call signature behaves
 like LRU in practice at a fraction of the cost.
+
+Inside a caller's ``torch.compile`` trace the cache is neither read nor written: what the traced
+code builds becomes part of the graph, and a lookup would make the graph guard on the dict, so
+every eager call that adds an entry afterwards would force a recompile.
 """
 
 from __future__ import annotations
+
+from torch.compiler import is_compiling
 
 
 class LRU:
@@ -16,6 +22,8 @@ class LRU:
         self.misses = 0
 
     def get(self, key):
+        if is_compiling():
+            return None
         v = self._d.get(key)
         if v is None:
             self.misses += 1
@@ -24,6 +32,8 @@ class LRU:
         return v
 
     def put(self, key, value) -> None:
+        if is_compiling():
+            return
         d = self._d
         d.pop(key, None)
         d[key] = value

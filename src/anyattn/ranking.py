@@ -15,12 +15,15 @@ Measured there (TFLOP/s, fwd | fwd+bwd): dense cudnn 619 | 505, flex 452 | 399, 
 flash_torch 236 | 221; 16 packed documents flash_torch 310 | 251, flex 280 | 285, dense-mask
 SDPA 24 | 25; padding (B=8, 25% padded) flex 338 | 329, flash_torch 165 | 169 (unpad/pad
 dominates), SDPA 204 | 193; prefix-LM flex 336 | 328, SDPA 180 | 160; ALiBi flex 287 | 296,
-SDPA 146 | 142; softcap flex only. The CPU row comes from ``anyattn bench kernels --quick`` on a
+SDPA 146 | 142; softcap flex only. The ``decode`` row (at most 16 queries, more keys) is not
+from that matrix: it orders backends by whether they run a new KV length without compiling. The CPU row comes from ``anyattn bench kernels --quick`` on a
 2-core CPU: SDPA's CPU kernels beat the eager reference, and compiled Flex costs seconds of
 compilation per new variant and shape, so it is last.
 """
 
 from __future__ import annotations
+
+DECODE_MAX_SQ = 16  # at most this many queries against a longer key sequence: the "decode" row
 
 RANKING: dict[str, dict[str, tuple[str, ...]]] = {
     "cuda": {
@@ -32,6 +35,9 @@ RANKING: dict[str, dict[str, tuple[str, ...]]] = {
         "padding": ("flex", "cudnn", "sdpa", "flash_torch", "flash", "kernels_flash", "eager"),
         "masked": ("flex", "cudnn", "sdpa", "eager"),
         "scored": ("flex", "flash", "kernels_flash", "cudnn", "sdpa", "eager"),
+        # a few queries against a longer KV cache (generation): the KV length changes every step,
+        # so backends compiled per shape come last; SDPA takes any mask as a small (Sq, Sk) tensor
+        "decode": ("sdpa", "cudnn", "flash_torch", "flash", "kernels_flash", "eager", "flex"),
     },
     "cpu": {
         "*": ("sdpa", "eager", "flex"),
@@ -43,6 +49,9 @@ def variant_class(call) -> str:
     """Which RANKING row a call belongs to."""
     from .spec import And, Documents, Padding, Window
 
+    geo = call.geo
+    if geo.Sq <= DECODE_MAX_SQ < geo.Sk:
+        return "decode"
     if call.scores:
         return "scored"
     m = call.mask

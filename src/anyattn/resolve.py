@@ -84,6 +84,8 @@ def check_backend(backend) -> tuple[str, ...]:
     Hashable arguments are remembered: a module that validates its backend when it is built
     (``model.attn_backend = "flex"``) fills the entry its compiled graphs later read, so tracing
     sees a dict that does not change between calls."""
+    if torch.compiler.is_compiling():  # pure; no dict for the graph to guard on
+        return _normalize(backend)
     try:
         hit = _NORMALIZED.get(backend)
     except TypeError:  # unhashable (a list): normalize every time

@@ -24,6 +24,7 @@ import inspect
 import os
 import shutil
 import types
+import warnings
 
 import torch
 
@@ -213,6 +214,11 @@ def score_mod_for(call):
     return score_mod
 
 
+# calls with at most this many queries against more keys (and at most this many scores) run
+# FlexAttention unfused: see run()
+UNFUSED_MAX_SQ = 16
+UNFUSED_MAX_SCORES = 2**26
+
 _BY_CALL = LRU(256)  # call key -> (entry, score_mod, expand_kv, BlockMask): one lookup per repeated call
 
 # Known issue (torch 2.11, H200): FlexAttention forward+backward with GQA fails to compile at some
@@ -252,6 +258,14 @@ def run(call):
     q, k, v = call.q, call.k, call.v
     if torch.compiler.is_compiling():  # inside the caller's compiled graph
         return _call_flex(q, k, v, score_mod_for(call), block_mask_for(call), call.scale, call.gqa, call.return_lse)
+    geo = call.geo
+    if geo.Sq <= UNFUSED_MAX_SQ < geo.Sk and geo.B * geo.H * geo.Sq * geo.Sk <= UNFUSED_MAX_SCORES:
+        # Decode-sized calls (a few queries against a KV cache that grows every step): the kernel
+        # is compiled per shape, so each step would compile again. FlexAttention's unfused path
+        # computes the same scores, mask and score_mod exactly, at O(Sq * Sk) like the kernel.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*flex_attention.*")
+            return _call_flex(q, k, v, score_mod_for(call), block_mask_for(call), call.scale, call.gqa, call.return_lse)
     # one lookup on the hot path: the call key determines entry, score_mod and BlockMask
     hit = _BY_CALL.get(call.key) if call.cacheable else None
     if hit is None:
