@@ -702,3 +702,15 @@ def test_decode_sized_calls_do_not_compile_and_rank_sdpa_first():
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         assert aa.explain(q, k, v, mask=mask).chosen == "sdpa"
     assert flex_backend.STATS["compiled_entries"] == before
+
+
+def test_masks_built_under_inference_mode_work():
+    """Inference tensors have no version counter; a mask made under inference_mode is keyed by
+    identity (large tensors are not keyed by content)."""
+    with torch.inference_mode():
+        keep = torch.ones(2, 300, dtype=torch.bool)
+        keep[1, 250:] = False
+        q, k, v = generate_qkv(2, 2, 2, 300, 300, 16)
+        out = aa.attention(q, k, v, mask=aa.padding(mask=keep), backend="sdpa")
+        ref = aa.attention(q, k, v, mask=aa.padding(mask=keep), backend="eager")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

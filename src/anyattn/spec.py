@@ -115,6 +115,12 @@ def _tensor_key(t: torch.Tensor) -> tuple:
     if t.device.type == "cpu" and t.numel() <= _CONTENT_KEY_MAX and not t.requires_grad:
         return ("value", t.dtype, tuple(t.shape), tuple(t.reshape(-1).tolist()))
     base = t._base if t._base is not None else t
+    if t.is_inference():
+        # Tensors made under torch.inference_mode have no version counter: keyed by identity
+        # alone. An in-place change to such a tensor inside inference_mode is not seen; pass a
+        # new tensor instead (docs/reliability.md). Cached lowered forms keep the term, and so
+        # the tensor, alive, so its id is not reused while an entry exists.
+        return ("inference", id(base), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device)
     return ("tensor", id(base), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device, t._version)
 
 
