@@ -547,14 +547,17 @@ def test_dplm2_tokenizer_keeps_the_last_id_of_a_token_listed_twice():
 # integration
 
 
-def test_anyattn_models_load_routes_dplm_checkpoints(dplm, dplm2, monkeypatch):
-    """With DPLM_FAMILY registered ahead of esm2, anyattn.models.load gives the DPLM classes."""
-    from anyattn.models import hub
-    from anyattn.models.dplm import DPLM_FAMILY
+def test_anyattn_models_load_routes_dplm_checkpoints(dplm, dplm2):
+    """DPLM_FAMILY is registered ahead of esm2: anyattn.models.load gives the DPLM classes, and
+    load_tokenizer the DPLM-2 tokenizer for DPLM-2 directories."""
+    import anyattn.models as am
+    from anyattn.models.dplm import DPLM2Tokenizer
 
-    monkeypatch.setattr(hub, "FAMILIES", [DPLM_FAMILY, *hub.FAMILIES])
-    assert type(hub.load(str(dplm[0]))) is DPLMForMaskedLM
-    assert type(hub.load(str(dplm2[0]))) is DPLM2ForMaskedLM
+    assert [f.name for f in am.FAMILIES].index("dplm") < [f.name for f in am.FAMILIES].index("esm2")
+    assert type(am.load(str(dplm[0]))) is DPLMForMaskedLM
+    assert type(am.load(str(dplm2[0]))) is DPLM2ForMaskedLM
+    assert isinstance(am.load_tokenizer(str(dplm2[0])), DPLM2Tokenizer)
+    assert not isinstance(am.load_tokenizer(str(dplm[0])), DPLM2Tokenizer)
 
 
 @pytest.mark.parametrize("which", ["dplm", "dplm2"])

@@ -353,6 +353,20 @@ def test_load_original_format_directory(tmp_path):
                                    model(b["input_ids"], b["attention_mask"]).logits, rtol=0, atol=0)  # fmt: skip
 
 
+def test_anyattn_models_load_and_load_tokenizer_detect_e1(tmp_path):
+    """anyattn.models.load routes an original E1 directory to E1ForMaskedLM (the family is
+    registered ahead of esm2), and load_tokenizer gives the E1 tokenizer for it."""
+    import anyattn.models as am
+    from anyattn.models.e1_tokenizer import E1Tokenizer
+
+    model = make_model(seed=3, attn_backend="sdpa")
+    path = _write_original(tmp_path, model)
+    loaded = am.load(path, attn_backend="eager")
+    assert type(loaded).__name__ == "E1ForMaskedLM" and loaded.attn_backend == "eager"
+    assert isinstance(am.load_tokenizer(path), E1Tokenizer)
+    assert isinstance(am.load_tokenizer(loaded), E1Tokenizer)
+
+
 def test_load_refuses_unknown_missing_and_misshaped_keys(tmp_path):
     model = make_model()
     sd = dict(model.state_dict())

@@ -426,7 +426,7 @@ def test_load_refuses_unknown_families_with_a_clear_error(tmp_path):
     _hf_dir(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     for change, match in [
-        ({"architectures": ["EsmForDPLM"]}, r"known family \(esm2.*architectures \['EsmForDPLM'\]"),
+        ({"architectures": ["EsmForTokenClassification"]}, r"known family \(e1, dplm, esm2.*architectures \['EsmForTokenClassification'\]"),
         ({"position_embedding_type": "absolute"}, r"position_embedding_type 'absolute'"),
         ({"model_type": "bert"}, r"model_type 'bert'"),
     ]:

@@ -34,6 +34,23 @@ _LAZY = {
     "FAMILIES": "hub",
     "Family": "hub",
     "register_family": "hub",
+    # E1 (docs/e1.md)
+    "E1Config": "e1",
+    "E1_PRESETS": "e1",
+    "E1Model": "e1",
+    "E1ForMaskedLM": "e1",
+    "E1Output": "e1",
+    "load_e1": "e1",
+    "E1Tokenizer": "e1_tokenizer",
+    "is_e1_config": "e1_tokenizer",
+    # DPLM / DPLM-2 (docs/dplm.md)
+    "DPLMForMaskedLM": "dplm",
+    "DPLM2ForMaskedLM": "dplm",
+    "DPLM2Tokenizer": "dplm",
+    "load_dplm": "dplm",
+    "load_dplm_tokenizer": "dplm",
+    "is_dplm_config": "dplm",
+    "is_dplm2_config": "dplm",
 }
 
 __all__ = ["ProteinTokenizer", "load_tokenizer", *_LAZY]

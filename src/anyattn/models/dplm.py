@@ -132,7 +132,7 @@ def dplm_config_to_esm2(config_dict: dict, **overrides):
 
 # HF EsmForMaskedLM names that DPLM / DPLM-2 checkpoints hold (transformers 4.x and 5.x spellings);
 # load_hf_state_dict then checks completeness and shapes against the model.
-_L = r"esm\.encoder\.layer\.\d+\."
+_L = r"esm\.encoder\.layer\.(\d+|\*)\."  # "*": how transformers 5.x saves a buffer shared by every layer
 _KNOWN = re.compile(
     "|".join(
         (

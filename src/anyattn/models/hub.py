@@ -138,3 +138,35 @@ def load(path_or_repo, *, attn_backend="auto", dtype=None, device=None):
         f"config.json with model_type {config.get('model_type')!r}, architectures {config.get('architectures')}"
         + (f", position_embedding_type {config['position_embedding_type']!r}" if "position_embedding_type" in config else ""),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# the other families, registered ahead of esm2 (their detectors read the config dict only)
+
+
+def _load_e1(path, config, attn_backend, dtype, device):
+    from .e1 import load_e1
+
+    return load_e1(path, attn_backend=attn_backend, dtype=dtype, device=device)
+
+
+def _is_e1(config: dict) -> bool:
+    from .e1_tokenizer import is_e1_config  # torch-only module
+
+    return is_e1_config(config)
+
+
+def _is_dplm(config: dict) -> bool:
+    from .dplm import is_dplm_config  # imported on use: dplm imports Family from this module
+
+    return is_dplm_config(config)
+
+
+def _load_dplm(path, config, attn_backend, dtype, device):
+    from .dplm import DPLM_FAMILY
+
+    return DPLM_FAMILY.loader(path, config, attn_backend, dtype, device)
+
+
+register_family(Family("e1", _is_e1, _load_e1))
+register_family(Family("dplm", _is_dplm, _load_dplm))

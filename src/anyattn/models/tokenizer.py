@@ -240,11 +240,51 @@ class ProteinTokenizer:
         return "".join(out)
 
 
-def load_tokenizer(path_or_model) -> ProteinTokenizer:
-    """The tokenizer of a model: a directory with ``vocab.txt`` (a saved model or tokenizer), a
+def _family_tokenizer(path_or_model):
+    """E1's and DPLM-2's own tokenizers (their vocabularies and input formats are not the ESM
+    alphabet's), or None for the ESM family."""
+    from .dplm import is_dplm2_config, load_dplm_tokenizer
+    from .e1_tokenizer import E1Tokenizer, is_e1_config
+
+    config = getattr(path_or_model, "config", None)
+    path = None
+    if isinstance(path_or_model, (str, os.PathLike)):
+        path = os.fspath(path_or_model)
+        f = os.path.join(path, "config.json")
+        if not os.path.isfile(f):
+            return None
+        with open(f) as fh:
+            try:
+                cfg = json.load(fh)
+            except json.JSONDecodeError:
+                return None
+    elif config is not None and hasattr(config, "to_dict"):
+        cfg = config.to_dict()
+        src = getattr(config, "_name_or_path", "") or ""
+        path = src if src and os.path.isdir(src) else None
+    else:
+        return None
+    if not isinstance(cfg, dict):
+        return None
+    if is_e1_config(cfg):
+        if path is not None and any(os.path.isfile(os.path.join(path, n)) for n in ("tokenizer.json", "vocab.json")):
+            return E1Tokenizer.from_pretrained(path)
+        return E1Tokenizer()
+    if is_dplm2_config(cfg):
+        return load_dplm_tokenizer(path_or_model)
+    return None
+
+
+def load_tokenizer(path_or_model):
+    """The tokenizer of a model. E1 checkpoints get :class:`~anyattn.models.e1_tokenizer.E1Tokenizer`
+    and DPLM-2 ones :class:`~anyattn.models.dplm.DPLM2Tokenizer`; the ESM family gets a
+    :class:`ProteinTokenizer` from a directory with ``vocab.txt`` (a saved model or tokenizer), a
     hub id (downloaded with huggingface_hub), or a model object of anyattn.models (its
     ``config.vocab_list`` when set, else its checkpoint directory ``config._name_or_path``, else
     the ESM alphabet for a 33-token ESM-family model)."""
+    other = _family_tokenizer(path_or_model)
+    if other is not None:
+        return other
     if isinstance(path_or_model, (str, os.PathLike)):
         path = os.fspath(path_or_model)
         if os.path.isdir(path):
