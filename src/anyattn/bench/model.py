@@ -128,7 +128,7 @@ def _variant(opts, compiled: bool, inputs: str) -> str:
     """The options that shape an anyattn row, as one string (kept in model.json)."""
     parts = [f"inputs={inputs}", f"pack_padded={opts['pack']}"]
     if compiled:
-        parts += [f"compile_mode={opts['compile_mode'] or 'default'}", f"fuse_qkv={opts['fuse_qkv']}"]
+        parts += [f"compile_mode={opts['compile_mode'] or 'default'}", f"fuse_qkv={opts['fuse_qkv']}", f"tune={opts['tune']}"]
     return " ".join(parts)
 
 
@@ -295,6 +295,8 @@ def run(opts: dict, *, command: str = "", log=print) -> dict:
                 try:
                     if comp and not compiled:  # uncompiled rows all run first
                         kw = {} if opts["compile_mode"] is None else {"mode": opts["compile_mode"]}
+                        if opts["tune"]:  # inductor's coordinate-descent tuning of its generated kernels
+                            kw["options"] = {"coordinate_descent_tuning": True}
                         if opts["pack"] is False:
                             kw["dynamic"] = False  # every packed row has max_tokens positions: one static shape
                         model.compile_layers(fuse_qkv=opts["fuse_qkv"], **kw)
@@ -435,6 +437,7 @@ def add_arguments(p) -> None:
     p.add_argument("--backends", default=None, help="anyattn backends, comma-separated (default auto,flex,flash_torch,sdpa where available; CPU: auto,sdpa,eager); 'none' to skip")
     p.add_argument("--compile", nargs="?", const="both", default="off", choices=["off", "both", "only"], help="torch.compile the layers (--compile = both uncompiled and compiled rows)")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode for the layers, e.g. max-autotune-no-cudagraphs (default: torch's default)")
+    p.add_argument("--tune", action="store_true", help="compiled layers: inductor coordinate-descent tuning of the fused LayerNorm/GELU/rotary kernels (longer compile; not with --compile-mode)")
     p.add_argument("--fuse-qkv", action="store_true", help="compiled layers: one (3C, C) q/k/v projection instead of three")
     p.add_argument("--pack", default="auto", choices=["auto", "off"], help="model.pack_padded: auto = padded batches and a packed row's tail padding run as packed tokens on backends that take them; off = compute every position (the layers compile for one static shape)")
     p.add_argument("--inputs", default="packed", choices=["packed", "padded", "both"], help="anyattn rows: packed rows (seq_info) and/or HF's padded batches (attention_mask)")
@@ -483,12 +486,14 @@ def _opts_from_args(a) -> dict:
         bad = [b for b in backends if b not in valid]
         if bad:
             raise UsageError(f"--backends: unknown {bad}; valid: {sorted(valid)}")
+    if a.tune and a.compile_mode:
+        raise UsageError("--tune and --compile-mode: torch.compile takes a mode or options, not both")
     hf = [] if a.hf.strip().lower() == "none" else [h.strip() for h in a.hf.split(",") if h.strip()]
     return dict(
         device=device, dtype=dtype, config=cfg, preset=preset, lengths=lengths, source=source, seed=a.seed,
         max_tokens=a.max_tokens, backends=backends, compile=a.compile, hf=hf, peak_tflops=a.peak_tflops,
         max_passes=max(2, a.max_warmup_passes), compile_mode=a.compile_mode, fuse_qkv=a.fuse_qkv,
-        pack={"auto": "auto", "off": False}[a.pack], inputs=["packed", "padded"] if a.inputs == "both" else [a.inputs],
+        tune=a.tune, pack={"auto": "auto", "off": False}[a.pack], inputs=["packed", "padded"] if a.inputs == "both" else [a.inputs],
     )  # fmt: skip
 
 
