@@ -90,3 +90,34 @@ def test_cuda_the_requested_kernel_ran(backend, marker):
         torch.cuda.synchronize()
     names = [e.name.lower() for e in prof.events() if e.device_type.name == "CUDA"]
     assert any(marker in n for n in names), names
+
+
+@pytest.mark.slow
+def test_compiled_decoder_on_flex_traces_once_across_packings_with_eager_calls_between():
+    """A whole model under fullgraph compile, flex attention, a new packing (new mask tensors)
+    every step and uncompiled calls in between: one trace. Guards on tensor ids, on anyattn's
+    caches or on its counters would each force a recompile per step."""
+    from torch._dynamo.testing import CompileCounter
+
+    from anyattn.models.decoder import Decoder, DecoderConfig
+    from anyattn.nn import PackedBatch
+
+    S = 256
+    packings = [[[100, 100, 56], [256]], [[128, 0, 128], [250]], [[1, 255], [64] * 4], [[200, 56], [17, 113, 126]]]
+    cfg = DecoderConfig(
+        vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, sliding_window=64, global_every=2,
+        softcap=20.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Decoder(cfg)
+    model.set_backend("flex")
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    ids = torch.randint(0, 512, (2, S))
+    with torch.no_grad():
+        for lens in packings:
+            batch = PackedBatch.from_lengths(lens, total_length=S)
+            out = compiled(ids, batch).logits
+            torch.testing.assert_close(out, model(ids, batch).logits, atol=1e-4, rtol=1e-4)
+    assert counter.frame_count == 1

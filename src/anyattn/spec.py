@@ -110,8 +110,11 @@ _CONTENT_KEY_MAX = 256
 
 
 def _tensor_key(t: torch.Tensor) -> tuple:
-    if torch.compiler.is_compiling():  # traced: reading values would be data-dependent
-        return ("tensor", id(t), tuple(t.shape), t.dtype, t.device)
+    if torch.compiler.is_compiling():
+        # Traced: reading values would be data-dependent, and an id() would make the graph guard
+        # on this very tensor object (a recompile for every new mask tensor). No cache is read or
+        # written while tracing (see _lru.py), so the key needs no identity.
+        return ("traced tensor", tuple(t.shape), t.dtype, t.device)
     if t.device.type == "cpu" and t.numel() <= _CONTENT_KEY_MAX and not t.requires_grad:
         return ("value", t.dtype, tuple(t.shape), tuple(t.reshape(-1).tolist()))
     base = t._base if t._base is not None else t

@@ -193,7 +193,8 @@ def block_mask_for(call):
         bm = fa.create_block_mask(
             mask_mod, geo.B if bound.uses_b else None, geo.H if bound.uses_h else None, geo.Sq, geo.Sk, device=geo.device
         )
-        STATS["block_mask_builds"] += 1
+        if not torch.compiler.is_compiling():  # a counter read while tracing becomes a guard
+            STATS["block_mask_builds"] += 1
         _BLOCK_MASKS.put(key, (bm, call.mask))  # the term keeps its tensors (and their ids) alive
         return bm
     return bm[0]
