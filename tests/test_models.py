@@ -465,10 +465,11 @@ def test_families_registry_order_and_replacement():
     saved = list(FAMILIES)
     try:
         fam = Family("lookalike", lambda c: c.get("architectures") == ["EsmForDPLM"], lambda *a: "loaded")
-        register_family(fam)
-        assert [f.name for f in FAMILIES][:2] == ["lookalike", "esm2"]
+        assert [f.name for f in FAMILIES] == ["e1", "dplm", "esm2"]  # the registered families
+        register_family(fam)  # before esm2 by default
+        assert [f.name for f in FAMILIES] == ["e1", "dplm", "lookalike", "esm2"]
         register_family(fam, before=None)  # replaced, now last
-        assert [f.name for f in FAMILIES] == ["esm2", "lookalike"]
+        assert [f.name for f in FAMILIES] == ["e1", "dplm", "esm2", "lookalike"]
         with pytest.raises(ValueError, match="before"):
             register_family(fam, before="nope")
     finally:
