@@ -16,8 +16,8 @@ flash_torch 236 | 221; 16 packed documents flash_torch 310 | 251, flex 280 | 285
 SDPA 24 | 25; padding (B=8, 25% padded) flex 338 | 329, flash_torch 165 | 169 (unpad/pad
 dominates), SDPA 204 | 193; prefix-LM flex 336 | 328, SDPA 180 | 160; ALiBi flex 287 | 296,
 SDPA 146 | 142; softcap flex only. The ``decode`` row (at most 16 queries, more keys) is not
-from that matrix: it orders backends by whether they run a new KV length without compiling. The CPU row comes from ``anyattn bench kernels --quick`` on a
-2-core CPU: SDPA's CPU kernels beat the eager reference, and compiled Flex costs seconds of
+from that matrix: it orders backends by whether they run a new KV length without compiling.
+The CPU row comes from ``anyattn bench kernels --quick`` on a 2-core CPU: SDPA's CPU kernels beat the eager reference, and compiled Flex costs seconds of
 compilation per new variant and shape, so it is last.
 """
 

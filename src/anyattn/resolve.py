@@ -81,9 +81,8 @@ _NORMALIZED: dict = {}  # hashable backend argument -> normalized tuple
 def check_backend(backend) -> tuple[str, ...]:
     """Normalize ``backend=`` to a tuple of registered names; error lists the valid ones.
 
-    Hashable arguments are remembered: a module that validates its backend when it is built
-    (``model.attn_backend = "flex"``) fills the entry its compiled graphs later read, so tracing
-    sees a dict that does not change between calls."""
+    Hashable arguments are remembered (one dict lookup on the eager hot path). While tracing the
+    argument is normalized afresh, so that no compiled graph guards on that dict."""
     if torch.compiler.is_compiling():  # pure; no dict for the graph to guard on
         return _normalize(backend)
     try:
