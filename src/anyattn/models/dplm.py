@@ -41,7 +41,7 @@ import torch
 
 from ..errors import bad_type, bad_value
 from ..layout import SeqInfo
-from .hub import Family
+from .hub import Family, read_weights
 from .tokenizer import ProteinTokenizer
 
 # The model classes subclass ESM2ForMaskedLM (a transformers PreTrainedModel): they are built on
@@ -516,27 +516,6 @@ def _read_config(path: str) -> dict:
         return json.load(fh)
 
 
-def _read_state_dict(path: str) -> dict:
-    files = sorted(os.listdir(path))
-    st = [f for f in files if f.endswith(".safetensors")]
-    if st:
-        try:
-            from safetensors.torch import load_file
-        except ImportError as e:
-            raise ImportError("anyattn.models.load_dplm needs safetensors for *.safetensors: pip install 'anyattn[models]'") from e
-        sd = {}
-        for f in st:
-            sd.update(load_file(os.path.join(path, f)))
-        return sd
-    bins = [f for f in files if f.startswith("pytorch_model") and f.endswith(".bin")]
-    if bins:
-        sd = {}
-        for f in bins:
-            sd.update(torch.load(os.path.join(path, f), map_location="cpu", weights_only=True))
-        return sd
-    raise bad_value("path", "a checkpoint directory with *.safetensors or pytorch_model*.bin", f"{path!r} holding {files}")
-
-
 def _build(path: str, cfg_dict: dict, attn_backend, dtype, device):
     t = _dplm_type(cfg_dict)
     if t is None:
@@ -550,7 +529,7 @@ def _build(path: str, cfg_dict: dict, attn_backend, dtype, device):
 
     cfg = dplm_config_to_esm2(cfg_dict, attn_backend=attn_backend)
     cls = _model_classes()["DPLM2ForMaskedLM" if t == "dplm2_esm" else "DPLMForMaskedLM"]
-    sd = map_dplm_keys(_read_state_dict(path))
+    sd = map_dplm_keys(read_weights(path))
     with torch.device("meta"):  # no random initialisation: every weight comes from the checkpoint
         model = cls(cfg)
     load_hf_state_dict(model, sd)

@@ -72,6 +72,7 @@ from ..layout import SeqInfo, pad, unpad
 from ..resolve import check_backend
 from ..spec import block_causal, documents, same_segment
 from .e1_tokenizer import _ORIGINAL_MODEL_TYPES, E1_DEFAULT_VOCAB, MODEL_TYPE, E1Tokenizer, is_e1_config
+from .hub import check_state_dict, read_weights
 
 __all__ = [
     "E1Config",
@@ -732,41 +733,8 @@ def load_e1_state_dict(model: E1ForMaskedLM, state_dict: dict) -> None:
     if sd and not any(k.startswith("model.") for k in sd) and any(k.startswith("embed_tokens.") for k in sd):
         sd = {(k if k.startswith("mlm_head.") else f"model.{k}"): v for k, v in sd.items()}
     ours = model.state_dict()
-    unknown = sorted(set(sd) - set(ours))
-    missing = sorted(set(ours) - set(sd))
-    shapes = sorted(
-        f"{k}: checkpoint {tuple(sd[k].shape)}, model {tuple(ours[k].shape)}"
-        for k in set(sd) & set(ours)
-        if sd[k].shape != ours[k].shape
-    )
-    if unknown or missing or shapes:
-        parts = []
-        if unknown:
-            parts.append(f"{len(unknown)} unknown key(s): {unknown}")
-        if missing:
-            parts.append(f"{len(missing)} missing key(s): {missing}")
-        if shapes:
-            parts.append(f"{len(shapes)} shape mismatch(es): {shapes}")
-        raise bad_value("state_dict", "the keys of an original E1ForMaskedLM checkpoint for this config", "; ".join(parts))
+    check_state_dict(sd, ours, expected="the keys of an original E1ForMaskedLM checkpoint for this config")
     model.load_state_dict(sd, strict=True)
-
-
-def _read_checkpoint(path: str) -> dict:
-    st = [f for f in sorted(os.listdir(path)) if f.endswith(".safetensors")]
-    if st:
-        from safetensors.torch import load_file
-
-        sd = {}
-        for f in st:
-            sd.update(load_file(os.path.join(path, f)))
-        return sd
-    bins = [f for f in sorted(os.listdir(path)) if f.endswith(".bin") and f.startswith("pytorch_model")]
-    if bins:
-        sd = {}
-        for f in bins:
-            sd.update(torch.load(os.path.join(path, f), map_location="cpu", weights_only=True))
-        return sd
-    raise FileNotFoundError(f"load_e1: no *.safetensors or pytorch_model*.bin in {path}")
 
 
 def load_e1(path: str, *, attn_backend="auto", dtype=None, device=None) -> E1ForMaskedLM:
@@ -782,7 +750,7 @@ def load_e1(path: str, *, attn_backend="auto", dtype=None, device=None) -> E1For
         raise bad_value("config.json", f"an E1 config (model_type in {types})", repr(raw.get("model_type")))
     cfg = E1Config.from_original(raw, attn_backend=attn_backend)
     model = E1ForMaskedLM(cfg)
-    load_e1_state_dict(model, _read_checkpoint(path))
+    load_e1_state_dict(model, read_weights(path))
     model.eval()
     if dtype is not None or device is not None:
         model.to(device=device, dtype=dtype)

@@ -68,7 +68,7 @@ from ..errors import bad_type, bad_value  # noqa: E402
 from ..layout import SeqInfo, pad  # noqa: E402
 from ..resolve import check_backend  # noqa: E402
 from ..spec import documents, padding  # noqa: E402
-from .hub import is_esm2_config  # noqa: E402
+from .hub import check_state_dict, is_esm2_config, read_weights  # noqa: E402
 
 __all__ = [
     "ESM2Config",
@@ -939,18 +939,7 @@ def load_hf_state_dict(model: ESM2ForMaskedLM, state_dict: dict) -> None:
     tie = model.config.tie_word_embeddings
     if tie:
         optional.add("lm_head.decoder.weight")
-    unknown = sorted(set(sd) - set(ours))
-    missing = sorted(set(ours) - set(sd) - optional)
-    shapes = sorted(f"{k}: checkpoint {tuple(sd[k].shape)}, model {tuple(ours[k].shape)}" for k in set(sd) & set(ours) if sd[k].shape != ours[k].shape)
-    if unknown or missing or shapes:
-        parts = []
-        if unknown:
-            parts.append(f"{len(unknown)} unknown key(s): {unknown}")
-        if missing:
-            parts.append(f"{len(missing)} missing key(s): {missing}")
-        if shapes:
-            parts.append(f"{len(shapes)} shape mismatch(es): {shapes}")
-        raise bad_value("state_dict", "the keys of an HF EsmForMaskedLM ESM2 checkpoint for this config", "; ".join(parts))
+    check_state_dict(sd, ours, optional=optional, expected="the keys of an HF EsmForMaskedLM ESM2 checkpoint for this config")
     if tie and "lm_head.decoder.weight" in sd:
         if not torch.equal(sd["lm_head.decoder.weight"].cpu(), sd["esm.embeddings.word_embeddings.weight"].cpu()):
             raise bad_value("state_dict", "lm_head.decoder.weight equal to the word embeddings (tie_word_embeddings=True)", "different tensors")
@@ -966,26 +955,6 @@ def load_hf_state_dict(model: ESM2ForMaskedLM, state_dict: dict) -> None:
     inv = sd.get("esm.rotary_embeddings.inv_freq")
     # float32 always (a bf16 checkpoint's inv_freq is widened; a missing one recomputed)
     rot.inv_freq = inv.detach().to(torch.float32).clone() if inv is not None else rot.compute_inv_freq()
-
-
-def _read_checkpoint(path: str) -> dict:
-    st = [f for f in sorted(os.listdir(path)) if f.endswith(".safetensors")]
-    if st:
-        try:
-            from safetensors.torch import load_file
-        except ImportError as e:
-            raise ImportError("anyattn.models.load_esm2 needs safetensors for *.safetensors: pip install 'anyattn[models]'") from e
-        sd = {}
-        for f in st:
-            sd.update(load_file(os.path.join(path, f)))
-        return sd
-    bins = [f for f in sorted(os.listdir(path)) if f.endswith(".bin") and f.startswith("pytorch_model")]
-    if bins:
-        sd = {}
-        for f in bins:
-            sd.update(torch.load(os.path.join(path, f), map_location="cpu", weights_only=True))
-        return sd
-    raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin weights in {path}")
 
 
 def build_esm2(cfg: ESM2Config, state_dict: dict, *, dtype=None, device=None) -> ESM2ForMaskedLM:
@@ -1022,4 +991,4 @@ def load_esm2(path: str, *, attn_backend="auto", dtype=None, device=None) -> ESM
             f"model_type {raw.get('model_type')!r}, position_embedding_type {raw.get('position_embedding_type')!r}, architectures {raw.get('architectures')}",
         )  # fmt: skip
     cfg = ESM2Config.from_hf_config(raw, attn_backend=attn_backend)
-    return build_esm2(cfg, _read_checkpoint(path), dtype=dtype, device=device)
+    return build_esm2(cfg, read_weights(path), dtype=dtype, device=device)

@@ -22,7 +22,7 @@ from typing import Callable
 
 from ..errors import bad_type, bad_value
 
-__all__ = ["Family", "FAMILIES", "download", "is_esm2_config", "load", "register_family"]
+__all__ = ["Family", "FAMILIES", "check_state_dict", "download", "is_esm2_config", "load", "read_weights", "register_family"]
 
 
 # What a model directory needs; weights in either format, whichever the repository has.
@@ -45,6 +45,51 @@ def download(repo_id: str, *, allow_patterns=None) -> str:
     return snapshot_download(repo_id, allow_patterns=allow_patterns or MODEL_FILES)
 
 
+def read_weights(path: str) -> dict:
+    """Every tensor of a checkpoint directory: all ``*.safetensors`` files, else all
+    ``pytorch_model*.bin`` files (``weights_only`` loading), merged. Shared by every family."""
+    import torch
+
+    files = sorted(os.listdir(path))
+    st = [f for f in files if f.endswith(".safetensors")]
+    sd: dict = {}
+    if st:
+        try:
+            from safetensors.torch import load_file
+        except ImportError as e:
+            raise ImportError("reading *.safetensors needs safetensors: pip install 'anyattn[models]'") from e
+        for f in st:
+            sd.update(load_file(os.path.join(path, f)))
+        return sd
+    bins = [f for f in files if f.startswith("pytorch_model") and f.endswith(".bin")]
+    for f in bins:
+        sd.update(torch.load(os.path.join(path, f), map_location="cpu", weights_only=True))
+    if not bins:
+        raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin weights in {path} (it holds {files})")
+    return sd
+
+
+def check_state_dict(sd: dict, ours: dict, *, expected: str, optional=()) -> None:
+    """Refuse a checkpoint whose keys are not exactly the model's (``optional`` keys may be
+    absent) or whose tensors have other shapes, listing every offending key."""
+    unknown = sorted(set(sd) - set(ours))
+    missing = sorted(set(ours) - set(sd) - set(optional))
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(sd[k].shape)}, model {tuple(ours[k].shape)}"
+        for k in set(sd) & set(ours)
+        if sd[k].shape != ours[k].shape
+    )
+    parts = []
+    if unknown:
+        parts.append(f"{len(unknown)} unknown key(s): {unknown}")
+    if missing:
+        parts.append(f"{len(missing)} missing key(s): {missing}")
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatch(es): {shapes}")
+    if parts:
+        raise bad_value("state_dict", expected, "; ".join(parts))
+
+
 @dataclass(frozen=True)
 class Family:
     """A model family: ``detect(config_dict) -> bool`` on the parsed config.json, and
@@ -56,10 +101,10 @@ class Family:
 
 
 def _load_esm2(path, config, attn_backend, dtype, device):
-    from .esm2 import ESM2Config, _read_checkpoint, build_esm2
+    from .esm2 import ESM2Config, build_esm2
 
     cfg = ESM2Config.from_hf_config(config, attn_backend=attn_backend)
-    return build_esm2(cfg, _read_checkpoint(path), dtype=dtype, device=device)
+    return build_esm2(cfg, read_weights(path), dtype=dtype, device=device)
 
 
 def is_esm2_config(config: dict) -> bool:
