@@ -26,6 +26,8 @@ transformers = pytest.importorskip("transformers")
 import anyattn  # noqa: E402
 import anyattn.hf as ah  # noqa: E402
 
+from .test_hf import tiny_config  # noqa: E402
+
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -44,28 +46,7 @@ GENERATION_UNSUPPORTED = UNSUPPORTED | {("llama", "anyattn:fa_torch"), ("qwen2",
 
 
 def _tiny(name: str):
-    common = dict(vocab_size=V, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4)
-    if name == "llama":
-        return transformers.LlamaConfig(**common, num_key_value_heads=2), transformers.LlamaForCausalLM
-    if name == "qwen2":
-        cfg = transformers.Qwen2Config(**common, num_key_value_heads=2, use_sliding_window=True, sliding_window=W,
-                                       max_window_layers=1)  # fmt: skip
-        return cfg, transformers.Qwen2ForCausalLM
-    if name == "mistral":
-        return transformers.MistralConfig(**common, num_key_value_heads=2, sliding_window=W), transformers.MistralForCausalLM
-    if name == "gemma2":
-        cfg = transformers.Gemma2Config(**common, num_key_value_heads=2, head_dim=64, sliding_window=W,
-                                        attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
-                                        query_pre_attn_scalar=64)  # fmt: skip
-        return cfg, transformers.Gemma2ForCausalLM
-    if name == "esm":
-        cfg = transformers.EsmConfig(vocab_size=33, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                                     num_attention_heads=4, pad_token_id=1, mask_token_id=32,
-                                     position_embedding_type="rotary", token_dropout=True)  # fmt: skip
-        return cfg, transformers.EsmForMaskedLM
-    if name == "bert":
-        return transformers.BertConfig(**common), transformers.BertForMaskedLM
-    raise KeyError(name)
+    return tiny_config(name, vocab=V, hidden=256, window=W, softcap=50.0)
 
 
 @pytest.fixture(autouse=True)

@@ -25,24 +25,25 @@ ah.register()
 V = 97  # vocab
 
 
-def _tiny(name: str):
-    """A 2-layer random-weight config (hidden 64) per model family; windows small enough to matter."""
-    common = dict(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+def tiny_config(name: str, *, vocab: int = V, hidden: int = 64, window: int = 5, softcap: float = 5.0):
+    """(config, class) of a 2-layer random-weight model per family (4 heads, FFN 2x hidden);
+    windows small enough to matter. Also used by test_cuda_hf.py with larger sizes."""
+    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4)
     if name == "llama":
         return transformers.LlamaConfig(**common, num_key_value_heads=2), transformers.LlamaForCausalLM
     if name == "qwen2":
-        cfg = transformers.Qwen2Config(**common, num_key_value_heads=2, use_sliding_window=True, sliding_window=5,
+        cfg = transformers.Qwen2Config(**common, num_key_value_heads=2, use_sliding_window=True, sliding_window=window,
                                        max_window_layers=1)  # fmt: skip
         return cfg, transformers.Qwen2ForCausalLM
     if name == "mistral":
-        return transformers.MistralConfig(**common, num_key_value_heads=2, sliding_window=5), transformers.MistralForCausalLM
+        return transformers.MistralConfig(**common, num_key_value_heads=2, sliding_window=window), transformers.MistralForCausalLM
     if name == "gemma2":
-        cfg = transformers.Gemma2Config(**common, num_key_value_heads=2, head_dim=16, sliding_window=5,
-                                        attn_logit_softcapping=5.0, final_logit_softcapping=30.0,
-                                        query_pre_attn_scalar=16)  # fmt: skip
+        cfg = transformers.Gemma2Config(**common, num_key_value_heads=2, head_dim=hidden // 4, sliding_window=window,
+                                        attn_logit_softcapping=softcap, final_logit_softcapping=30.0,
+                                        query_pre_attn_scalar=hidden // 4)  # fmt: skip
         return cfg, transformers.Gemma2ForCausalLM
     if name == "esm":
-        cfg = transformers.EsmConfig(vocab_size=33, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        cfg = transformers.EsmConfig(vocab_size=33, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                                      num_attention_heads=4, pad_token_id=1, mask_token_id=32,
                                      position_embedding_type="rotary", token_dropout=True)  # fmt: skip
         return cfg, transformers.EsmForMaskedLM
@@ -54,7 +55,7 @@ def _tiny(name: str):
 def _pair(name: str, impl: str = "anyattn", seed: int = 0, ref_impl: str = "eager"):
     """(HF reference model, anyattn model) with the same weights. Each gets its own config object:
     transformers writes the implementation into the config, and modules read it at call time."""
-    cfg, cls = _tiny(name)
+    cfg, cls = tiny_config(name)
     torch.manual_seed(seed)
     ref = cls._from_config(copy.deepcopy(cfg), attn_implementation=ref_impl).eval()
     ours = cls._from_config(copy.deepcopy(cfg), attn_implementation=impl).eval()
