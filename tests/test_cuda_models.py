@@ -37,6 +37,8 @@ import anyattn  # noqa: E402
 from anyattn.errors import UnsupportedError  # noqa: E402
 from anyattn.models import ESM2Config, ESM2ForMaskedLM  # noqa: E402
 
+from .test_esm2 import _batch as esm2_batch  # noqa: E402
+
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -46,7 +48,7 @@ BACKENDS = ["sdpa", "cudnn", "flash_torch", "flex"]
 SHAPES = {"35M": "esm2_t12_35M", "150M": "esm2_t30_150M"}
 # token lengths (with <cls>/<eos>): the maximum (1026), long, short, length 1 (<cls> only), 3
 LENGTHS = [1026, 700, 321, 97, 30, 1, 3, 412, 64, 129]
-CLS, PAD, EOS, MASK = 0, 1, 2, 32
+PAD = 1
 LIMITS = {"rel_l2": 1e-2, "cos_p1": 0.999, "pooled_cos": 0.9995, "top1": 0.995}
 
 
@@ -65,16 +67,8 @@ def _model(preset: str) -> ESM2ForMaskedLM:
 
 
 def _batch():
-    g = torch.Generator().manual_seed(1)
-    S = max(LENGTHS)
-    ids = torch.full((len(LENGTHS), S), PAD, dtype=torch.long)
-    for b, n in enumerate(LENGTHS):
-        ids[b, :n] = torch.randint(4, 24, (n,), generator=g)
-        ids[b, 0] = CLS
-        if n > 1:
-            ids[b, n - 1] = EOS
-    ids[0, 100], ids[1, 5], ids[3, 50] = MASK, MASK, MASK  # token dropout
-    am = (torch.arange(S)[None] < torch.tensor(LENGTHS)[:, None]).long()
+    """Right-padded LENGTHS batch with three <mask> tokens (token dropout), on the GPU."""
+    ids, am = esm2_batch(LENGTHS, seed=1, masks=[(0, 100), (1, 5), (3, 50)])
     return ids.cuda(), am.cuda()
 
 
