@@ -220,9 +220,9 @@ def test_rotary_is_computed_in_float32_for_bf16_models():
     layer = esm.encoder.layer[0]
     a, sa = layer.attention, layer.attention.self
     x = torch.randn(1, S, 32).to(torch.bfloat16)
-    q, k, _ = esm2_module._qkv(x, a.LayerNorm.weight, a.LayerNorm.bias, a.LayerNorm.eps, sa.query.weight, sa.query.bias,
-                               sa.key.weight, sa.key.bias, sa.value.weight, sa.value.bias, cos, sin, 4)  # fmt: skip
     h = torch.nn.functional.layer_norm(x, (32,), a.LayerNorm.weight, a.LayerNorm.bias, a.LayerNorm.eps)
+    q, k, _ = esm2_module._qkv(h, sa.query.weight, sa.query.bias, sa.key.weight, sa.key.bias, sa.value.weight,
+                               sa.value.bias, cos, sin, 4)  # fmt: skip
     q0 = (torch.nn.functional.linear(h, sa.query.weight, sa.query.bias).view(1, S, 4, 8) * 8**-0.5)
     rot = lambda t: torch.cat((-t[..., 4:], t[..., :4]), -1)  # noqa: E731
     want = (q0.float() * cos + rot(q0.float()) * sin).to(torch.bfloat16)

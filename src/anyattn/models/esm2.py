@@ -275,37 +275,41 @@ def _rope(q_BSHD, k_BSHD, cos_BS1D, sin_BS1D):
     return q, k
 
 
-def _qkv(x_BSC, ln_w, ln_b, eps: float, wq, bq, wk, bk, wv, bv, cos_BS1D, sin_BS1D, H: int):
-    """Pre-LN, projections, q *= D**-0.5, rotary in float32. Returns q, k, v as (B, S, H, D)."""
-    B, S, C = x_BSC.shape
+def _qkv(h_BSC, wq, bq, wk, bk, wv, bv, cos_BS1D, sin_BS1D, H: int):
+    """Projections of the pre-LN'd input, q *= D**-0.5, rotary in float32. Returns q, k, v as
+    (B, S, H, D)."""
+    B, S, C = h_BSC.shape
     D = C // H
-    h = F.layer_norm(x_BSC, (C,), ln_w, ln_b, eps)
-    q = F.linear(h, wq, bq).view(B, S, H, D) * D**-0.5
-    k = F.linear(h, wk, bk).view(B, S, H, D)
-    v = F.linear(h, wv, bv).view(B, S, H, D)
+    q = F.linear(h_BSC, wq, bq).view(B, S, H, D) * D**-0.5
+    k = F.linear(h_BSC, wk, bk).view(B, S, H, D)
+    v = F.linear(h_BSC, wv, bv).view(B, S, H, D)
     q, k = _rope(q, k, cos_BS1D, sin_BS1D)
     return q, k, v
 
 
-def _qkv_fused(x_BSC, ln_w, ln_b, eps: float, wq, bq, wk, bk, wv, bv, cos_BS1D, sin_BS1D, H: int):
+def _qkv_fused(h_BSC, wq, bq, wk, bk, wv, bv, cos_BS1D, sin_BS1D, H: int):
     """:func:`_qkv` with one (3C, C) projection instead of three (C, C) ones: one matmul with a
     3x wider output (the concatenated weight is rebuilt each call: 3*C*C elements, cheap next to
     the activations)."""
-    B, S, C = x_BSC.shape
+    B, S, C = h_BSC.shape
     D = C // H
-    h = F.layer_norm(x_BSC, (C,), ln_w, ln_b, eps)
-    qkv = F.linear(h, torch.cat((wq, wk, wv)), torch.cat((bq, bk, bv)))
+    qkv = F.linear(h_BSC, torch.cat((wq, wk, wv)), torch.cat((bq, bk, bv)))
     q, k, v = qkv.view(B, S, 3, H, D).unbind(2)
     q, k = _rope(q * D**-0.5, k, cos_BS1D, sin_BS1D)
     return q, k, v.contiguous()
 
 
-def _out_ffn(o_BSC, x_BSC, wo, bo, ln_w, ln_b, eps: float, w1, b1, w2, b2, p: float, training: bool):
-    """Output projection + residual, then pre-LN FFN + residual."""
+def _out_ffn(o_BSC, x_BSC, wo, bo, ln_w, ln_b, eps: float, w1, b1, w2, b2, p: float, training: bool, next_w, next_b, next_eps: float):
+    """Output projection + residual, pre-LN FFN + residual, then the LayerNorm that comes next
+    (the next layer's attention LayerNorm, or the encoder's final one). Returns the residual
+    stream x and that LayerNorm of it: computing both here lets a compiled graph write them in one
+    pass (the residual add and the next LayerNorm fuse) instead of two kernels across the layer
+    boundary."""
     x = F.dropout(F.linear(o_BSC, wo, bo), p, training) + x_BSC
     h = F.layer_norm(x, (x.shape[-1],), ln_w, ln_b, eps)
     h = F.linear(_gelu(F.linear(h, w1, b1)), w2, b2)
-    return F.dropout(h, p, training) + x
+    x = F.dropout(h, p, training) + x
+    return x, F.layer_norm(x, (x.shape[-1],), next_w, next_b, next_eps)
 
 
 def _s_max(q_BSHD, k_BSHD, info: SeqInfo | None) -> torch.Tensor:
@@ -368,26 +372,29 @@ class ESM2Layer(nn.Module):
         so that their extra terms are applied."""
         a = self.attention
         mods = (a.self.query, a.self.key, a.self.value, a.output.dense, self.intermediate.dense, self.output.dense)
-        return all(type(m) is nn.Linear for m in mods) and type(a.LayerNorm) is nn.LayerNorm and type(self.LayerNorm) is nn.LayerNorm
+        return all(type(m) is nn.Linear for m in mods) and type(self.LayerNorm) is nn.LayerNorm
 
-    def forward(self, x_BSC, cos, sin, info, mask, backend, fns, dynamic: bool, need_weights: bool, need_s_max: bool):
+    def forward(self, x_BSC, h_BSC, next_ln, cos, sin, info, mask, backend, fns, dynamic: bool, need_weights: bool, need_s_max: bool):
+        """One layer on the residual stream ``x_BSC`` and its attention LayerNorm ``h_BSC`` (the
+        caller's, computed by the previous layer). Returns ``(x, next_ln(x), weights, s_max)``:
+        the next LayerNorm is applied here so that a compiled layer fuses it with the residual add
+        (see :func:`_out_ffn`)."""
         a, sa = self.attention, self.attention.self
         B, S, C = x_BSC.shape
         H = self.num_heads
         plain = self._plain()
         if dynamic and plain:  # compiled: one graph for every token count (packed batches vary)
-            for t in (x_BSC, cos, sin):
+            for t in (x_BSC, h_BSC, cos, sin):
                 torch._dynamo.maybe_mark_dynamic(t, 1)
         if plain:
             q, k, v = fns[0](
-                x_BSC, a.LayerNorm.weight, a.LayerNorm.bias, a.LayerNorm.eps, sa.query.weight, sa.query.bias,
-                sa.key.weight, sa.key.bias, sa.value.weight, sa.value.bias, cos, sin, H,
+                h_BSC, sa.query.weight, sa.query.bias, sa.key.weight, sa.key.bias, sa.value.weight, sa.value.bias,
+                cos, sin, H,
             )  # fmt: skip
         else:
             D = C // H
-            h = a.LayerNorm(x_BSC)
-            q = sa.query(h).view(B, S, H, D) * D**-0.5
-            k, v = sa.key(h).view(B, S, H, D), sa.value(h).view(B, S, H, D)
+            q = sa.query(h_BSC).view(B, S, H, D) * D**-0.5
+            k, v = sa.key(h_BSC).view(B, S, H, D), sa.value(h_BSC).view(B, S, H, D)
             q, k = _rope(q, k, cos, sin)
         s = _s_max(q, k, info) if need_s_max else None
         p = self.attention_probs_dropout_prob if self.training else 0.0
@@ -400,19 +407,20 @@ class ESM2Layer(nn.Module):
             o = attention(q_BHSD, k_BHSD, v_BHSD, mask=mask, scale=1.0, backend=backend, dropout_p=p)
         o_BSC = o.transpose(1, 2).reshape(B, S, C)
         ph = self.hidden_dropout_prob
-        if plain:
+        if plain and type(next_ln) is nn.LayerNorm:
             if dynamic:
                 torch._dynamo.maybe_mark_dynamic(o_BSC, 1)
-            x = fns[1](
+            x, h = fns[1](
                 o_BSC, x_BSC, a.output.dense.weight, a.output.dense.bias, self.LayerNorm.weight, self.LayerNorm.bias,
                 self.LayerNorm.eps, self.intermediate.dense.weight, self.intermediate.dense.bias, self.output.dense.weight,
-                self.output.dense.bias, ph, self.training,
+                self.output.dense.bias, ph, self.training, next_ln.weight, next_ln.bias, next_ln.eps,
             )  # fmt: skip
         else:
             x = F.dropout(a.output.dense(o_BSC), ph, self.training) + x_BSC
-            h = self.output.dense(_gelu(self.intermediate.dense(self.LayerNorm(x))))
-            x = F.dropout(h, ph, self.training) + x
-        return x, weights, s
+            g = self.output.dense(_gelu(self.intermediate.dense(self.LayerNorm(x))))
+            x = F.dropout(g, ph, self.training) + x
+            h = next_ln(x)
+        return x, h, weights, s
 
 
 class _Embeddings(nn.Module):
@@ -670,8 +678,9 @@ class ESM2Model(ESM2PreTrainedModel):
         self.embeddings.word_embeddings = value
 
     def compile_layers(self, *, fuse_qkv: bool = False, **compile_kwargs) -> None:
-        """torch.compile the dense compute of every layer (pre-LN + projections + rotary, and
-        output projection + FFN), leaving the attention call and the batch structure outside.
+        """torch.compile the dense compute of every layer (projections + rotary, and output
+        projection + FFN + the next LayerNorm), leaving the attention call and the batch structure
+        outside.
 
         The two compiled functions take tensors only, so one compile serves every layer; the
         token dimension is marked dynamic, so packed batches of any token count reuse it (no
@@ -756,15 +765,20 @@ class ESM2Model(ESM2PreTrainedModel):
         attns = [] if output_attentions else None
         smax = [] if output_s_max else None
         backend, fns, dynamic = self.attn_backend, self._fns, self._dynamic
-        for layer in self.encoder.layer:
-            x, w, s = layer(x, cos, sin, info, plan.mask, backend, fns, dynamic, bool(output_attentions), bool(output_s_max))
+        layers = self.encoder.layer
+        # each layer returns the residual stream and the LayerNorm that follows it (the next
+        # layer's attention LayerNorm, after the last layer the final one): see _out_ffn
+        lns = [l.attention.LayerNorm for l in layers[1:]] + [self.encoder.emb_layer_norm_after]
+        h = layers[0].attention.LayerNorm(x) if len(layers) else self.encoder.emb_layer_norm_after(x)
+        for layer, next_ln in zip(layers, lns):
+            x, h, w, s = layer(x, h, next_ln, cos, sin, info, plan.mask, backend, fns, dynamic, bool(output_attentions), bool(output_s_max))
             if hidden is not None:
                 hidden.append(x)
             if attns is not None:
                 attns.append(w)
             if smax is not None:
                 smax.append(s)
-        x = self.encoder.emb_layer_norm_after(x)
+        x = h  # after the final LayerNorm
         if hidden is not None:
             hidden[-1] = x  # as HF (and fair-esm's repr_layers): the last entry is after the final LN
         return plan, x, hidden, attns, (torch.stack(smax) if smax is not None else None)
