@@ -17,7 +17,7 @@ Every backend derives its own form from it: flex a BlockMask from ``doc_ids``, v
 ``cu_seqlens``/``max_seqlen``, SDPA a dense mask. Build it once per batch; every layer reuses it.
 
 Host <-> device synchronization: constructors that receive *host* data (Python lists) never
-sync. Constructors that receive *device* tensors (``from_padding_mask``, ``from_position_ids``,
+sync (they build on the CPU and copy through pinned memory). Constructors that receive *device* tensors (``from_padding_mask``, ``from_position_ids``,
 ``from_cu_seqlens`` without ``max_seqlen``, tensor lengths) read the values they must know on the
 host (max length, total tokens) once, at construction. Nothing in ``pad``/``unpad`` syncs.
 """
@@ -31,6 +31,15 @@ import torch
 from .errors import bad_type, bad_value
 
 __all__ = ["SeqInfo", "pad", "unpad"]
+
+
+def _to_device(device: torch.device):
+    """CPU tensor -> ``device`` without a host sync: a CUDA copy from pageable memory waits for
+    the stream, one from pinned memory does not (the caching host allocator keeps the pinned
+    buffer alive until the copy has run)."""
+    if device.type != "cuda":
+        return lambda t: t.to(device)
+    return lambda t: t.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass(frozen=True, eq=False)
@@ -189,36 +198,41 @@ class SeqInfo:
 
     @classmethod
     def _build(cls, rows: list[list[int]], S: int, device: torch.device, kind: str) -> SeqInfo:
+        """Every tensor from host lengths, vectorized on the CPU (no per-token Python work: a
+        packed row holds ~10^4-10^5 tokens), then moved to ``device`` through pinned memory with
+        non-blocking copies: no host sync, so building the next batch's structure overlaps the
+        device's work on the current one."""
         B = len(rows)
         N = max(len(r) for r in rows)
-        padded = [r + [0] * (N - len(r)) for r in rows]
         flat_docs = [x for r in rows for x in r]
-        cu = [0]
-        for x in flat_docs:
-            cu.append(cu[-1] + x)
-        keep_l, ids_l, pos_l, idx_l = [], [], [], []
-        doc = 0
-        for b, r in enumerate(rows):
-            ids_row, pos_row = [], []
-            for x in r:
-                ids_row += [doc] * x
-                pos_row += list(range(x))
-                doc += 1
-            n = len(ids_row)
-            idx_l += range(b * S, b * S + n)
-            keep_l.append([True] * n + [False] * (S - n))
-            ids_l.append(ids_row + [-1] * (S - n))
-            pos_l.append(pos_row + [0] * (S - n))
+        total = sum(flat_docs)
+        lengths_D = torch.tensor(flat_docs, dtype=torch.int64)
+        row_tot = [sum(r) for r in rows]
+        cu = torch.zeros(len(flat_docs) + 1, dtype=torch.int64)
+        torch.cumsum(lengths_D, 0, out=cu[1:])
+        # token t (in row-major order over the real tokens) -> its document, row, position, column
+        doc_T = torch.repeat_interleave(torch.arange(len(flat_docs)), lengths_D, output_size=total)
+        row_D = torch.tensor([b for b, r in enumerate(rows) for _ in r], dtype=torch.int64)
+        row_T = row_D[doc_T]
+        ar_T = torch.arange(total)
+        pos_T = ar_T - cu[doc_T]
+        row_start = torch.tensor([0] + row_tot[:-1], dtype=torch.int64).cumsum(0)
+        idx_T = row_T * S + (ar_T - row_start[row_T])
+        doc_ids = torch.full((B * S,), -1, dtype=torch.int32)
+        doc_ids[idx_T] = doc_T.to(torch.int32)
+        positions = torch.zeros(B * S, dtype=torch.int64)
+        positions[idx_T] = pos_T
+        keep = torch.arange(S)[None, :] < torch.tensor(row_tot, dtype=torch.int64)[:, None]
+        padded = [r + [0] * (N - len(r)) for r in rows]
+        mv = _to_device(device)
         return cls(
             B=B, S=S,
-            lengths=torch.tensor(padded, dtype=torch.int64, device=device),
+            lengths=mv(torch.tensor(padded, dtype=torch.int64)),
             host_lengths=tuple(tuple(r) for r in padded),
-            cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=device),
-            max_seqlen=max(flat_docs) if flat_docs else 0, total=cu[-1],
-            indices=torch.tensor(idx_l, dtype=torch.int64, device=device),
-            keep=torch.tensor(keep_l, dtype=torch.bool, device=device),
-            doc_ids=torch.tensor(ids_l, dtype=torch.int32, device=device),
-            positions=torch.tensor(pos_l, dtype=torch.int64, device=device), kind=kind,
+            cu_seqlens=mv(cu.to(torch.int32)),
+            max_seqlen=max(flat_docs) if flat_docs else 0, total=total,
+            indices=mv(idx_T), keep=mv(keep), doc_ids=mv(doc_ids.view(B, S)), positions=mv(positions.view(B, S)),
+            kind=kind,
         )  # fmt: skip
 
     # ---------------------------------------------------------------- views

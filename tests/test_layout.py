@@ -1,0 +1,71 @@
+"""SeqInfo built from host lengths: every field against a per-token reference, and (CUDA) built
+without a host sync."""
+
+import random
+
+import pytest
+import torch
+
+from anyattn import SeqInfo
+
+
+def _reference(rows, S):
+    """The structure written out token by token (the definition in layout.py's docstring)."""
+    B, N = len(rows), max(len(r) for r in rows)
+    keep = torch.zeros(B, S, dtype=torch.bool)
+    doc_ids = torch.full((B, S), -1, dtype=torch.int32)
+    positions = torch.zeros(B, S, dtype=torch.int64)
+    indices, cu, doc = [], [0], 0
+    for b, r in enumerate(rows):
+        col = 0
+        for n in r:
+            for p in range(n):
+                keep[b, col], doc_ids[b, col], positions[b, col] = True, doc, p
+                indices.append(b * S + col)
+                col += 1
+            cu.append(cu[-1] + n)
+            doc += 1
+    lengths = torch.tensor([r + [0] * (N - len(r)) for r in rows], dtype=torch.int64)
+    return dict(lengths=lengths, cu_seqlens=torch.tensor(cu, dtype=torch.int32), indices=torch.tensor(indices, dtype=torch.int64),
+                keep=keep, doc_ids=doc_ids, positions=positions)  # fmt: skip
+
+
+def _cases():
+    rng = random.Random(0)
+    fixed = [[[3, 5]], [[1]], [[0, 4, 0]], [[2, 3], [5]], [[7], [1, 1, 1]], [[4, 0], [0, 2]], [[1000, 24, 3000]]]
+    rand = [[[rng.randint(0, 40) for _ in range(rng.randint(1, 6))] for _ in range(rng.randint(1, 4))] for _ in range(30)]
+    return [r for r in fixed + rand if any(sum(x) for x in r)]
+
+
+@pytest.mark.parametrize("rows", _cases(), ids=lambda r: str(r)[:40])
+def test_from_lengths_equals_the_per_token_definition(rows):
+    """The vectorized builder (repeat_interleave, scatter) must give exactly the structure the
+    per-token definition gives: zero-length documents, ragged rows and tail padding included."""
+    S = max(sum(r) for r in rows) + 3
+    info = SeqInfo.from_lengths(rows if len(rows) > 1 else rows[0], total_length=S)
+    want = _reference(rows, S)
+    for name, t in want.items():
+        got = getattr(info, name)
+        assert got.dtype == t.dtype and torch.equal(got, t), f"{name}: {got} != {t}"
+    assert info.total == sum(map(sum, rows)) and info.max_seqlen == max(x for r in rows for x in r)
+    assert info.host_lengths == tuple(tuple(r) for r in want["lengths"].tolist())
+
+
+@pytest.mark.cuda
+def test_from_lengths_on_cuda_does_not_sync():
+    """Building a packed batch's structure must not wait for the GPU: the embed job builds batch
+    n+1 while batch n runs, and a sync there left the GPU idle for the whole host build (a
+    pageable host->device copy waits for the stream)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    rows = [[300] * 50 + [17]]
+    SeqInfo.from_lengths(rows[0], total_length=16384, device="cuda")  # warm the pinned-memory cache
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        info = SeqInfo.from_lengths(rows[0], total_length=16384, device="cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    want = _reference(rows, 16384)
+    for name, t in want.items():
+        assert torch.equal(getattr(info, name).cpu(), t), name
