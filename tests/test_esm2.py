@@ -264,5 +264,6 @@ def test_bench_model_quick_schema(tmp_path, capsys):
         assert {"name", "status", "tokens_per_s", "mfu", "peak_mem_gib", "warmup_s", "compile_s", "time_s", "batches"} <= set(r)
         if r["status"] == "ok":
             assert r["tokens_per_s"] > 0 and r["time_s"] > 0
+            assert len(r["times_s"]) == 3 and min(r["times_s"]) <= r["time_s"] <= max(r["times_s"])  # median of --repeats
     assert sum(r["status"] == "ok" for r in doc["results"]) >= 3
     assert "tokens/s" in capsys.readouterr().out

@@ -19,8 +19,9 @@ Batches are length-sorted (longest first) and filled greedily up to ``--max-toke
 
 Per row: the first call alone (includes compilation), then warm-up passes over a few batches
 until two consecutive passes differ by < 5% (``warmup_s`` includes the first call;
-``compile_s`` = first call - the same batch once warm), then the whole set once, synchronized
-at the end: real tokens/s, MFU and peak memory. Inputs (token tensors, SeqInfos) are built
+``compile_s`` = first call - the same batch once warm), then the whole set ``--repeats`` times
+(default 3), each pass synchronized at its end: real tokens/s of the median pass (every pass's
+time is kept in ``times_s``), MFU and peak memory. Inputs (token tensors, SeqInfos) are built
 before timing for every row alike.
 
 FLOPs (:func:`anyattn.models.esm2_flops`): per sequence of n tokens,
@@ -152,13 +153,14 @@ class Row:
     compile_s: float = float("nan")
     warmup_s: float = float("nan")
     warmup_passes: int = 0
-    time_s: float = float("nan")
+    time_s: float = float("nan")  # median of the timed passes over the whole set
+    times_s: tuple = ()  # every timed pass (their spread is the run-to-run noise)
     batches: int = 0
     attn_implementation: str = ""
     variant: str = ""  # anyattn rows: inputs, pack_padded, compile mode, fuse_qkv
 
 
-def _time_row(row: Row, fn, inputs: list, device, real_tokens: int, flops: float, peak: float | None, max_passes: int) -> Row:
+def _time_row(row: Row, fn, inputs: list, device, real_tokens: int, flops: float, peak: float | None, max_passes: int, repeats: int = 3) -> Row:
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -186,12 +188,16 @@ def _time_row(row: Row, fn, inputs: list, device, real_tokens: int, flops: float
         row.warmup_passes = len(passes)
         row.warmup_s = time.perf_counter() - t_start
         row.compile_s = max(0.0, row.first_call_s - min(p[0] for p in passes))
-        sync(device)
-        t0 = time.perf_counter()
-        for x in inputs:
-            fn(x)
-        sync(device)
-        row.time_s = time.perf_counter() - t0
+        times = []
+        for _ in range(repeats):
+            sync(device)
+            t0 = time.perf_counter()
+            for x in inputs:
+                fn(x)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        row.times_s = tuple(round(t, 4) for t in times)
+        row.time_s = statistics.median(times)
     row.tokens_per_s = real_tokens / row.time_s
     row.tflops = flops / row.time_s / 1e12
     if peak:
@@ -306,7 +312,7 @@ def run(opts: dict, *, command: str = "", log=print) -> dict:
                         fn = lambda x: model(x[0], seq_info=x[1])  # noqa: E731
                     else:
                         fn = lambda x: model(x[0], attention_mask=x[1])  # noqa: E731
-                    _time_row(row, fn, xs, device, real, flops, peak, opts["max_passes"])
+                    _time_row(row, fn, xs, device, real, flops, peak, opts["max_passes"], opts.get("repeats", 3))
                 except Exception as e:  # noqa: BLE001 - a failing row is reported and the run goes on
                     _fail(row, e, device)
                 rows.append(row)
@@ -334,7 +340,7 @@ def run(opts: dict, *, command: str = "", log=print) -> dict:
                     row.attn_implementation = str(getattr(hf.config, "_attn_implementation", "?"))
                     if row.attn_implementation != impl:
                         raise RuntimeError(f"transformers chose attn_implementation={row.attn_implementation!r}, not {impl!r}")
-                    _time_row(row, lambda x: hf(input_ids=x[0], attention_mask=x[1]), inputs, device, real, flops, peak, opts["max_passes"])
+                    _time_row(row, lambda x: hf(input_ids=x[0], attention_mask=x[1]), inputs, device, real, flops, peak, opts["max_passes"], opts.get("repeats", 3))
                 except Exception as e:  # noqa: BLE001
                     _fail(row, e, device)
                 del hf
@@ -446,6 +452,7 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default=None, choices=["cuda", "cpu"])
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known bf16 dense peaks)")
     p.add_argument("--max-warmup-passes", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=3, help="timed passes over the whole set per row (the median is reported)")
     p.add_argument("--out", default=None, help="write model.json and model.png here")
     p.add_argument("--quick", action="store_true", help="tiny config on CPU, < 30 s (a smoke test)")
 
@@ -463,7 +470,7 @@ def _opts_from_args(a) -> dict:
         a.max_tokens, a.max_warmup_passes = min(a.max_tokens, 512), min(a.max_warmup_passes, 3)
     else:
         cfg, preset = ESM2Config.from_name(a.preset), a.preset
-    for name in ("num_seqs", "min_len", "max_len", "max_tokens"):
+    for name in ("num_seqs", "min_len", "max_len", "max_tokens", "repeats"):
         if getattr(a, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive")
     if a.min_len > a.max_len:
@@ -492,7 +499,7 @@ def _opts_from_args(a) -> dict:
     return dict(
         device=device, dtype=dtype, config=cfg, preset=preset, lengths=lengths, source=source, seed=a.seed,
         max_tokens=a.max_tokens, backends=backends, compile=a.compile, hf=hf, peak_tflops=a.peak_tflops,
-        max_passes=max(2, a.max_warmup_passes), compile_mode=a.compile_mode, fuse_qkv=a.fuse_qkv,
+        max_passes=max(2, a.max_warmup_passes), repeats=a.repeats, compile_mode=a.compile_mode, fuse_qkv=a.fuse_qkv,
         tune=a.tune, pack={"auto": "auto", "off": False}[a.pack], inputs=["packed", "padded"] if a.inputs == "both" else [a.inputs],
     )  # fmt: skip
 
