@@ -24,7 +24,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-from anyattn.embed import FastaError, StoreMismatchError, embed, open_store  # noqa: E402
+from anyattn.embed import FastaError, StoreMismatchError, embed, open_store, read_fasta  # noqa: E402
 from anyattn.models import ProteinTokenizer, load_esm2  # noqa: E402
 
 MAX_POS = 42  # 40 residues + <cls> + <eos>
@@ -300,6 +300,44 @@ def test_unknown_characters_map_to_x(ckpt, ref_model, tmp_path):
     want = _pool(_alone(ref_model, "MKVXX")[-1], "mean").numpy()
     assert _maxdiff(open_store(out)["a"], want) <= 1e-5
     assert open_store(out).metadata["unknown"] == "x"
+
+
+# record 'b' (header on line 3) spans lines 4-8 with a blank and a comment line; its bad
+# characters: '*' (line 7, column 4: the first), '1' and '*' (line 8): 3 in all
+_MULTILINE = ">a\nMKV\n>b desc\nMKVLA\n\n; comment\nmkt*Q\nMK1V*\n>c\nMK\n"
+
+
+def _esm_alphabet():
+    """The alphabet embed() checks against: the tokenizer's one-letter tokens."""
+    return frozenset(t for t in ProteinTokenizer.esm().vocab if len(t) == 1 and t.isalpha())
+
+
+def test_bad_character_in_a_multiline_record_names_first_line_column_and_count(ckpt, tmp_path):
+    fa = tmp_path / "in.fasta"
+    fa.write_text(_MULTILINE)
+    want = (
+        r"in\.fasta:7: column 4 \(record 'b'\): character '\*' is not in the model's alphabet \(.*\); "
+        r"3 such character\(s\) in this record"
+    )
+    records = read_fasta(fa, alphabet=_esm_alphabet())
+    assert next(records) == ("a", "MKV", 1)
+    with pytest.raises(FastaError, match=want):
+        next(records)
+    out = tmp_path / "o.sqlite"
+    with pytest.raises(FastaError, match=want):
+        embed(str(fa), model=ckpt, out=out, progress=False)
+    assert not out.exists() or len(open_store(out)) == 0
+
+
+def test_unknown_x_in_a_multiline_record(ckpt, ref_model, tmp_path):
+    fa = tmp_path / "in.fasta"
+    fa.write_text(_MULTILINE)
+    got = list(read_fasta(fa, alphabet=_esm_alphabet(), unknown="x"))
+    assert got == [("a", "MKV", 1), ("b", "MKVLAMKTXQMKXVX", 3), ("c", "MK", 9)]
+    out = tmp_path / "o.sqlite"
+    embed(str(fa), model=ckpt, out=out, unknown="x", progress=False)
+    want = _pool(_alone(ref_model, "MKVLAMKTXQMKXVX")[-1], "mean").numpy()
+    assert _maxdiff(open_store(out)["b"], want) <= 1e-5
 
 
 def test_python_records_errors(ckpt, tmp_path):

@@ -45,27 +45,50 @@ def _check_unknown(unknown: str) -> None:
         raise bad_value("unknown", f"one of {UNKNOWN_POLICIES}", repr(unknown))
 
 
-def _clean(seq: str, alphabet, unknown: str, where) -> str:
-    """Upper-case ``seq`` and apply the alphabet policy. ``where(i) -> str`` locates character i
-    for the error message."""
-    seq = seq.upper()
-    if alphabet is None:
-        return seq
-    bad = [i for i, c in enumerate(seq) if c not in alphabet]
-    if not bad:
-        return seq
-    if unknown == "x":
-        chars = list(seq)
-        for i in bad:
-            chars[i] = "X"
-        return "".join(chars)
-    i = bad[0]
-    loc = where(i)
-    allowed = "".join(sorted(alphabet))
-    raise FastaError(
-        f"{loc}: character {seq[i]!r} is not in the model's alphabet ({allowed}); "
-        f"{len(bad)} such character(s) in this record. Use unknown='x' (--unknown x) to map them to X"
-    )
+# ASCII: the characters str.split() removes, and the upper-case map (bytes.translate tables)
+_ASCII_SPACE = bytes(i for i in range(128) if chr(i).isspace())
+_ASCII_UPPER = bytes(ord(chr(i).upper()) if i < 128 else i for i in range(256))
+
+
+class _Checker:
+    """The alphabet policy of one reader: ``clean(seq, where)`` upper-cases ``seq`` and applies
+    ``unknown`` to the characters not in ``alphabet`` (``check`` the same on an upper-cased
+    ``seq``). The test runs at C speed (``translate`` deleting the allowed characters: what is
+    left are the bad ones, in order); the characters are only searched when a bad one exists.
+    ``where(i) -> str`` locates character i for the error message."""
+
+    def __init__(self, alphabet, unknown: str):
+        self.alphabet, self.unknown = alphabet, unknown
+        if alphabet is not None:
+            # ``c in alphabet`` for one character c: the alphabet's one-character strings
+            ok = {c for c in alphabet if isinstance(c, str) and len(c) == 1}
+            self.delete_str = dict.fromkeys(map(ord, ok))  # str.translate: allowed -> deleted
+            self.delete_ascii = "".join(sorted(c for c in ok if c.isascii())).encode("ascii")
+
+    def clean(self, seq: str, where) -> str:
+        return self.check(seq.upper(), where)
+
+    def check(self, seq: str, where, data: bytes | None = None) -> str:
+        """``seq`` upper-cased; ``data``: ``seq`` encoded as ASCII when the caller has it."""
+        if self.alphabet is None:
+            return seq
+        if data is None and seq.isascii():
+            data = seq.encode("ascii")
+        if data is not None:  # bytes.translate with delete: the fastest test
+            bad = data.translate(None, self.delete_ascii).decode("ascii")
+        else:
+            bad = seq.translate(self.delete_str)
+        if not bad:
+            return seq
+        if self.unknown == "x":
+            return seq.translate(dict.fromkeys(map(ord, set(bad)), "X"))
+        i = seq.index(bad[0])  # the first bad character (an earlier copy of it would be bad too)
+        loc = where(i)
+        allowed = "".join(sorted(self.alphabet))
+        raise FastaError(
+            f"{loc}: character {seq[i]!r} is not in the model's alphabet ({allowed}); "
+            f"{len(bad)} such character(s) in this record. Use unknown='x' (--unknown x) to map them to X"
+        )
 
 
 def _open_text(path) -> io.TextIOBase:
@@ -75,56 +98,83 @@ def _open_text(path) -> io.TextIOBase:
     return open(p, encoding="utf-8", newline=None)
 
 
+# a line starting with one of these is a sequence line (not a header, a comment or indented)
+_SEQ_START = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+
+
+def _residues(text: str) -> tuple[str, bytes | None]:
+    """``text`` without whitespace (newlines included), upper-cased, and the same as ASCII bytes
+    (None unless ``text`` is ASCII)."""
+    if text.isascii():  # one C pass: whitespace deleted, lower case mapped to upper
+        data = text.encode("ascii").translate(_ASCII_UPPER, _ASCII_SPACE)
+        return data.decode("ascii"), data
+    return "".join(text.split()).upper(), None
+
+
 def read_fasta(path, *, alphabet=None, unknown: str = "error") -> Iterator[Record]:
     """Yield :class:`Record` s from a FASTA file, streaming (one record in memory at a time)."""
     _check_unknown(unknown)
     if not isinstance(path, (str, os.PathLike)):
         raise bad_type("path", "a FASTA file path (str or os.PathLike)", type(path).__name__)
     name = os.fspath(path)
+    check = _Checker(alphabet, unknown).check
     with _open_text(name) as f:
-        rid, hline, parts, spans = None, 0, [], []  # spans: (start offset, line) of each sequence line
+        # lines: every line after the header, one entry per line (line hline + 1 + index): the raw
+        # line of sequence and blank lines, "" for a comment line. The residues are the
+        # concatenation without whitespace; the per-line offsets are only computed for an error.
+        rid, hline, lines = None, 0, []
+
+        def locate(i):  # called by check() from finish(): rid, hline and lines are the record's
+            spans, offset = [], 0  # (start offset, line) of each sequence line
+            for k, raw in enumerate(lines):
+                chunk = "".join(raw.split())
+                if chunk:
+                    spans.append((offset, hline + 1 + k))
+                    offset += len(chunk)
+            line, start = spans[0][1], 0
+            for s, ln in spans:
+                if s > i:
+                    break
+                start, line = s, ln
+            return f"{name}:{line}: column {i - start + 1} (record {rid!r})"
 
         def finish():
-            if not parts:
+            seq, data = _residues("".join(lines))
+            if not seq:
                 raise FastaError(f"{name}:{hline}: record {rid!r} has no sequence (empty record)")
-            seq = "".join(parts)
-
-            def locate(i, spans=spans):
-                line, start = spans[0][1], 0
-                for s, ln in spans:
-                    if s > i:
-                        break
-                    start, line = s, ln
-                return f"{name}:{line}: column {i - start + 1} (record {rid!r})"
-
-            return Record(rid, _clean(seq, alphabet, unknown, locate), hline)
+            return Record(rid, check(seq, locate, data), hline)
 
         lineno = 0
-        for lineno, raw in enumerate(f, 1):
+        for raw in f:  # up to the first header
+            lineno += 1
             text = raw.strip()
             if text.startswith(">"):
-                if rid is not None:
-                    yield finish()
-                words = text[1:].split()
-                if not words:
-                    raise FastaError(f"{name}:{lineno}: header without an id ('>' must be followed by the sequence id)")
-                rid, hline, parts, spans = words[0], lineno, [], []
-                continue
-            if not text:
-                continue
-            if text.startswith(";"):  # old-style FASTA comment line
-                continue
-            if rid is None:
+                break
+            if text and not text.startswith(";"):  # ';': an old-style FASTA comment line
                 raise FastaError(f"{name}:{lineno}: sequence data before the first '>' header (is this a FASTA file?)")
-            chunk = "".join(text.split())
-            spans.append((sum(len(p) for p in parts), lineno))
-            parts.append(chunk)
-        if rid is not None:
-            yield finish()
-        elif lineno == 0:
-            raise FastaError(f"{name}: the file is empty (no FASTA records)")
         else:
+            if lineno == 0:
+                raise FastaError(f"{name}: the file is empty (no FASTA records)")
             raise FastaError(f"{name}: no '>' header in {lineno} line(s) (not a FASTA file)")
+        while True:  # text: the header on line lineno, stripped
+            words = text[1:].split(None, 1)  # the id and the rest
+            if not words:
+                raise FastaError(f"{name}:{lineno}: header without an id ('>' must be followed by the sequence id)")
+            rid, hline, lines = words[0], lineno, []
+            append = lines.append
+            for raw in f:  # line hline + 1 + len(lines)
+                if raw[0] in _SEQ_START:  # the common case: a sequence line
+                    append(raw)
+                    continue
+                text = raw.strip()
+                if text.startswith(">"):
+                    break
+                append("" if text.startswith(";") else raw)
+            else:
+                yield finish()
+                return
+            lineno = hline + 1 + len(lines)
+            yield finish()
 
 
 def read_records(records, *, alphabet=None, unknown: str = "error") -> Iterator[Record]:
@@ -136,6 +186,7 @@ def read_records(records, *, alphabet=None, unknown: str = "error") -> Iterator[
         items = records
     else:
         raise bad_type("records", "a FASTA path, a mapping id -> sequence or an iterable of (id, sequence)", type(records).__name__)
+    clean = _Checker(alphabet, unknown).clean
     n = 0
     for n, item in enumerate(items, 1):
         if not (isinstance(item, (tuple, list)) and len(item) == 2):
@@ -148,6 +199,6 @@ def read_records(records, *, alphabet=None, unknown: str = "error") -> Iterator[
         seq = "".join(seq.split())
         if not seq:
             raise FastaError(f"record {n} ({rid!r}): empty sequence")
-        yield Record(rid, _clean(seq, alphabet, unknown, lambda i: f"record {n} ({rid!r}): position {i + 1}"), n)
+        yield Record(rid, clean(seq, lambda i: f"record {n} ({rid!r}): position {i + 1}"), n)
     if n == 0:
         raise FastaError("records: no records (empty input)")

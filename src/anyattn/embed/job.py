@@ -31,15 +31,17 @@ last layer) or one int, it has none.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
+import operator
 import os
 import queue
 import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -177,14 +179,23 @@ def _model_identity(model) -> dict:
 
 
 # ------------------------------------------------------------------------------------ the plan
-@dataclass
+@dataclass(slots=True)
 class _Seq:
     seq: str  # after the unknown policy
-    sha1: str
     line: int  # first record with this sequence
     ids: list  # ids not yet in the store are written
     policy: str = ""  # '' | 'truncated' | 'split:<k>'
     chunks: int = 1
+    _sha1: str | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def sha1(self) -> str:
+        """sha1 of ``seq``, computed when first asked for (when a row is written or checked
+        against the store), not while the input is read."""
+        h = self._sha1
+        if h is None:
+            h = self._sha1 = _sha1(self.seq)
+        return h
 
 
 def _sha1(s: str) -> str:
@@ -209,7 +220,7 @@ def _collect(records, where):
         k = by_seq.get(r.seq)
         if k is None:
             k = by_seq[r.seq] = len(seqs)
-            seqs.append(_Seq(r.seq, _sha1(r.seq), r.line, []))
+            seqs.append(_Seq(r.seq, r.line, []))
         prev = id_map.get(r.id)
         if prev is not None:
             if prev[0] != k:
@@ -233,7 +244,7 @@ def _chunks(n: int, parts: int):
 
 
 def _plan(seqs, max_residues, long_policy, max_tokens, where):
-    """Items (seq index, chunk, residues) sorted by (-length, sequence), then token-budget
+    """Items (seq index, chunk, residues) sorted by (-length, sequence, chunk), then token-budget
     batches. Returns the list of batches, each a list of items."""
     items = []
     unit = "line" if where != "records" else "record"
@@ -255,20 +266,37 @@ def _plan(seqs, max_residues, long_policy, max_tokens, where):
             parts = math.ceil(n / max_residues)
             s.policy, s.chunks = f"split:{parts}", parts
             items.extend((k, c, s.seq[a:b]) for c, (a, b) in enumerate(_chunks(n, parts)))
-    items.sort(key=lambda it: (-len(it[2]), it[2], it[1]))
-    batches, cur, used = [], [], 0
+    # The order of one stable sort by (-length, sequence, chunk), in groups of one length (longest
+    # first), each sorted by (sequence, chunk): sequences of different lengths are never compared.
+    by_len: dict = {}
     for it in items:
-        t = len(it[2]) + 2
+        n = len(it[2])
+        group = by_len.get(n)
+        if group is None:
+            by_len[n] = [it]
+        else:
+            group.append(it)
+    batches, cur, used = [], [], 0
+    for n in sorted(by_len, reverse=True):
+        group = by_len[n]
+        if len(group) > 1:
+            group.sort(key=_SEQUENCE_CHUNK)
+        t = n + 2
         if t > max_tokens:
             raise bad_value("max_tokens", f"at least {t} (the longest sequence plus <cls> and <eos>)", max_tokens)
-        if cur and used + t > max_tokens:
-            batches.append(cur)
-            cur, used = [], 0
-        cur.append(it)
-        used += t
+        for it in group:
+            if cur and used + t > max_tokens:
+                batches.append(cur)
+                cur, used = [], 0
+            cur.append(it)
+            used += t
     if cur:
         batches.append(cur)
     return batches
+
+
+_SEQUENCE_CHUNK = operator.itemgetter(2, 1)  # an item's (residues, chunk)
+_SEQ_INDEX, _RESIDUES = operator.itemgetter(0), operator.itemgetter(2)
 
 
 # ---------------------------------------------------------------------------------- the runner
@@ -673,12 +701,14 @@ def embed(
                     f"out: {work_path!r} holds id {i!r} with another sequence than {where} {unit} {entry[1]}; "
                     "refusing to mix inputs (use another --out)"
                 )
-        skipped = sum(1 for i in id_map if i in done)
-        for s in seqs:
-            s.ids = [i for i in s.ids if i not in done]
+        skipped = sum(1 for i in id_map if i in done) if done else 0
+        if done:
+            for s in seqs:
+                s.ids = [i for i in s.ids if i not in done]
         todo = [(bi, b) for bi, b in enumerate(batches) if any(seqs[k].ids for k, _, _ in b)]
-        total_tokens = sum(len(r) + 2 for _, b in todo for _, _, r in b)
-        n_todo_seqs = len({k for _, b in todo for k, _, _ in b})
+        # tokens: residues plus <cls> and <eos> per item; the seqs with an item in todo
+        total_tokens = sum(sum(map(len, map(_RESIDUES, b))) + 2 * len(b) for _, b in todo)
+        n_todo_seqs = len(set(map(_SEQ_INDEX, itertools.chain.from_iterable(b for _, b in todo))))
 
         t0 = time.perf_counter()
         asm = _Assembler(seqs, pooling, layer_axis, store_dtype)
