@@ -385,3 +385,40 @@ def test_sdpa_refuses_float32_additive_terms_in_half_precision():
     d = aa.explain(q, k, v, score=aa.alibi(torch.rand(2)), backend="sdpa")
     assert d.chosen is None and "would be rounded to bfloat16" in d.rows[0].reason
     assert aa.explain(q, k, v, score=aa.bias(torch.randn(8, 8, dtype=torch.bfloat16)), backend="sdpa").chosen == "sdpa"
+
+
+def test_lowered_mask_cache_is_bounded_in_bytes_not_only_in_entries():
+    """A stream of new packings must not pin memory: each new documents() mask lowers to a dense
+    (B, 1, S, S) mask for SDPA (1 GiB for a 32k-token row). On the H200 a count-bounded cache
+    held 75 GiB of them during the ESM2 benchmark."""
+    from anyattn._lru import LRU
+
+    c = LRU(100, max_bytes=1000, nbytes=len)
+    for i in range(10):
+        c.put(i, b"x" * 300)
+    assert len(c) == 3 and c.bytes == 900 and list(c._d) == [7, 8, 9]  # oldest evicted first
+    c.put("big", b"x" * 1001)  # larger than the budget alone: not stored, nothing evicted
+    assert c.get("big") is None and len(c) == 3
+    c.put(9, b"x" * 100)  # replacing an entry releases its old size
+    assert c.bytes == 700
+    c.clear()
+    assert c.bytes == 0 and len(c) == 0
+
+    sdpa_backend.SDPA.cache.clear()
+    budget = sdpa_backend.SDPA.cache.max_bytes
+    q = torch.randn(1, 1, 64, 8)
+    for i in range(3):
+        aa.attention(q, q, q, mask=aa.documents([10 + i, 54 - i]), backend="sdpa")
+    assert len(sdpa_backend.SDPA.cache) == 3 and 0 < sdpa_backend.SDPA.cache.bytes <= budget
+
+
+def test_explain_full_false_stops_at_the_winner_like_attention():
+    """Code that only needs the chosen backend asks with full=False: lower-ranked backends are not
+    asked (some build their lowered form to answer, e.g. a dense mask for SDPA's kernel check)."""
+    q = torch.randn(1, 2, 16, 8)
+    d = aa.explain(q, q, q, mask=aa.documents([5, 11]), full=False)
+    full = aa.explain(q, q, q, mask=aa.documents([5, 11]))
+    assert d.chosen == full.chosen == "sdpa"
+    statuses = {r.backend: r.status for r in d.rows}
+    assert statuses["eager"] == statuses["flex"] == "not checked"
+    assert {r.backend: r.status for r in full.rows}["eager"] == "accepted"

@@ -275,12 +275,15 @@ def attention_with_weights(q, k, v, *, mask=None, score=None, scale=None, dropou
     return out, weights
 
 
-def explain(q, k, v, *, mask=None, score=None, scale=None, backend="auto", dropout_p=0.0, return_lse=False) -> Decision:
+def explain(q, k, v, *, mask=None, score=None, scale=None, backend="auto", dropout_p=0.0, return_lse=False, full: bool = True) -> Decision:
     """The decision ``attention`` would take for these arguments, with every backend's answer.
 
     Prints as a table: backend, chosen/accepted/rejected/unavailable, reason. Raises the same
     validation errors as ``attention``; a call no backend can serve returns the decision with
-    ``chosen=None`` instead of raising.
+    ``chosen=None`` instead of raising. ``full=False`` stops at the winner, as ``attention``
+    does (backends ranked below it are listed as "not checked"): the cheap way for code that only
+    needs ``.chosen``, since asking some backends builds their lowered form (SDPA-family backends
+    materialize a dense mask to ask torch's own kernel check).
     """
     from .errors import UnsupportedError
 
@@ -288,7 +291,7 @@ def explain(q, k, v, *, mask=None, score=None, scale=None, backend="auto", dropo
     _validate_terms(call)
     requested = _requested(backend)
     try:
-        _, decision = resolve(call, requested, full=True)
+        _, decision = resolve(call, requested, full=bool(full))
     except UnsupportedError as e:
         decision = e.decision
     return decision

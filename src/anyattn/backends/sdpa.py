@@ -104,13 +104,23 @@ _ENABLE_GQA = _probe_enable_gqa()  # a constant: torch.compile traces it without
 
 
 
+# Materialized masks are (B, 1, Sq, Sk): 1 GiB for one 32k-token packed row. The cache of lowered
+# forms holds at most this many bytes of them (a repeated call hits; a stream of new packings
+# evicts instead of pinning the GPU's memory).
+_MASK_CACHE_BYTES = 2 << 30
+
+
+def _lowered_nbytes(lw) -> int:
+    return sum(t.numel() * t.element_size() for t in (lw.attn_mask, lw.row_ok) if isinstance(t, torch.Tensor))
+
+
 class _SdpaBackend:
     """One SDPA-based backend; ``only`` restricts SDPA to one kernel (None = torch decides)."""
 
     def __init__(self, name: str, only: str | None):
         self.NAME = name
         self._only = only
-        self.cache = LRU(256)
+        self.cache = LRU(256, max_bytes=_MASK_CACHE_BYTES, nbytes=_lowered_nbytes)
 
     def __repr__(self) -> str:
         return f"<backend {self.NAME}>"

@@ -583,7 +583,7 @@ def _packed_backend(backend, info: SeqInfo, H: int, D: int, dtype, grad: bool) -
     nothing runs."""
     q = torch.empty(1, info.S, H, D, device=info.keep.device, dtype=dtype, requires_grad=grad).transpose(1, 2)
     with torch.set_grad_enabled(grad):
-        d = explain(q, q, q, mask=documents(info), scale=1.0, backend=backend)
+        d = explain(q, q, q, mask=documents(info), scale=1.0, backend=backend, full=False)
     return d.chosen if d.chosen in _PACKED_NATIVE else None
 
 
