@@ -33,13 +33,18 @@ from .errors import bad_type, bad_value
 __all__ = ["SeqInfo", "pad", "unpad"]
 
 
-def _to_device(device: torch.device):
-    """CPU tensor -> ``device`` without a host sync: a CUDA copy from pageable memory waits for
+def host_to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A CPU tensor on ``device`` without a host sync: a CUDA copy from pageable memory waits for
     the stream, one from pinned memory does not (the caching host allocator keeps the pinned
     buffer alive until the copy has run)."""
+    device = torch.device(device)
     if device.type != "cuda":
-        return lambda t: t.to(device)
-    return lambda t: t.pin_memory().to(device, non_blocking=True)
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def _to_device(device: torch.device):
+    return lambda t: host_to_device(t, device)
 
 
 @dataclass(frozen=True, eq=False)

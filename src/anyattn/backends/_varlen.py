@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 
 from .._lru import LRU
-from ..layout import SeqInfo
+from ..layout import SeqInfo, host_to_device
 from ..spec import And, Documents, Padding, Window
 
 _PLANS = LRU(128)  # (mask key, B, Sq, Sk, device) -> {packing, contiguous, term kept alive}
@@ -69,7 +69,8 @@ def _cu_from_counts(counts: list[int], device) -> tuple[torch.Tensor, int]:
     for c in counts:
         if c > 0:  # zero-length sequences carry no tokens; leave them out of the kernel's batch
             cu.append(cu[-1] + c)
-    return torch.tensor(cu, dtype=torch.int32, device=device), max(counts, default=0)
+    # through pinned memory: a new packing per batch must not make the host wait for the GPU
+    return host_to_device(torch.tensor(cu, dtype=torch.int32), device), max(counts, default=0)
 
 
 def _document_rows(term: Documents, B: int) -> list[list[int]]:

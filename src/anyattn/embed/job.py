@@ -93,6 +93,10 @@ class EmbedSummary:
     elapsed_s: float
     seq_per_s: float  # computed / run_s
     tok_per_s: float  # tokens / run_s
+    # where the run's time went (one device: seconds on the job's thread, and the writer thread's
+    # busy time): tokenize, submit (launching a batch), wait (for the device's results), assemble
+    # (rows from arrays), queue (blocked on a full write queue), write (SQLite, writer thread)
+    phases: dict = field(default_factory=dict, compare=False)
 
     def __str__(self) -> str:
         rows = [
@@ -104,6 +108,8 @@ class EmbedSummary:
             ("elapsed", f"{self.elapsed_s:.2f} s (parse {self.parse_s:.2f}, load {self.load_s:.2f}, run {self.run_s:.2f})"),
             ("throughput", f"{self.seq_per_s:.1f} seq/s, {self.tok_per_s:.0f} tok/s"),
         ]  # fmt: skip
+        if self.phases:
+            rows.append(("run phases", ", ".join(f"{k} {v:.2f} s" for k, v in self.phases.items())))
         w = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
 
@@ -328,10 +334,8 @@ class _Runner:
         S = max(T, self.pad_to or 0)
         ids = torch.full((1, S), self.pad_id, dtype=torch.long)
         ids[0, :T] = toks_T
-        if self.cuda:
-            ids = ids.pin_memory()
-        ids = ids.to(dev, non_blocking=True)
-        info = SeqInfo.from_lengths([list(lengths)], total_length=S, device=dev)
+        ids = self._h2d(ids)
+        info = SeqInfo.from_lengths([list(lengths)], total_length=S, device=dev)  # builds without a sync
         out = self.enc(ids, seq_info=info, output_hidden_states=self.need_hidden)
         if self.need_hidden:
             hs = [out.hidden_states[layer][0, :T] for layer in self.layers]
@@ -343,18 +347,18 @@ class _Runner:
         for n in lengths[:-1]:
             starts.append(starts[-1] + n)
         if self.pooling == "none":
-            idx = torch.cat([torch.arange(s + 1, s + 1 + n) for s, n in zip(starts, n_res)]).to(dev, non_blocking=True)
+            idx = self._h2d(torch.cat([torch.arange(s + 1, s + 1 + n) for s, n in zip(starts, n_res)]))
             res = h_LTC[:, idx].to(self.store_dtype)
         elif self.pooling == "cls":
-            res = h_LTC[:, torch.tensor(starts).to(dev, non_blocking=True)].float()
+            res = h_LTC[:, self._h2d(torch.tensor(starts))].float()
         else:
             M = max(n_res)
             ar = torch.arange(M)
-            idx_DM = (torch.tensor(starts)[:, None] + 1 + ar[None]).clamp_max(T - 1).to(dev, non_blocking=True)
-            valid_DM = (ar[None] < torch.tensor(n_res)[:, None]).to(dev, non_blocking=True)
+            idx_DM = self._h2d((torch.tensor(starts)[:, None] + 1 + ar[None]).clamp_max(T - 1))
+            valid_DM = self._h2d(ar[None] < torch.tensor(n_res)[:, None])
             g = h_LTC[:, idx_DM].float()  # (L, D, M, C)
             if self.pooling == "mean":
-                cnt = torch.tensor(n_res, dtype=torch.float32).to(dev, non_blocking=True)
+                cnt = self._h2d(torch.tensor(n_res, dtype=torch.float32))
                 res = (g * valid_DM[None, :, :, None]).sum(2) / cnt[None, :, None]
             else:
                 res = g.masked_fill(~valid_DM[None, :, :, None], float("-inf")).amax(2)
@@ -366,6 +370,14 @@ class _Runner:
         else:
             host, ev = res, None
         return host, ev, n_res
+
+    def _h2d(self, t):
+        """Host tensor -> the device without a host sync: on CUDA through pinned memory (a copy
+        from pageable memory waits for the stream, which would leave the GPU idle while the next
+        batch is prepared)."""
+        if self.cuda:
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
 
     def collect(self, pending):
         host, ev, n_res = pending
@@ -434,6 +446,8 @@ class _Writer:
         self.store = store
         self.q: queue.Queue = queue.Queue(maxsize=8)
         self.error = None
+        self.busy_s = 0.0  # time in put_many (writer thread)
+        self.blocked_s = 0.0  # time the job's thread waited for room in the queue
         self.thread = threading.Thread(target=self._loop, name="anyattn-embed-writer", daemon=True)
         self.thread.start()
 
@@ -443,16 +457,20 @@ class _Writer:
             if rows is None:
                 return
             if self.error is None:
+                t0 = time.perf_counter()
                 try:
                     self.store.put_many(rows)
                 except BaseException as e:  # re-raised in the job's thread
                     self.error = e
+                self.busy_s += time.perf_counter() - t0
 
     def put(self, rows):
         if self.error is not None:
             raise self.error
         if rows:
+            t0 = time.perf_counter()
             self.q.put(rows)
+            self.blocked_s += time.perf_counter() - t0
 
     def close(self):
         self.q.put(None)
@@ -715,9 +733,10 @@ def embed(
         prog = _Progress(n_todo_seqs, total_tokens, progress)
         runner_kw = dict(pooling=pooling, layers=norm_layers, store_dtype=store_dtype, pad_to=max_tokens if compile else None)
         written = 0
+        phases: dict = {}
         try:
             if len(devs) == 1:
-                written = _run_local(m, devs[0], tok, runner_kw, todo, asm, store, prog)
+                written = _run_local(m, devs[0], tok, runner_kw, todo, asm, store, prog, phases)
             else:
                 written = _run_workers(source, devs, dtype, backend, compile, runner_kw, tok, todo, asm, store, prog, identity)
         finally:
@@ -734,10 +753,10 @@ def embed(
             if os.path.exists(work_path + suffix):
                 os.remove(work_path + suffix)
     computed = n_todo_seqs
-    return _summary(out, n_records, id_map, seqs, written, skipped, computed, total_tokens, len(todo), devs, parse_s, load_s, run_s, t_start)
+    return _summary(out, n_records, id_map, seqs, written, skipped, computed, total_tokens, len(todo), devs, parse_s, load_s, run_s, t_start, phases)
 
 
-def _summary(out, n_records, id_map, seqs, written, skipped, computed, tokens, nbatches, devs, parse_s, load_s, run_s, t_start):
+def _summary(out, n_records, id_map, seqs, written, skipped, computed, tokens, nbatches, devs, parse_s, load_s, run_s, t_start, phases=None):
     return EmbedSummary(
         out=out, records=n_records, ids=len(id_map), unique=len(seqs), duplicates=n_records - len(seqs),
         embedded=written, skipped=skipped, computed=computed,
@@ -745,7 +764,7 @@ def _summary(out, n_records, id_map, seqs, written, skipped, computed, tokens, n
         split=sum(1 for s in seqs if s.policy.startswith("split")), tokens=tokens, batches=nbatches,
         devices=tuple(devs), parse_s=parse_s, load_s=load_s, run_s=run_s,
         elapsed_s=time.perf_counter() - t_start, seq_per_s=computed / run_s if run_s > 0 else 0.0,
-        tok_per_s=tokens / run_s if run_s > 0 else 0.0,
+        tok_per_s=tokens / run_s if run_s > 0 else 0.0, phases=dict(phases or {}),
     )  # fmt: skip
 
 
@@ -786,25 +805,39 @@ def _batch_tokens(tok, batch):
     return out, lengths
 
 
-def _run_local(model, device, tok, runner_kw, todo, asm, store, prog):
+def _run_local(model, device, tok, runner_kw, todo, asm, store, prog, phases):
+    """One device, in this process. Batch n+1 is submitted (launched) before batch n's results are
+    collected and written, so the host work of one batch overlaps the device work of the next.
+    ``phases`` (a dict) receives where the time went (see :class:`EmbedSummary`)."""
     runner = _Runner(model, device, **runner_kw)
     runner.pad_id = tok.pad_token_id
     writer = _Writer(store)
     written = 0
     pending = None
+    t = dict.fromkeys(("tokenize", "submit", "wait", "assemble"), 0.0)
+    clock = time.perf_counter
 
     def finish(p):
         nonlocal written
         batch, handle, ntok = p
-        rows, nseq = asm.rows(batch, runner.collect(handle))
+        t0 = clock()
+        arrays = runner.collect(handle)
+        t1 = clock()
+        rows, nseq = asm.rows(batch, arrays)
+        t["wait"] += t1 - t0
+        t["assemble"] += clock() - t1
         writer.put(rows)
         written += len(rows)
         prog.update(nseq, ntok)
 
     try:
         for _, batch in todo:
+            t0 = clock()
             toks, lengths = _batch_tokens(tok, batch)
+            t1 = clock()
             handle = runner.submit(torch.from_numpy(toks), lengths)
+            t["tokenize"] += t1 - t0
+            t["submit"] += clock() - t1
             if pending is not None:  # the previous batch's host work overlaps this one's compute
                 finish(pending)
             pending = (batch, handle, sum(lengths))
@@ -812,6 +845,7 @@ def _run_local(model, device, tok, runner_kw, todo, asm, store, prog):
             finish(pending)
     finally:
         writer.close()
+        phases.update(t, queue=writer.blocked_s, write=writer.busy_s)
     return written
 
 
