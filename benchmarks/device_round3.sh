@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H200 runs of round 3, as sent to the device machine (one command each; wheels carried in .whl/).
-#   bash benchmarks/device_round3.sh bench   # sync probe, ESM2-650M model benchmark, embed benchmark
+#   bash benchmarks/device_round3.sh bench   # sync probe, ESM2-650M model benchmark, embed benchmark, h2d probe
 #   bash benchmarks/device_round3.sh tests   # the CUDA tests of the code this round touched
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
@@ -9,10 +9,11 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 case "${1:-bench}" in
 bench)
-  timeout 90 python3 benchmarks/sync_probe.py "$OUT" 2>&1 | tee "$OUT/sync_probe.log" | tail -15
-  timeout 200 python3 -m anyattn bench model --compile only --backends auto,flash_torch --tune --max-tokens 32768 \
+  timeout 100 python3 benchmarks/sync_probe.py "$OUT" 2>&1 | tee "$OUT/sync_probe.log" | tail -8
+  timeout 170 python3 -m anyattn bench model --compile only --backends auto,flash_torch --tune --max-tokens 32768 \
     --hf sdpa,eager --repeats 3 --out "$OUT/model32k" 2>&1 | tee "$OUT/model.log" | tail -8
-  timeout 230 python3 benchmarks/embed_bench.py --out "$OUT/embed" 2>&1 | tee "$OUT/embed.log" | tail -12
+  timeout 180 python3 benchmarks/embed_bench.py --out "$OUT/embed" 2>&1 | tee "$OUT/embed.log" | tail -14
+  timeout 130 python3 benchmarks/embed_h2d_probe.py "$OUT" 6000 2>&1 | tee -a "$OUT/embed.log" | tail -6
   ;;
 tests)
   CUBLAS_WORKSPACE_CONFIG=:4096:8 timeout 400 python3 -m pytest -q -m cuda -n 8 -p no:cacheprovider \

@@ -204,6 +204,9 @@ def main(argv=None) -> int:
         "|---|---|---|---|---|",
         *(f"| {r['row']} | {r['seconds']:.2f} | {r['seq_per_s']:.1f} | {r['tok_per_s']:,.0f} | {100 * r['loss_vs_forward']:.1f}% |" for r in rows),
         "",
+        "job run phases (last pass, seconds on the job's thread; write = the writer thread's busy time): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in s.phases.items()),
+        "",
         f"medians of {len(fwd_runs)} interleaved passes (forward {', '.join(f'{x:.2f}' for x in fwd_runs)} s; "
         f"job parse+run {', '.join(f'{p:.2f}+{r:.2f}' for p, r in job_runs)} s)",
         "",
