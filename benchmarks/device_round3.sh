@@ -16,7 +16,8 @@ bench)
   timeout 130 python3 benchmarks/embed_h2d_probe.py "$OUT" 6000 2>&1 | tee -a "$OUT/embed.log" | tail -6
   ;;
 tests)
-  CUBLAS_WORKSPACE_CONFIG=:4096:8 timeout 400 python3 -m pytest -q -m cuda -n 8 -p no:cacheprovider \
+  timeout 150 python3 benchmarks/embed_h2d_probe.py "$OUT" 5000 2>&1 | tee "$OUT/h2d.log" | tail -7
+  CUBLAS_WORKSPACE_CONFIG=:4096:8 timeout 380 python3 -m pytest -q -m cuda -n 8 -p no:cacheprovider \
     tests/test_layout.py tests/test_cuda_models.py tests/test_cuda_dplm.py tests/test_cuda_e1.py tests/test_cuda_embed.py \
     tests/test_compile.py 2>&1 | tee "$OUT/tests.log" | tail -25
   ;;

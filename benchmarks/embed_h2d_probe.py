@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from embed_bench import forward_alone, write_fasta  # noqa: E402
 
-import anyattn.backends._varlen as varlen  # noqa: E402
+from anyattn.backends import _varlen as varlen  # noqa: E402
 import anyattn.layout as layout  # noqa: E402
 from anyattn.bench.model import make_lengths  # noqa: E402
 from anyattn.embed import embed  # noqa: E402
@@ -68,8 +68,27 @@ def main(out: str, n: int) -> int:
     finally:
         layout.host_to_device = varlen.host_to_device = orig_h2d
         job_mod._Runner._h2d = orig_runner
+    # host cost of launching one batch's forward (GPU idle before, so the launch queue never
+    # blocks): if it approaches the GPU time per batch, the job's loop is host-bound
+    from anyattn.layout import SeqInfo
+
+    enc, launch = model.esm, []
+    ids = torch.randint(4, 24, (1, 16384), device="cuda")
+    with torch.inference_mode():
+        for i in range(8):
+            info = SeqInfo.from_lengths([400 + i] * 40, total_length=16384, device="cuda")
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            enc(ids, seq_info=info)
+            t1 = time.perf_counter()
+            torch.cuda.synchronize()
+            launch.append((t1 - t0, time.perf_counter() - t0))
+    host_ms = statistics.median(a for a, _ in launch[2:]) * 1e3
+    total_ms = statistics.median(b for _, b in launch[2:]) * 1e3
+    print(f"one 16k-token batch (40 x ~400): host launch {host_ms:.1f} ms, launch to done {total_ms:.1f} ms")
     med = {k: statistics.median(v) for k, v in res.items()}
-    doc = {"num_seqs": n, "tokens": tokens, "runs_s": res, "median_s": med, "phases": phases}
+    doc = {"num_seqs": n, "tokens": tokens, "runs_s": res, "median_s": med, "phases": phases,
+           "launch_one_batch_ms": {"host": host_ms, "launch_to_done": total_ms}}
     with open(os.path.join(out, "embed_h2d_probe.json"), "w") as f:
         json.dump(doc, f, indent=1)
     print(f"embed h2d probe: {n} sequences, {tokens} tokens")
