@@ -121,7 +121,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-len", type=int, default=1022)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--preset", default="esm2_t33_650M")
-    p.add_argument("--max-tokens", type=int, default=16384)
+    p.add_argument("--max-tokens", type=int, default=32768)
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     p.add_argument("--backend", default="auto")
     p.add_argument("--pooling", default="mean", choices=("mean", "max", "cls"))

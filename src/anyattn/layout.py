@@ -38,7 +38,7 @@ def host_to_device(t: torch.Tensor, device) -> torch.Tensor:
     the stream, one from pinned memory does not (the caching host allocator keeps the pinned
     buffer alive until the copy has run)."""
     device = torch.device(device)
-    if device.type != "cuda":
+    if device.type != "cuda" or torch.compiler.is_compiling():  # a traced graph moves it itself
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
 

@@ -32,7 +32,7 @@ def add_parser(sub) -> None:
                    help="hidden-state indices (0 = embeddings, -1 = last); two or more: arrays get a leading layer axis")  # fmt: skip
     p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"), help="compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--store-dtype", default=None, choices=("float16", "float32"), help="stored dtype (default: float32 for fp32, else float16)")
-    p.add_argument("--max-tokens", type=int, default=16384, help="tokens per packed batch (default 16384)")
+    p.add_argument("--max-tokens", type=int, default=32768, help="tokens per packed batch (default 32768)")
     p.add_argument("--backend", default=None, help="anyattn attention backend (default: auto)")
     p.add_argument("--devices", default=None, help="comma-separated devices, one process each (e.g. cuda:0,cuda:1 or cpu,cpu)")
     p.add_argument("--compile", action="store_true", help="torch.compile the layers; batches padded to --max-tokens")

@@ -582,7 +582,7 @@ def embed(
     layers=None,
     dtype: str = "auto",
     store_dtype: str | None = None,
-    max_tokens: int = 16384,
+    max_tokens: int = 32768,
     backend: str | None = None,
     devices=None,
     long_policy: str = "error",
@@ -789,19 +789,26 @@ def _lut(tok):
 
 
 def _batch_tokens(tok, batch):
-    """Flat int64 token ids of a batch (``<cls> residues <eos>`` per item) and the lengths."""
+    """Flat int64 token ids of a batch (``<cls> residues <eos>`` per item) and the lengths: the
+    residues of the whole batch go through the lookup table in one call, and <cls>/<eos> are
+    written at computed offsets (no per-item Python work besides the lengths)."""
     np = _np()
     lut = _lut(tok)
-    lengths = [len(r) + 2 for _, _, r in batch]
-    out = np.empty(sum(lengths), dtype=np.int64)
-    pos = 0
-    for (_, _, r), n in zip(batch, lengths):
-        out[pos] = tok.cls_token_id
-        out[pos + 1 : pos + n - 1] = lut[np.frombuffer(r.encode("ascii"), dtype=np.uint8)]
-        out[pos + n - 1] = tok.eos_token_id
-        pos += n
-    if (out < 0).any():  # the reader validated every residue against this alphabet
+    res = [r for _, _, r in batch]
+    lengths = [len(r) + 2 for r in res]
+    codes = lut[np.frombuffer("".join(res).encode("ascii"), dtype=np.uint8)]
+    if (codes < 0).any():  # the reader validated every residue against this alphabet
         raise RuntimeError("anyattn.embed: a residue outside the tokenizer's one-letter tokens reached the model")
+    n_res = np.fromiter(map(len, res), dtype=np.int64, count=len(res))
+    ends = np.cumsum(np.asarray(lengths, dtype=np.int64))  # one past each item's <eos>
+    starts = ends - (n_res + 2)  # each item's <cls>
+    out = np.empty(int(ends[-1]) if len(ends) else 0, dtype=np.int64)
+    out[starts] = tok.cls_token_id
+    out[ends - 1] = tok.eos_token_id
+    body = np.ones(out.size, dtype=bool)
+    body[starts] = False
+    body[ends - 1] = False
+    out[body] = codes
     return out, lengths
 
 

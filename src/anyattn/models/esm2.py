@@ -370,9 +370,13 @@ class ESM2Layer(nn.Module):
         """True when every projection is a plain nn.Linear (the fused functions read .weight and
         .bias directly). PEFT/LoRA and similar wrappers replace them: then the modules are called,
         so that their extra terms are applied."""
-        a = self.attention
-        mods = (a.self.query, a.self.key, a.self.value, a.output.dense, self.intermediate.dense, self.output.dense)
-        return all(type(m) is nn.Linear for m in mods) and type(self.LayerNorm) is nn.LayerNorm
+        # through _modules: nn.Module.__getattr__ costs ~1 us a lookup, and this runs every layer
+        # of every forward (host time that a fast GPU waits for)
+        m = self._modules
+        a = m["attention"]._modules
+        sa = a["self"]._modules
+        mods = (sa["query"], sa["key"], sa["value"], a["output"]._modules["dense"], m["intermediate"]._modules["dense"], m["output"]._modules["dense"])
+        return all(type(x) is nn.Linear for x in mods) and type(m["LayerNorm"]) is nn.LayerNorm
 
     def forward(self, x_BSC, h_BSC, next_ln, cos, sin, info, mask, backend, fns, dynamic: bool, need_weights: bool, need_s_max: bool):
         """One layer on the residual stream ``x_BSC`` and its attention LayerNorm ``h_BSC`` (the
