@@ -17,9 +17,10 @@ Every backend derives its own form from it: flex a BlockMask from ``doc_ids``, v
 ``cu_seqlens``/``max_seqlen``, SDPA a dense mask. Build it once per batch; every layer reuses it.
 
 Host <-> device synchronization: constructors that receive *host* data (Python lists) never
-sync (they build on the CPU and copy through pinned memory). Constructors that receive *device* tensors (``from_padding_mask``, ``from_position_ids``,
-``from_cu_seqlens`` without ``max_seqlen``, tensor lengths) read the values they must know on the
-host (max length, total tokens) once, at construction. Nothing in ``pad``/``unpad`` syncs.
+sync (they build on the CPU and copy through pinned memory). Constructors that receive *device*
+tensors (``from_padding_mask``, ``from_position_ids``, ``from_cu_seqlens`` without
+``max_seqlen``, tensor lengths) read the values they must know on the host (max length, total
+tokens) once, at construction. Nothing in ``pad``/``unpad`` syncs.
 """
 
 from __future__ import annotations
