@@ -50,24 +50,21 @@ def main(out: str, n: int) -> int:
     model = model.to(torch.bfloat16).eval()
     kw = dict(model=model, pooling="mean", dtype="bf16", max_tokens=16384, devices="cuda", compile=True, progress=False)
     embed(fasta, out=os.path.join(work, "warm.sqlite"), **kw)
-    orig_h2d, orig_runner = layout.host_to_device, job_mod._Runner._h2d
+    orig_h2d = layout.host_to_device
     res = {k: [] for k in [*VARIANTS, "forward"]}
     phases = {}
     try:
         for rep in range(2):
             for name, fn in VARIANTS.items():
-                layout.host_to_device = varlen.host_to_device = lambda t, d, fn=fn: fn(t, torch.device(d))
-                job_mod._Runner._h2d = lambda self, t, fn=fn: fn(t, self.device) if self.cuda else t
+                layout.host_to_device = varlen.host_to_device = job_mod.host_to_device = lambda t, d, fn=fn: fn(t, torch.device(d))
                 s = embed(fasta, out=os.path.join(work, f"{name}{rep}.sqlite"), **kw)
                 res[name].append(s.run_s)
                 phases[name] = s.phases
-            layout.host_to_device = varlen.host_to_device = orig_h2d
-            job_mod._Runner._h2d = orig_runner
+            layout.host_to_device = varlen.host_to_device = job_mod.host_to_device = orig_h2d
             fwd_s, tokens, _, _ = forward_alone(model, fasta, 16384, True, "cuda")
             res["forward"].append(fwd_s)
     finally:
-        layout.host_to_device = varlen.host_to_device = orig_h2d
-        job_mod._Runner._h2d = orig_runner
+        layout.host_to_device = varlen.host_to_device = job_mod.host_to_device = orig_h2d
     # host cost of launching one batch's forward (GPU idle before, so the launch queue never
     # blocks): if it approaches the GPU time per batch, the job's loop is host-bound
     from anyattn.layout import SeqInfo

@@ -44,10 +44,6 @@ def host_to_device(t: torch.Tensor, device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def _to_device(device: torch.device):
-    return lambda t: host_to_device(t, device)
-
-
 @dataclass(frozen=True, eq=False)
 class SeqInfo:
     """A batch's sequence structure. Build with one of the ``from_*`` constructors."""
@@ -230,7 +226,7 @@ class SeqInfo:
         positions[idx_T] = pos_T
         keep = torch.arange(S)[None, :] < torch.tensor(row_tot, dtype=torch.int64)[:, None]
         padded = [r + [0] * (N - len(r)) for r in rows]
-        mv = _to_device(device)
+        mv = lambda t: host_to_device(t, device)  # noqa: E731
         return cls(
             B=B, S=S,
             lengths=mv(torch.tensor(padded, dtype=torch.int64)),

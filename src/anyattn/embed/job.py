@@ -47,7 +47,7 @@ import torch
 
 from .. import __version__
 from ..errors import bad_type, bad_value
-from ..layout import SeqInfo
+from ..layout import SeqInfo, host_to_device
 from .fasta import UNKNOWN_POLICIES, FastaError, read_fasta, read_records
 from .store import EXPORT_FORMATS, FORMAT, SQLiteStore, StoreMismatchError, _np, check_meta, export, open_store
 
@@ -334,7 +334,7 @@ class _Runner:
         S = max(T, self.pad_to or 0)
         ids = torch.full((1, S), self.pad_id, dtype=torch.long)
         ids[0, :T] = toks_T
-        ids = self._h2d(ids)
+        ids = host_to_device(ids, dev)
         info = SeqInfo.from_lengths([list(lengths)], total_length=S, device=dev)  # builds without a sync
         out = self.enc(ids, seq_info=info, output_hidden_states=self.need_hidden)
         if self.need_hidden:
@@ -347,18 +347,18 @@ class _Runner:
         for n in lengths[:-1]:
             starts.append(starts[-1] + n)
         if self.pooling == "none":
-            idx = self._h2d(torch.cat([torch.arange(s + 1, s + 1 + n) for s, n in zip(starts, n_res)]))
+            idx = host_to_device(torch.cat([torch.arange(s + 1, s + 1 + n) for s, n in zip(starts, n_res)]), dev)
             res = h_LTC[:, idx].to(self.store_dtype)
         elif self.pooling == "cls":
-            res = h_LTC[:, self._h2d(torch.tensor(starts))].float()
+            res = h_LTC[:, host_to_device(torch.tensor(starts), dev)].float()
         else:
             M = max(n_res)
             ar = torch.arange(M)
-            idx_DM = self._h2d((torch.tensor(starts)[:, None] + 1 + ar[None]).clamp_max(T - 1))
-            valid_DM = self._h2d(ar[None] < torch.tensor(n_res)[:, None])
+            idx_DM = host_to_device((torch.tensor(starts)[:, None] + 1 + ar[None]).clamp_max(T - 1), dev)
+            valid_DM = host_to_device(ar[None] < torch.tensor(n_res)[:, None], dev)
             g = h_LTC[:, idx_DM].float()  # (L, D, M, C)
             if self.pooling == "mean":
-                cnt = self._h2d(torch.tensor(n_res, dtype=torch.float32))
+                cnt = host_to_device(torch.tensor(n_res, dtype=torch.float32), dev)
                 res = (g * valid_DM[None, :, :, None]).sum(2) / cnt[None, :, None]
             else:
                 res = g.masked_fill(~valid_DM[None, :, :, None], float("-inf")).amax(2)
@@ -370,14 +370,6 @@ class _Runner:
         else:
             host, ev = res, None
         return host, ev, n_res
-
-    def _h2d(self, t):
-        """Host tensor -> the device without a host sync: on CUDA through pinned memory (a copy
-        from pageable memory waits for the stream, which would leave the GPU idle while the next
-        batch is prepared)."""
-        if self.cuda:
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t
 
     def collect(self, pending):
         host, ev, n_res = pending
@@ -799,9 +791,9 @@ def _batch_tokens(tok, batch):
     codes = lut[np.frombuffer("".join(res).encode("ascii"), dtype=np.uint8)]
     if (codes < 0).any():  # the reader validated every residue against this alphabet
         raise RuntimeError("anyattn.embed: a residue outside the tokenizer's one-letter tokens reached the model")
-    n_res = np.fromiter(map(len, res), dtype=np.int64, count=len(res))
-    ends = np.cumsum(np.asarray(lengths, dtype=np.int64))  # one past each item's <eos>
-    starts = ends - (n_res + 2)  # each item's <cls>
+    n = np.asarray(lengths, dtype=np.int64)
+    ends = np.cumsum(n)  # one past each item's <eos>
+    starts = ends - n  # each item's <cls>
     out = np.empty(int(ends[-1]) if len(ends) else 0, dtype=np.int64)
     out[starts] = tok.cls_token_id
     out[ends - 1] = tok.eos_token_id
