@@ -363,8 +363,56 @@ def test_anyattn_models_load_and_load_tokenizer_detect_e1(tmp_path):
     path = _write_original(tmp_path, model)
     loaded = am.load(path, attn_backend="eager")
     assert type(loaded).__name__ == "E1ForMaskedLM" and loaded.attn_backend == "eager"
-    assert isinstance(am.load_tokenizer(path), E1Tokenizer)
-    assert isinstance(am.load_tokenizer(loaded), E1Tokenizer)
+    # no tokenizer.json next to the weights: the default vocabulary, with a warning (its ids 3..33
+    # are not verified against the released checkpoints')
+    with pytest.warns(UserWarning, match="no tokenizer.json"):
+        assert isinstance(am.load_tokenizer(path), E1Tokenizer)
+    with pytest.warns(UserWarning, match="no tokenizer.json"):
+        assert isinstance(am.load_tokenizer(loaded), E1Tokenizer)
+
+
+def test_load_tokenizer_reads_the_checkpoints_tokenizer_json(tmp_path):
+    """With a tokenizer.json (the tokenizers-library format the checkpoints carry) next to the
+    weights, its ids are used, for the directory, for a model loaded from it and for a hub id
+    (the hub download fetches config.json and tokenizer.json, not the weights)."""
+    import warnings
+
+    import anyattn.models as am
+    import anyattn.models.hub as hub
+
+    model = make_model(seed=3, attn_backend="sdpa")
+    path = _write_original(tmp_path, model)
+    # another id order than the default: letters first, then the markers (ids 0-2 fixed)
+    order = ["<pad>", "<bos>", "<eos>", *"ABCDEFGHIJKLMNOPQRSTUVWXYZ", "?", "1", "2", "<unk>", "<mask>"]
+    vocab = {t: i for i, t in enumerate(order)}
+    tj = {"model": {"type": "WordLevel", "vocab": {t: i for t, i in vocab.items() if not t.startswith("<")}},
+          "added_tokens": [{"id": i, "content": t} for t, i in vocab.items() if t.startswith("<")]}  # fmt: skip
+    with open(os.path.join(path, "tokenizer.json"), "w") as f:
+        json.dump(tj, f)
+    loaded = am.load(path, attn_backend="eager")
+    calls = []
+
+    def fake_download(repo_id, *, allow_patterns=None):
+        calls.append((repo_id, list(allow_patterns or [])))
+        return path
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no default-vocabulary warning on any of these
+        for src in (path, loaded):
+            tok = am.load_tokenizer(src)
+            assert isinstance(tok, E1Tokenizer) and tok.vocab == vocab
+        orig = hub.download
+        hub.download = fake_download
+        try:
+            tok = am.load_tokenizer("Profluent-Bio/E1-300m")
+        finally:
+            hub.download = orig
+    assert tok.vocab == vocab
+    assert tok.encode("AC")["input_ids"] == [1, 30, 3, 5, 31, 2]  # <bos> 1 A C 2 <eos> in this order
+    assert calls and calls[0][0] == "Profluent-Bio/E1-300m"
+    assert "tokenizer.json" in calls[0][1] and "config.json" in calls[0][1]
+    assert not any(p.endswith((".safetensors", ".bin")) for p in calls[0][1])  # no weights for a tokenizer
+    assert "tokenizer.json" in hub.MODEL_FILES  # a model downloaded from the hub brings its tokenizer
 
 
 def test_load_refuses_unknown_missing_and_misshaped_keys(tmp_path):

@@ -751,6 +751,7 @@ def load_e1(path: str, *, attn_backend="auto", dtype=None, device=None) -> E1For
     cfg = E1Config.from_original(raw, attn_backend=attn_backend)
     model = E1ForMaskedLM(cfg)
     load_e1_state_dict(model, read_weights(path))
+    model.config._name_or_path = os.fspath(path)  # where load_tokenizer(model) finds tokenizer.json (HF's convention)
     model.eval()
     if dtype is not None or device is not None:
         model.to(device=device, dtype=dtype)

@@ -1009,4 +1009,6 @@ def load_esm2(path: str, *, attn_backend="auto", dtype=None, device=None) -> ESM
             f"model_type {raw.get('model_type')!r}, position_embedding_type {raw.get('position_embedding_type')!r}, architectures {raw.get('architectures')}",
         )  # fmt: skip
     cfg = ESM2Config.from_hf_config(raw, attn_backend=attn_backend)
-    return build_esm2(cfg, read_weights(path), dtype=dtype, device=device)
+    model = build_esm2(cfg, read_weights(path), dtype=dtype, device=device)
+    model.config._name_or_path = path  # where load_tokenizer(model) finds vocab.txt (HF's convention)
+    return model

@@ -22,12 +22,14 @@ from typing import Callable
 
 from ..errors import bad_type, bad_value
 
-__all__ = ["Family", "FAMILIES", "check_state_dict", "download", "is_esm2_config", "load", "read_weights", "register_family"]
+__all__ = ["Family", "FAMILIES", "MODEL_FILES", "TOKENIZER_FILES", "check_state_dict", "download", "is_esm2_config", "load", "read_weights", "register_family"]
 
 
+# The tokenizer files of every family: ESM/DPLM vocab.txt, E1's tokenizer.json (ids of its
+# 34-token alphabet), a saved anyattn E1 vocab.json; config.json names the family.
+TOKENIZER_FILES = ["config.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "vocab.json"]
 # What a model directory needs; weights in either format, whichever the repository has.
-MODEL_FILES = ["config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
-               "pytorch_model.bin.index.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"]  # fmt: skip
+MODEL_FILES = ["*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json", *TOKENIZER_FILES]
 
 
 def download(repo_id: str, *, allow_patterns=None) -> str:
@@ -101,10 +103,9 @@ class Family:
 
 
 def _load_esm2(path, config, attn_backend, dtype, device):
-    from .esm2 import ESM2Config, build_esm2
+    from .esm2 import load_esm2
 
-    cfg = ESM2Config.from_hf_config(config, attn_backend=attn_backend)
-    return build_esm2(cfg, read_weights(path), dtype=dtype, device=device)
+    return load_esm2(path, attn_backend=attn_backend, dtype=dtype, device=device)
 
 
 def is_esm2_config(config: dict) -> bool:

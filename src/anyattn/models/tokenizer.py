@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import torch
 
@@ -269,6 +270,15 @@ def _family_tokenizer(path_or_model):
     if is_e1_config(cfg):
         if path is not None and any(os.path.isfile(os.path.join(path, n)) for n in ("tokenizer.json", "vocab.json")):
             return E1Tokenizer.from_pretrained(path)
+        if path is not None:  # a checkpoint without its token ids: the default order is not the released one
+            warnings.warn(
+                f"{path} has no tokenizer.json or vocab.json: using anyattn's default E1 vocabulary, whose ids "
+                "0-2 (<pad>, <bos>, <eos>) match the released checkpoints but whose order of ids 3-33 is not "
+                "verified against theirs. With released weights, put the checkpoint's tokenizer.json in that "
+                "directory (or build E1Tokenizer.from_pretrained(dir) from a directory that has it).",
+                UserWarning,
+                stacklevel=3,
+            )
         return E1Tokenizer()
     if is_dplm2_config(cfg):
         return load_dplm_tokenizer(path_or_model)
@@ -282,6 +292,10 @@ def load_tokenizer(path_or_model):
     hub id (downloaded with huggingface_hub), or a model object of anyattn.models (its
     ``config.vocab_list`` when set, else its checkpoint directory ``config._name_or_path``, else
     the ESM alphabet for a 33-token ESM-family model)."""
+    if isinstance(path_or_model, (str, os.PathLike)) and not os.path.exists(os.fspath(path_or_model)):
+        from .hub import TOKENIZER_FILES, download  # a hub id: its config.json (the family) and tokenizer files
+
+        path_or_model = download(os.fspath(path_or_model), allow_patterns=TOKENIZER_FILES)
     other = _family_tokenizer(path_or_model)
     if other is not None:
         return other
@@ -289,11 +303,7 @@ def load_tokenizer(path_or_model):
         path = os.fspath(path_or_model)
         if os.path.isdir(path):
             return ProteinTokenizer.from_pretrained(path)
-        if os.path.exists(path):
-            raise bad_value("path_or_model", "a directory containing vocab.txt, a hub id or a model", repr(path))
-        from .hub import download  # hub ids
-
-        return ProteinTokenizer.from_pretrained(download(path, allow_patterns=["vocab.txt", "tokenizer_config.json"]))
+        raise bad_value("path_or_model", "a directory containing vocab.txt, a hub id or a model", repr(path))
     config = getattr(path_or_model, "config", None)
     if config is None:
         raise bad_type("path_or_model", "a directory, a hub id or a model with a .config", type(path_or_model).__name__)
