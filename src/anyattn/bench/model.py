@@ -199,7 +199,7 @@ def _time_row(row: Row, fn, inputs: list, device, real_tokens: int, flops: float
                 fn(x)
             sync(device)
             times.append(time.perf_counter() - t0)
-        row.times_s = tuple(round(t, 4) for t in times)
+        row.times_s = tuple(times)  # unrounded: time_s is their median
         row.time_s = statistics.median(times)
     row.tokens_per_s = real_tokens / row.time_s
     row.first_pass_tokens_per_s = real_tokens / times[0]
