@@ -513,3 +513,34 @@ def test_bucket_lengths_bound_padding_and_kernel_count():
     for t in range(65, 40000, 37):
         assert t <= b(t) <= 1.25 * t + 1
     assert len({b(t) for t in range(14337, 16385)}) == 1  # ~16k-token batches share one kernel
+
+
+def test_hub_download_fetches_one_weights_format(monkeypatch, tmp_path):
+    """A hub repository with both model.safetensors and pytorch_model.bin: only the safetensors
+    are downloaded (read_weights reads those alone). Without safetensors the .bin files are
+    fetched; when the file list cannot be had (offline) every pattern is kept."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    from anyattn.models import hub
+
+    listing = {"owner/both": ["config.json", "model.safetensors", "pytorch_model.bin", "tf_model.h5", "vocab.txt"],
+               "owner/bin": ["config.json", "pytorch_model.bin", "vocab.txt"]}  # fmt: skip
+    asked = {}
+
+    def list_repo_files(self, repo_id, **kw):
+        if repo_id not in listing:
+            raise OSError("offline")
+        return listing[repo_id]
+
+    def snapshot_download(repo_id, allow_patterns=None, **kw):
+        asked[repo_id] = list(allow_patterns)
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", list_repo_files)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    for repo in ("owner/both", "owner/bin", "owner/offline"):
+        assert hub.download(repo) == str(tmp_path)
+    assert "*.safetensors" in asked["owner/both"] and not any(p.startswith("pytorch_model") for p in asked["owner/both"])
+    assert "pytorch_model*.bin" in asked["owner/bin"] and "config.json" in asked["owner/bin"]
+    assert asked["owner/offline"] == hub.MODEL_FILES
+    hub.download("owner/both", allow_patterns=["vocab.txt"])
+    assert asked["owner/both"] == ["vocab.txt"]  # explicit patterns are used as given

@@ -44,7 +44,24 @@ def download(repo_id: str, *, allow_patterns=None) -> str:
         )
     from huggingface_hub import snapshot_download
 
-    return snapshot_download(repo_id, allow_patterns=allow_patterns or MODEL_FILES)
+    return snapshot_download(repo_id, allow_patterns=allow_patterns or _model_patterns(repo_id))
+
+
+def _model_patterns(repo_id: str) -> list:
+    """MODEL_FILES for ``repo_id``, with one weights format: repositories such as
+    facebook/esm2_t33_650M_UR50D hold the same weights as model.safetensors and pytorch_model.bin,
+    and only the safetensors are read when both are there (:func:`read_weights`), so the .bin files
+    are not downloaded then. When the file list cannot be had (offline: the local cache serves),
+    every pattern is kept."""
+    try:
+        from huggingface_hub import HfApi
+
+        files = HfApi().list_repo_files(repo_id)
+    except Exception:  # noqa: BLE001 - offline or not listable: snapshot_download decides (cache or a clear error)
+        return list(MODEL_FILES)
+    if any(f.endswith(".safetensors") for f in files):
+        return [p for p in MODEL_FILES if not p.startswith("pytorch_model")]
+    return list(MODEL_FILES)
 
 
 def read_weights(path: str) -> dict:
