@@ -411,6 +411,23 @@ def test_dplm2_rows_do_not_depend_on_the_batch(dplm2, dplm2_model, tok2):
     assert (alone[1].double() - exp[0]).abs().max() <= TOL
 
 
+@pytest.mark.parametrize("pack", ["auto", True, False])
+def test_dplm2_empty_row_stays_in_its_row(dplm2, tok2, pack):
+    """An all-padding first row (an empty sequence: 0/0 in the token-dropout ratio of both
+    embedding passes) leaves the other row exactly as alone, packed or not."""
+    model = load_dplm(str(dplm2[0]), attn_backend="sdpa")
+    model.config.pack_padded = pack
+    one = tok2(["MKVLAGHKW"])["input_ids"]
+    ids = torch.full((2, one.shape[1] + 3), PAD, dtype=torch.long)  # padding in both rows
+    ids[1, : one.shape[1]] = one[0]
+    am = (ids != PAD).long()
+    with torch.no_grad():
+        out = model(ids, attention_mask=am).logits
+        alone = model(one).logits
+    n = one.shape[1]
+    assert torch.isfinite(out[1, :n]).all() and (out[1, :n] - alone[0]).abs().max() <= TOL
+
+
 def test_dplm2_positions():
     ids = torch.tensor([[33, 40, 41, 34, 0, 5, 6, 2], [33, 40, 34, 1, 0, 5, 2, 1], [0, 5, 6, 7, 8, 2, 1, 1]])
     pos = dplm2_positions(ids, ids != PAD)

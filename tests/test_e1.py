@@ -460,8 +460,10 @@ def test_save_pretrained_from_pretrained_and_auto_classes(tmp_path):
             torch.testing.assert_close(m(b["input_ids"], b["attention_mask"]).logits, ref.logits, rtol=0, atol=0)
         got = enc(b["input_ids"], b["attention_mask"]).last_hidden_state
         torch.testing.assert_close(got, ref.last_hidden_state, rtol=0, atol=0)
-    # our own saved directory also loads through load_e1 (model_type anyattn_e1)
-    loaded = load_e1(str(tmp_path / "ours"), attn_backend="eager")
+    # our own saved directory also loads through load_e1 (model_type anyattn_e1), by default on
+    # the backend it was saved with
+    loaded = load_e1(str(tmp_path / "ours"))
+    assert loaded.attn_backend == "eager" and load_e1(str(tmp_path / "ours"), attn_backend="sdpa").attn_backend == "sdpa"
     torch.testing.assert_close(loaded(b["input_ids"], b["attention_mask"]).logits, ref.logits, rtol=0, atol=0)
 
 
@@ -516,6 +518,18 @@ def test_bad_sequence_ids_are_refused():
     sid[sid == 1] = 2
     with pytest.raises(ValueError, match=r"sequence_ids: expected 0, 1, 2, ... in order"):
         model(b["input_ids"], b["attention_mask"], sequence_ids=sid)
+
+
+def test_bad_token_inputs_name_the_argument():
+    model = make_model()
+    b = TOK.batch(["ACD,MKV", "MA"])
+    ids, am = b["input_ids"], b["attention_mask"]
+    with pytest.raises(ValueError, match=r"input_ids: expected token ids in \[0, 34\)"):
+        model(ids.masked_fill(ids == TOK.vocab["A"], 60), am)
+    with pytest.raises(TypeError, match="input_ids"):
+        model(ids.to(torch.int8), am)
+    with torch.no_grad():  # a floating 0/1 attention_mask, as HF takes it
+        torch.testing.assert_close(model(ids, am.float()).logits, model(ids, am).logits, rtol=0, atol=0)
 
 
 def test_input_without_bos_is_refused():

@@ -192,6 +192,10 @@ def test_save_pretrained_roundtrip_keeps_weights_and_attn_backend(tmp_path):
     via_load = load(str(tmp_path), attn_backend="sdpa")
     assert type(via_load) is ESM2ForMaskedLM and via_load.attn_backend == "sdpa" and not via_load.training
     assert all(torch.equal(sd[k], via_load.state_dict()[k]) for k in sd)
+    assert load(str(tmp_path)).attn_backend == "eager"  # no argument: the saved backend
+    m.attn_backend = ["eager", "sdpa"]
+    m.save_pretrained(tmp_path)
+    assert tuple(load(str(tmp_path)).attn_backend) == ("eager", "sdpa")
 
 
 def test_from_pretrained_bf16_keeps_rotary_inv_freq_float32(tmp_path):
@@ -544,3 +548,43 @@ def test_hub_download_fetches_one_weights_format(monkeypatch, tmp_path):
     assert asked["owner/offline"] == hub.MODEL_FILES
     hub.download("owner/both", allow_patterns=["vocab.txt"])
     assert asked["owner/both"] == ["vocab.txt"]  # explicit patterns are used as given
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+@pytest.mark.parametrize("pack", ["auto", True, False])
+def test_degenerate_rows_stay_in_their_row(backend, pack):
+    """Token dropout divides by the <mask> share of each sequence. An all-padding row (an empty
+    sequence) and a sequence made only of <mask> tokens are 0/0 and x/0 in HF's formula; in a
+    packed row a non-finite value would reach every other sequence through attention. Both
+    leave the other rows exactly as they are alone, and stay finite themselves."""
+    m = _random_model(seed=4, token_dropout=True)
+    m.attn_backend, m.config.pack_padded = backend, pack
+    ids, am = _batch([7, 5, 3], seed=2)
+    ids[0], am[0] = PAD, 0  # empty first row
+    ids[2, :3] = MASK  # third row: <mask> tokens only
+    with torch.no_grad():
+        out = m(ids, attention_mask=am).logits
+        alone = m(ids[1:2, :5], attention_mask=am[1:2, :5]).logits
+    assert torch.isfinite(out[am.bool()]).all()
+    assert (out[1, :5] - alone[0]).abs().max().item() <= TOL
+
+
+def test_bad_token_inputs_name_the_argument():
+    m = _random_model()
+    ids, am = _batch([6, 4])
+    with pytest.raises(ValueError, match=r"input_ids: expected token ids in \[0, 33\)"):
+        m(ids.clone().fill_(40), attention_mask=am)
+    bad = ids.clone()
+    bad[1, 5] = -1  # at a padding position: still refused (the embedding reads every position)
+    with pytest.raises(ValueError, match="input_ids"):
+        m(bad, attention_mask=am)
+    for dtype in (torch.int8, torch.uint8, torch.bool, torch.float32):
+        with pytest.raises((TypeError, ValueError), match="input_ids"):
+            m(ids.to(dtype), attention_mask=am)
+    with torch.no_grad():  # HF also takes a floating 0/1 attention_mask
+        a = m(ids, attention_mask=am).logits
+        b = m(ids, attention_mask=am.float()).logits
+        c = m(ids.int(), attention_mask=am.bool()).logits
+    assert torch.equal(a, b) and torch.equal(a, c)
+    with pytest.raises(ValueError, match="attention_mask"):
+        m(ids, attention_mask=am[:, :3])

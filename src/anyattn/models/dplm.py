@@ -41,7 +41,7 @@ import torch
 
 from ..errors import bad_type, bad_value
 from ..layout import SeqInfo
-from .hub import Family, read_weights
+from .hub import Family, read_weights, resolve_saved_backend
 from .tokenizer import ProteinTokenizer
 
 # The model classes subclass ESM2ForMaskedLM (a transformers PreTrainedModel): they are built on
@@ -220,7 +220,7 @@ def _model_classes() -> dict:
     """{"DPLMForMaskedLM": ..., "DPLM2ForMaskedLM": ...}, built once (needs transformers)."""
     if _CLASSES:
         return _CLASSES
-    from .esm2 import ESM2ForMaskedLM
+    from .esm2 import ESM2ForMaskedLM, _mask_ratio
 
     class DPLMForMaskedLM(ESM2ForMaskedLM):
         """DPLM (``dplm_type`` ``"dplm_esm"``): ESM2 called the way ``EsmForDPLM.forward`` calls
@@ -276,14 +276,7 @@ def _model_classes() -> dict:
             info = args[1] if len(args) > 1 else kwargs.get("info")
             cfg = self.config
             is_mask = ids == cfg.mask_token_id
-            if info is None:
-                ratio = (is_mask.sum(-1).float() / (ids != cfg.pad_token_id).sum(-1).float())[:, None, None]
-            else:
-                doc = info.doc_ids.long().clamp_min(0).reshape(-1)
-                counts = torch.zeros(info.num_docs, device=x.device, dtype=torch.float32)
-                counts.index_add_(0, doc, (is_mask & info.keep).reshape(-1).float())
-                lens = (info.cu_seqlens[1:] - info.cu_seqlens[:-1]).float()
-                ratio = (counts / lens)[doc].view(*ids.shape, 1)
+            ratio = _mask_ratio(is_mask, info, None if info is not None else (ids != cfg.pad_token_id).sum(-1))
             return (x * (1 - _MASK_RATIO_TRAIN) / (1 - ratio)).to(x.dtype)
 
         def _positions(self, input_ids, keep):
@@ -539,14 +532,15 @@ def _build(path: str, cfg_dict: dict, attn_backend, dtype, device):
     return model
 
 
-def load_dplm(path, *, attn_backend="auto", dtype=None, device=None):
+def load_dplm(path, *, attn_backend=None, dtype=None, device=None):
     """A DPLM or DPLM-2 checkpoint (local HF-format directory or hub id) as an anyattn model, in
     eval mode, float32 unless ``dtype`` is given: :class:`DPLMForMaskedLM` for ``dplm_type``
     ``"dplm_esm"``, :class:`DPLM2ForMaskedLM` for ``"dplm2_esm"``. Every checkpoint key is mapped
     (:func:`map_dplm_keys`) and checked against the model: unknown, missing or mis-shaped keys
     raise, listing them."""
     path = _resolve(path, what="path")
-    return _build(path, _read_config(path), attn_backend, dtype, device)
+    config = _read_config(path)
+    return _build(path, config, resolve_saved_backend(config, attn_backend), dtype, device)
 
 
 def _family_loader(path, config, attn_backend, dtype, device):

@@ -71,8 +71,9 @@ from ..errors import bad_type, bad_value
 from ..layout import SeqInfo, pad, unpad
 from ..resolve import check_backend
 from ..spec import block_causal, documents, same_segment
+from ._inputs import check_input_ids, keep_mask
 from .e1_tokenizer import _ORIGINAL_MODEL_TYPES, E1_DEFAULT_VOCAB, MODEL_TYPE, E1Tokenizer, is_e1_config
-from .hub import check_state_dict, read_weights
+from .hub import check_state_dict, read_weights, resolve_saved_backend
 
 __all__ = [
     "E1Config",
@@ -320,9 +321,7 @@ def _sample_info(input_ids, attention_mask, seq_info) -> SeqInfo | None:
     if attention_mask is not None and seq_info is not None:
         raise bad_value("attention_mask/seq_info", "at most one of them", "both")
     if attention_mask is not None:
-        if attention_mask.shape != input_ids.shape:
-            raise bad_value("attention_mask", f"shape {tuple(input_ids.shape)} like input_ids", tuple(attention_mask.shape))
-        return SeqInfo.from_padding_mask(attention_mask.to(input_ids.device))
+        return SeqInfo.from_padding_mask(keep_mask(attention_mask, input_ids))
     if seq_info is not None:
         if not isinstance(seq_info, SeqInfo):
             raise bad_type("seq_info", "an anyattn.SeqInfo (one document per sample)", type(seq_info).__name__)
@@ -614,6 +613,8 @@ class E1Model(E1PreTrainedModel):
         if kwargs:
             raise bad_value("forward", "no other keyword arguments", sorted(kwargs))
         cfg = self.config
+        if isinstance(input_ids, torch.Tensor):
+            check_input_ids(input_ids, cfg.vocab_size, check_range=input_ids.device.type == "cpu" or attention_mask is not None)
         b = e1_batch_structure(
             input_ids, attention_mask, seq_info=seq_info, sequence_ids=sequence_ids,
             within_seq_position_ids=within_seq_position_ids, global_position_ids=global_position_ids,
@@ -737,10 +738,11 @@ def load_e1_state_dict(model: E1ForMaskedLM, state_dict: dict) -> None:
     model.load_state_dict(sd, strict=True)
 
 
-def load_e1(path: str, *, attn_backend="auto", dtype=None, device=None) -> E1ForMaskedLM:
+def load_e1(path: str, *, attn_backend=None, dtype=None, device=None) -> E1ForMaskedLM:
     """An E1ForMaskedLM from a local directory in the original format (config.json with
     ``model_type`` "E1" + model.safetensors or pytorch_model*.bin), or one written by our
-    ``save_pretrained``. Evaluation mode; ``dtype``/``device`` applied after loading."""
+    ``save_pretrained``. Evaluation mode; ``dtype``/``device`` applied after loading.
+    ``attn_backend`` None: the one an anyattn checkpoint saved, else "auto"."""
     if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):
         raise bad_value("path", "a local directory with config.json and *.safetensors / pytorch_model*.bin", repr(path))
     with open(os.path.join(path, "config.json")) as f:
@@ -748,7 +750,7 @@ def load_e1(path: str, *, attn_backend="auto", dtype=None, device=None) -> E1For
     if not is_e1_config(raw):
         types = _ORIGINAL_MODEL_TYPES + (MODEL_TYPE,)
         raise bad_value("config.json", f"an E1 config (model_type in {types})", repr(raw.get("model_type")))
-    cfg = E1Config.from_original(raw, attn_backend=attn_backend)
+    cfg = E1Config.from_original(raw, attn_backend=resolve_saved_backend(raw, attn_backend))
     model = E1ForMaskedLM(cfg)
     load_e1_state_dict(model, read_weights(path))
     model.config._name_or_path = os.fspath(path)  # where load_tokenizer(model) finds tokenizer.json (HF's convention)

@@ -68,7 +68,8 @@ from ..errors import bad_type, bad_value  # noqa: E402
 from ..layout import SeqInfo, pad  # noqa: E402
 from ..resolve import check_backend  # noqa: E402
 from ..spec import documents, padding  # noqa: E402
-from .hub import check_state_dict, is_esm2_config, read_weights  # noqa: E402
+from ._inputs import check_input_ids, keep_mask  # noqa: E402
+from .hub import check_state_dict, is_esm2_config, read_weights, resolve_saved_backend  # noqa: E402
 
 __all__ = [
     "ESM2Config",
@@ -312,6 +313,29 @@ def _out_ffn(o_BSC, x_BSC, wo, bo, ln_w, ln_b, eps: float, w1, b1, w2, b2, p: fl
     return x, F.layer_norm(x, (x.shape[-1],), next_w, next_b, next_eps)
 
 
+def _mask_ratio(is_mask_BS, info: SeqInfo | None, row_lengths_B=None) -> torch.Tensor:
+    """(B, S, 1) float32: for ESM's token dropout, the share of <mask> tokens among the real tokens
+    of each token's sequence (a padded row, or a document of ``info``; without ``info`` a row of
+    ``row_lengths_B`` tokens, default S). The caller rescales by (1 - 0.15 * 0.8) / (1 - ratio).
+
+    Where HF divides by zero the ratio is 0 instead, so that nothing non-finite appears (in a
+    packed row one NaN reaches every other sequence through the attention's p @ v, 0 * NaN = NaN):
+    padding tokens and empty sequences, and a sequence made only of <mask> tokens (HF returns NaN
+    for it; its embeddings are all zero, and stay zero)."""
+    B, S = is_mask_BS.shape
+    if info is None:
+        n = torch.full((B,), S, dtype=torch.float32, device=is_mask_BS.device) if row_lengths_B is None else row_lengths_B.float()
+        ratio = (is_mask_BS.sum(-1).float() / n.clamp_min(1))[:, None].expand(B, S)
+    else:
+        doc = info.doc_ids.long()
+        ids = doc.clamp_min(0).reshape(-1)
+        counts = torch.zeros(info.num_docs, device=is_mask_BS.device, dtype=torch.float32)
+        counts.index_add_(0, ids, (is_mask_BS & info.keep).reshape(-1).float())
+        lens = (info.cu_seqlens[1:] - info.cu_seqlens[:-1]).float().clamp_min(1)
+        ratio = (counts / lens)[ids].view(B, S).masked_fill(doc < 0, 0.0)
+    return ratio.masked_fill(ratio >= 1, 0.0).unsqueeze(-1)
+
+
 def _s_max(q_BSHD, k_BSHD, info: SeqInfo | None) -> torch.Tensor:
     """(H,) float32: max over visible (i, j) pairs of ||q_i|| * ||k_j|| (q as given to attention:
     pre-scaled, rotated). Visible = same sequence (row, or document of ``info``), real tokens."""
@@ -443,15 +467,7 @@ class _Embeddings(nn.Module):
         if self.token_dropout:
             is_mask = input_ids_BS == self.mask_token_id
             x = x.masked_fill(is_mask.unsqueeze(-1), 0.0)
-            if info is None:  # every row is one sequence of length S
-                ratio = (is_mask.sum(-1).float() / input_ids_BS.shape[1])[:, None, None]
-            else:  # per sequence (document or padded row), over its real tokens
-                ids = info.doc_ids.long().clamp_min(0).reshape(-1)
-                counts = torch.zeros(info.num_docs, device=x.device, dtype=torch.float32)
-                counts.index_add_(0, ids, (is_mask & info.keep).reshape(-1).float())
-                lens = (info.cu_seqlens[1:] - info.cu_seqlens[:-1]).float()
-                ratio = (counts / lens)[ids].view(*input_ids_BS.shape, 1)
-            x = (x * (1 - _MASK_RATIO_TRAIN) / (1 - ratio)).to(x.dtype)
+            x = (x * (1 - _MASK_RATIO_TRAIN) / (1 - _mask_ratio(is_mask, info))).to(x.dtype)
         if self.layer_norm is not None:
             x = self.layer_norm(x)
         if info is not None and info.total < info.B * info.S:  # HF zeroes padding positions here
@@ -696,18 +712,14 @@ class ESM2Model(ESM2PreTrainedModel):
         self._dynamic = compile_kwargs.get("dynamic", None) is not False
 
     def _plan(self, input_ids, attention_mask, seq_info, need_weights: bool) -> _Plan:
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
-            got = f"shape {tuple(input_ids.shape)}, dtype {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-            raise bad_value("input_ids", "a (B, S) integer tensor", got)
+        check_input_ids(input_ids, self.config.vocab_size, check_range=input_ids.device.type == "cpu" or attention_mask is not None)
         if attention_mask is not None and seq_info is not None:
             raise bad_value("attention_mask/seq_info", "at most one of them", "both")
         info = None
         if attention_mask is not None:
-            if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
-                got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
-                raise bad_value("attention_mask", f"a tensor of shape {tuple(input_ids.shape)} like input_ids", got)
+            keep = keep_mask(attention_mask, input_ids)
             with torch.inference_mode(False):  # see _outside_inference
-                info = SeqInfo.from_padding_mask(attention_mask.to(input_ids.device).clone())  # one host read
+                info = SeqInfo.from_padding_mask(keep.clone())  # one host read
             if info.total == info.B * info.S:
                 info = None  # no padding: dense rows
         elif seq_info is not None:
@@ -986,11 +998,12 @@ def build_esm2(cfg: ESM2Config, state_dict: dict, *, dtype=None, device=None) ->
     return model
 
 
-def load_esm2(path: str, *, attn_backend="auto", dtype=None, device=None) -> ESM2ForMaskedLM:
+def load_esm2(path: str, *, attn_backend=None, dtype=None, device=None) -> ESM2ForMaskedLM:
     """An ESM2 from a local HF-format directory (config.json + safetensors or .bin; HF's
     ``EsmForMaskedLM`` or ours), or a hub id (downloaded through huggingface_hub). Eval mode,
     float32 unless ``dtype`` is given. Prefer :func:`anyattn.models.load`, which detects the
-    family."""
+    family.
+    ``attn_backend`` None: the one an anyattn checkpoint saved, else "auto"."""
     if not isinstance(path, (str, os.PathLike)):
         raise bad_type("path", "a local directory or a hub id", type(path).__name__)
     path = os.fspath(path)
@@ -1008,7 +1021,7 @@ def load_esm2(path: str, *, attn_backend="auto", dtype=None, device=None) -> ESM
             "config.json", "an ESM2 config (model_type 'esm' with rotary positions and architectures EsmForMaskedLM/EsmModel, or 'anyattn_esm2')",
             f"model_type {raw.get('model_type')!r}, position_embedding_type {raw.get('position_embedding_type')!r}, architectures {raw.get('architectures')}",
         )  # fmt: skip
-    cfg = ESM2Config.from_hf_config(raw, attn_backend=attn_backend)
+    cfg = ESM2Config.from_hf_config(raw, attn_backend=resolve_saved_backend(raw, attn_backend))
     model = build_esm2(cfg, read_weights(path), dtype=dtype, device=device)
     model.config._name_or_path = path  # where load_tokenizer(model) finds vocab.txt (HF's convention)
     return model

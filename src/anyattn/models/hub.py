@@ -22,7 +22,7 @@ from typing import Callable
 
 from ..errors import bad_type, bad_value
 
-__all__ = ["Family", "FAMILIES", "MODEL_FILES", "TOKENIZER_FILES", "check_state_dict", "download", "is_esm2_config", "load", "read_weights", "register_family"]
+__all__ = ["Family", "FAMILIES", "MODEL_FILES", "TOKENIZER_FILES", "check_state_dict", "download", "is_esm2_config", "load", "read_weights", "register_family", "resolve_saved_backend"]
 
 
 # The tokenizer files of every family: ESM/DPLM vocab.txt, E1's tokenizer.json (ids of its
@@ -174,12 +174,27 @@ def _resolve_path(path_or_repo) -> str:
     return download(path)
 
 
-def load(path_or_repo, *, attn_backend="auto", dtype=None, device=None):
+_OWN_MODEL_TYPES = ("anyattn_esm2", "anyattn_e1")  # what our save_pretrained writes
+
+
+def resolve_saved_backend(config: dict, attn_backend):
+    """``attn_backend`` as given; None: the ``attn_backend`` an anyattn checkpoint saved in its
+    config.json (our own model types only: other checkpoints' fields of that name belong to other
+    libraries), else "auto"."""
+    if attn_backend is not None:
+        return attn_backend
+    if isinstance(config, dict) and config.get("model_type") in _OWN_MODEL_TYPES and config.get("attn_backend") is not None:
+        return config["attn_backend"]
+    return "auto"
+
+
+def load(path_or_repo, *, attn_backend=None, dtype=None, device=None):
     """The model in ``path_or_repo`` (a local HF-format directory: config.json + *.safetensors
     or pytorch_model*.bin; or a hub id), as the anyattn class of its family, in eval mode.
 
     ``attn_backend``: anyattn backend for every layer (``model.attn_backend = ...`` changes it
-    later). ``dtype``: parameter dtype (default float32). ``device``: where to put it (default CPU).
+    later); None (default): the backend a checkpoint saved by anyattn names in its config.json,
+    else "auto". ``dtype``: parameter dtype (default float32). ``device``: where to put it (default CPU).
     """
     path = _resolve_path(path_or_repo)
     cfg_file = os.path.join(path, "config.json")
@@ -194,7 +209,7 @@ def load(path_or_repo, *, attn_backend="auto", dtype=None, device=None):
         raise bad_value("config.json", "a JSON object", type(config).__name__)
     for fam in FAMILIES:
         if fam.detect(config):
-            return fam.loader(path, config, attn_backend, dtype, device)
+            return fam.loader(path, config, resolve_saved_backend(config, attn_backend), dtype, device)
     raise bad_value(
         "path_or_repo",
         f"a checkpoint of a known family ({', '.join(f.name for f in FAMILIES)})",
