@@ -532,6 +532,34 @@ def test_bad_token_inputs_name_the_argument():
         torch.testing.assert_close(model(ids, am.float()).logits, model(ids, am).logits, rtol=0, atol=0)
 
 
+def test_explicit_positions_beyond_the_maximum_are_refused():
+    model = make_model()
+    b = TOK.batch(["ACD,MKV", "MA"])
+    pos = b["within_seq_position_ids"].clone()
+    ok = model(b["input_ids"], b["attention_mask"], within_seq_position_ids=pos)
+    assert torch.isfinite(ok.logits).all()
+    pos[0, 2] = MAXLEN
+    with pytest.raises(ValueError, match=r"within_seq_position_ids: expected positions of real tokens in \[0, max_num_positions_within_seq=40\)"):
+        model(b["input_ids"], b["attention_mask"], within_seq_position_ids=pos)
+
+
+def test_tokenizer_refuses_wrong_types_naming_the_argument():
+    with pytest.raises(TypeError, match="samples: expected a list of samples"):
+        TOK.batch("MKV")  # a bare string is not three one-residue samples
+    with pytest.raises(TypeError, match="samples"):
+        TOK.pack("MKV")
+    with pytest.raises(TypeError, match="query"):
+        TOK.encode(None)
+    with pytest.raises(TypeError, match="context"):
+        TOK.encode("MKV", context=5)
+    with pytest.raises(TypeError, match=r"samples\[1\]"):
+        TOK.batch(["MKV", ("AC",)])
+    with pytest.raises(ValueError, match=r"context\[0\]"):
+        TOK.encode("MKV", context=["mkv"])
+    assert TOK.encode("MKV", context=None) == TOK.encode("MKV")
+    assert TOK.batch([["MKV", ["AC"]]])["input_ids"].tolist() == TOK.batch([("MKV", ["AC"])])["input_ids"].tolist()
+
+
 def test_input_without_bos_is_refused():
     model = make_model()
     ids = torch.tensor([[TOK.vocab["A"], TOK.vocab["<eos>"]]])

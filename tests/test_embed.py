@@ -475,3 +475,18 @@ def test_batch_tokenization_equals_tokenizer_encode():
     toks, lengths = _batch_tokens(tok, batch)
     assert toks.tolist() == [t for _, _, r in batch for t in tok.encode(r)]
     assert lengths == [len(r) + 2 for _, _, r in batch]
+
+
+def test_models_with_other_input_formats_are_refused_before_any_work(tmp_path):
+    """E1 (multi-sequence samples: <bos> 1 residues 2 <eos>) and DPLM-2 (two tracks) do not take
+    the job's <cls> residues <eos> rows: a clear refusal naming the model, no store written."""
+    from anyattn.models.e1 import E1Config, E1ForMaskedLM
+
+    e1 = E1ForMaskedLM(E1Config(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, global_attention_every_n_layers=2, max_num_positions_within_seq=40))  # fmt: skip
+    fasta = tmp_path / "x.fasta"
+    fasta.write_text(">a\nMKV\n")
+    out = tmp_path / "e1.sqlite"
+    with pytest.raises(ValueError, match=r"model: expected an ESM2 or DPLM model .* E1ForMaskedLM, whose inputs are E1Tokenizer's format"):
+        embed(str(fasta), model=e1, out=str(out), devices="cpu", compile=False)
+    assert not out.exists()

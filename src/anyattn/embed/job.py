@@ -139,7 +139,7 @@ def _load_model(source, *, backend):
     loader = getattr(models, "load", None)
     if loader is None:  # anyattn.models.load (all model families) not available: ESM2 only
         loader = models.load_esm2
-    return loader(os.fspath(source), attn_backend=backend or "auto")
+    return loader(os.fspath(source), attn_backend=backend)  # None: the checkpoint's saved backend, else auto
 
 
 def _compile(model) -> None:
@@ -651,6 +651,14 @@ def embed(
         if backend is not None:
             m.attn_backend = backend
     tok = _tokenizer(m, source)
+    from ..models import ProteinTokenizer
+
+    if not isinstance(tok, ProteinTokenizer):  # E1 (multi-sequence samples), DPLM-2 (two tracks)
+        raise bad_value(
+            "model", "an ESM2 or DPLM model (one sequence as <cls> residues <eos>, the ESM alphabet)",
+            f"{type(m).__name__}, whose inputs are {type(tok).__name__}'s format: the embed job does not build "
+            "them; run the model's forward on its tokenizer's batches instead",
+        )  # fmt: skip
     cfg = _config(m)
     L = cfg.num_hidden_layers
     max_residues = cfg.max_position_embeddings - 2

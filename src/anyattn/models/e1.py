@@ -621,6 +621,8 @@ class E1Model(E1PreTrainedModel):
             bos_token_id=cfg.bos_token_id, packed=_runs_packed(cfg.attn_backend),
         )  # fmt: skip
         self._check_limits(b)
+        if isinstance(within_seq_position_ids, torch.Tensor) and within_seq_position_ids.shape == input_ids.shape:
+            self._check_positions(within_seq_position_ids, attention_mask, seq_info, input_ids)
         if output_attentions:
             warnings.warn(
                 "E1: output_attentions=True runs this call's attention through the eager path "
@@ -654,6 +656,17 @@ class E1Model(E1PreTrainedModel):
             None, b.to_rows(x), hidden, tuple(attns) if attns is not None else None,
             torch.stack(smax) if smax is not None else None,
         )  # fmt: skip
+
+    def _check_positions(self, pos, attention_mask, seq_info, input_ids) -> None:
+        """Explicit within-sequence positions of real tokens must lie in [0, max_num_positions_within_seq)
+        (the original asserts it; rotary itself would take any position). One host read."""
+        keep = keep_mask(attention_mask, input_ids) if attention_mask is not None else seq_info.keep.to(pos.device) if seq_info is not None else None
+        real = pos if keep is None else pos[keep]
+        if real.numel():
+            lo, hi = (int(v) for v in torch.aminmax(real))
+            n = self.config.max_num_positions_within_seq
+            if lo < 0 or hi >= n:
+                raise bad_value("within_seq_position_ids", f"positions of real tokens in [0, max_num_positions_within_seq={n})", f"{lo}..{hi}")
 
     def _check_limits(self, b: E1Batch) -> None:
         cfg = self.config

@@ -87,33 +87,57 @@ class E1Tokenizer:
     def __len__(self) -> int:
         return len(self.vocab)
 
-    def _one(self, seq: str) -> list[int]:
+    def _one(self, seq: str, what: str = "sequence") -> list[int]:
         if not isinstance(seq, str):
-            raise bad_type("sequence", "a protein string", type(seq).__name__)
+            raise bad_type(what, "a protein string", type(seq).__name__)
         bad = sorted({c for c in seq if c not in self.vocab or not (c.isalpha() and c.isupper() or c == "?")})
         if bad:
-            raise bad_value("sequence", "upper-case letters A-Z and '?' only", f"{bad} in {seq[:40]!r}")
+            raise bad_value(what, "upper-case letters A-Z and '?' that the vocabulary holds", f"{bad} in {seq[:40]!r}")
         v = self.vocab
         return [v["<bos>"], v["1"], *(v[c] for c in seq), v["2"], v["<eos>"]]
 
     def encode(self, query: str, context=()) -> dict:
         """One sample: ``query`` (a string; commas split off context sequences, query last) with
-        optional ``context`` sequences before it. Returns lists: input_ids, sequence_ids,
-        within_seq_position_ids, global_position_ids, and context_len (tokens before the query)."""
-        if isinstance(context, str):
+        optional ``context`` sequences before it (a string, a list/tuple of strings, or None).
+        Returns lists: input_ids, sequence_ids, within_seq_position_ids, global_position_ids, and
+        context_len (tokens before the query)."""
+        if not isinstance(query, str):
+            raise bad_type("query", "a protein string (context sequences before it, comma-separated)", type(query).__name__)
+        if context is None:
+            context = ()
+        elif isinstance(context, str):
             context = [context]
-        parts = [*context, *query.split(",")]
+        elif not isinstance(context, (list, tuple)):
+            raise bad_type("context", "a string or a list of strings", type(context).__name__)
+        *ctx_parts, query_part = query.split(",")
+        parts = [(c, f"context[{i}]") for i, c in enumerate(context)]
+        parts += [(c, "query (a context part before its last comma)") for c in ctx_parts] + [(query_part, "query")]
         ids, sids, wpos = [], [], []
-        for s, seq in enumerate(parts):
-            t = self._one(seq)
+        for s, (seq, what) in enumerate(parts):
+            t = self._one(seq, what)
             ids += t
             sids += [s] * len(t)
             wpos += list(range(len(t)))
-        ctx = len(ids) - (len(parts[-1]) + 4)
+        ctx = len(ids) - (len(query_part) + 4)
         return dict(
             input_ids=ids, sequence_ids=sids, within_seq_position_ids=wpos,
             global_position_ids=list(range(len(ids))), context_len=ctx,
         )  # fmt: skip
+
+    def _encode_all(self, samples) -> list[dict]:
+        if isinstance(samples, str) or not isinstance(samples, (list, tuple)):
+            raise bad_type("samples", "a list of samples (strings 'CTX,...,QUERY' or (query, context) pairs)", type(samples).__name__)
+        encs = []
+        for i, smp in enumerate(samples):
+            if isinstance(smp, str):
+                encs.append(self.encode(smp))
+            elif isinstance(smp, (tuple, list)) and len(smp) == 2 and isinstance(smp[0], str):
+                encs.append(self.encode(smp[0], smp[1]))
+            else:
+                raise bad_type(f"samples[{i}]", "a string or a (query, context) pair", repr(smp)[:60])
+        if not encs:
+            raise bad_value("samples", "at least one sample", "none")
+        return encs
 
     def batch(self, samples, *, padding_side: str = "right", device=None) -> dict:
         """A padded batch: one sample per row. ``samples``: strings ("CTX,...,QUERY") or
@@ -121,9 +145,7 @@ class E1Tokenizer:
         padding), within/global position ids (0 at padding)."""
         if padding_side not in ("right", "left"):
             raise bad_value("padding_side", "'right' or 'left'", repr(padding_side))
-        encs = [self.encode(*s) if isinstance(s, tuple) else self.encode(s) for s in samples]
-        if not encs:
-            raise bad_value("samples", "at least one sample", "none")
+        encs = self._encode_all(samples)
         S = max(len(e["input_ids"]) for e in encs)
         cols = {"input_ids": self.pad_token_id, "sequence_ids": -1, "within_seq_position_ids": 0, "global_position_ids": 0}
         out = {k: [] for k in cols}
@@ -139,9 +161,7 @@ class E1Tokenizer:
     def pack(self, samples, *, total_length: int | None = None, device=None) -> dict:
         """Packed form: every sample back to back in one row (1, T). Returns input_ids (1, S),
         seq_info (a SeqInfo with one document per sample) and sequence_ids (1, S)."""
-        encs = [self.encode(*s) if isinstance(s, tuple) else self.encode(s) for s in samples]
-        if not encs:
-            raise bad_value("samples", "at least one sample", "none")
+        encs = self._encode_all(samples)
         lens = [len(e["input_ids"]) for e in encs]
         info = SeqInfo.from_lengths([lens], total_length=total_length, device=device)
         ids = [i for e in encs for i in e["input_ids"]]
