@@ -712,7 +712,8 @@ class ESM2Model(ESM2PreTrainedModel):
         self._dynamic = compile_kwargs.get("dynamic", None) is not False
 
     def _plan(self, input_ids, attention_mask, seq_info, need_weights: bool) -> _Plan:
-        check_input_ids(input_ids, self.config.vocab_size, check_range=input_ids.device.type == "cpu" or attention_mask is not None)
+        on_cpu = isinstance(input_ids, torch.Tensor) and input_ids.device.type == "cpu"
+        check_input_ids(input_ids, self.config.vocab_size, check_range=on_cpu or attention_mask is not None)
         if attention_mask is not None and seq_info is not None:
             raise bad_value("attention_mask/seq_info", "at most one of them", "both")
         info = None
