@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import anyattn as aa
-from anyattn.backends import flex as flex_backend
+from anyattn.backends import REGISTRY
 from anyattn.backends import sdpa as sdpa_backend
-from anyattn.testing import compare_to_oracle, generate_qkv
+from anyattn.testing import compare_to_oracle, generate_qkv, make_call, use_backend
 
 from .variants import VARIANTS, applicable, make, sdpa_can
 
@@ -80,14 +80,14 @@ def test_flex_block_mask_is_built_once_for_a_repeated_mask():
     q, k, v = generate_qkv(2, 4, 2, 40, 40, 64)
     lengths = torch.tensor([10, 0, 1, 20])
     aa.attention(q, k, v, mask=aa.documents(lengths) & aa.causal(), backend="flex")
-    before = flex_backend.STATS["block_mask_builds"]
+    before = REGISTRY["flex"].stats["block_mask_builds"]
     for _ in range(3):  # a fresh term object each call, same tensor: same cache entry
         aa.attention(q, k, v, mask=aa.documents(lengths) & aa.causal(), backend="flex")
-    assert flex_backend.STATS["block_mask_builds"] == before
+    assert REGISTRY["flex"].stats["block_mask_builds"] == before
     lengths[0] = 11  # an in-place edit is a different mask
     lengths[3] = 19
     aa.attention(q, k, v, mask=aa.documents(lengths) & aa.causal(), backend="flex")
-    assert flex_backend.STATS["block_mask_builds"] == before + 1
+    assert REGISTRY["flex"].stats["block_mask_builds"] == before + 1
 
 
 def test_flex_refuses_backward_on_cpu_with_reason():
@@ -318,18 +318,18 @@ def test_backends_lists_every_registered_backend_with_a_reason_when_unavailable(
 
 def test_sdpa_lowering_is_cached_and_uses_fast_paths():
     q, k, v = generate_qkv(2, 2, 2, 16, 16, 64)
-    sdpa_backend.SDPA.cache.clear()
+    REGISTRY["sdpa"].cache.clear()
     aa.attention(q, k, v, mask=aa.causal(), backend="sdpa")
     aa.attention(q, k, v, mask=aa.causal(), backend="sdpa")
-    assert sdpa_backend.SDPA.cache.hits >= 1
-    call = aa.api._make_call(q, k, v, aa.causal(), None, None, 0.0, False, False, validate=True)
+    assert REGISTRY["sdpa"].cache.hits >= 1
+    call = make_call(q, k, v, mask=aa.causal())
     assert sdpa_backend.lower(call).kind == "is_causal"
-    call = aa.api._make_call(q, k, v, aa.padding(torch.tensor([16, 3])), None, None, 0.0, False, False, validate=True)
+    call = make_call(q, k, v, mask=aa.padding(torch.tensor([16, 3])))
     lw = sdpa_backend.lower(call)
     assert lw.kind == "keys-only padding mask" and lw.attn_mask.shape == (2, 1, 1, 16)
 
 
-def test_sdpa_sees_the_requested_mask(monkeypatch):
+def test_sdpa_sees_the_requested_mask():
     """The kernel receives what the lowering promised (proof the SDPA path ran)."""
     seen = []
     real = torch.nn.functional.scaled_dot_product_attention
@@ -338,10 +338,9 @@ def test_sdpa_sees_the_requested_mask(monkeypatch):
         seen.append(kw)
         return real(*a, **kw)
 
-    monkeypatch.setattr(sdpa_backend.F, "scaled_dot_product_attention", spy)
     q, k, v = generate_qkv(1, 2, 2, 16, 16, 64)
-    aa.clear_caches()
-    aa.attention(q, k, v, mask=aa.causal(), backend="sdpa")
+    with use_backend(sdpa_backend.SdpaBackend("sdpa", kernel=spy)):
+        aa.attention(q, k, v, mask=aa.causal(), backend="sdpa")
     assert seen[-1]["is_causal"] is True and seen[-1]["attn_mask"] is None
 
 
@@ -404,12 +403,12 @@ def test_lowered_mask_cache_is_bounded_in_bytes_not_only_in_entries():
     c.clear()
     assert c.bytes == 0 and len(c) == 0
 
-    sdpa_backend.SDPA.cache.clear()
-    budget = sdpa_backend.SDPA.cache.max_bytes
+    REGISTRY["sdpa"].cache.clear()
+    budget = REGISTRY["sdpa"].cache.max_bytes
     q = torch.randn(1, 1, 64, 8)
     for i in range(3):
         aa.attention(q, q, q, mask=aa.documents([10 + i, 54 - i]), backend="sdpa")
-    assert len(sdpa_backend.SDPA.cache) == 3 and 0 < sdpa_backend.SDPA.cache.bytes <= budget
+    assert len(REGISTRY["sdpa"].cache) == 3 and 0 < REGISTRY["sdpa"].cache.bytes <= budget
 
 
 def test_explain_full_false_stops_at_the_winner_like_attention():

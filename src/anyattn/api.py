@@ -6,12 +6,13 @@ GQA/MQA whenever Hq is a multiple of Hkv: query head h reads kv head ``h // (Hq 
 
 Data flow of one call::
 
-    validate -> normalize (canonical spec, call key) -> resolve (cached per key) -> lower (cached
-    per backend) -> run kernel
+    normalize (canonical terms) -> decision key (term *structure*, shapes, strides, options)
+      -> decision (cached per key; validation of shapes and options happens on a miss)
+      -> content key (term *values*) -> value checks (cached per content)
+      -> backend.run: lowered form (cached per content by the backend) -> kernel
 
-Decisions and lowered forms are cached on the call key: the canonical spec (term contents, or the
-identity and version of term tensors), shapes, dtype, device and options. A repeated call does
-not re-validate, re-resolve or rebuild its mask.
+A new packing, a freshly allocated mask tensor or new prefix lengths change the content key only:
+the decision is reused, and only what depends on the values is built (see ``call.py``).
 """
 
 from __future__ import annotations
@@ -19,17 +20,18 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import numbers
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
-from ._lru import LRU
-from .backends import REGISTRY
-from .call import Call
-from .errors import bad_type, bad_value
+from ._cache import LRU
+from .backends import REGISTRY, Refusal
+from .call import Call, Signature
+from .errors import UnsupportedError, bad_type, bad_value
 from .resolve import Decision, availability, check_backend, resolve
-from .spec import Geometry, canonical_mask, canonical_scores
+from .spec import canonical_mask, canonical_scores
 
 __all__ = ["attention", "explain", "use", "backends", "AttentionOutput", "BackendInfo", "clear_caches"]
 
@@ -38,7 +40,9 @@ _DEFAULT = contextvars.ContextVar("anyattn_backend", default=("auto",))
 # so a graph traced inside ``use(...)`` is traced again outside it. Process-wide: a graph traced
 # while another thread is inside ``use`` sees that thread's default.
 _TRACED_DEFAULT: list = [("auto",)]
-_DECISIONS = LRU(1024)  # (call key, requested) -> backend
+_DECISIONS = LRU(1024)  # (decision key, requested, deterministic) -> (backend, Decision, Signature)
+_VALIDATED = LRU(4096)  # content key -> True: the term values of this content were checked
+_OBSERVERS: list = []  # anyattn.testing.record_calls: callables (call, backend name)
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -87,17 +91,16 @@ def use(backend):
 
 
 def clear_caches() -> None:
-    """Drop cached decisions and lowered forms (BlockMasks, materialized masks)."""
-    from .backends import _varlen, flash, flash_torch, flex, sdpa
-
+    """Drop cached decisions and every backend's lowered forms (BlockMasks, materialized masks,
+    varlen metadata)."""
     _DECISIONS.clear()
-    flex._BY_CALL.clear()
-    flex._BLOCK_MASKS.clear()
-    sdpa.SDPA.cache.clear()
-    sdpa.CUDNN.cache.clear()
-    _varlen._PLANS.clear()
-    flash_torch._UNIFORM_CU.clear()
-    flash._clear()
+    _VALIDATED.clear()
+    for impl in REGISTRY.values():
+        impl.clear()
+
+
+# --------------------------------------------------------------------------------------------
+# validation (on a decision-cache miss: a key seen before was validated then)
 
 
 def _check_qkv(q, k, v) -> None:
@@ -123,6 +126,8 @@ def _check_qkv(q, k, v) -> None:
         raise bad_value("v", f"Sk={k.shape[2]} positions like k", f"{v.shape[2]} positions")
     if k.shape[3] != D:
         raise bad_value("k", f"head dim D={D} like q", f"head dim {k.shape[3]}")
+    if D == 0 or v.shape[3] == 0:
+        raise bad_value("q/v", "head dims D >= 1 and Dv >= 1", f"D={D}, Dv={v.shape[3]}")
     Hkv = k.shape[1]
     if Hkv == 0 or Hq % Hkv != 0:
         raise bad_value("k", f"a number of heads that divides Hq={Hq} (GQA/MQA)", f"Hkv={Hkv}")
@@ -130,54 +135,41 @@ def _check_qkv(q, k, v) -> None:
 
 def _check_options(scale, dropout_p, return_lse) -> float | None:
     if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        if isinstance(scale, torch.Tensor) and scale.numel() == 1 and scale.device.type == "cpu" and not scale.requires_grad:
+            scale = scale.item()
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
             raise bad_value("scale", "a finite float or None (= 1/sqrt(D))", repr(scale))
         scale = float(scale)
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
         raise bad_value("dropout_p", "a float in [0, 1)", repr(dropout_p))
     if not isinstance(return_lse, bool):
         raise bad_type("return_lse", "a bool", type(return_lse).__name__)
     return scale
 
 
-def _make_call(q, k, v, mask, score, scale, dropout_p, return_lse, need_weights, validate: bool) -> Call:
-    """Normalize the arguments into a Call. With ``validate=True`` everything is checked now;
-    otherwise only what the call key needs, and ``_backend_for`` validates on a key miss (a key
-    seen before was validated then: repeated calls skip it)."""
-    compiling = torch.compiler.is_compiling()
-    if not compiling:
-        if validate:
-            _check_qkv(q, k, v)
-            scale = _check_options(scale, dropout_p, return_lse)
-        elif not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)):
-            _check_qkv(q, k, v)  # raises the precise error
-    cmask = canonical_mask(mask)
-    scores = canonical_scores(score)
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    term_grad = False
-    mkey, skey = None, None
-    if not compiling:
-        if cmask is not None or scores:
-            term_tensors = (cmask.tensors() if cmask is not None else ()) + tuple(t for s in scores for t in s.tensors())
-            term_grad = any(t.requires_grad for t in term_tensors)
-            grad = grad or (term_grad and torch.is_grad_enabled())
-            mkey = cmask.key if cmask is not None else None
-            skey = tuple(s.key for s in scores)
-    key = (
-        mkey, skey, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, grad,
-        scale, dropout_p, return_lse, need_weights,
-    )  # fmt: skip
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    return Call(q, k, v, cmask, scores, scale, dropout_p, return_lse, grad, key, not (term_grad or compiling), need_weights)
+def _check_values(call: Call) -> None:
+    """Checks of term values against the call (lengths within the sequence, shapes of term
+    tensors, user functions' results); once per content key."""
+    if not call.cacheable:
+        _check_terms(call)
+        return
+    if _VALIDATED.get(call.key) is None:
+        _check_terms(call)
+        _VALIDATED.put(call.key, True, call.tokens)
 
 
-def _validate_terms(call: Call) -> None:
-    geo: Geometry = call.geo
+def _check_terms(call: Call) -> None:
+    if torch.compiler.is_compiling():
+        return
+    geo = call.geo
     if call.mask is not None:
         call.mask.check(geo)
     for s in call.scores:
         s.check(geo)
+
+
+# --------------------------------------------------------------------------------------------
+# building a call
 
 
 def _requested(backend) -> tuple:
@@ -186,29 +178,76 @@ def _requested(backend) -> tuple:
     return check_backend(backend)  # remembers hashable arguments
 
 
-def _backend_for(call: Call, backend) -> tuple:
+def _prepare(q, k, v, mask, score, scale, dropout_p, return_lse, need_weights, backend, full=None):
+    """(call, backend, decision) for the arguments; ``full`` (explain) re-resolves uncached."""
+    compiling = torch.compiler.is_compiling()
+    if not (type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor) and not compiling:
+        if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)):
+            _check_qkv(q, k, v)  # raises the precise error
+    cmask = canonical_mask(mask)
+    scores = canonical_scores(score)
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    term_grad = False
+    if (cmask is not None or scores) and not compiling:
+        term_tensors = (cmask.tensors() if cmask is not None else ()) + tuple(t for s in scores for t in s.tensors())
+        term_grad = any(t.requires_grad for t in term_tensors)
+        grad = grad or (term_grad and torch.is_grad_enabled())
     requested = _requested(backend)
-    if torch.compiler.is_compiling():
-        # Decided once, at trace time, and baked into the graph. The decision cache is not read:
-        # eager calls adding entries to it would invalidate the graph's guards (a recompile).
-        call.dropout_p = float(call.dropout_p)
-        return resolve(call, requested)
+    shapes = (q.shape, k.shape, v.shape)
+    strides = (q.stride(), k.stride(), v.stride())
+    dkey = (
+        cmask.structure if cmask is not None else None, tuple(s.structure for s in scores), shapes, strides,
+        q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, grad, scale, dropout_p, return_lse, need_weights,
+    )  # fmt: skip
     # torch.use_deterministic_algorithms changes what a backend may run (cuDNN refuses), so a
     # decision taken in the other mode must not be reused.
-    dkey = (call.key, requested, torch.are_deterministic_algorithms_enabled())
-    hit = _DECISIONS.get(dkey) if call.cacheable else None
-    if hit is not None:
-        call.scale = float(call.scale)
-        return hit
-    if not torch.compiler.is_compiling():
-        _check_qkv(call.q, call.k, call.v)
-        call.scale = _check_options(call.scale, call.dropout_p, call.return_lse)
-        _validate_terms(call)  # may read term values to the host once (see layout.py)
-    call.dropout_p = float(call.dropout_p)
-    impl, decision = resolve(call, requested)
-    if call.cacheable:
-        _DECISIONS.put(dkey, (impl, decision))
-    return impl, decision
+    ck = (dkey, requested, torch.are_deterministic_algorithms_enabled())
+    hit = None if (compiling or full is not None) else _DECISIONS.get(ck)
+    if hit is None:
+        if not compiling:
+            _check_qkv(q, k, v)
+            scale = _check_options(scale, dropout_p, return_lse)
+        if scale is None:
+            scale = 1.0 / math.sqrt(q.shape[-1])
+        sig = Signature.build(
+            (tuple(q.shape), tuple(k.shape), tuple(v.shape)), q.dtype, q.device, cmask, scores, float(scale),
+            float(dropout_p), return_lse, grad, need_weights, strides, dkey,
+        )  # fmt: skip
+        if need_weights and full is None:  # attention_with_weights: always eager
+            impl, decision = REGISTRY["eager"], None
+        else:
+            impl, decision = resolve(sig, requested, full=bool(full))
+        if not compiling and full is None:
+            _DECISIONS.put(ck, (impl, decision, sig))
+    else:
+        impl, decision, sig = hit
+    if cmask is None and not scores:
+        key, tokens = dkey, ()
+    elif compiling:
+        key, tokens = dkey, ()
+    else:
+        toks: list = []
+        key = (dkey, cmask.content_key(toks) if cmask is not None else None, tuple(s.content_key(toks) for s in scores))
+        tokens = tuple(toks)
+    call = Call(sig, q, k, v, cmask, scores, key, tokens, not (term_grad or compiling))
+    return call, impl, decision, requested
+
+
+def _run(call: Call, impl, requested):
+    """Run, moving on when a backend refuses the call's values (auto and preference lists)."""
+    refused: list = []
+    while True:
+        if _OBSERVERS:
+            for fn in _OBSERVERS:
+                fn(call, impl.name)
+        try:
+            return impl.run(call)
+        except Refusal as e:
+            refused.append((impl.name, str(e)))
+            try:  # the next backend of auto's ranking or of the preference list; never another one
+                impl, _ = resolve(call.sig, requested, exclude=tuple(refused), describe=call.describe())
+            except UnsupportedError as u:
+                raise UnsupportedError(str(u), u.decision) from None
 
 
 def _empty_result(call: Call):
@@ -250,12 +289,12 @@ def attention(
         out (B, Hq, Sq, Dv), or ``AttentionOutput(out, lse)`` when ``return_lse=True``.
         Rows with no visible key are exactly 0 (lse -inf), forward and backward.
     """
-    call = _make_call(q, k, v, mask, score, scale, dropout_p, return_lse, False, validate=False)
-    impl, _ = _backend_for(call, backend)
-    if call.q.shape[2] == 0 or call.k.shape[2] == 0:
+    call, impl, _, requested = _prepare(q, k, v, mask, score, scale, dropout_p, return_lse, False, backend)
+    _check_values(call)
+    if call.sig.Sq == 0 or call.sig.Sk == 0:
         out, lse = _empty_result(call)
     else:
-        out, lse = impl.run(call)
+        out, lse = _run(call, impl, requested)
     if return_lse:
         return AttentionOutput(out, lse)
     return out
@@ -267,11 +306,12 @@ def attention_with_weights(q, k, v, *, mask=None, score=None, scale=None, dropou
     This is the one sanctioned path to attention weights (``output_attentions``); it always runs
     the eager backend.
     """
-    call = _make_call(q, k, v, mask, score, scale, dropout_p, False, True, validate=True)
-    _validate_terms(call)
-    from .backends import eager
-
-    out, _, weights = eager.run_with_weights(call)
+    call, _, _, _ = _prepare(q, k, v, mask, score, scale, dropout_p, False, True, "eager")
+    _check_values(call)
+    if _OBSERVERS:
+        for fn in _OBSERVERS:
+            fn(call, "eager")
+    out, _, weights = REGISTRY["eager"].run_with_weights(call)
     return out, weights
 
 
@@ -281,17 +321,14 @@ def explain(q, k, v, *, mask=None, score=None, scale=None, backend="auto", dropo
     Prints as a table: backend, chosen/accepted/rejected/unavailable, reason. Raises the same
     validation errors as ``attention``; a call no backend can serve returns the decision with
     ``chosen=None`` instead of raising. ``full=False`` stops at the winner, as ``attention``
-    does (backends ranked below it are listed as "not checked"): the cheap way for code that only
-    needs ``.chosen``, since asking some backends builds their lowered form (SDPA-family backends
-    materialize a dense mask to ask torch's own kernel check).
+    does (backends ranked below it are listed as "not checked"). No backend builds a mask to
+    answer: capability checks read the call's shapes, options and term structure only.
     """
-    from .errors import UnsupportedError
-
-    call = _make_call(q, k, v, mask, score, scale, dropout_p, return_lse, False, validate=True)
-    _validate_terms(call)
-    requested = _requested(backend)
+    _check_qkv(q, k, v)
+    _check_options(scale, dropout_p, return_lse)
     try:
-        _, decision = resolve(call, requested, full=bool(full))
+        call, _, decision, _ = _prepare(q, k, v, mask, score, scale, dropout_p, return_lse, False, backend, full=bool(full))
     except UnsupportedError as e:
-        decision = e.decision
+        return e.decision
+    _check_values(call)
     return decision

@@ -1,89 +1,101 @@
 """One attention call after validation and normalization: what every backend receives.
 
-Shape legend: B batch, Hq query heads, Hkv key/value heads, Sq query length, Sk key length,
-D query/key head dim, Dv value head dim.
+Two objects, for the two questions a backend answers:
+
+* :class:`Signature`: the static facts of a call (shapes, strides, dtype, device, options and
+  the *structure* of its terms, see ``anyattn.spec.base``). ``supports(signature)`` reads only
+  these, so a decision taken once serves every call with the same signature: a new packing, a
+  freshly allocated mask tensor or new prefix lengths do not re-rank the backends. A signature
+  can be built without tensors (:meth:`Signature.of`), which is how models ask what ``auto``
+  would pick for a batch before they build it.
+* :class:`Call`: a signature plus this call's tensors and terms (their values) and the content
+  key that lowered forms (masks, BlockMasks, varlen metadata) are cached on.
+
+Both are frozen. Shape legend: B batch, Hq query heads, Hkv key/value heads, Sq query length,
+Sk key length, D query/key head dim, Dv value head dim.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
-from .spec import BoundMask, BoundScore, Geometry, MaskTerm, ScoreTerm
+from .spec import BoundMask, BoundScore, Geometry, MaskTerm, ScoreTerm, canonical_mask, canonical_scores
 
 
-@dataclass(eq=False, slots=True)
-class Call:
-    q: torch.Tensor  # (B, Hq, Sq, D), any strides
-    k: torch.Tensor  # (B, Hkv, Sk, D)
-    v: torch.Tensor  # (B, Hkv, Sk, Dv)
+@dataclass(frozen=True, eq=False, slots=True)
+class Signature:
+    """The static facts of a call. ``mask`` / ``scores`` are the terms of the call that created
+    it: backends read their *structure* (types, static parameters, tensor metadata) only."""
+
+    B: int
+    Hq: int
+    Hkv: int
+    Sq: int
+    Sk: int
+    D: int
+    Dv: int
+    dtype: torch.dtype
+    device: torch.device
     mask: MaskTerm | None  # canonical form
     scores: tuple[ScoreTerm, ...]  # applied in order, before the mask
     scale: float
     dropout_p: float
     return_lse: bool
     requires_grad: bool  # autograd will run through this call
-    key: tuple  # identity of (spec, shapes, dtype, device, options): decisions are cached on it
-    cacheable: bool  # False when a term tensor requires grad: lowered forms are rebuilt per call
     need_weights: bool = False  # eager only: also return the attention weights
-    _bound: dict = field(default_factory=dict)
+    strides: tuple | None = None  # (q, k, v) strides; None: contiguous (B, H, S, D)
+    key: tuple = ()  # decision key: everything above, terms by structure
+    geo: Geometry = field(default=None)  # type: ignore[assignment]
 
-    # -- geometry ---------------------------------------------------------------------------
-    @property
-    def geo(self) -> Geometry:
-        g = self._bound.get("geo")
-        if g is None:
-            B, Hq, Sq, _ = self.q.shape
-            g = Geometry(B, Hq, Sq, self.k.shape[2], self.q.device)
-            self._bound["geo"] = g
-        return g
+    @classmethod
+    def of(
+        cls, *, B: int, Hq: int, Sq: int, D: int, dtype, device, Hkv: int | None = None, Sk: int | None = None,
+        Dv: int | None = None, mask=None, score=None, scale: float | None = None, dropout_p: float = 0.0,
+        return_lse: bool = False, requires_grad: bool = False, strides: tuple | None = None,
+    ) -> Signature:  # fmt: skip
+        """A signature without tensors: the call ``attention`` would receive for tensors of
+        these shapes (contiguous unless ``strides`` are given)."""
+        Hkv = Hq if Hkv is None else Hkv
+        Sk = Sq if Sk is None else Sk
+        Dv = D if Dv is None else Dv
+        m, sc = canonical_mask(mask), canonical_scores(score)
+        scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+        device = torch.device(device)
+        shapes = ((B, Hq, Sq, D), (B, Hkv, Sk, D), (B, Hkv, Sk, Dv))
+        key = decision_key(m, sc, shapes, strides, dtype, device, requires_grad, scale, float(dropout_p), return_lse, False)
+        return cls.build(shapes, dtype, device, m, sc, scale, float(dropout_p), return_lse, requires_grad, False, strides, key)
 
-    @property
-    def Hkv(self) -> int:
-        return self.k.shape[1]
+    @classmethod
+    def build(cls, shapes, dtype, device, mask, scores, scale, dropout_p, return_lse, requires_grad, need_weights, strides, key):
+        (B, Hq, Sq, D), (_, Hkv, Sk, _), (_, _, _, Dv) = shapes
+        geo = Geometry(B, Hq, Sq, Sk, device)
+        return cls(
+            B, Hq, Hkv, Sq, Sk, D, Dv, dtype, device, mask, scores, scale, dropout_p, return_lse, requires_grad,
+            need_weights, strides, key, geo,
+        )  # fmt: skip
 
+    # the names backends read (shared with Call)
     @property
-    def D(self) -> int:
-        return self.q.shape[-1]
-
-    @property
-    def Dv(self) -> int:
-        return self.v.shape[-1]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.q.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.q.device
+    def H(self) -> int:
+        return self.Hq
 
     @property
     def gqa(self) -> bool:
-        return self.q.shape[1] != self.k.shape[1]
+        return self.Hq != self.Hkv
 
-    # -- bound terms (device tensors, predicates); shared by the backends of this call -------
-    def bound_mask(self) -> BoundMask | None:
-        if self.mask is None:
-            return None
-        if "mask" not in self._bound:
-            self._bound["mask"] = self.mask.bind(self.geo)
-        return self._bound["mask"]
-
-    def bound_scores(self) -> tuple[BoundScore, ...]:
-        if "scores" not in self._bound:
-            self._bound["scores"] = tuple(s.bind(self.geo) for s in self.scores)
-        return self._bound["scores"]
-
-    def describe(self) -> str:
-        B, Hq, Sq, D = self.q.shape
-        parts = [f"q{tuple(self.q.shape)} k{tuple(self.k.shape)} v{tuple(self.v.shape)}"]
+    def describe(self, mask=None, scores=None) -> str:
+        """One line for traces and errors (``mask``/``scores``: a call's own terms)."""
+        mask = self.mask if mask is None else mask
+        scores = self.scores if scores is None else scores
+        parts = [f"q{(self.B, self.Hq, self.Sq, self.D)} k{(self.B, self.Hkv, self.Sk, self.D)} v{(self.B, self.Hkv, self.Sk, self.Dv)}"]
         parts.append(str(self.dtype).replace("torch.", ""))
         parts.append(str(self.device))
-        parts.append(f"mask={self.mask!r}" if self.mask is not None else "mask=None")
-        if self.scores:
-            parts.append("score=" + ", ".join(repr(s) for s in self.scores))
+        parts.append(f"mask={mask!r}" if mask is not None else "mask=None")
+        if scores:
+            parts.append("score=" + ", ".join(repr(s) for s in scores))
         if self.dropout_p:
             parts.append(f"dropout_p={self.dropout_p}")
         if self.return_lse:
@@ -91,3 +103,100 @@ class Call:
         if self.requires_grad:
             parts.append("grad")
         return " ".join(parts)
+
+
+def decision_key(mask, scores, shapes, strides, dtype, device, grad, scale, dropout_p, return_lse, need_weights) -> tuple:
+    """The key decisions are cached on: term structures (never values), shapes, strides, options."""
+    return (
+        mask.structure if mask is not None else None, tuple(s.structure for s in scores), shapes, strides, dtype, device,
+        grad, scale, dropout_p, return_lse, need_weights,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True, eq=False, slots=True)
+class Call:
+    """One call: its signature, tensors and terms. ``key`` identifies the terms' *content* (the
+    cache key of lowered forms); ``tokens`` are the identity tokens it uses (cache entries built
+    for this call are dropped when one of those objects is freed)."""
+
+    sig: Signature
+    q: torch.Tensor  # (B, Hq, Sq, D), any strides
+    k: torch.Tensor  # (B, Hkv, Sk, D)
+    v: torch.Tensor  # (B, Hkv, Sk, Dv)
+    mask: MaskTerm | None  # this call's terms (sig holds the first call's, for their structure)
+    scores: tuple[ScoreTerm, ...]
+    key: tuple
+    tokens: tuple
+    cacheable: bool  # False while tracing, or when a term tensor requires grad
+    _bound: dict = field(default_factory=dict)
+
+    # -- the static facts, read through the signature -----------------------------------------
+    @property
+    def geo(self) -> Geometry:
+        return self.sig.geo
+
+    @property
+    def H(self) -> int:
+        return self.sig.Hq
+
+    @property
+    def Hkv(self) -> int:
+        return self.sig.Hkv
+
+    @property
+    def D(self) -> int:
+        return self.sig.D
+
+    @property
+    def Dv(self) -> int:
+        return self.sig.Dv
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.sig.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.sig.device
+
+    @property
+    def gqa(self) -> bool:
+        return self.sig.Hq != self.sig.Hkv
+
+    @property
+    def scale(self) -> float:
+        return self.sig.scale
+
+    @property
+    def dropout_p(self) -> float:
+        return self.sig.dropout_p
+
+    @property
+    def return_lse(self) -> bool:
+        return self.sig.return_lse
+
+    @property
+    def requires_grad(self) -> bool:
+        return self.sig.requires_grad
+
+    @property
+    def need_weights(self) -> bool:
+        return self.sig.need_weights
+
+    # -- bound terms (device tensors, predicates); shared by the backends of this call -------
+    def bound_mask(self) -> BoundMask | None:
+        if self.mask is None:
+            return None
+        b = self._bound.get("mask")
+        if b is None:
+            b = self._bound["mask"] = self.mask.bind(self.geo)
+        return b
+
+    def bound_scores(self) -> tuple[BoundScore, ...]:
+        b = self._bound.get("scores")
+        if b is None:
+            b = self._bound["scores"] = tuple(s.bind(self.geo) for s in self.scores)
+        return b
+
+    def describe(self) -> str:
+        return self.sig.describe(self.mask, self.scores)

@@ -21,6 +21,13 @@ sync (they build on the CPU and copy through pinned memory). Constructors that r
 tensors (``from_padding_mask``, ``from_position_ids``, ``from_cu_seqlens`` without
 ``max_seqlen``, tensor lengths) read the values they must know on the host (max length, total
 tokens) once, at construction. Nothing in ``pad``/``unpad`` syncs.
+
+The one packing policy every model and integration uses: :meth:`SeqInfo.packed` describes the
+real tokens of a (B, S) batch as one packed row, :meth:`SeqInfo.pack` / :meth:`SeqInfo.unpack`
+move tensors between the two layouts (``anyattn.packing`` decides when a model packs).
+
+This is the bottom layer: it imports nothing of anyattn's but ``errors`` (``spec`` imports it to
+turn a SeqInfo into ``documents(...)`` / ``padding(...)`` terms, never the reverse).
 """
 
 from __future__ import annotations
@@ -60,6 +67,10 @@ class SeqInfo:
     doc_ids: torch.Tensor  # (B, S) int32 global document index, -1 for padding
     positions: torch.Tensor  # (B, S) int64 position inside its document (0 for padding)
     kind: str  # "documents" (packed rows, right padding) or "padding" (keep-mask rows)
+    # every row's real tokens form one run (no holes): always for packed documents; for a padding
+    # mask, read with the row counts at construction. Windows and ALiBi measure distances, which
+    # packing the real tokens preserves only then.
+    contiguous: bool = True
 
     def __repr__(self) -> str:
         return (
@@ -99,9 +110,11 @@ class SeqInfo:
                 if not isinstance(x, int) or x < 0:
                     raise bad_value("lengths", "non-negative integer document lengths", x)
         if not rows or not any(rows):
-            raise bad_value("lengths", "at least one row with at least one document", rows)
+            raise bad_value("lengths", "at least one row with at least one document", repr(rows)[:80])
         S = max(sum(r) for r in rows)
         if total_length is not None:
+            if isinstance(total_length, bool) or not isinstance(total_length, int):
+                raise bad_type("total_length", "an int (the row length S) or None", repr(total_length))
             if total_length < S:
                 raise bad_value("total_length", f"at least the longest row's total {S}", total_length)
             S = total_length
@@ -120,7 +133,12 @@ class SeqInfo:
         keep = mask if mask.dtype == torch.bool else mask != 0
         B, S = keep.shape
         counts_t = keep.sum(-1)
-        counts = counts_t.tolist()  # one sync, at construction
+        pos = torch.arange(S, device=keep.device)
+        first = torch.where(keep, pos, S).amin(-1) if S else counts_t
+        last = torch.where(keep, pos, -1).amax(-1) if S else counts_t
+        run = (last - first + 1 == counts_t) | (counts_t == 0)
+        counts, runs = torch.stack((counts_t, run.to(counts_t.dtype))).tolist() if B else ([], [])  # one sync
+        contiguous = all(runs)
         indices = torch.nonzero(keep.reshape(-1), as_tuple=False).flatten()
         cu = torch.zeros(B + 1, dtype=torch.int32, device=keep.device)
         cu[1:] = torch.cumsum(counts_t, 0).to(torch.int32)
@@ -132,7 +150,7 @@ class SeqInfo:
         return cls(
             B=B, S=S, lengths=lengths, host_lengths=tuple((c,) for c in counts), cu_seqlens=cu,
             max_seqlen=max(counts) if counts else 0, total=int(sum(counts)), indices=indices, keep=keep,
-            doc_ids=doc_ids, positions=positions, kind="padding",
+            doc_ids=doc_ids, positions=positions, kind="padding", contiguous=contiguous,
         )  # fmt: skip
 
     @classmethod
@@ -193,6 +211,8 @@ class SeqInfo:
             raise bad_value("cu_seqlens", "non-decreasing values", f"{cu[i]} then {cu[i + 1]} at index {i}")
         if max_seqlen is not None and max_seqlen != max(lens):
             raise bad_value("max_seqlen", f"the longest document in cu_seqlens ({max(lens)})", max_seqlen)
+        if total_length is not None and (isinstance(total_length, bool) or not isinstance(total_length, int)):
+            raise bad_type("total_length", "an int (the row length S) or None", repr(total_length))
         S = cu[-1] if total_length is None else total_length
         if S < cu[-1]:
             raise bad_value("total_length", f"at least cu_seqlens[-1] = {cu[-1]}", total_length)
@@ -246,24 +266,62 @@ class SeqInfo:
         return SeqInfo(
             B=self.B, S=self.S, lengths=mv(self.lengths), host_lengths=self.host_lengths, cu_seqlens=mv(self.cu_seqlens),
             max_seqlen=self.max_seqlen, total=self.total, indices=mv(self.indices), keep=mv(self.keep),
-            doc_ids=mv(self.doc_ids), positions=mv(self.positions), kind=self.kind,
+            doc_ids=mv(self.doc_ids), positions=mv(self.positions), kind=self.kind, contiguous=self.contiguous,
         )  # fmt: skip
 
-    def as_documents(self):
-        """The ``documents(...)`` mask term for this structure (carries this SeqInfo)."""
-        from .spec import Documents
+    def varlen(self) -> tuple[torch.Tensor, int]:
+        """``(cu_seqlens, max_seqlen)`` for a varlen kernel: int32 on this SeqInfo's device over the
+        non-empty documents (zero-length ones carry no tokens and are left out of the kernel's
+        batch), built from the host lengths through pinned memory (no sync). Memoized."""
+        hit = self.__dict__.get("_varlen")
+        if hit is None:
+            cu = [0]
+            for r in self.host_lengths:
+                for x in r:
+                    if x > 0:
+                        cu.append(cu[-1] + x)
+            hit = (host_to_device(torch.tensor(cu, dtype=torch.int32), self.cu_seqlens.device), self.max_seqlen)
+            object.__setattr__(self, "_varlen", hit)
+        return hit
 
-        if self.kind != "documents":
-            raise bad_value("seq_info", "a SeqInfo of packed documents (from_lengths/position_ids/cu_seqlens)", f"kind {self.kind!r}")
-        return Documents(self.lengths, self.host_lengths, self)
+    # ---------------------------------------------------------------- the packing policy
+    def packed(self, total_length: int | None = None) -> SeqInfo:
+        """The real tokens of this batch as ONE packed row (1, S') of the same documents (a padded
+        row is one document), ``S' = total_length`` (default: T); positions past T are padding.
+        What :meth:`pack` / :meth:`unpack` move tensors between. No host sync."""
+        T, dev = self.total, self.keep.device
+        S = T if total_length is None else total_length
+        if S < T:
+            raise bad_value("total_length", f"at least the {T} real tokens", S)
+        if self.kind == "documents" and self.B > 1:  # rows are zero-padded to N docs: re-derive
+            return SeqInfo.from_lengths([x for r in self.host_lengths for x in r], total_length=S, device=dev)
+        flat = tuple(x for r in self.host_lengths for x in r)  # padding: one per row; documents, B == 1: exact
+        tail = S - T
+        doc_ids = self.doc_ids.reshape(-1).index_select(0, self.indices)
+        positions = self.positions.reshape(-1).index_select(0, self.indices)
+        keep = torch.ones(S, dtype=torch.bool, device=dev)
+        if tail:
+            doc_ids = torch.nn.functional.pad(doc_ids, (0, tail), value=-1)
+            positions = torch.nn.functional.pad(positions, (0, tail), value=0)
+            keep[T:] = False
+        return SeqInfo(
+            B=1, S=S, lengths=(self.cu_seqlens[1:] - self.cu_seqlens[:-1]).to(torch.int64)[None], host_lengths=(flat,),
+            cu_seqlens=self.cu_seqlens, max_seqlen=self.max_seqlen, total=T, indices=torch.arange(T, device=dev),
+            keep=keep[None], doc_ids=doc_ids[None], positions=positions[None], kind="documents",
+        )  # fmt: skip
 
-    def as_padding(self):
-        """The ``padding(...)`` mask term for this structure (carries this SeqInfo)."""
-        from .spec import Padding
+    def pack(self, x: torch.Tensor, total_length: int | None = None, value=0) -> torch.Tensor:
+        """(B, S, ...) -> (1, S', ...): the real tokens in row order, then ``value`` up to
+        ``total_length`` (default T). The layout of :meth:`packed`. Differentiable."""
+        flat = unpad(x, self)
+        tail = (self.total if total_length is None else total_length) - self.total
+        if tail:
+            flat = torch.cat((flat, flat.new_full((tail, *flat.shape[1:]), value)))
+        return flat.unsqueeze(0)
 
-        if self.kind != "padding":
-            raise bad_value("seq_info", "a SeqInfo built from a padding mask", f"kind {self.kind!r}")
-        return Padding(keep=self.keep, info=self)
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """(1, S', ...) in the layout of :meth:`packed` -> (B, S, ...), zeros at padding."""
+        return pad(x[0, : self.total], self)
 
 
 def unpad(x: torch.Tensor, info: SeqInfo) -> torch.Tensor:

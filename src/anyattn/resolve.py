@@ -1,4 +1,10 @@
-"""Choosing a backend: capability checks, ranking, and a decision trace that explains itself."""
+"""Choosing a backend: capability checks, ranking, and a decision trace that explains itself.
+
+Decisions read a :class:`anyattn.call.Signature` only (``supports`` is the cheap capability
+query), so they are cached per signature: calls that differ only in term values (a new packing,
+a fresh mask tensor) share one decision. :func:`choose` answers for a signature built without
+tensors; models use it to ask what ``auto`` would pick for a batch before building the batch.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ from .backends import REGISTRY, Backend
 from .errors import UnsupportedError, bad_value
 from .ranking import ranking_for, variant_class
 
-__all__ = ["Decision", "resolve", "backend_names", "check_backend"]
+__all__ = ["Decision", "resolve", "choose", "backend_names", "check_backend", "facts_of"]
 
 
 @dataclass
@@ -62,9 +68,8 @@ def availability(name: str) -> str | None:
     dict, which torch.compile traces without a warning, unlike functools.lru_cache)."""
     if name in _AVAILABILITY:
         return _AVAILABILITY[name]
-    impl = REGISTRY[name]
     try:
-        why = impl.available()
+        why = REGISTRY[name].available()
     except ImportError as e:  # an optional package is missing: say which
         why = f"import failed: {e}"
     _AVAILABILITY[name] = why
@@ -111,23 +116,25 @@ def _normalize(backend) -> tuple[str, ...]:
     return names
 
 
-def resolve(call, requested: tuple[str, ...], *, full: bool = False):
-    """Pick the backend for ``call``. Returns (backend module, Decision).
+def resolve(sig, requested: tuple[str, ...], *, full: bool = False, exclude: tuple = (), describe: str | None = None):
+    """Pick the backend for calls of signature ``sig``. Returns (backend, Decision).
 
     ``requested == ("auto",)``: walk the ranking for this device and variant; the first backend
-    that is available and supports the call wins. With ``full=True`` (explain) every backend
+    that is available and supports the signature wins. With ``full=True`` (explain) every backend
     is checked; otherwise the ones ranked below the winner are listed as "not checked".
-    Explicit names are tried in the order given; none is ever replaced by another.
+    Explicit names are tried in the order given; none is ever replaced by another. ``exclude``:
+    backends that refused this call's values (see ``backends.base.Refusal``), with their reason.
     """
     auto = requested == ("auto",)
     if auto:
-        order = list(ranking_for(call))
+        order = list(ranking_for(sig))
         order = [n for n in order if n in REGISTRY] + [n for n in REGISTRY if n not in order]
     else:
         order = list(requested)
     # the text form joins strings over the mask's terms: not traceable with symbolic sizes
-    text = "<call traced by torch.compile>" if torch.compiler.is_compiling() else call.describe()
-    decision = Decision(text, requested, variant_class(call))
+    text = "<call traced by torch.compile>" if torch.compiler.is_compiling() else (describe or sig.describe())
+    decision = Decision(text, requested, variant_class(sig))
+    refused = dict(exclude)
     chosen = None
     for name in order:
         if chosen is not None and not full:
@@ -137,7 +144,7 @@ def resolve(call, requested: tuple[str, ...], *, full: bool = False):
         if why is not None:
             decision.rows.append(Row(name, "unavailable", why))
             continue
-        why = REGISTRY[name].supports(call)
+        why = refused.get(name) or REGISTRY[name].supports(sig)
         if why is not None:
             decision.rows.append(Row(name, "rejected", why))
             continue
@@ -150,6 +157,23 @@ def resolve(call, requested: tuple[str, ...], *, full: bool = False):
     if chosen is None:
         raise UnsupportedError(_unsupported_message(decision), decision)
     return REGISTRY[chosen], decision
+
+
+def choose(sig, backend="auto") -> str | None:
+    """The backend ``attention`` would run for calls of signature ``sig`` with ``backend=``
+    (a name, a list or "auto"), or None when none can. Nothing runs, no mask is built."""
+    try:
+        return resolve(sig, check_backend(backend))[1].chosen
+    except UnsupportedError:
+        return None
+
+
+def facts_of(backend) -> list:
+    """The facts of the backends a ``backend=`` argument names (every available one for "auto")."""
+    names = check_backend(backend)
+    if names == ("auto",):
+        names = tuple(n for n in REGISTRY if availability(n) is None)
+    return [REGISTRY[n].facts for n in names]
 
 
 def _unsupported_message(d: Decision) -> str:

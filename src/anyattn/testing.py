@@ -1,5 +1,13 @@
-"""Reference tools shipped with the package: the float64 oracle, input factories, and the
-tolerance rule every backend is held to (DESIGN.md section 7).
+"""Reference tools shipped with the package: the float64 oracle, input factories, the
+tolerance rule every backend is held to (DESIGN.md section 7), and the supported seams for
+testing code that sits on anyattn:
+
+* :func:`record_calls` records every attention call (backend that ran, mask, shapes): prove
+  which backend served a model's layers without patching anything;
+* :func:`use_backend` installs a backend instance in place of the registered one of the same
+  name, e.g. ``FlashTorchBackend(varlen=stand_in, cuda_only=False)`` to run the varlen packing
+  logic on the CPU around a reference kernel;
+* :func:`make_call` builds the validated :class:`anyattn.call.Call` a backend's ``run`` takes.
 
     err(backend vs oracle) <= 2 * err(eager in the same dtype vs oracle) + 1e-5    (forward)
     err(backend vs oracle) <= 3 * err(eager in the same dtype vs oracle) + 1e-4    (gradients)
@@ -9,13 +17,80 @@ where err is the max absolute difference. The oracle is the eager backend on flo
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
+from . import api as _api
 from .api import attention
+from .backends import REGISTRY, AttentionBackend
 
-__all__ = ["generate_qkv", "oracle", "Comparison", "compare_to_oracle"]
+__all__ = ["generate_qkv", "oracle", "Comparison", "compare_to_oracle", "record_calls", "use_backend", "make_call", "RecordedCall"]
+
+
+@dataclass(frozen=True)
+class RecordedCall:
+    """One attention call as :func:`record_calls` saw it."""
+
+    backend: str  # the backend that ran it
+    mask: object  # the canonical mask term (None: no mask)
+    scores: tuple
+    q_shape: tuple
+    k_shape: tuple
+    dtype: torch.dtype
+    requires_grad: bool
+    scale: float
+    dropout_p: float
+
+
+@contextlib.contextmanager
+def record_calls():
+    """Record every ``attention`` / ``attention_with_weights`` call in the block (a list of
+    :class:`RecordedCall`, filled as calls run)."""
+    seen: list = []
+
+    def observe(call, name):
+        seen.append(RecordedCall(name, call.mask, call.scores, tuple(call.q.shape), tuple(call.k.shape), call.dtype,
+                                 call.requires_grad, call.scale, call.dropout_p))  # fmt: skip
+
+    _api._OBSERVERS.append(observe)
+    try:
+        yield seen
+    finally:
+        _api._OBSERVERS.remove(observe)
+
+
+@contextlib.contextmanager
+def use_backend(impl: AttentionBackend):
+    """Serve ``impl.name`` with ``impl`` inside the block (decisions and availability are
+    recomputed on entry and exit). Yields ``impl``."""
+    from . import resolve as _resolve
+
+    if not isinstance(impl, AttentionBackend):
+        raise TypeError(f"impl: expected an anyattn.backends.AttentionBackend, got {type(impl).__name__}")
+    if impl.name not in REGISTRY:
+        raise ValueError(f"impl.name: expected one of {list(REGISTRY)}, got {impl.name!r}")
+    before = REGISTRY[impl.name]
+
+    def reset():
+        _api.clear_caches()
+        _resolve._AVAILABILITY.pop(impl.name, None)
+
+    REGISTRY[impl.name] = impl
+    reset()
+    try:
+        yield impl
+    finally:
+        REGISTRY[impl.name] = before
+        reset()
+
+
+def make_call(q, k, v, *, mask=None, score=None, scale=None, dropout_p=0.0, return_lse=False, need_weights=False):
+    """The validated :class:`anyattn.call.Call` that ``attention`` would hand a backend."""
+    call, _, _, _ = _api._prepare(q, k, v, mask, score, scale, dropout_p, return_lse, need_weights, "eager")
+    _api._check_values(call)
+    return call
 
 
 def generate_qkv(

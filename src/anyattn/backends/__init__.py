@@ -1,16 +1,23 @@
-"""Backend registry.
+"""Backend registry: name -> one instance of an :class:`AttentionBackend` subclass.
 
-Every backend exposes the same entry points: ``NAME``, ``available() -> None | reason`` (can it
-run on this machine at all), ``supports(call) -> None | reason`` (can it compute this call
-exactly) and ``run(call) -> (out, lse | None)``. Adding a backend is one module and one line in
-``REGISTRY``. Backends never import each other.
+Every backend has the same shape (``backends/base.py``): ``name``, ``facts``, ``available()``,
+``supports(signature)``, ``run(call)``, ``clear()``. Adding a backend is one module and one line
+in ``REGISTRY``. Backends never import each other; code above them asks the protocol (``facts``,
+``supports``) and never keeps its own list of backend names.
 """
 
 from __future__ import annotations
 
 from enum import Enum
 
-from . import eager, flash, flash_torch, flex, sdpa
+from .base import AttentionBackend, Facts, Refusal
+from .eager import EagerBackend
+from .flash import flash_backend, kernels_flash_backend
+from .flash_torch import FlashTorchBackend
+from .flex import FlexBackend
+from .sdpa import SdpaBackend
+
+__all__ = ["Backend", "REGISTRY", "AttentionBackend", "Facts", "Refusal", "facts"]
 
 
 class Backend(str, Enum):
@@ -26,12 +33,17 @@ class Backend(str, Enum):
     KERNELS_FLASH = "kernels_flash"
 
 
-REGISTRY = {
-    "eager": eager,
-    "sdpa": sdpa.SDPA,
-    "cudnn": sdpa.CUDNN,
-    "flex": flex,
-    "flash_torch": flash_torch,
-    "flash": flash.FLASH,
-    "kernels_flash": flash.KERNELS_FLASH,
+REGISTRY: dict[str, AttentionBackend] = {
+    "eager": EagerBackend(),
+    "sdpa": SdpaBackend("sdpa"),
+    "cudnn": SdpaBackend("cudnn", only="cudnn"),
+    "flex": FlexBackend(),
+    "flash_torch": FlashTorchBackend(),
+    "flash": flash_backend(),
+    "kernels_flash": kernels_flash_backend(),
 }
+
+
+def facts(name: str) -> Facts:
+    """The :class:`Facts` of a registered backend (what it can do, known without a call)."""
+    return REGISTRY[name].facts

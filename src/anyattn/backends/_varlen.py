@@ -1,6 +1,19 @@
 """Varlen (FlashAttention-style) lowering shared unchanged by ``flash_torch`` and ``flash``:
-splitting a canonical mask into window + sequence structure, the window mapping, cached packing
-metadata, and the lse layout conversion."""
+splitting a canonical mask into window + sequence structure, the window mapping, the packing
+of a call's sequences (cu_seqlens and how tokens move), and the lse layout conversion.
+
+A *packing* is what the varlen kernels need for one call: ``cu_seqlens`` on the device,
+``max_seqlen`` as a Python int, and how the (B, S) rows become packed tokens:
+
+    route      when                                         tokens
+    reshape    documents filling every row (T == B * S)     a view, no copy
+    slice      one row of documents, padding at the tail    q[0, :T], no copy
+    gather     padding, or several rows with padding        unpad (index_select) / pad
+
+It is built from host lengths (documents(list), CPU tensors, a SeqInfo) without any host sync;
+only a term that holds nothing but device data is read to the host, once per content (the
+packing is cached by the backend).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +21,9 @@ from typing import NamedTuple
 
 import torch
 
-from .._lru import LRU
 from ..layout import SeqInfo, host_to_device
 from ..spec import And, Documents, Padding, Window
-
-_PLANS = LRU(128)  # (mask key, B, Sq, Sk, device) -> {packing, contiguous, term kept alive}
+from .base import Refusal
 
 
 def map_window(w: Window | None) -> tuple[int, int]:
@@ -35,13 +46,13 @@ class Parts(NamedTuple):
 
 
 def split_mask(mask) -> Parts | str:
-    """The FlashAttention reading of a canonical mask, or why there is none."""
+    """The FlashAttention reading of a canonical mask, or why there is none (structure only)."""
     if mask is None:
         return Parts(None, None)
     terms = mask.terms if isinstance(mask, And) else (mask,)
     window, seq = None, None
     for t in terms:
-        if isinstance(t, Window) and window is None:
+        if isinstance(t, Window) and window is None and not (t.left is None and t.right is None):
             window = t
         elif isinstance(t, (Documents, Padding)) and seq is None:
             seq = t
@@ -55,16 +66,28 @@ def split_mask(mask) -> Parts | str:
     return Parts(window, seq)
 
 
-class Packing(NamedTuple):
-    """Varlen metadata for one (sequence term, B, S, device): built once, then cached."""
+def positional_refusal(seq, positional: bool) -> str | None:
+    """Why packing cannot serve a padding term that a window (or ALiBi) measures distances on,
+    when its SeqInfo says a row has holes; None when fine or not known from the structure."""
+    if positional and isinstance(seq, Padding) and seq.contiguous is False:
+        return (
+            "padding with holes inside a row, combined with a window or alibi: packing would shorten the "
+            "distances they measure; use flex, or left/right padding"
+        )
+    return None
 
-    info: SeqInfo | None  # for unpad/pad (indices, B, S, total); None when no token is real
+
+class Packing(NamedTuple):
+    """Varlen metadata for one call: built once per content, then cached by the backend."""
+
+    route: str  # "reshape" | "slice" | "gather" | "empty" (no real token)
     cu: torch.Tensor | None  # (D+1,) int32 on device, zero-length sequences dropped
     max_seqlen: int  # Python int: no sync at run time
     total: int  # T real tokens
+    info: SeqInfo | None  # the "gather" route's indices (unpad/pad)
 
 
-def _cu_from_counts(counts: list[int], device) -> tuple[torch.Tensor, int]:
+def _cu(counts, device) -> tuple[torch.Tensor, int]:
     cu = [0]
     for c in counts:
         if c > 0:  # zero-length sequences carry no tokens; leave them out of the kernel's batch
@@ -73,87 +96,97 @@ def _cu_from_counts(counts: list[int], device) -> tuple[torch.Tensor, int]:
     return host_to_device(torch.tensor(cu, dtype=torch.int32), device), max(counts, default=0)
 
 
-def _document_rows(term: Documents, B: int) -> list[list[int]]:
-    rows = term.host_lengths
-    if rows is None:
-        rows = term.lengths.tolist()  # host sync: once per mask key (the plan is cached)
-    rows = [list(r) for r in rows]
-    if len(rows) == 1 and B > 1:
-        rows = rows * B
-    return rows
+_EMPTY = Packing("empty", None, 0, 0, None)
 
 
 def _packing_documents(term: Documents, B: int, S: int, device) -> Packing:
     info = term.info
     if info is not None and info.B == B and info.S == S:
-        info = info.to(device)
-        rows = [list(r) for r in info.host_lengths]
-    else:
-        rows = _document_rows(term, B)
-        rows = [[x for x in r if x > 0] for r in rows]
-        if not any(rows):
-            return Packing(None, None, 0, 0)
-        info = SeqInfo.from_lengths(rows, total_length=S, device=device)
-    cu, mx = _cu_from_counts([x for r in rows for x in r], device)
-    return Packing(info, cu, mx, info.total)
+        if info.total == 0:
+            return _EMPTY
+        cu, mx = info.to(device).varlen()
+        route = "reshape" if info.total == B * S else ("slice" if B == 1 else "gather")
+        return Packing(route, cu, mx, info.total, info.to(device) if route == "gather" else None)
+    rows = term.host_rows()  # host values, or one read of a device tensor (cached by the caller)
+    if len(rows) == 1 and B > 1:
+        rows = rows * B
+    counts = [x for r in rows for x in r if x > 0]
+    T = sum(counts)
+    if T == 0:
+        return _EMPTY
+    cu, mx = _cu(counts, device)
+    if T == B * S:
+        return Packing("reshape", cu, mx, T, None)
+    if B == 1:
+        return Packing("slice", cu, mx, T, None)
+    info = SeqInfo.from_lengths([[x for x in r if x > 0] for r in rows], total_length=S, device=device)
+    return Packing("gather", cu, mx, T, info)
 
 
-def _packing_padding(term: Padding, B: int, S: int, device) -> Packing:
+def _packing_padding(term: Padding, B: int, S: int, device, positional: bool) -> Packing:
     info = term.info
-    if info is not None and info.B == B and info.S == S:
-        info = info.to(device)
-    elif term.keep is not None:
-        info = SeqInfo.from_padding_mask(term.keep.to(device))  # host sync (row counts), once
-    else:
-        lengths = term.lengths.tolist()  # host sync, once per mask key
-        if not any(lengths):
-            return Packing(None, None, 0, 0)
-        info = SeqInfo.from_lengths([[x] if x > 0 else [] for x in lengths], total_length=S, device=device)
-    counts = [sum(r) for r in info.host_lengths]
+    if info is None or info.B != B or info.S != S:
+        if term.keep is not None:
+            info = SeqInfo.from_padding_mask(term.keep.to(device))  # host sync (row counts), once per content
+        else:
+            lengths = term.lengths.tolist()  # host sync, once per content
+            if not any(lengths):
+                return _EMPTY
+            info = SeqInfo.from_lengths([[x] if x > 0 else [] for x in lengths], total_length=S, device=device)
     if info.total == 0:
-        return Packing(None, None, 0, 0)
-    cu, mx = _cu_from_counts(counts, device)
-    return Packing(info, cu, mx, info.total)
+        return _EMPTY
+    if positional and not info.contiguous:
+        raise Refusal(
+            "padding(mask=...) with holes inside a row, combined with a window or alibi: packing would shorten "
+            "the distances they measure; use flex, or left/right padding"
+        )
+    info = info.to(device)
+    cu, mx = info.varlen()
+    return Packing("reshape" if info.total == B * S else "gather", cu, mx, info.total, info)
 
 
-def _contiguous(keep: torch.Tensor) -> bool:
-    """Whether every row's real tokens form one run (left or right padding, no holes).
-
-    Windows count positions; packing removes padding, so a hole inside a row would shorten the
-    distances a window sees. One host sync, at planning time (cached)."""
-    B, S = keep.shape
-    pos = torch.arange(S, device=keep.device).expand(B, S)
-    first = torch.where(keep, pos, S).amin(-1)
-    last = torch.where(keep, pos, -1).amax(-1)
-    n = keep.sum(-1)
-    return bool(((last - first + 1 == n) | (n == 0)).all())
-
-
-def packing_for(call, seq: Documents | Padding, positional: bool) -> Packing | str:
-    """Varlen metadata of a call's sequence term, built once per (mask key, shapes, device).
+def packing_for(call, seq, positional: bool) -> Packing:
+    """Varlen metadata of a call's sequence term (the caller caches it per content key).
 
     ``positional``: the call also measures distances (a window, alibi), which packing preserves
-    only when each row's real tokens are one run; a padding keep-mask with holes is refused."""
+    only when each row's real tokens are one run; a keep-mask with holes raises :class:`Refusal`."""
     geo = call.geo
-    key = (call.mask.key, geo.B, geo.Sq, geo.Sk, geo.device) if call.cacheable else None
-    entry = _PLANS.get(key) if key is not None else None
-    if entry is None:
-        if isinstance(seq, Documents):
-            packing = _packing_documents(seq, geo.B, geo.Sk, geo.device)
-        else:
-            packing = _packing_padding(seq, geo.B, geo.Sk, geo.device)
-        entry = {"packing": packing, "contiguous": None, "term": call.mask}  # the term keeps tensor ids alive
-        if key is not None:
-            _PLANS.put(key, entry)
-    if positional and isinstance(seq, Padding) and seq.keep is not None:
-        if entry["contiguous"] is None:
-            entry["contiguous"] = _contiguous(seq.keep.to(geo.device))
-        if not entry["contiguous"]:
-            return (
-                "padding(mask=...) with holes inside a row, combined with a window or alibi: packing "
-                "would shorten the distances they measure; use flex, or left/right padding"
-            )
-    return entry["packing"]
+    if isinstance(seq, Documents):
+        return _packing_documents(seq, geo.B, geo.Sk, geo.device)
+    return _packing_padding(seq, geo.B, geo.Sk, geo.device, positional)
+
+
+def tokens_in(pk: Packing, x_BSHD: torch.Tensor) -> torch.Tensor:
+    """(B, S, H, D) -> (T, H, D) packed tokens along the packing's route."""
+    B, S = x_BSHD.shape[:2]
+    if pk.route == "reshape":
+        return x_BSHD.reshape(B * S, *x_BSHD.shape[2:])
+    if pk.route == "slice":
+        return x_BSHD[0, : pk.total]
+    return x_BSHD.reshape(B * S, *x_BSHD.shape[2:]).index_select(0, pk.info.indices)
+
+
+def tokens_out(pk: Packing, o_THD: torch.Tensor, B: int, S: int) -> torch.Tensor:
+    """(T, H, D) -> (B, S, H, D), exactly 0 at positions that are no real token."""
+    if pk.route == "reshape":
+        return o_THD.view(B, S, *o_THD.shape[1:])
+    if pk.route == "slice":
+        return torch.nn.functional.pad(o_THD, (0, 0, 0, 0, 0, S - pk.total)).unsqueeze(0)
+    out = o_THD.new_zeros(B * S, *o_THD.shape[1:])
+    out.index_copy_(0, pk.info.indices, o_THD)  # in place on the fresh buffer: one write
+    return out.view(B, S, *o_THD.shape[1:])
+
+
+def lse_out(pk: Packing, lse_TH: torch.Tensor, B: int, S: int, H: int) -> torch.Tensor:
+    """(T, H) -> (B, H, S) float32, -inf at positions that are no real token."""
+    if pk.route == "reshape":
+        return lse_TH.view(B, S, H).transpose(1, 2)
+    full = torch.full((B * S, H), float("-inf"), device=lse_TH.device)
+    if pk.route == "slice":
+        full[: pk.total] = lse_TH
+    else:
+        full = full.index_copy(0, pk.info.indices, lse_TH)
+    return full.view(B, S, H).transpose(1, 2)
 
 
 def lse_to_TH(lse: torch.Tensor, T: int, H: int, heads_first: bool = True) -> torch.Tensor:
@@ -172,5 +205,3 @@ def lse_to_TH(lse: torch.Tensor, T: int, H: int, heads_first: bool = True) -> to
         raise RuntimeError(f"flash_torch: varlen_attn returned an lse of shape {tuple(lse.shape)}, expected (H={H}, T={T})")
     lse = lse.float()
     return torch.where(lse == float("inf"), float("-inf"), lse)
-
-

@@ -21,8 +21,12 @@ boundary. GQA is native. Mapping of a call (``plan``)::
     alibi(slopes)                 alibi_slopes=slopes (float32, (Hq,)); FA2 only
     dropout_p                     dropout_p; FA2 only
 
-Packing (documents, padding) reuses flash_torch's planning: the same SeqInfo-derived varlen
-metadata, the same one-time host syncs, documented there.
+Packing (documents, padding) reuses the varlen lowering of ``_varlen``: the same metadata,
+the same one-time host syncs, documented there. ``plan`` reads a signature or a call (the same
+attribute names): ``supports`` asks it with the signature, ``run`` with the call's values.
+
+The CUDA capability probe can be overridden with ``ANYATTN_CUDA_CAPABILITY=9.0`` (which builds
+a Hopper machine would load).
 """
 
 from __future__ import annotations
@@ -31,13 +35,15 @@ import functools
 import importlib
 import importlib.util
 import inspect
+import os
 from typing import Any, Callable, NamedTuple
 
 import torch
 
-from ..layout import pad, unpad
+from .._cache import LRU
 from ..spec import Alibi, Documents, Softcap
-from ._varlen import Packing, lse_to_TH, map_window, packing_for, split_mask
+from ._varlen import Packing, lse_out, lse_to_TH, map_window, packing_for, positional_refusal, split_mask, tokens_in, tokens_out
+from .base import AttentionBackend, Facts
 
 MAX_HEAD_DIM = 256
 
@@ -84,7 +90,8 @@ class FlashPlan(NamedTuple):
     route: str  # "func" | "varlen"
     kind: str  # dense | causal | window | documents | padding
     kwargs: dict  # keyword arguments of flash_attn_func / flash_attn_varlen_func (besides tensors)
-    packing: Packing | None  # varlen: SeqInfo-derived metadata
+    seq: Any  # varlen: the documents / padding term
+    positional: bool  # varlen: a window or alibi measures distances (packing must keep them)
 
 
 # Keyword defaults shared by FA2 and FA3: a kwarg still at its default is dropped when the
@@ -107,7 +114,8 @@ def causal_and_window(w) -> tuple[bool, tuple[int, int]]:
 
 
 def plan(call, impl: Impl) -> FlashPlan | str:
-    """The flash-attn arguments for a call, or why this build cannot compute it exactly."""
+    """The flash-attn arguments for a call (or a signature), or why this build cannot compute it
+    exactly."""
     parts = split_mask(call.mask)
     if isinstance(parts, str):
         return parts
@@ -140,19 +148,18 @@ def plan(call, impl: Impl) -> FlashPlan | str:
         kw["dropout_p"] = call.dropout_p
     if call.return_lse:
         kw["return_attn_probs"] = True  # FA2: (out, lse, S_dmask); FA3: (out, lse)
-    packing = None
+    positional = parts.window is not None or alibi is not None
     if parts.seq is None:
         route, params = "func", impl.func_params
         kind = "dense" if parts.window is None else ("causal" if causal else "window")
     else:
         route, params = "varlen", impl.varlen_params
-        seq = parts.seq
-        kind = "documents" if isinstance(seq, Documents) else "padding"
+        kind = "documents" if isinstance(parts.seq, Documents) else "padding"
         if geo.Sq != geo.Sk:
             return f"{kind} on flash-attn needs Sq == Sk, got Sq={geo.Sq}, Sk={geo.Sk}; use flex or sdpa"
-        packing = packing_for(call, seq, parts.window is not None or alibi is not None)
-        if isinstance(packing, str):
-            return packing
+        why = positional_refusal(parts.seq, positional)
+        if why is not None:
+            return why
     if params:  # an argument this build lacks: drop it at its default, refuse it otherwise
         for name in [n for n in kw if n not in params and n != "softmax_scale"]:
             value, default = kw[name], _DEFAULTS.get(name)
@@ -162,7 +169,7 @@ def plan(call, impl: Impl) -> FlashPlan | str:
             if not at_default:
                 return f"{impl.source}: its {route} function has no {name!r} argument (installed version too old?)"
             del kw[name]
-    return FlashPlan(route, kind, kw, packing)
+    return FlashPlan(route, kind, kw, parts.seq, positional)
 
 
 def lse_to_BHS(lse: torch.Tensor, B: int, H: int, S: int) -> torch.Tensor:
@@ -189,6 +196,9 @@ def _split_result(r, want_lse: bool):
 
 @functools.lru_cache(maxsize=None)
 def _is_hopper() -> bool:
+    forced = os.environ.get("ANYATTN_CUDA_CAPABILITY")
+    if forced:
+        return forced.split(".")[0].strip() == "9"
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 
 
@@ -241,17 +251,22 @@ def _load_kernels() -> Impl | str:
 # the two backends
 
 
-class _FlashFamily:
-    def __init__(self, name: str, spec_names: tuple[str, ...], install: str, loader):
-        self.NAME = name
+class FlashPackageBackend(AttentionBackend):
+    """A flash-attn build as a backend. ``loader() -> Impl | reason`` finds the build (a test
+    passes one that returns a stand-in Impl; ``cuda_only=False`` then runs it on CPU tensors)."""
+
+    def __init__(self, name: str, spec_names: tuple[str, ...], install: str, loader, *, cuda_only: bool = True):
+        self.name = name
         self._specs = spec_names
         self._install = install
         self._loader = loader
-
-    def __repr__(self) -> str:
-        return f"<backend {self.NAME}>"
+        self._cuda_only = cuda_only
+        self.facts = Facts(packed_documents=True, dropout=True)  # dropout: FA2 builds (FA3 refuses in supports)
+        self.packings = LRU(128)
 
     def available(self) -> str | None:
+        if not self._cuda_only:
+            return None
         if all(importlib.util.find_spec(n) is None for n in self._specs):
             return self._install
         if not torch.cuda.is_available():
@@ -264,75 +279,78 @@ class _FlashFamily:
     def impl(self) -> Impl | str:
         return self._loader()
 
-    def supports(self, call) -> str | None:
-        if call.device.type != "cuda":
-            return f"needs CUDA tensors, got {call.device.type}"
+    def supports(self, sig) -> str | None:
+        if self._cuda_only and sig.device.type != "cuda":
+            return f"needs CUDA tensors, got {sig.device.type}"
         impl = self.impl()
         if isinstance(impl, str):
             return impl
-        return supports_with(call, impl)
+        return supports_with(sig, impl)
+
+    def clear(self) -> None:
+        self.packings.clear()
+        if self._loader in (_load_flash_attn, _load_kernels):
+            _load_flash_attn.cache_clear()
+            _load_kernels.cache_clear()
+            _is_hopper.cache_clear()
 
     def run(self, call):
         impl = self.impl()
         if isinstance(impl, str):
-            raise RuntimeError(f"{self.NAME}: {impl}")
-        return run_with(call, impl)
+            raise RuntimeError(f"{self.name}: {impl}")
+        p = plan(call, impl)
+        if isinstance(p, str):
+            raise RuntimeError(f"flash-attn cannot run this call: {p}")
+        B, Hq, Sq, _ = call.q.shape
+        q_BSHD, k_BSHD, v_BSHD = (t.transpose(1, 2) for t in (call.q, call.k, call.v))
+        want_lse = call.return_lse
+        if p.route == "func":
+            out, lse = _split_result(impl.func(q_BSHD, k_BSHD, v_BSHD, **p.kwargs), want_lse)
+            out = out.transpose(1, 2)
+            if lse is not None:
+                lse = lse_to_BHS(lse, B, Hq, Sq).detach()
+            return out, lse
+        pk = self.packings.get(call.key) if call.cacheable else None
+        if pk is None:
+            pk = packing_for(call, p.seq, p.positional)
+            if call.cacheable:
+                self.packings.put(call.key, pk, call.tokens)
+        if pk.route == "empty":
+            out = call.q.new_zeros(B, Hq, Sq, call.Dv)
+            if call.requires_grad:
+                out = out + 0.0 * (call.q.sum() + call.k.sum() + call.v.sum())
+            lse = torch.full((B, Hq, Sq), float("-inf"), device=call.device) if want_lse else None
+            return out, lse
+        r = impl.varlen_func(
+            tokens_in(pk, q_BSHD), tokens_in(pk, k_BSHD), tokens_in(pk, v_BSHD), pk.cu, pk.cu, pk.max_seqlen,
+            pk.max_seqlen, **p.kwargs,
+        )  # fmt: skip
+        out_THD, lse = _split_result(r, want_lse)
+        out = tokens_out(pk, out_THD, B, Sq).transpose(1, 2)
+        if lse is not None:
+            lse = lse_out(pk, lse_to_TH(lse, pk.total, Hq).detach(), B, Sq, Hq)
+        return out, lse
 
 
-def supports_with(call, impl: Impl) -> str | None:
+def supports_with(sig, impl: Impl) -> str | None:
     """Everything but the device and the loading (CPU tests pass a stand-in Impl)."""
-    if call.dtype not in (torch.float16, torch.bfloat16):
-        return f"FlashAttention takes float16/bfloat16, got {call.dtype}"
-    if call.need_weights:
+    if sig.dtype not in (torch.float16, torch.bfloat16):
+        return f"FlashAttention takes float16/bfloat16, got {sig.dtype}"
+    if sig.need_weights:
         return "FlashAttention does not return attention weights"
-    if call.D != call.Dv:
-        return f"flash-attn here needs equal q/k and v head dims, got D={call.D}, Dv={call.Dv}"
-    if call.D > MAX_HEAD_DIM or call.D % 8 != 0:
-        return f"FlashAttention needs a head dim <= {MAX_HEAD_DIM} and a multiple of 8, got {call.D}"
-    p = plan(call, impl)
+    if sig.D != sig.Dv:
+        return f"flash-attn here needs equal q/k and v head dims, got D={sig.D}, Dv={sig.Dv}"
+    if sig.D > MAX_HEAD_DIM or sig.D % 8 != 0:
+        return f"FlashAttention needs a head dim <= {MAX_HEAD_DIM} and a multiple of 8, got {sig.D}"
+    if sig.scale <= 0:
+        return f"scale={sig.scale}: FlashAttention masks before it scales, which breaks for a scale <= 0; use sdpa or eager"
+    p = plan(sig, impl)
     return p if isinstance(p, str) else None
 
 
-def run_with(call, impl: Impl):
-    p = plan(call, impl)
-    if isinstance(p, str):
-        raise RuntimeError(f"flash-attn cannot run this call: {p}")
-    B, Hq, Sq, _ = call.q.shape
-    q_BSHD, k_BSHD, v_BSHD = (t.transpose(1, 2) for t in (call.q, call.k, call.v))
-    want_lse = call.return_lse
-    if p.route == "func":
-        out, lse = _split_result(impl.func(q_BSHD, k_BSHD, v_BSHD, **p.kwargs), want_lse)
-        out = out.transpose(1, 2)
-        if lse is not None:
-            lse = lse_to_BHS(lse, B, Hq, Sq).detach()
-        return out, lse
-    pk = p.packing
-    if pk.total == 0:
-        out = call.q.new_zeros(B, Hq, Sq, call.Dv)
-        if call.requires_grad:
-            out = out + 0.0 * (call.q.sum() + call.k.sum() + call.v.sum())
-        lse = torch.full((B, Hq, Sq), float("-inf"), device=call.device) if want_lse else None
-        return out, lse
-    info = pk.info
-    r = impl.varlen_func(
-        unpad(q_BSHD, info), unpad(k_BSHD, info), unpad(v_BSHD, info), pk.cu, pk.cu, pk.max_seqlen, pk.max_seqlen,
-        **p.kwargs,
-    )  # fmt: skip
-    out_THD, lse = _split_result(r, want_lse)
-    out = pad(out_THD, info).transpose(1, 2)
-    if lse is not None:
-        lse_TH = lse_to_TH(lse, info.total, Hq).detach()
-        full = torch.full((B * Sq, Hq), float("-inf"), device=call.device).index_copy(0, info.indices, lse_TH)
-        lse = full.view(B, Sq, Hq).transpose(1, 2)
-    return out, lse
+def flash_backend() -> FlashPackageBackend:
+    return FlashPackageBackend("flash", ("flash_attn", "flash_attn_interface"), FLASH_INSTALL, _load_flash_attn)
 
 
-FLASH = _FlashFamily("flash", ("flash_attn", "flash_attn_interface"), FLASH_INSTALL, _load_flash_attn)
-KERNELS_FLASH = _FlashFamily("kernels_flash", ("kernels",), KERNELS_INSTALL, _load_kernels)
-
-
-def _clear() -> None:
-    """Forget loaded builds (api.clear_caches)."""
-    _load_flash_attn.cache_clear()
-    _load_kernels.cache_clear()
-    _is_hopper.cache_clear()
+def kernels_flash_backend() -> FlashPackageBackend:
+    return FlashPackageBackend("kernels_flash", ("kernels",), KERNELS_INSTALL, _load_kernels)

@@ -1,18 +1,23 @@
 """FlexAttention backend: terms lowered to ``mask_mod`` / ``score_mod``, compiled, cached.
 
-* The mask becomes a ``BlockMask`` (``create_block_mask`` on the term's predicate), cached per
-  (mask, shapes, device): a repeated mask is never rebuilt (on an H200 a 16k-token document
-  BlockMask costs ~5 ms against a ~0.6 ms kernel).
+* The mask becomes a ``BlockMask``, cached per call content: a repeated mask is never rebuilt.
+  For masks made of documents, padding and windows (what packed training and serving use) the
+  block structure is computed from the terms directly: per 128x128 tile, from the range of
+  document ids and positions it covers (a few small tensor ops, no host sync). Other masks go
+  through ``create_block_mask``, which evaluates the predicate on every (i, j) pair (on an H200
+  ~5 ms for a 16k-token row, against a ~0.6 ms kernel: what a new packing per step would pay).
 * Score terms are chained into one ``score_mod`` in the order given.
-* One compiled entry point per variant structure (the tree of term types) and geometry, each
-  with its own code object and therefore its own dynamo cache: every entry compiles exactly
-  once, and many variants in one process never exhaust a shared recompile limit. Document
-  lengths, padding masks and other term tensors are kernel inputs: changing them never
-  recompiles. (Why not dynamic shapes: see _DYNAMIC below.)
+* One compiled entry point per variant structure (term types, static parameters, user
+  functions) and geometry, each with its own code object and therefore its own dynamo cache:
+  every entry compiles exactly once, and many variants in one process never exhaust a shared
+  recompile limit. Document lengths, padding masks, prefix lengths and other term values are
+  kernel inputs: changing them never recompiles. (Why not dynamic shapes: see ``_DYNAMIC``.)
 * The unfused path never runs silently. An uncompiled ``flex_attention`` call materializes the
   full score matrix (seen at 7 TFLOP/s instead of ~300). If dynamo ever falls back to running
   the entry point eagerly (recompile limit hit, dynamo disabled), the entry point notices it is
   not being compiled and raises instead of computing.
+* Rows that see no key are zeroed (from the lse) when the mask can produce them: the kernel
+  multiplies whole tiles, so a NaN in a value such a row cannot see would reach it (0 * NaN).
 * Inside a caller's ``torch.compile`` region, ``flex_attention`` is called directly and becomes
   part of the caller's graph.
 """
@@ -28,13 +33,11 @@ import warnings
 
 import torch
 
-from .._lru import LRU
+from .._cache import LRU
 from ..errors import AnyAttnError
+from ..spec import And, Documents, Padding, Window
+from .base import AttentionBackend, Facts
 
-NAME = "flex"
-
-_BLOCK_MASKS = LRU(64)  # (mask key, versions, B, H, Sq, Sk, device) -> BlockMask
-_ENTRIES: dict = {}
 # Static shapes, one compiled entry point per (variant structure, shapes, dtype, grad mode).
 # Dynamic-shape FlexAttention fails to lower on the torch versions we test (torch 2.11 CUDA:
 # "LoweringException: 'ShapeAsConstantBuffer' object has no attribute 'dtype'"; torch 2.13 CPU:
@@ -43,7 +46,20 @@ _ENTRIES: dict = {}
 # at a fixed sequence length never recompiles (they are tensors captured by the mask); a new
 # sequence length compiles one new kernel. ANYATTN_FLEX_DYNAMIC=1 opts into dynamic shapes.
 _DYNAMIC = os.environ.get("ANYATTN_FLEX_DYNAMIC", "0") == "1"
-STATS = {"block_mask_builds": 0, "compiled_entries": 0}
+BLOCK = 128  # FlexAttention's default sparse block size (q and kv)
+
+# calls with at most this many queries against more keys (and at most this many scores) run
+# FlexAttention unfused: see FlexBackend.run
+UNFUSED_MAX_SQ = 16
+UNFUSED_MAX_SCORES = 2**26
+
+# Known issue (torch 2.11, H200): FlexAttention forward+backward with GQA fails to compile at some
+# sequence lengths ("NoValidChoicesError: No choices to select", e.g. S=113 with 8 query / 2 kv
+# heads; the same geometry without GQA, and S=128 or 200 with GQA, compile). Reproducer:
+# benchmarks/flex_diag.py; results in benchmarks/results/flex_diag_h200.txt. When it happens the
+# kv heads are repeated to the query heads (the same math: head h reads kv head h // (Hq // Hkv))
+# and that form is compiled instead; the call stays on flex and stays exact.
+_GQA_COMPILE_FAILURE = "NoValidChoicesError"
 
 
 class FlexFallbackError(AnyAttnError, RuntimeError):
@@ -61,40 +77,6 @@ def _flex_api():
 
     _FA, _HAS_AUX = fa, "return_aux" in inspect.signature(fa.flex_attention).parameters
     return _FA, _HAS_AUX
-
-
-def available() -> str | None:
-    try:
-        _flex_api()
-    except ImportError:
-        return f"torch {torch.__version__} has no FlexAttention (needs torch >= 2.5)"
-    if not torch.cuda.is_available():
-        if tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (2, 6):
-            return f"FlexAttention on CPU needs torch >= 2.6, found {torch.__version__}"
-        if not any(shutil.which(c) for c in ("cc", "gcc", "clang", "g++")):
-            return "FlexAttention on CPU compiles C++ through inductor, and no C/C++ compiler is on PATH"
-    return None
-
-
-def supports(call) -> str | None:
-    dev = call.device.type
-    if dev not in ("cuda", "cpu"):
-        return f"FlexAttention runs on CUDA or CPU, got {dev}"
-    if dev == "cpu" and call.requires_grad:
-        return "FlexAttention has no backward on CPU (inputs require grad); use eager or sdpa, or a CUDA device"
-    if dev == "cpu" and call.return_lse:
-        return "FlexAttention on CPU does not return the log-sum-exp; use eager, or a CUDA device"
-    if call.dropout_p > 0:
-        return "FlexAttention has no dropout (dropout_p > 0); use eager, sdpa or cudnn"
-    if call.dtype == torch.float64:
-        return "FlexAttention's compiled kernels do not take float64"
-    if dev == "cuda" and call.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"dtype {call.dtype} is not supported by FlexAttention"
-    if call.D < 16 or call.Dv < 16:
-        return f"FlexAttention needs head dims >= 16, got D={call.D}, Dv={call.Dv}"
-    if call.need_weights:
-        return "FlexAttention does not return attention weights"
-    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,105 +112,19 @@ def _call_flex(q, k, v, score_mod, block_mask, scale, enable_gqa, return_lse):
     return out, None
 
 
-def _structure(term) -> tuple:
-    """The shape of a variant that decides the generated kernel: term types and user functions."""
-    if term is None:
-        return ()
-    parts: list = [type(term).__name__]
-    for name in term.__dataclass_fields__:
+def _code_ids(term) -> tuple:
+    """The user functions inside a term: a different function is a different kernel."""
+    out = []
+    for name in getattr(term, "__dataclass_fields__", ()):
         v = getattr(term, name)
-        if isinstance(v, tuple) and v and hasattr(v[0], "__dataclass_fields__"):
-            parts.append(tuple(_structure(t) for t in v))
-        elif hasattr(v, "__dataclass_fields__"):
-            parts.append(_structure(v))
+        if isinstance(v, tuple):
+            for x in v:
+                out.extend(_code_ids(x))
+        elif hasattr(v, "__dataclass_fields__") and not hasattr(v, "cu_seqlens"):
+            out.extend(_code_ids(v))
         elif callable(v) and not isinstance(v, torch.Tensor):
-            parts.append(id(getattr(v, "__code__", v)))
-        elif isinstance(v, torch.Tensor):
-            parts.append(v.dim())
-    return tuple(parts)
-
-
-def _entry_for(call):
-    key = (
-        _structure(call.mask), tuple(_structure(s) for s in call.scores), call.device.type,
-        None if _DYNAMIC else (tuple(call.q.shape), tuple(call.k.shape), tuple(call.v.shape)),
-        call.dtype, call.requires_grad, call.return_lse,
-    )  # fmt: skip
-    return _entry(key)
-
-
-def _entry(key):
-    """The compiled entry point for ``key``: a fresh code object (its own dynamo cache) of
-    ``_entry_template``, compiled once."""
-    fn = _ENTRIES.get(key)
-    if fn is None:
-        name = f"anyattn_flex_{len(_ENTRIES)}"
-        raw = types.FunctionType(_entry_template.__code__.replace(co_name=name), _entry_template.__globals__, name)
-        fn = torch.compile(raw, dynamic=_DYNAMIC, fullgraph=True)
-        _ENTRIES[key] = fn
-        STATS["compiled_entries"] += 1
-    return fn
-
-
-# --------------------------------------------------------------------------------------------
-# lowering
-
-
-def block_mask_for(call):
-    """The BlockMask of a call's mask (None when there is no mask), built once and cached."""
-    if call.mask is None:
-        return None
-    geo = call.geo
-    key = (call.mask.key, geo.B, geo.H, geo.Sq, geo.Sk, geo.device)
-    bm = _BLOCK_MASKS.get(key)
-    if bm is None:
-        fa = _FA if _FA is not None else _flex_api()[0]
-        bound = call.bound_mask()
-        pred = bound.pred
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            return pred(b, h, q_idx, kv_idx)
-
-        mask_mod.__name__ = f"anyattn_mask:{call.mask!r}"
-        bm = fa.create_block_mask(
-            mask_mod, geo.B if bound.uses_b else None, geo.H if bound.uses_h else None, geo.Sq, geo.Sk, device=geo.device
-        )
-        if not torch.compiler.is_compiling():  # a counter read while tracing becomes a guard
-            STATS["block_mask_builds"] += 1
-        _BLOCK_MASKS.put(key, (bm, call.mask))  # the term keeps its tensors (and their ids) alive
-        return bm
-    return bm[0]
-
-
-def score_mod_for(call):
-    mods = [bs.mod for bs in call.bound_scores()]
-    if not mods:
-        return None
-    if len(mods) == 1:
-        return mods[0]
-
-    def score_mod(score, b, h, q_idx, kv_idx):
-        for m in mods:
-            score = m(score, b, h, q_idx, kv_idx)
-        return score
-
-    return score_mod
-
-
-# calls with at most this many queries against more keys (and at most this many scores) run
-# FlexAttention unfused: see run()
-UNFUSED_MAX_SQ = 16
-UNFUSED_MAX_SCORES = 2**26
-
-_BY_CALL = LRU(256)  # call key -> (entry, score_mod, expand_kv, BlockMask): one lookup per repeated call
-
-# Known issue (torch 2.11, H200): FlexAttention forward+backward with GQA fails to compile at some
-# sequence lengths ("NoValidChoicesError: No choices to select", e.g. S=113 with 8 query / 2 kv
-# heads; the same geometry without GQA, and S=128 or 200 with GQA, compile). Reproducer:
-# benchmarks/flex_diag.py; results in benchmarks/results/flex_diag_h200.txt. When it happens the
-# kv heads are repeated to the query heads (the same math: head h reads kv head h // (Hq // Hkv))
-# and that form is compiled instead; the call stays on flex and stays exact.
-_GQA_COMPILE_FAILURE = "NoValidChoicesError"
+            out.append(id(getattr(v, "__code__", v)))
+    return tuple(out)
 
 
 def _is_recompile_limit(e: BaseException) -> bool:
@@ -244,55 +140,311 @@ def _is_recompile_limit(e: BaseException) -> bool:
     return False
 
 
+# --------------------------------------------------------------------------------------------
+# block structure from the terms (documents, padding, windows)
+
+
+def _ranges(ids: torch.Tensor, n: int, length: int):
+    """Per block of BLOCK positions of ``ids`` (R, length) (-1 = no document): (first id, last id,
+    any real, all real) over the real positions, each (R, n). Positions past ``length`` are not
+    real (a block that sticks out is never full)."""
+    R = ids.shape[0]
+    pad = n * BLOCK - length
+    if pad:
+        ids = torch.nn.functional.pad(ids, (0, pad), value=-1)
+    ids = ids.view(R, n, BLOCK)
+    real = ids >= 0
+    big = torch.iinfo(ids.dtype).max
+    lo = torch.where(real, ids, big).amin(-1)
+    hi = torch.where(real, ids, -1).amax(-1)
+    return lo, hi, real.any(-1), real.all(-1)
+
+
+def _term_blocks(t, geo, nq: int, nk: int):
+    """(any, all) bool (R, nq, nk) for one term: any = some pair of the tile may be visible, all =
+    every pair is. None when the term has no block-level rule here."""
+    off = geo.offset
+    if isinstance(t, Window):
+        dev = geo.device
+        qlo = torch.arange(nq, device=dev) * BLOCK + off
+        qhi = torch.clamp(qlo - off + BLOCK, max=geo.Sq) - 1 + off
+        klo = torch.arange(nk, device=dev) * BLOCK
+        khi = torch.clamp(klo + BLOCK, max=geo.Sk) - 1
+        dmin = qlo[:, None] - khi[None, :]  # i' - j over the tile
+        dmax = qhi[:, None] - klo[None, :]
+        any_ = torch.ones(nq, nk, dtype=torch.bool, device=dev)
+        all_ = any_.clone()
+        if t.left is not None:
+            any_ &= dmin <= t.left
+            all_ &= dmax <= t.left
+        if t.right is not None:
+            any_ &= dmax >= -t.right
+            all_ &= dmin >= -t.right
+        inside = ((qlo - off + BLOCK) <= geo.Sq)[:, None] & ((klo + BLOCK) <= geo.Sk)[None, :]
+        return any_[None], (all_ & inside)[None]
+    if isinstance(t, Documents):
+        ids = t.doc_ids(geo).to(torch.int64)  # (Bd, Sk)
+    elif isinstance(t, Padding):
+        keep = t.keep_mask(geo)  # (B, Sk): one "document" per row, -1 at padding
+        ids = torch.where(keep, 0, -1)
+    else:
+        return None
+    qlo, qhi, qany, qall = _ranges(ids[:, off:], nq, geo.Sq)
+    klo, khi, kany, kall = _ranges(ids, nk, geo.Sk)
+    any_ = qany[:, :, None] & kany[:, None, :] & (qlo[:, :, None] <= khi[:, None, :]) & (klo[:, None, :] <= qhi[:, :, None])
+    all_ = qall[:, :, None] & kall[:, None, :] & (qlo == qhi)[:, :, None] & (klo == khi)[:, None, :] & (qlo[:, :, None] == klo[:, None, :])
+    return any_, all_
+
+
+def structured_block_mask(call, mask_mod):
+    """A BlockMask for a mask of documents / padding / windows built from the terms, or None when
+    the mask has another term (then ``create_block_mask`` evaluates the predicate)."""
+    geo = call.geo
+    parts = call.mask.terms if isinstance(call.mask, And) else (call.mask,)
+    nq, nk = -(-geo.Sq // BLOCK), -(-geo.Sk // BLOCK)
+    any_ = all_ = None
+    for t in parts:
+        r = _term_blocks(t, geo, nq, nk)
+        if r is None:
+            return None
+        a, f = r
+        any_ = a if any_ is None else any_ & a
+        all_ = f if all_ is None else all_ & f
+    partial = (any_ & ~all_)[:, None]  # (R, 1, nq, nk): one row shared by every head
+    full = all_[:, None]
+
+    def ordered(dense):
+        d = dense.to(torch.int32)
+        return d.sum(-1).to(torch.int32), torch.argsort(d, dim=-1, descending=True, stable=True).to(torch.int32)
+
+    kv_num, kv_idx = ordered(partial)
+    full_num, full_idx = ordered(full)
+    fa = _FA if _FA is not None else _flex_api()[0]
+    return fa.BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK, mask_mod, (geo.Sq, geo.Sk))
+
+
+def may_have_empty_rows(call) -> bool:
+    """Whether some query row may see no key (then its output is zeroed from the lse)."""
+    geo, m = call.geo, call.mask
+    if m is None:
+        return False
+    parts = m.terms if isinstance(m, And) else (m,)
+    for t in parts:
+        if isinstance(t, Window):
+            continue  # every window contains the query's own position i'
+        if isinstance(t, Documents) and t.host_lengths is not None and all(sum(r) == geo.Sk for r in t.host_lengths):
+            continue  # no tail: every position is in a document, with itself
+        return True
+    return geo.Sq > geo.Sk  # queries before the first key
+
+
+def rows_seen(call) -> torch.Tensor:
+    """(B or 1, H or 1, Sq, 1) bool: rows that see at least one key, without the lse (CPU
+    FlexAttention returns none). For documents / padding / windows a row sees a key iff its own
+    position is a real token of a document (every window contains the diagonal); other masks are
+    evaluated on the index grid."""
+    from ..spec import materialize_mask
+
+    geo, m = call.geo, call.mask
+    parts = m.terms if isinstance(m, And) else (m,)
+    if geo.Sq <= geo.Sk and all(isinstance(t, (Window, Documents, Padding)) for t in parts):
+        seen = torch.ones(1, geo.Sq, dtype=torch.bool, device=geo.device)
+        for t in parts:
+            if isinstance(t, Documents):
+                seen = seen & (t.doc_ids(geo)[:, geo.offset :] >= 0)
+            elif isinstance(t, Padding):
+                seen = seen & t.keep_mask(geo)[:, geo.offset :]
+        return seen[:, None, :, None]
+    return materialize_mask(call.bound_mask(), geo).any(-1, keepdim=True)
+
+
+# --------------------------------------------------------------------------------------------
+# the backend
+
+
+class FlexBackend(AttentionBackend):
+    name = "flex"
+    facts = Facts(packed_documents=True, score_fn=True)
+
+    def __init__(self):
+        self.block_masks = LRU(64)  # content key -> BlockMask
+        self._by_call = LRU(256)  # content key -> (entry, score_mod, expand_kv, BlockMask, zero_empty)
+        self._entries: dict = {}
+        self.stats = {"block_mask_builds": 0, "structured_block_masks": 0, "compiled_entries": 0, "gqa_expanded": 0}
+
+    def available(self) -> str | None:
+        try:
+            _flex_api()
+        except ImportError:
+            return f"torch {torch.__version__} has no FlexAttention (needs torch >= 2.5)"
+        if not torch.cuda.is_available():
+            if tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (2, 6):
+                return f"FlexAttention on CPU needs torch >= 2.6, found {torch.__version__}"
+            if not any(shutil.which(c) for c in ("cc", "gcc", "clang", "g++")):
+                return "FlexAttention on CPU compiles C++ through inductor, and no C/C++ compiler is on PATH"
+        return None
+
+    def supports(self, sig) -> str | None:
+        dev = sig.device.type
+        if dev not in ("cuda", "cpu"):
+            return f"FlexAttention runs on CUDA or CPU, got {dev}"
+        if dev == "cpu" and sig.requires_grad:
+            return "FlexAttention has no backward on CPU (inputs require grad); use eager or sdpa, or a CUDA device"
+        if dev == "cpu" and sig.return_lse:
+            return "FlexAttention on CPU does not return the log-sum-exp; use eager, or a CUDA device"
+        if sig.dropout_p > 0:
+            return "FlexAttention has no dropout (dropout_p > 0); use eager, sdpa or cudnn"
+        if sig.dtype == torch.float64:
+            return "FlexAttention's compiled kernels do not take float64"
+        if dev == "cuda" and sig.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return f"dtype {sig.dtype} is not supported by FlexAttention"
+        if sig.D < 16 or sig.Dv < 16:
+            return f"FlexAttention needs head dims >= 16, got D={sig.D}, Dv={sig.Dv}"
+        if sig.need_weights:
+            return "FlexAttention does not return attention weights"
+        return None
+
+    def clear(self) -> None:
+        self.block_masks.clear()
+        self._by_call.clear()
+
+    # -- lowering -------------------------------------------------------------------------
+    def _entry(self, key):
+        """The compiled entry point for ``key``: a fresh code object (its own dynamo cache) of
+        ``_entry_template``, compiled once."""
+        fn = self._entries.get(key)
+        if fn is None:
+            name = f"anyattn_flex_{len(self._entries)}"
+            raw = types.FunctionType(_entry_template.__code__.replace(co_name=name), _entry_template.__globals__, name)
+            fn = torch.compile(raw, dynamic=_DYNAMIC, fullgraph=True)
+            self._entries[key] = fn
+            self.stats["compiled_entries"] += 1
+        return fn
+
+    def entry_for(self, call, return_lse: bool):
+        sig = call.sig
+        key = (
+            sig.mask.structure if sig.mask is not None else None, tuple(s.structure for s in sig.scores),
+            _code_ids(call.mask), tuple(_code_ids(s) for s in call.scores), sig.device.type,
+            None if _DYNAMIC else (tuple(call.q.shape), tuple(call.k.shape), tuple(call.v.shape)),
+            sig.dtype, sig.requires_grad, return_lse,
+        )  # fmt: skip
+        return self._entry(key)
+
+    def block_mask_for(self, call):
+        """The BlockMask of a call's mask (None when there is no mask), built once per content."""
+        if call.mask is None:
+            return None
+        key = call.key
+        bm = self.block_masks.get(key) if call.cacheable else None
+        if bm is not None:
+            return bm
+        fa = _FA if _FA is not None else _flex_api()[0]
+        geo = call.geo
+        bound = call.bound_mask()
+        pred = bound.pred
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return pred(b, h, q_idx, kv_idx)
+
+        mask_mod.__name__ = f"anyattn_mask:{call.mask!r}"
+        bm = None if torch.compiler.is_compiling() else structured_block_mask(call, mask_mod)
+        counting = not torch.compiler.is_compiling()  # a counter read while tracing becomes a guard
+        if bm is None:
+            bm = fa.create_block_mask(
+                mask_mod, geo.B if bound.uses_b else None, geo.H if bound.uses_h else None, geo.Sq, geo.Sk, device=geo.device
+            )
+        elif counting:
+            self.stats["structured_block_masks"] += 1
+        if counting:
+            self.stats["block_mask_builds"] += 1
+        if call.cacheable:
+            self.block_masks.put(key, bm, call.tokens)
+        return bm
+
+    def score_mod_for(self, call):
+        mods = [bs.mod for bs in call.bound_scores()]
+        if not mods:
+            return None
+        if len(mods) == 1:
+            return mods[0]
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            for m in mods:
+                score = m(score, b, h, q_idx, kv_idx)
+            return score
+
+        return score_mod
+
+    # -- running --------------------------------------------------------------------------
+    def run(self, call):
+        if _FA is None:
+            _flex_api()
+        q, k, v = call.q, call.k, call.v
+        if torch.compiler.is_compiling():  # inside the caller's compiled graph
+            return _call_flex(q, k, v, self.score_mod_for(call), self.block_mask_for(call), call.scale, call.gqa, call.return_lse)
+        geo = call.geo
+        if geo.Sq <= UNFUSED_MAX_SQ < geo.Sk and geo.B * geo.H * geo.Sq * geo.Sk <= UNFUSED_MAX_SCORES:
+            # Decode-sized calls (a few queries against a KV cache that grows every step): the kernel
+            # is compiled per shape, so each step would compile again. FlexAttention's unfused path
+            # computes the same scores, mask and score_mod exactly, at O(Sq * Sk) like the kernel.
+            zero = may_have_empty_rows(call)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*flex_attention.*")
+                out, lse = _call_flex(
+                    q, k, v, self.score_mod_for(call), self.block_mask_for(call), call.scale, call.gqa,
+                    call.return_lse or (zero and geo.device.type != "cpu"),
+                )  # fmt: skip
+            return _finish(call, out, lse, zero)
+        # one lookup on the hot path: the call key determines entry, score_mod and BlockMask
+        hit = self._by_call.get(call.key) if call.cacheable else None
+        if hit is None:
+            zero = may_have_empty_rows(call)
+            if zero and geo.device.type == "cpu":  # no lse on CPU: the rows come from the mask
+                zero = rows_seen(call)
+            want_lse = call.return_lse or zero is True
+            hit = (self.entry_for(call, want_lse), self.score_mod_for(call), False, self.block_mask_for(call), zero)
+            if call.cacheable:
+                self._by_call.put(call.key, hit, call.tokens)
+        fn, sm, expand, bm, zero = hit
+        want_lse = call.return_lse or zero is True
+        if expand:
+            k, v = _expand_kv(call)
+            out, lse = fn(q, k, v, sm, bm, call.scale, False, want_lse)
+            return _finish(call, out, lse, zero)
+        try:
+            out, lse = fn(q, k, v, sm, bm, call.scale, call.gqa, want_lse)
+        except Exception as e:  # noqa: BLE001 - re-raised below unless it is one of two known cases
+            if _is_recompile_limit(e):
+                # fullgraph=True: dynamo raises at its recompile limit; say what it means
+                raise FlexFallbackError(
+                    f"flex: torch.compile reached its recompile limit ({torch._dynamo.config.recompile_limit}) for "
+                    f"this variant; refusing to run FlexAttention's unfused path. Raise "
+                    "torch._dynamo.config.recompile_limit or keep the number of input layouts per geometry bounded."
+                ) from e
+            if not (call.gqa and _GQA_COMPILE_FAILURE in str(e)):
+                raise
+            self.stats["gqa_expanded"] += 1
+            fn = self._entry(("expanded-kv", id(fn)))
+            if call.cacheable:
+                self._by_call.put(call.key, (fn, sm, True, bm, zero), call.tokens)
+            k, v = _expand_kv(call)
+            out, lse = fn(q, k, v, sm, bm, call.scale, False, want_lse)
+        return _finish(call, out, lse, zero)
+
+
+def _finish(call, out, lse, zero):
+    """Rows that saw no key: exactly 0, whatever the values they could not see held. ``zero``:
+    False, True (read the rows from the lse) or a (.., Sq, 1) bool tensor of rows that see a key."""
+    if zero is True and lse is not None:
+        out = torch.where((lse == float("-inf"))[..., None], torch.zeros((), dtype=out.dtype, device=out.device), out)
+    elif isinstance(zero, torch.Tensor):
+        out = torch.where(zero, out, torch.zeros((), dtype=out.dtype, device=out.device))
+    elif zero is True:  # CPU decode path: no lse
+        out = torch.where(rows_seen(call), out, torch.zeros((), dtype=out.dtype, device=out.device))
+    return out, (lse if call.return_lse else None)
+
+
 def _expand_kv(call):
     g = call.geo.H // call.Hkv
     return call.k.repeat_interleave(g, dim=1), call.v.repeat_interleave(g, dim=1)
-
-
-def _entry_expanded(call):
-    return _entry(("expanded-kv", id(_entry_for(call))))
-
-
-def run(call):
-    if _FA is None:
-        _flex_api()
-    q, k, v = call.q, call.k, call.v
-    if torch.compiler.is_compiling():  # inside the caller's compiled graph
-        return _call_flex(q, k, v, score_mod_for(call), block_mask_for(call), call.scale, call.gqa, call.return_lse)
-    geo = call.geo
-    if geo.Sq <= UNFUSED_MAX_SQ < geo.Sk and geo.B * geo.H * geo.Sq * geo.Sk <= UNFUSED_MAX_SCORES:
-        # Decode-sized calls (a few queries against a KV cache that grows every step): the kernel
-        # is compiled per shape, so each step would compile again. FlexAttention's unfused path
-        # computes the same scores, mask and score_mod exactly, at O(Sq * Sk) like the kernel.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*flex_attention.*")
-            return _call_flex(q, k, v, score_mod_for(call), block_mask_for(call), call.scale, call.gqa, call.return_lse)
-    # one lookup on the hot path: the call key determines entry, score_mod and BlockMask
-    hit = _BY_CALL.get(call.key) if call.cacheable else None
-    if hit is None:
-        hit = (_entry_for(call), score_mod_for(call), False, block_mask_for(call))
-        if call.cacheable:
-            _BY_CALL.put(call.key, hit)
-    fn, sm, expand, bm = hit
-    if expand:
-        k, v = _expand_kv(call)
-        return fn(q, k, v, sm, bm, call.scale, False, call.return_lse)
-    try:
-        return fn(q, k, v, sm, bm, call.scale, call.gqa, call.return_lse)
-    except Exception as e:  # noqa: BLE001 - re-raised below unless it is one of two known cases
-        msg = str(e)
-        if _is_recompile_limit(e):
-            # fullgraph=True: dynamo raises at its recompile limit; say what it means
-            raise FlexFallbackError(
-                f"flex: torch.compile reached its recompile limit ({torch._dynamo.config.recompile_limit}) for "
-                f"this variant; refusing to run FlexAttention's unfused path. Raise "
-                "torch._dynamo.config.recompile_limit or keep the number of input layouts per geometry bounded."
-            ) from e
-        if call.gqa and _GQA_COMPILE_FAILURE in msg:
-            STATS["gqa_expanded"] = STATS.get("gqa_expanded", 0) + 1
-            fn = _entry_expanded(call)
-            if call.cacheable:
-                _BY_CALL.put(call.key, (fn, sm, True, bm))
-            k, v = _expand_kv(call)
-            return fn(q, k, v, sm, bm, call.scale, False, call.return_lse)
-        raise

@@ -1,6 +1,6 @@
 """SDPA family: ``sdpa`` (torch picks the kernel) and ``cudnn`` (SDPA restricted to cuDNN).
 
-Lowering (cached per call signature, so a repeated mask is not rebuilt):
+Lowering (cached per call content, so a repeated mask is not rebuilt):
 
 * no mask, no score            -> ``attn_mask=None``            (flash / cuDNN / efficient)
 * ``causal()`` with Sq == Sk   -> ``is_causal=True``            (SDPA's is_causal is top-left
@@ -8,6 +8,10 @@ Lowering (cached per call signature, so a repeated mask is not rebuilt):
 * ``padding(...)`` alone       -> a keys-only (B, 1, 1, Sk) mask; padding query rows are zeroed
 * anything else                -> an exact materialized mask (bool, or a float bias in the input
   dtype when additive score terms are present: alibi, bias, relative_bias)
+
+With ``scale <= 0`` the ``is_causal`` fast path is not used: torch's kernels return NaN there
+(masked logits are scaled after masking), so the causal mask is materialized instead, and cuDNN
+refuses the call.
 
 Score terms that are not additive (softcap, score_fn) cannot be expressed through SDPA and are
 refused. Rows with no visible key are unmasked before the kernel and zeroed after it, so no kernel
@@ -21,12 +25,13 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .._lru import LRU
+from .._cache import LRU
+from ..spec import Bias, Geometry, Padding, Window, materialize_mask
 from ._sdp_switch import run_only
-from ..spec import Bias, Padding, Window, materialize_mask
+from .base import AttentionBackend, Facts
 
 # Known kernel issues that make a backend refuse a call (checked in supports(), reported by
-# explain()). Each entry: (backend, predicate(call) -> bool, reason).
+# explain()). Each entry: (backend name, predicate(signature) -> bool, reason).
 KNOWN_ISSUES: list = []
 
 
@@ -37,20 +42,33 @@ class Lowered(NamedTuple):
     kind: str  # what the lowering chose, for explain() and tests
 
 
+def lowering_kind(sig) -> str:
+    """Which form :func:`lower` builds for calls of this signature (no tensor is touched)."""
+    mask = sig.mask
+    if not sig.scores:
+        if mask is None:
+            return "no mask"
+        if isinstance(mask, Window) and mask.is_causal and sig.Sq == sig.Sk and sig.scale > 0:
+            return "is_causal"
+        if isinstance(mask, Padding):
+            return "keys-only padding mask"
+    return "materialized float bias" if sig.scores else "materialized bool mask"
+
+
 def lower(call) -> Lowered:
     """The SDPA form of a call (pure: same call -> same form)."""
     geo, mask = call.geo, call.mask
-    if not call.scores:
-        if mask is None:
-            return Lowered(None, False, None, "no mask")
-        if isinstance(mask, Window) and mask.is_causal and geo.Sq == geo.Sk:
-            return Lowered(None, True, None, "is_causal")
-        if isinstance(mask, Padding):
-            keep = mask.keep_mask(geo)  # (B, Sk)
-            any_key = keep.any(-1)  # (B,)
-            keys = keep | ~any_key[:, None]  # a row with no real key attends everywhere, then is zeroed
-            q_ok = keep[:, geo.offset :] & any_key[:, None]  # (B, Sq)
-            return Lowered(keys[:, None, None, :], False, q_ok[:, None, :, None], "keys-only padding mask")
+    kind = lowering_kind(call.sig)
+    if kind == "no mask":
+        return Lowered(None, False, None, kind)
+    if kind == "is_causal":
+        return Lowered(None, True, None, kind)
+    if kind == "keys-only padding mask":
+        keep = mask.keep_mask(geo)  # (B, Sk)
+        any_key = keep.any(-1)  # (B,)
+        keys = keep | ~any_key[:, None]  # a row with no real key attends everywhere, then is zeroed
+        q_ok = keep[:, geo.offset :] & any_key[:, None]  # (B, Sq)
+        return Lowered(keys[:, None, None, :], False, q_ok[:, None, :, None], kind)
     m = materialize_mask(call.bound_mask(), geo) if mask is not None else None
     biases = [bs.dense() for bs in call.bound_scores()]
     bias = None
@@ -71,7 +89,7 @@ def lower(call) -> Lowered:
             if bias is not None:
                 bias = torch.where(any_v, bias, torch.zeros((), device=bias.device, dtype=bias.dtype))
     if bias is None:
-        return Lowered(m, False, row_ok, "materialized bool mask")
+        return Lowered(m, False, row_ok, kind)
     if call.dtype in (torch.float16, torch.bfloat16):
         # saturate finite values to the dtype's range (a real -inf stays -inf)
         fi = torch.finfo(call.dtype)
@@ -79,16 +97,43 @@ def lower(call) -> Lowered:
     bias = bias.to(call.dtype)
     if m is not None:
         bias = bias.masked_fill(~m, float("-inf"))
-    return Lowered(bias, False, row_ok, "materialized float bias")
+    return Lowered(bias, False, row_ok, kind)
 
 
-def _sdpa_params(call, lw: Lowered):
-    from torch.backends.cuda import SDPAParams
-
+def _placeholder_mask(sig) -> torch.Tensor | None:
+    """An uninitialized tensor of the shape and dtype :func:`lower` would give ``attn_mask``, for
+    torch's cuDNN check: shapes come from evaluating the terms on the meta device (no compute, no
+    mask built); only the allocation is real."""
+    kind = lowering_kind(sig)
+    if kind in ("no mask", "is_causal"):
+        return None
+    if kind == "keys-only padding mask":
+        return torch.empty(sig.B, 1, 1, sig.Sk, dtype=torch.bool, device=sig.device)
+    meta = Geometry(sig.B, sig.Hq, sig.Sq, sig.Sk, torch.device("meta"))
+    shape = [1, 1, sig.Sq, sig.Sk]
     try:
-        return SDPAParams(call.q, call.k, call.v, lw.attn_mask, call.dropout_p, lw.is_causal, call.gqa)
-    except TypeError:  # torch < 2.5: no enable_gqa field
-        return SDPAParams(call.q, call.k, call.v, lw.attn_mask, call.dropout_p, lw.is_causal)
+        if sig.mask is not None:
+            shape = list(materialize_mask(sig.mask.bind(meta), meta).shape)
+        for s in sig.scores:
+            bshape = s.bind(meta).dense().shape
+            shape = [max(a, b) for a, b in zip(shape, [1] * (4 - len(bshape)) + list(bshape))]
+    except Exception:  # noqa: BLE001 - a term that cannot run on meta tensors: the full shape
+        shape = [sig.B, sig.Hq, sig.Sq, sig.Sk]
+    dtype = sig.dtype if sig.scores else torch.bool
+    return torch.empty(shape, dtype=dtype, device=sig.device)
+
+
+def _placeholder_qkv(sig):
+    """Uninitialized q, k, v with the signature's shapes and strides (allocation only)."""
+    shapes = ((sig.B, sig.Hq, sig.Sq, sig.D), (sig.B, sig.Hkv, sig.Sk, sig.D), (sig.B, sig.Hkv, sig.Sk, sig.Dv))
+    strides = sig.strides or (None, None, None)
+    out = []
+    for shape, stride in zip(shapes, strides):
+        if stride is None:
+            out.append(torch.empty(shape, dtype=sig.dtype, device=sig.device))
+        else:
+            out.append(torch.empty_strided(shape, stride, dtype=sig.dtype, device=sig.device))
+    return out
 
 
 def _probe_enable_gqa() -> bool:
@@ -102,31 +147,29 @@ def _probe_enable_gqa() -> bool:
 
 _ENABLE_GQA = _probe_enable_gqa()  # a constant: torch.compile traces it without a cache wrapper
 
-
-
 # Materialized masks are (B, 1, Sq, Sk): 1 GiB for one 32k-token packed row. The cache of lowered
 # forms holds at most this many bytes of them (a repeated call hits; a stream of new packings
 # evicts instead of pinning the GPU's memory).
-_MASK_CACHE_BYTES = 2 << 30
+MASK_CACHE_BYTES = 2 << 30
 
 
 def _lowered_nbytes(lw) -> int:
     return sum(t.numel() * t.element_size() for t in (lw.attn_mask, lw.row_ok) if isinstance(t, torch.Tensor))
 
 
-class _SdpaBackend:
-    """One SDPA-based backend; ``only`` restricts SDPA to one kernel (None = torch decides)."""
+class SdpaBackend(AttentionBackend):
+    """One SDPA-based backend; ``only`` restricts SDPA to one kernel (None = torch decides).
+    ``kernel`` is the SDPA function called (a test passes a recording stand-in)."""
 
-    def __init__(self, name: str, only: str | None):
-        self.NAME = name
+    def __init__(self, name: str = "sdpa", only: str | None = None, *, kernel=None):
+        self.name = name
         self._only = only
-        self.cache = LRU(256, max_bytes=_MASK_CACHE_BYTES, nbytes=_lowered_nbytes)
-
-    def __repr__(self) -> str:
-        return f"<backend {self.NAME}>"
+        self._kernel = kernel if kernel is not None else F.scaled_dot_product_attention
+        self.facts = Facts(dropout=True, context_parallel=True)
+        self.cache = LRU(256, max_bytes=MASK_CACHE_BYTES, nbytes=_lowered_nbytes)
 
     def available(self) -> str | None:
-        if self.NAME == "cudnn":
+        if self._only == "cudnn":
             if not torch.cuda.is_available():
                 return "needs a CUDA GPU (torch.cuda.is_available() is False)"
             if not hasattr(torch.backends.cuda, "can_use_cudnn_attention"):
@@ -135,77 +178,89 @@ class _SdpaBackend:
                 return "cuDNN attention needs compute capability >= 8.0"
         return None
 
-    def supports(self, call) -> str | None:
-        if call.return_lse:
+    def supports(self, sig) -> str | None:
+        if sig.return_lse:
             return "SDPA does not return the log-sum-exp (use eager, flex or flash_torch for return_lse)"
-        half = call.dtype in (torch.float16, torch.bfloat16)
-        for s in call.scores:
+        if sig.need_weights:
+            return "SDPA does not return attention weights (attention_with_weights runs eager)"
+        half = sig.dtype in (torch.float16, torch.bfloat16)
+        for s in sig.scores:
             if not s.additive:
                 return f"{s!r} is not an additive bias; SDPA takes only additive score terms"
-            if half and not (isinstance(s, Bias) and s.tensor.dtype == call.dtype):
+            if half and not (isinstance(s, Bias) and s.tensor.dtype == sig.dtype):
                 # SDPA takes the bias in the input dtype. Rounding a float32 ALiBi/relative bias
                 # to bf16 broke the accuracy rule in the H200 fuzz run (ALiBi, Sq=48, Sk=4: 10x
                 # eager's error); a bias tensor already in the input dtype loses nothing.
                 return (
-                    f"{s!r} would be rounded to {str(call.dtype).replace('torch.', '')} in SDPA's attn_mask, which "
+                    f"{s!r} would be rounded to {str(sig.dtype).replace('torch.', '')} in SDPA's attn_mask, which "
                     "costs more accuracy than the tolerance rule allows; use flex (float32 score_mod) or eager, "
                     "or pass a bias tensor already in the input dtype"
                 )
-        if call.gqa and not _ENABLE_GQA:
-            return f"GQA (Hq={call.geo.H}, Hkv={call.Hkv}) needs torch >= 2.5 (enable_gqa)"
-        if self.NAME == "cudnn":
-            if call.device.type != "cuda":
-                return f"needs CUDA tensors, got {call.device.type}"
-            if call.dtype not in (torch.float16, torch.bfloat16):
-                return f"cuDNN attention takes float16/bfloat16, got {call.dtype}"
-            if torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled():
-                return (
-                    "cuDNN attention is not deterministic and torch.use_deterministic_algorithms(True) is set; "
-                    "use sdpa (flash/efficient run their deterministic variants), flash_torch or eager"
-                )
-            for name, pred, reason in KNOWN_ISSUES:
-                if name == self.NAME and pred(call):
-                    return reason
-            if torch.compiler.is_compiling():
-                return None  # SDPAParams cannot be traced; the static checks above hold
-            lw = self._lowered(call)
-            ok = run_only("cudnn", lambda: torch.backends.cuda.can_use_cudnn_attention(_sdpa_params(call, lw), False))
-            if not ok:
-                return (
-                    f"torch's cuDNN check refused this call (head dim {call.D}/{call.Dv}, "
-                    f"mask form: {lw.kind}); run with TORCH_LOGS or see torch.backends.cuda.can_use_cudnn_attention"
-                )
+        if sig.gqa and not _ENABLE_GQA:
+            return f"GQA (Hq={sig.Hq}, Hkv={sig.Hkv}) needs torch >= 2.5 (enable_gqa)"
+        if self._only == "cudnn":
+            return self._supports_cudnn(sig)
         return None
 
-    def _lowered(self, call) -> Lowered:
+    def _supports_cudnn(self, sig) -> str | None:
+        if sig.device.type != "cuda":
+            return f"needs CUDA tensors, got {sig.device.type}"
+        if sig.dtype not in (torch.float16, torch.bfloat16):
+            return f"cuDNN attention takes float16/bfloat16, got {sig.dtype}"
+        if sig.scale <= 0:
+            return f"scale={sig.scale}: cuDNN's masking is not verified for a scale <= 0; use sdpa (materialized mask) or eager"
+        if torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled():
+            return (
+                "cuDNN attention is not deterministic and torch.use_deterministic_algorithms(True) is set; "
+                "use sdpa (flash/efficient run their deterministic variants), flash_torch or eager"
+            )
+        for name, pred, reason in KNOWN_ISSUES:
+            if name == self.name and pred(sig):
+                return reason
+        if torch.compiler.is_compiling():
+            return None  # SDPAParams cannot be traced; the static checks above hold
+        from torch.backends.cuda import SDPAParams
+
+        q, k, v = _placeholder_qkv(sig)
+        mask = _placeholder_mask(sig)
+        is_causal = lowering_kind(sig) == "is_causal"
+        try:
+            params = SDPAParams(q, k, v, mask, sig.dropout_p, is_causal, sig.gqa)
+        except TypeError:  # torch < 2.5: no enable_gqa field
+            params = SDPAParams(q, k, v, mask, sig.dropout_p, is_causal)
+        ok = run_only("cudnn", lambda: torch.backends.cuda.can_use_cudnn_attention(params, False))
+        if not ok:
+            return (
+                f"torch's cuDNN check refused this call (head dim {sig.D}/{sig.Dv}, "
+                f"mask form: {lowering_kind(sig)}); run with TORCH_LOGS or see torch.backends.cuda.can_use_cudnn_attention"
+            )
+        return None
+
+    def lowered(self, call) -> Lowered:
+        """The lowered form of a call (built once per content key)."""
         if not call.cacheable:
             return lower(call)
         lw = self.cache.get(call.key)
         if lw is None:
             lw = lower(call)
-            self.cache.put(call.key, lw)
+            self.cache.put(call.key, lw, call.tokens)
         return lw
 
     def run(self, call):
-        lw = self._lowered(call)
+        lw = self.lowered(call)
         kw = {"enable_gqa": True} if call.gqa else {}
-        if self._only is None:
-            out = F.scaled_dot_product_attention(
+        sdpa = self._kernel
+
+        def kernel():
+            return sdpa(
                 call.q, call.k, call.v, attn_mask=lw.attn_mask, dropout_p=call.dropout_p,
                 is_causal=lw.is_causal, scale=call.scale, **kw,
             )  # fmt: skip
-        else:
-            out = run_only(
-                self._only,
-                lambda: F.scaled_dot_product_attention(
-                    call.q, call.k, call.v, attn_mask=lw.attn_mask, dropout_p=call.dropout_p,
-                    is_causal=lw.is_causal, scale=call.scale, **kw,
-                ),
-            )  # fmt: skip
+
+        out = kernel() if self._only is None else run_only(self._only, kernel)
         if lw.row_ok is not None:
             out = torch.where(lw.row_ok, out, 0.0)
         return out, None
 
-
-SDPA = _SdpaBackend("sdpa", None)
-CUDNN = _SdpaBackend("cudnn", "cudnn")
+    def clear(self) -> None:
+        self.cache.clear()

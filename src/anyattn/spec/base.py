@@ -1,0 +1,232 @@
+"""What every term shares: the geometry it is bound to, its two keys, and argument checks.
+
+Two keys per term:
+
+* ``structure``: what a *decision* depends on (term types, static parameters, tensor shapes,
+  dtypes and devices; never tensor values). Calls that differ only in values (a new packing, a
+  fresh mask tensor of the same shape) share one decision: ``auto`` does not re-rank them.
+* ``key``: the *content* (values of small host tensors, host lengths, or the identity token and
+  version of other tensors; see ``anyattn._cache``). Lowered forms (materialized masks,
+  BlockMasks, varlen metadata) are cached on it; an identity token is never reused, so a freed
+  tensor's entry can never be served to a new one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+
+from .._cache import obj_key, tensor_key
+from ..errors import bad_type, bad_value
+
+# --------------------------------------------------------------------------------------------
+# Call geometry handed to terms when they are bound to a concrete call.
+
+
+class Geometry(NamedTuple):
+    """The shape of one call as terms see it."""
+
+    B: int
+    H: int
+    Sq: int
+    Sk: int
+    device: torch.device
+
+    @property
+    def offset(self) -> int:
+        """Sk - Sq: add it to a query index to get its key position (bottom-right alignment)."""
+        return self.Sk - self.Sq
+
+
+class BoundMask(NamedTuple):
+    """A mask term bound to a geometry: a predicate over index tensors plus what it reads."""
+
+    pred: Callable[..., torch.Tensor]
+    uses_b: bool
+    uses_h: bool
+
+
+class BoundScore(NamedTuple):
+    """A score term bound to a geometry."""
+
+    mod: Callable[..., torch.Tensor]
+    additive: bool  # s -> s + f(b, h, q, kv): expressible as an additive attention bias
+    uses_b: bool
+    uses_h: bool
+    dense: Callable[[], torch.Tensor] | None  # additive terms: the bias as a broadcast tensor
+
+
+def _is_seqinfo(v) -> bool:
+    return hasattr(v, "cu_seqlens") and hasattr(v, "host_lengths")
+
+
+def value_key(v, tokens: list | None):
+    """Content key of one field value (identity tokens used are appended to ``tokens``)."""
+    if isinstance(v, Term):
+        return v.content_key(tokens)
+    if isinstance(v, torch.Tensor):
+        return tensor_key(v, tokens)
+    if isinstance(v, (list, tuple)):
+        return tuple(value_key(x, tokens) for x in v)
+    if callable(v) or _is_seqinfo(v):
+        return obj_key(v, tokens)
+    return v
+
+
+def value_structure(v):
+    """Structure of one field value: tensor metadata, never values."""
+    if isinstance(v, Term):
+        return v.structure
+    if isinstance(v, torch.Tensor):
+        return ("tensor", tuple(v.shape), v.dtype, v.device, v.requires_grad)
+    if isinstance(v, (list, tuple)):
+        return tuple(value_structure(x) for x in v)
+    if _is_seqinfo(v):
+        return ("SeqInfo", v.B, v.S, v.kind, v.contiguous)
+    if callable(v):
+        return ("fn",)
+    return v
+
+
+class Term:
+    """Shared plumbing of mask and score terms (frozen dataclasses): keys and tensors."""
+
+    def __post_init__(self):
+        if not self.tensors():  # tensorless terms compute their key once, at construction
+            self.key
+
+    def _fields(self) -> tuple:
+        return tuple(getattr(self, f) for f in self.__dataclass_fields__)  # type: ignore[attr-defined]
+
+    def content_key(self, tokens: list | None = None) -> tuple:
+        """Hashable identity of the term's content; appends the identity tokens it uses to
+        ``tokens``. Memoized for terms without tensors (their content cannot change); recomputed
+        otherwise, so that in-place edits (version bumps) are seen."""
+        hit = self.__dict__.get("_key")
+        if hit is not None:
+            if tokens is not None:
+                tokens.extend(hit[1])
+            return hit[0]
+        mine: list = []
+        k = (type(self).__name__,) + tuple(value_key(v, mine) for v in self._fields())
+        if not self.tensors():
+            object.__setattr__(self, "_key", (k, tuple(mine)))
+        if tokens is not None:
+            tokens.extend(mine)
+        return k
+
+    @property
+    def key(self) -> tuple:
+        return self.content_key(None)
+
+    @property
+    def structure(self) -> tuple:
+        """What decisions depend on (see the module docstring). Memoized: it never changes."""
+        s = self.__dict__.get("_structure")
+        if s is None:
+            s = self._structure()
+            object.__setattr__(self, "_structure", s)
+        return s
+
+    def _structure(self) -> tuple:
+        return (type(self).__name__,) + tuple(value_structure(v) for v in self._fields())
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        ts = self.__dict__.get("_tensors")
+        if ts is None:
+            ts = []
+            for v in self._fields():
+                if isinstance(v, torch.Tensor):
+                    ts.append(v)
+                elif isinstance(v, Term):
+                    ts.extend(v.tensors())
+                elif isinstance(v, tuple):
+                    for x in v:
+                        if isinstance(x, Term):
+                            ts.extend(x.tensors())
+            ts = tuple(ts)
+            object.__setattr__(self, "_tensors", ts)
+        return ts
+
+
+# --------------------------------------------------------------------------------------------
+# argument checks shared by the factories
+
+
+def check_positional(name: str, geo: Geometry) -> None:
+    # Terms that look up a query's own key position i' need i' >= 0, i.e. Sq <= Sk.
+    if geo.Sq > geo.Sk:
+        raise bad_value(
+            name, "Sq <= Sk (queries are aligned to the last Sq of the Sk keys)", f"Sq={geo.Sq} > Sk={geo.Sk}"
+        )
+
+
+def check_broadcast(name: str, t: torch.Tensor, geo: Geometry) -> None:
+    target = (geo.B, geo.H, geo.Sq, geo.Sk)
+    if t.dim() > 4 or any(s not in (1, g) for s, g in zip(t.shape[::-1], target[::-1])):
+        raise bad_value(name, f"a tensor broadcastable to (B, H, Sq, Sk) = {target}", f"shape {tuple(t.shape)}")
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return t if t.device == device else t.to(device, non_blocking=True)
+
+
+def fmt_arg(v) -> str:
+    if isinstance(v, torch.Tensor):
+        return f"tensor{tuple(v.shape)}"
+    return repr(v)
+
+
+def int_tensor(name: str, x, *, dims: tuple[int, ...], nonneg: bool = True) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        t = x
+    else:
+        try:
+            t = torch.as_tensor(x)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise bad_type(name, "a list of ints or an integer tensor", type(x).__name__) from e
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise bad_type(name, "integer values", f"dtype {t.dtype}")
+    if t.dim() not in dims:
+        raise bad_value(name, f"a tensor of {' or '.join(str(d) for d in dims)} dimensions", f"shape {tuple(t.shape)}")
+    if nonneg and t.numel() and t.device.type == "cpu" and int(t.min()) < 0:
+        raise bad_value(name, "non-negative values", f"minimum {int(t.min())}")
+    return t
+
+
+def float_tensor(name: str, t, dims: tuple[int, ...], what: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise bad_type(name, f"a floating-point tensor ({what})", type(t).__name__)
+    if not t.dtype.is_floating_point:
+        raise bad_type(name, f"a floating-point tensor ({what})", f"dtype {t.dtype}")
+    if t.dim() not in dims:
+        raise bad_value(name, what, f"shape {tuple(t.shape)}")
+    return t
+
+
+# --------------------------------------------------------------------------------------------
+# evaluation on index grids (eager and SDPA backends)
+
+
+def materialize_mask(bound: BoundMask, geo: Geometry) -> torch.Tensor:
+    """Evaluate a bound mask on broadcast index grids: a bool tensor broadcastable to
+    (B, H, Sq, Sk), with size-1 dims where the mask does not depend on them."""
+    m = bound.pred(*index_grids(geo, bound.uses_b, bound.uses_h))
+    if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
+        got = type(m).__name__ if not isinstance(m, torch.Tensor) else f"dtype {m.dtype}"
+        raise bad_type("mask predicate result", "a bool tensor (write mask_fn with tensor comparisons)", got)
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    return m
+
+
+def index_grids(geo: Geometry, uses_b: bool = True, uses_h: bool = True):
+    d = geo.device
+    return (
+        torch.arange(geo.B if uses_b else 1, device=d).view(-1, 1, 1, 1),
+        torch.arange(geo.H if uses_h else 1, device=d).view(1, -1, 1, 1),
+        torch.arange(geo.Sq, device=d).view(1, 1, -1, 1),
+        torch.arange(geo.Sk, device=d).view(1, 1, 1, -1),
+    )
