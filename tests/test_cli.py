@@ -20,7 +20,6 @@ import torch
 
 import anyattn
 from anyattn.backends import REGISTRY
-from anyattn.backends import sdpa as sdpa_backend
 from anyattn.bench import kernels, raw
 from anyattn.bench.cases import (
     Config,
@@ -172,7 +171,7 @@ def test_wrong_backend_output_is_recorded_as_nan_and_the_run_goes_on(monkeypatch
         return torch.full((B, H, S, call.Dv), 3.0, dtype=call.dtype, device=call.device), None
 
     anyattn.clear_caches()
-    monkeypatch.setattr(sdpa_backend.SDPA, "run", garbage)
+    monkeypatch.setattr(REGISTRY["sdpa"], "run", garbage)
     doc = kernels.run(_tiny_sweep(), out_dir=str(tmp_path), progress=False, log=lambda *a: None)
     rows = doc["results"]
     assert doc["complete"] is True
@@ -192,7 +191,7 @@ def test_raising_backend_is_recorded_with_its_error(monkeypatch):
         raise RuntimeError("kernel exploded")
 
     anyattn.clear_caches()
-    monkeypatch.setattr(sdpa_backend.SDPA, "run", boom)
+    monkeypatch.setattr(REGISTRY["sdpa"], "run", boom)
     doc = kernels.run(_tiny_sweep(variants=("causal",)), progress=False, log=lambda *a: None)
     r = next(r for r in doc["results"] if r["backend"] == "sdpa")
     assert r["status"] == "failed" and math.isnan(r["ms"]) and "kernel exploded" in r["reason"]
@@ -201,7 +200,7 @@ def test_raising_backend_is_recorded_with_its_error(monkeypatch):
 
 def test_failed_rows_make_the_exit_status_1(monkeypatch, capsys):
     anyattn.clear_caches()
-    monkeypatch.setattr(sdpa_backend.SDPA, "run", lambda call: (torch.zeros_like(call.q), None))
+    monkeypatch.setattr(REGISTRY["sdpa"], "run", lambda call: (torch.zeros_like(call.q), None))
     rc = main(
         [
             "bench",
@@ -366,7 +365,7 @@ def test_slice_verification_of_large_cases(mode, monkeypatch):
     assert all(r["verify"] == "last 52 query rows of the full shape" for r in ran if r["check"] == "ok")
     assert {r["check"] for r in ran} == ({"ok"} if mode == "fwd" else {"ok", "-"})
     if mode == "fwd+bwd":  # a backend with a wrong backward fails the sliced gradient check
-        real = sdpa_backend.SDPA.run
+        real = REGISTRY["sdpa"].run
 
         class _Scale(torch.autograd.Function):
             @staticmethod
@@ -378,7 +377,7 @@ def test_slice_verification_of_large_cases(mode, monkeypatch):
                 return 1.5 * g
 
         anyattn.clear_caches()
-        monkeypatch.setattr(sdpa_backend.SDPA, "run", lambda call: (_Scale.apply(real(call)[0]), None))
+        monkeypatch.setattr(REGISTRY["sdpa"], "run", lambda call: (_Scale.apply(real(call)[0]), None))
         doc = kernels.run(dataclasses.replace(sw, variants=("window",)), progress=False, log=lambda *a: None)
         r = next(r for r in doc["results"] if r["backend"] == "sdpa")
         assert r["status"] == "failed" and r["check"] == "FAIL" and "dq" in r["reason"]

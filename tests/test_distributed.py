@@ -19,7 +19,7 @@ import torch
 import torch.multiprocessing as mp
 
 from anyattn.models.decoder import (
-    CONTEXT_PARALLEL_BACKENDS,
+    context_parallel_backends,
     Decoder,
     DecoderConfig,
     apply_fsdp,
@@ -216,6 +216,6 @@ def test_fsdp2_and_tensor_parallel_match_one_gpu(backend, host):
 
 @pytest.mark.multigpu
 @_two_gpus
-@pytest.mark.parametrize("backend", CONTEXT_PARALLEL_BACKENDS)
+@pytest.mark.parametrize("backend", context_parallel_backends())
 def test_context_parallel_matches_one_gpu(backend):
     _spawn("cuda", ("cp",), backend, "bfloat16")

@@ -18,9 +18,10 @@ import pytest
 import torch
 
 import anyattn as aa
-from anyattn.api import _make_call, _validate_terms
-from anyattn.backends import flash, flash_torch
-from anyattn.testing import generate_qkv
+from anyattn.backends import REGISTRY, Refusal, flash, flash_torch
+from anyattn.backends._varlen import lse_to_TH, map_window, packing_for, split_mask
+from anyattn.backends.flash_torch import FlashTorchBackend, varlen_params
+from anyattn.testing import generate_qkv, make_call, use_backend
 
 # --------------------------------------------------------------------------------------------
 # a reference of FlashAttention's semantics (CPU, float32), in its own conventions
@@ -99,23 +100,41 @@ def fake_varlen(*, gqa_flag: bool, recorder=None):
     return varlen_attn
 
 
+def cpu_flash_torch(varlen=None, **kw) -> FlashTorchBackend:
+    """flash_torch around a CPU reference kernel (torch 2.13 signature unless given)."""
+    return FlashTorchBackend(varlen=varlen or fake_varlen(gqa_flag=True), cuda_only=False, **kw)
+
+
 @pytest.fixture
-def cpu_varlen(monkeypatch):
-    """flash_torch's kernels replaced by the CPU reference (torch 2.13 signature)."""
+def cpu_varlen():
+    """flash_torch served by the CPU reference kernel (the supported seam: use_backend)."""
     rec = Recorder()
-    flash_torch._load_varlen()
-    fn = fake_varlen(gqa_flag=True, recorder=rec)
-    monkeypatch.setattr(flash_torch, "_VARLEN", fn)
-    monkeypatch.setattr(flash_torch, "_VARLEN_PARAMS", flash_torch.varlen_params(fn))
-    aa.clear_caches()
-    yield rec
-    aa.clear_caches()
+    with use_backend(cpu_flash_torch(fake_varlen(gqa_flag=True, recorder=rec))):
+        yield rec
+
+
+def run_flash_torch(call):
+    return REGISTRY["flash_torch"].run(call)
 
 
 def _call(q, k, v, mask=None, score=None, scale=None, dropout_p=0.0, return_lse=False):
-    call = _make_call(q, k, v, mask, score, scale, dropout_p, return_lse, False, validate=True)
-    _validate_terms(call)
-    return call
+    return make_call(q, k, v, mask=mask, score=score, scale=scale, dropout_p=dropout_p, return_lse=return_lse)
+
+
+def _plan(call):
+    return flash_torch.plan(call.sig)
+
+
+def _packing(call, be=None):
+    """The varlen metadata flash_torch builds for a call (its own values)."""
+    be = be or cpu_flash_torch()
+    p = flash_torch.plan(call.sig)
+    return be.packing(call, split_mask(call.mask).seq, p.window != (-1, -1))
+
+
+def _supports_portable(call, be=None):
+    """flash_torch's answer with the device check left out (a CPU stand-in kernel)."""
+    return (be or cpu_flash_torch()).supports(call.sig)
 
 
 def _eager(q, k, v, **kw):
@@ -159,7 +178,7 @@ def _check_against_eager(run, q, k, v, *, return_lse=True, **kw):
     ],
 )
 def test_map_window_carries_numbers_over_and_none_is_minus_one(mask, expected):
-    assert flash_torch.map_window(mask) == expected
+    assert map_window(mask) == expected
 
 
 def _fa_visible(Sq, Sk, left, right):
@@ -182,13 +201,13 @@ def test_window_mapping_matches_flashattention_rule_bottom_right(Sq, Sk, left, r
     w = aa.sliding_window(left, right)
     geo = Geometry(1, 1, Sq, Sk, torch.device("cpu"))
     ours = materialize_mask(w.bind(geo), geo)[0, 0]
-    assert torch.equal(ours, _fa_visible(Sq, Sk, *flash_torch.map_window(w)))
+    assert torch.equal(ours, _fa_visible(Sq, Sk, *map_window(w)))
 
 
 def test_hf_sliding_window_is_one_more_than_ours():
     """HF sliding_window=W sees W keys including itself = our sliding_window(W - 1) = FA (W-1, 0)."""
     W = 4
-    vis = _fa_visible(10, 10, *flash_torch.map_window(aa.sliding_window(W - 1)))
+    vis = _fa_visible(10, 10, *map_window(aa.sliding_window(W - 1)))
     assert int(vis[9].sum()) == W
     assert flash.causal_and_window(aa.sliding_window(W - 1)) == (False, (W - 1, 0))
     assert flash.causal_and_window(aa.causal()) == (True, (-1, -1))
@@ -205,94 +224,107 @@ def _qkv(B=2, Hq=4, Hkv=None, Sq=16, Sk=None, D=64, dtype=torch.float32, **kw):
 
 def test_plan_dense_and_causal_use_sdpa_flash_unless_lse():
     q, k, v = _qkv()
-    assert flash_torch.plan(_call(q, k, v)) == ("sdpa", "dense", (-1, -1), False, None)
-    assert flash_torch.plan(_call(q, k, v, aa.causal())) == ("sdpa", "causal", (-1, 0), True, None)
-    p = flash_torch.plan(_call(q, k, v, aa.causal(), return_lse=True))
-    assert (p.route, p.window, p.packing) == ("varlen", (-1, 0), None)
-    assert flash_torch.plan(_call(q, k, v, return_lse=True)).route == "varlen"
+    assert _plan(_call(q, k, v)) == ("sdpa", "dense", (-1, -1), False, None)
+    assert _plan(_call(q, k, v, aa.causal())) == ("sdpa", "causal", (-1, 0), True, None)
+    p = _plan(_call(q, k, v, aa.causal(), return_lse=True))
+    assert (p.route, p.window, p.seq) == ("varlen", (-1, 0), None)
+    assert _plan(_call(q, k, v, return_lse=True)).route == "varlen"
 
 
 def test_plan_causal_with_sq_ne_sk_uses_varlen_bottom_right():
     """SDPA's is_causal is top-left aligned; varlen's (-1, 0) is bottom-right like ours."""
     q, k, v = _qkv(Sq=5, Sk=12)
-    p = flash_torch.plan(_call(q, k, v, aa.causal()))
+    p = _plan(_call(q, k, v, aa.causal()))
     assert (p.route, p.kind, p.window, p.is_causal) == ("varlen", "causal", (-1, 0), False)
 
 
 def test_plan_window_on_dense_rows_uses_varlen():
     q, k, v = _qkv()
-    p = flash_torch.plan(_call(q, k, v, aa.sliding_window(3, 1)))
-    assert (p.route, p.kind, p.window, p.packing) == ("varlen", "window", (3, 1), None)
+    p = _plan(_call(q, k, v, aa.sliding_window(3, 1)))
+    assert (p.route, p.kind, p.window, p.seq) == ("varlen", "window", (3, 1), None)
 
 
 def test_plan_documents_drops_zero_length_docs_and_knows_max_on_host():
     q, k, v = _qkv(B=1, Sq=20)
-    p = flash_torch.plan(_call(q, k, v, aa.documents([5, 0, 1, 11])))  # 3 tokens of padding
+    call = _call(q, k, v, aa.documents([5, 0, 1, 11]))  # 3 tokens of padding
+    p, pk = _plan(call), _packing(call)
     assert (p.route, p.kind) == ("varlen", "documents")
-    assert p.packing.cu.tolist() == [0, 5, 6, 17]
-    assert p.packing.cu.dtype == torch.int32
-    assert (p.packing.max_seqlen, p.packing.total) == (11, 17)
-    assert isinstance(p.packing.max_seqlen, int)
+    assert pk.cu.tolist() == [0, 5, 6, 17]
+    assert pk.cu.dtype == torch.int32
+    assert (pk.max_seqlen, pk.total, pk.route) == (11, 17, "slice")
+    assert isinstance(pk.max_seqlen, int)
 
 
 def test_plan_documents_shared_by_batch_rows_and_per_row():
     q, k, v = _qkv(B=2, Sq=10)
-    p = flash_torch.plan(_call(q, k, v, aa.documents([4, 6])))
-    assert p.packing.cu.tolist() == [0, 4, 10, 14, 20]
-    p = flash_torch.plan(_call(q, k, v, aa.documents([[4, 6], [2, 3, 1]])))
-    assert p.packing.cu.tolist() == [0, 4, 10, 12, 15, 16]
-    assert p.packing.info.indices.tolist() == list(range(10)) + list(range(10, 16))
+    pk = _packing(_call(q, k, v, aa.documents([4, 6])))
+    assert pk.cu.tolist() == [0, 4, 10, 14, 20] and pk.route == "reshape"
+    pk = _packing(_call(q, k, v, aa.documents([[4, 6], [2, 3, 1]])))
+    assert pk.cu.tolist() == [0, 4, 10, 12, 15, 16] and pk.route == "gather"
+    assert pk.info.indices.tolist() == list(range(10)) + list(range(10, 16))
 
 
 def test_plan_documents_and_window():
     q, k, v = _qkv(B=1, Sq=10)
-    p = flash_torch.plan(_call(q, k, v, aa.documents([4, 6]) & aa.sliding_window(2)))
+    p = _plan(_call(q, k, v, aa.documents([4, 6]) & aa.sliding_window(2)))
     assert (p.kind, p.window) == ("documents", (2, 0))
-    p = flash_torch.plan(_call(q, k, v, aa.documents([4, 6]) & aa.causal()))
+    p = _plan(_call(q, k, v, aa.documents([4, 6]) & aa.causal()))
     assert (p.kind, p.window) == ("documents", (-1, 0))
 
 
 def test_plan_padding_keep_mask_and_lengths():
     q, k, v = _qkv(B=3, Sq=6)
     keep = torch.tensor([[1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
-    p = flash_torch.plan(_call(q, k, v, aa.padding(mask=keep) & aa.causal()))
+    call = _call(q, k, v, aa.padding(mask=keep) & aa.causal())
+    p, pk = _plan(call), _packing(call)
     assert (p.kind, p.window) == ("padding", (-1, 0))
-    assert p.packing.cu.tolist() == [0, 3, 7]  # the empty row is left out
-    assert p.packing.max_seqlen == 4
-    p = flash_torch.plan(_call(q, k, v, aa.padding(torch.tensor([2, 6, 0]))))
-    assert p.packing.cu.tolist() == [0, 2, 8]
+    assert pk.cu.tolist() == [0, 3, 7]  # the empty row is left out
+    assert pk.max_seqlen == 4
+    pk = _packing(_call(q, k, v, aa.padding(torch.tensor([2, 6, 0]))))
+    assert pk.cu.tolist() == [0, 2, 8]
 
 
 def test_plan_reuses_the_seqinfo_a_term_came_from():
-    info = aa.SeqInfo.from_lengths([[3, 5], [8]])
+    info = aa.SeqInfo.from_lengths([[3, 5], [6]], total_length=8)
     q, k, v = _qkv(B=2, Sq=8)
-    p = flash_torch.plan(_call(q, k, v, aa.documents(info)))
-    assert p.packing.info is info
-    assert p.packing.cu.tolist() == [0, 3, 8, 16]
+    pk = _packing(_call(q, k, v, aa.documents(info)))
+    assert pk.route == "gather" and pk.info is info
+    assert pk.cu.tolist() == [0, 3, 8, 14]
+    assert pk.cu is info.varlen()[0]  # built once per SeqInfo
 
 
-def test_plan_is_cached_per_mask_key(monkeypatch):
-    """A repeated mask does not rebuild its varlen metadata."""
-    aa.clear_caches()
-    built = []
-    from anyattn.backends import _varlen
-
-    real = _varlen._packing_documents
-    monkeypatch.setattr(_varlen, "_packing_documents", lambda *a: built.append(1) or real(*a))
-    q, k, v = _qkv(B=1, Sq=10)
-    for _ in range(3):
-        flash_torch.plan(_call(q, k, v, aa.documents([4, 6])))
-    assert len(built) == 1
+def test_packing_is_built_once_per_content_key():
+    """A repeated mask does not rebuild its varlen metadata; new lengths do (and nothing else)."""
+    be = cpu_flash_torch()
+    q, k, v = _qkv(B=1, Sq=10, dtype=torch.bfloat16)
+    with use_backend(be):
+        for _ in range(3):
+            aa.attention(q, k, v, mask=aa.documents([4, 6]), backend="flash_torch")
+        assert be.stats["packings_built"] == 1
+        aa.attention(q, k, v, mask=aa.documents([5, 5]), backend="flash_torch")
+        assert be.stats["packings_built"] == 2
 
 
-def test_plan_padding_with_holes_and_window_is_refused():
-    """A hole inside a row would shrink window distances after packing."""
-    q, k, v = _qkv(B=1, Sq=6)
+def test_padding_with_holes_and_window_is_refused():
+    """A hole inside a row would shrink window distances after packing: refused from the
+    SeqInfo's host flag when the term carries one, else when the keep-mask is read (auto then
+    takes the next backend; an explicit request raises)."""
+    q, k, v = _qkv(B=1, Sq=6, dtype=torch.bfloat16)
     keep = torch.tensor([[1, 1, 0, 1, 1, 0]], dtype=torch.bool)
-    why = flash_torch.plan(_call(q, k, v, aa.padding(mask=keep) & aa.sliding_window(1)))
+    info = aa.SeqInfo.from_padding_mask(keep)
+    assert info.contiguous is False
+    why = _plan(_call(q, k, v, aa.padding(info) & aa.sliding_window(1)))
     assert isinstance(why, str) and "holes" in why
+    with pytest.raises(Refusal, match="holes"):
+        _packing(_call(q, k, v, aa.padding(mask=keep) & aa.sliding_window(1)))
+    with use_backend(cpu_flash_torch()):
+        with pytest.raises(aa.UnsupportedError, match="holes"):
+            aa.attention(q, k, v, mask=aa.padding(mask=keep) & aa.sliding_window(1), backend="flash_torch")
+        out = aa.attention(q, k, v, mask=aa.padding(mask=keep) & aa.sliding_window(1), backend=["flash_torch", "eager"])
+        ref = aa.attention(q, k, v, mask=aa.padding(mask=keep) & aa.sliding_window(1), backend="eager")
+        assert torch.equal(out, ref)
     # without a window, holes do not matter
-    assert flash_torch.plan(_call(q, k, v, aa.padding(mask=keep))).kind == "padding"
+    assert _plan(_call(q, k, v, aa.padding(mask=keep))).kind == "padding"
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,17 +343,17 @@ def test_plan_padding_with_holes_and_window_is_refused():
 def test_flash_torch_refuses_dtype_and_head_dim(kw, match):
     dtype = kw.pop("dtype", torch.bfloat16)
     q, k, v = _qkv(dtype=dtype, **kw)
-    assert match in flash_torch._supports_portable(_call(q, k, v))
+    assert match in _supports_portable(_call(q, k, v))
 
 
 def test_flash_torch_refuses_cpu_tensors():
     q, k, v = _qkv(dtype=torch.bfloat16)
-    assert "needs CUDA tensors, got cpu" in flash_torch.supports(_call(q, k, v))
+    assert "needs CUDA tensors, got cpu" in REGISTRY["flash_torch"].supports(_call(q, k, v).sig)
 
 
 def test_flash_torch_refuses_unequal_v_head_dim():
     q, k, v = generate_qkv(1, 2, 2, 8, 8, 64, Dv=32, dtype=torch.bfloat16)
-    assert "D=64, Dv=32" in flash_torch._supports_portable(_call(q, k, v))
+    assert "D=64, Dv=32" in _supports_portable(_call(q, k, v))
 
 
 @pytest.mark.parametrize(
@@ -340,25 +372,30 @@ def test_flash_torch_refuses_unequal_v_head_dim():
 )
 def test_flash_torch_refuses_what_it_cannot_compute_exactly(mask, score, dropout, match):
     q, k, v = _qkv(dtype=torch.bfloat16)
-    assert match in flash_torch._supports_portable(_call(q, k, v, mask, score, dropout_p=dropout))
+    assert match in _supports_portable(_call(q, k, v, mask, score, dropout_p=dropout))
 
 
 def test_flash_torch_refuses_documents_with_sq_ne_sk():
     q, k, v = _qkv(Sq=8, Sk=16, dtype=torch.bfloat16)
-    assert "needs Sq == Sk" in flash_torch._supports_portable(_call(q, k, v, aa.documents([8, 8])))
+    assert "needs Sq == Sk" in _supports_portable(_call(q, k, v, aa.documents([8, 8])))
 
 
-def test_flash_torch_refuses_window_where_varlen_has_no_window_size(monkeypatch):
+def test_flash_torch_refuses_window_where_varlen_has_no_window_size():
     """Older torch releases' varlen_attn has no window_size: say which torch."""
-    flash_torch._load_varlen()
-    monkeypatch.setattr(flash_torch, "_VARLEN_PARAMS", frozenset({"query", "key", "value", "is_causal", "return_aux"}))
+
+    def old_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, is_causal=False, return_aux=None):
+        raise AssertionError("not called")
+
+    def older_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, is_causal=False):
+        raise AssertionError("not called")
+
+    be = cpu_flash_torch(old_varlen)
     q, k, v = _qkv(dtype=torch.bfloat16)
-    why = flash_torch._supports_portable(_call(q, k, v, aa.sliding_window(3)))
+    why = _supports_portable(_call(q, k, v, aa.sliding_window(3)), be)
     assert "no window_size" in why and torch.__version__ in why
     # causal still works there through is_causal; return_lse needs return_aux, which it has
-    assert flash_torch._supports_portable(_call(q, k, v, aa.documents([8, 8]) & aa.causal())) is None
-    monkeypatch.setattr(flash_torch, "_VARLEN_PARAMS", frozenset({"query", "key", "value", "is_causal"}))
-    assert "no return_aux" in flash_torch._supports_portable(_call(q, k, v, return_lse=True))
+    assert _supports_portable(_call(q, k, v, aa.documents([8, 8]) & aa.causal()), be) is None
+    assert "no return_aux" in _supports_portable(_call(q, k, v, return_lse=True), cpu_flash_torch(older_varlen))
 
 
 def test_flash_torch_accepts_the_supported_variants_in_bf16_and_fp16():
@@ -368,7 +405,7 @@ def test_flash_torch_accepts_the_supported_variants_in_bf16_and_fp16():
         keep[1, :5] = False
         for mask in (None, aa.causal(), aa.sliding_window(3), aa.sliding_window(3, 2), aa.documents([3, 0, 1, 10]),
                      aa.padding(mask=keep), aa.documents([8, 8]) & aa.sliding_window(2), aa.padding(mask=keep) & aa.causal()):  # fmt: skip
-            assert flash_torch._supports_portable(_call(q, k, v, mask, return_lse=True)) is None, mask
+            assert _supports_portable(_call(q, k, v, mask, return_lse=True)) is None, mask
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,20 +413,16 @@ def test_flash_torch_accepts_the_supported_variants_in_bf16_and_fp16():
 
 
 def test_flash_torch_availability_on_this_machine_names_the_reason():
-    why = flash_torch.available()
+    why = REGISTRY["flash_torch"].available()
     if torch.cuda.is_available():
         pytest.skip("CUDA machine")
     assert "needs a CUDA GPU" in why
 
 
 def test_flash_torch_says_when_torch_has_no_varlen(monkeypatch):
-    flash_torch._load_varlen.cache_clear()
     monkeypatch.setitem(sys.modules, "torch.nn.attention.varlen", None)  # import raises ImportError
-    try:
-        why = flash_torch.available()
-        assert "has no torch.nn.attention.varlen" in why and torch.__version__ in why
-    finally:
-        flash_torch._load_varlen.cache_clear()
+    why = FlashTorchBackend().available()
+    assert "has no torch.nn.attention.varlen" in why and torch.__version__ in why
 
 
 def test_explicit_flash_torch_on_cpu_raises_unsupported_with_the_reason():
@@ -404,8 +437,7 @@ def test_package_backends_say_how_to_install(name, match, monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n.split(".")[0] in ("flash_attn", "flash_attn_interface", "kernels") else real(n, *a))
-    be = {"flash": flash.FLASH, "kernels_flash": flash.KERNELS_FLASH}[name]
-    why = be.available()
+    why = REGISTRY[name].available()
     assert why is not None and re.search(match, why)
 
 
@@ -458,7 +490,7 @@ def test_flash_torch_packing_path_matches_eager(case, heads, cpu_varlen):
     Hq, Hkv = heads
     B, S = 2, 17
     q, k, v = generate_qkv(B, Hq, Hkv, S, S, 16, layout="bshd", seed=3)
-    _check_against_eager(flash_torch.run, q, k, v, **CASES[case](B, S))
+    _check_against_eager(run_flash_torch, q, k, v, **CASES[case](B, S))
 
 
 @pytest.mark.parametrize("Sq, Sk", [(5, 12), (12, 5)])
@@ -466,23 +498,21 @@ def test_flash_torch_packing_path_matches_eager(case, heads, cpu_varlen):
 def test_flash_torch_sq_ne_sk_is_bottom_right(Sq, Sk, mask, cpu_varlen):
     """Rows that see no key (Sq > Sk, causal) give 0 and -inf, not FA2's +inf."""
     q, k, v = generate_qkv(2, 4, 2, Sq, Sk, 16, seed=4)
-    _check_against_eager(flash_torch.run, q, k, v, mask=mask)
+    _check_against_eager(run_flash_torch, q, k, v, mask=mask)
 
 
-def test_flash_torch_torch_211_signature_has_no_enable_gqa(monkeypatch):
+def test_flash_torch_torch_211_signature_has_no_enable_gqa():
     """On torch 2.11 GQA goes to the kernel natively (no enable_gqa keyword to pass)."""
-    flash_torch._load_varlen()
     fn = fake_varlen(gqa_flag=False)
-    monkeypatch.setattr(flash_torch, "_VARLEN", fn)
-    monkeypatch.setattr(flash_torch, "_VARLEN_PARAMS", flash_torch.varlen_params(fn))
-    assert "enable_gqa" not in flash_torch._VARLEN_PARAMS
+    assert "enable_gqa" not in varlen_params(fn)
     q, k, v = generate_qkv(1, 4, 2, 12, 12, 16, seed=5)
-    _check_against_eager(flash_torch.run, q, k, v, mask=aa.documents([5, 7]) & aa.causal())
+    with use_backend(cpu_flash_torch(fn)):
+        _check_against_eager(run_flash_torch, q, k, v, mask=aa.documents([5, 7]) & aa.causal())
 
 
 def test_flash_torch_passes_host_ints_and_the_mapped_window(cpu_varlen):
     q, k, v = generate_qkv(1, 4, 2, 20, 20, 16, seed=6)
-    flash_torch.run(_call(q, k, v, aa.documents([5, 0, 1, 11]) & aa.sliding_window(3)))
+    run_flash_torch(_call(q, k, v, aa.documents([5, 0, 1, 11]) & aa.sliding_window(3)))
     (c,) = cpu_varlen.calls
     assert c["cu_q"] == c["cu_k"] == [0, 5, 6, 17]
     assert (c["max_q"], c["max_k"], c["T"]) == (11, 11, 17)
@@ -490,21 +520,21 @@ def test_flash_torch_passes_host_ints_and_the_mapped_window(cpu_varlen):
     assert c["scale"] == pytest.approx(16**-0.5)
 
 
-def test_flash_torch_sdpa_route_on_cpu_matches_eager(monkeypatch):
+def test_flash_torch_sdpa_route_on_cpu_matches_eager():
     """The SDPA route (dense / causal with Sq == Sk), with CPU's SDPA standing in."""
-    monkeypatch.setattr(flash_torch, "_SDPA_KERNEL", "math")
-    for mask in (None, aa.causal()):
-        q, k, v = generate_qkv(2, 4, 2, 9, 9, 16, seed=7)
-        _check_against_eager(flash_torch.run, q, k, v, return_lse=False, mask=mask, scale=0.3)
+    with use_backend(cpu_flash_torch(sdpa_kernel="math")):
+        for mask in (None, aa.causal()):
+            q, k, v = generate_qkv(2, 4, 2, 9, 9, 16, seed=7)
+            _check_against_eager(run_flash_torch, q, k, v, return_lse=False, mask=mask, scale=0.3)
 
 
 def test_lse_layouts_are_both_understood():
     lse_HT = torch.tensor([[1.0, 2.0, float("inf")], [4.0, 5.0, 6.0]])  # H=2, T=3
-    got = flash_torch.lse_to_TH(lse_HT, 3, 2)
+    got = lse_to_TH(lse_HT, 3, 2)
     assert got.shape == (3, 2) and got[2, 0] == float("-inf") and got[1, 1] == 5.0
-    assert torch.equal(flash_torch.lse_to_TH(lse_HT.t(), 3, 2), got)
+    assert torch.equal(lse_to_TH(lse_HT.t(), 3, 2), got)
     with pytest.raises(RuntimeError, match="lse of shape"):
-        flash_torch.lse_to_TH(torch.zeros(4, 4), 3, 2)
+        lse_to_TH(torch.zeros(4, 4), 3, 2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -576,20 +606,24 @@ def test_flash_plan_old_build_without_softcap_is_refused_not_silently_dropped():
 
 def test_flash_plan_documents_and_padding_use_varlen_metadata():
     q, k, v = _qkv(B=1, Sq=12, dtype=torch.bfloat16)
-    p = flash.plan(_call(q, k, v, aa.documents([3, 0, 9]) & aa.causal()), FA2)
+    call = _call(q, k, v, aa.documents([3, 0, 9]) & aa.causal())
+    p = flash.plan(call, FA2)
     assert (p.route, p.kind, p.kwargs["causal"]) == ("varlen", "documents", True)
-    assert p.packing.cu.tolist() == [0, 3, 12] and p.packing.max_seqlen == 9
+    pk = packing_for(call, p.seq, p.positional)
+    assert pk.cu.tolist() == [0, 3, 12] and pk.max_seqlen == 9
     keep = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)
-    p = flash.plan(_call(q, k, v, aa.padding(mask=keep) & aa.sliding_window(2)), FA3)
-    assert p.kind == "padding" and p.kwargs["window_size"] == (2, 0) and p.packing.cu.tolist() == [0, 10]
+    call = _call(q, k, v, aa.padding(mask=keep) & aa.sliding_window(2))
+    p = flash.plan(call, FA3)
+    assert p.kind == "padding" and p.kwargs["window_size"] == (2, 0)
+    assert packing_for(call, p.seq, p.positional).cu.tolist() == [0, 10]
 
 
 def test_flash_supports_refuses_cpu_fp32_and_big_head_dim():
     q, k, v = _qkv(dtype=torch.float32)
-    assert "needs CUDA tensors" in flash.FLASH.supports(_call(q, k, v))
-    assert "float16/bfloat16" in flash.supports_with(_call(q, k, v), FA2)
+    assert "needs CUDA tensors" in flash.flash_backend().supports(_call(q, k, v).sig)
+    assert "float16/bfloat16" in flash.supports_with(_call(q, k, v).sig, FA2)
     q, k, v = _qkv(D=512, dtype=torch.bfloat16)
-    assert "head dim <= 256" in flash.supports_with(_call(q, k, v), FA2)
+    assert "head dim <= 256" in flash.supports_with(_call(q, k, v).sig, FA2)
 
 
 def _fake_fa_func(version):
@@ -650,8 +684,8 @@ def test_flash_run_with_reference_kernels_matches_eager(version, case):
     else:
         kw = CASES[case](B, S)
     q, k, v = generate_qkv(B, H, 2, S, S, 16, layout="bshd", seed=8)
-    aa.clear_caches()
-    _check_against_eager(lambda call: flash.run_with(call, impl), q, k, v, **kw)
+    be = flash.FlashPackageBackend("flash", ("flash_attn",), flash.FLASH_INSTALL, lambda: impl, cuda_only=False)
+    _check_against_eager(be.run, q, k, v, **kw)
 
 
 # --------------------------------------------------------------------------------------------
@@ -669,33 +703,36 @@ def test_kernels_flash_falls_back_to_flash_attn2_and_detects_the_api(monkeypatch
         return good
 
     monkeypatch.setitem(sys.modules, "kernels", types.SimpleNamespace(get_kernel=get_kernel))
-    monkeypatch.setattr(flash, "_is_hopper", lambda: True)
+    monkeypatch.setenv("ANYATTN_CUDA_CAPABILITY", "9.0")  # the supported override of the hardware probe
+    flash._is_hopper.cache_clear()
     flash._load_kernels.cache_clear()
     try:
-        impl = flash.KERNELS_FLASH.impl()
+        impl = REGISTRY["kernels_flash"].impl()
         assert tried == ["kernels-community/flash-attn3", "kernels-community/flash-attn2"]
         assert impl.version == 2 and impl.source == "kernels-community/flash-attn2"
         assert "softcap" in impl.func_params
     finally:
         flash._load_kernels.cache_clear()
+        flash._is_hopper.cache_clear()
 
 
 def test_kernels_flash_unrecognized_module_says_what_it_has(monkeypatch):
     raw = types.SimpleNamespace(mha_fwd=lambda: None, mha_varlen_fwd=lambda: None)
     monkeypatch.setitem(sys.modules, "kernels", types.SimpleNamespace(get_kernel=lambda repo: raw))
-    monkeypatch.setattr(flash, "_is_hopper", lambda: False)
+    monkeypatch.setenv("ANYATTN_CUDA_CAPABILITY", "8.0")
+    flash._is_hopper.cache_clear()
     flash._load_kernels.cache_clear()
     try:
-        why = flash.KERNELS_FLASH.impl()
+        why = REGISTRY["kernels_flash"].impl()
         assert isinstance(why, str) and "unrecognized API" in why and "mha_fwd" in why
     finally:
         flash._load_kernels.cache_clear()
+        flash._is_hopper.cache_clear()
 
 
 @pytest.mark.parametrize("heads_first", [True, False], ids=["lse_HT", "lse_TH"])
-def test_flash_torch_learns_the_lse_layout_when_the_shape_cannot_tell(heads_first, monkeypatch):
+def test_flash_torch_learns_the_lse_layout_when_the_shape_cannot_tell(heads_first):
     """T == H: a (T, H) lse read as (H, T) would be silently transposed; a probe call decides."""
-    flash_torch._load_varlen()
     base = fake_varlen(gqa_flag=True)
 
     def varlen_attn(*a, return_aux=None, scale=None, window_size=(-1, -1), enable_gqa=False):
@@ -704,17 +741,16 @@ def test_flash_torch_learns_the_lse_layout_when_the_shape_cannot_tell(heads_firs
             return r[0], r[1].t().contiguous()
         return r
 
-    monkeypatch.setattr(flash_torch, "_VARLEN", varlen_attn)
-    monkeypatch.setattr(flash_torch, "_VARLEN_PARAMS", flash_torch.varlen_params(base))
     q, k, v = generate_qkv(1, 4, 4, 4, 4, 16, seed=9)  # T = 4 tokens, H = 4 heads
-    _check_against_eager(flash_torch.run, q, k, v, mask=aa.causal())
-    assert flash_torch._LSE_HEADS_FIRST[varlen_attn] is heads_first
+    with use_backend(cpu_flash_torch(varlen_attn)) as be:
+        _check_against_eager(run_flash_torch, q, k, v, mask=aa.causal())
+        assert be._lse_heads_first is heads_first
 
 
 def test_flash_torch_refuses_windows_with_a_right_extent_when_sq_exceeds_sk():
     """H200 fuzz finding: varlen_attn's window with right > 0 and Sq > Sk disagreed with the
     bottom-right definition (sliding_window(3, 57), Sq=35, Sk=22: error 1.4)."""
     q, k, v = generate_qkv(1, 2, 2, 12, 5, 16)
-    why = flash_torch.plan(_call(q, k, v, aa.sliding_window(3, 4)))
+    why = _plan(_call(q, k, v, aa.sliding_window(3, 4)))
     assert isinstance(why, str) and "Sq=12 > Sk=5" in why
-    assert not isinstance(flash_torch.plan(_call(q, k, v, aa.sliding_window(3))), str)
+    assert not isinstance(_plan(_call(q, k, v, aa.sliding_window(3))), str)

@@ -131,7 +131,11 @@ def test_import_anyattn_models_does_not_import_transformers():
 transformers = pytest.importorskip("transformers")
 
 from anyattn.models import ESM2Config, ESM2ForMaskedLM, ESM2Model, load  # noqa: E402
+from anyattn.backends import Facts  # noqa: E402
 from anyattn.models import esm2 as esm2_module  # noqa: E402
+from anyattn.packing import bucket_length  # noqa: E402
+from anyattn.backends.eager import EagerBackend  # noqa: E402
+from anyattn.testing import record_calls, use_backend  # noqa: E402
 
 TOL = 1e-5
 PAD, MASK = 1, 32
@@ -276,7 +280,7 @@ def test_s_max_matches_a_direct_computation(pack):
     assert torch.allclose(dense, _direct_s_max(m, ids[:1, :12], am[:1, :12]), rtol=1e-5, atol=1e-6)
 
 
-def test_padded_batch_runs_packed_when_the_backend_takes_packed_documents(monkeypatch):
+def test_padded_batch_runs_packed_when_the_backend_takes_packed_documents():
     """sdpa on CPU: dense mask, no packing ("auto"); flex: packed; pack_padded=True forces it.
     The packed path must equal the padded one at the real tokens and be 0 at padding."""
     m = _random_model(seed=4, attn_backend="sdpa")
@@ -296,10 +300,23 @@ def test_padded_batch_runs_packed_when_the_backend_takes_packed_documents(monkey
         assert (a - b)[keep].abs().max().item() <= TOL
     assert packed.logits[~keep].abs().max().item() == 0.0
     m.pack_padded = "auto"
-    monkeypatch.setattr(esm2_module, "_packed_backend", lambda *a, **k: "flash_torch")  # as on CUDA
-    assert m.esm._plan(ids, am, None, False).ids.shape == (1, 68)  # exactly the real tokens
-    monkeypatch.setattr(esm2_module, "_packed_backend", lambda *a, **k: "flex")
-    plan = m.esm._plan(ids, am, None, False)  # flex compiles per length: a bucketed row
+    m.attn_backend = "flash_torch"
+
+    class VarlenLike(EagerBackend):  # takes packed documents natively, any length (as flash_torch on CUDA)
+        name = "flash_torch"
+        facts = Facts(packed_documents=True)
+
+    with use_backend(VarlenLike()):
+        plan = m.esm._plan(ids, am, None, False)
+    assert plan.ids.shape == (1, 68) and plan.backend == "flash_torch"  # exactly the real tokens
+    m.attn_backend = "flex"
+
+    class FlexLike(EagerBackend):  # compiles one kernel per length (as flex): a bucketed row
+        name = "flex"
+        facts = Facts(packed_documents=True, static_shapes=True)
+
+    with use_backend(FlexLike()):
+        plan = m.esm._plan(ids, am, None, False)
     assert plan.ids.shape == (1, 80) and plan.info.total == 68 and not plan.info.keep[0, 68:].any()
     assert (plan.ids[0, 68:] == PAD).all()
     assert m.esm._plan(ids, am, None, True).rows is None  # output_attentions: (B, S, S) weights, padded
@@ -320,16 +337,13 @@ def test_packed_row_tail_padding_is_not_computed():
     assert (out[0, :20] - ref[0, :20]).abs().max().item() <= TOL and out[0, 20:].abs().max().item() == 0.0
 
 
-def test_attn_backend_setter_switches_every_layer(monkeypatch):
+def test_attn_backend_setter_switches_every_layer():
     m = _random_model(seed=7)
-    seen = []
-    real = esm2_module.attention
-    monkeypatch.setattr(esm2_module, "attention", lambda *a, **k: (seen.append(k["backend"]), real(*a, **k))[1])
     m.attn_backend = "eager"
     ids, am = _batch([6, 3])
-    with torch.no_grad():
+    with torch.no_grad(), record_calls() as seen:
         m(ids, attention_mask=am)
-    assert seen == ["eager", "eager"] and m.config.attn_backend == "eager" and m.esm.attn_backend == "eager"
+    assert [c.backend for c in seen] == ["eager", "eager"] and m.config.attn_backend == "eager" and m.esm.attn_backend == "eager"
     with pytest.raises(ValueError, match="backend"):
         m.attn_backend = "nope"
     with pytest.raises(ValueError, match="attn_backend|backend"):
@@ -512,7 +526,7 @@ def test_forward_under_inference_mode(pack):
 
 
 def test_bucket_lengths_bound_padding_and_kernel_count():
-    b = esm2_module._bucket
+    b = bucket_length
     assert [b(t) for t in (1, 64, 65, 68, 16000, 16384, 16385, 6880)] == [64, 64, 80, 80, 16384, 16384, 20480, 7168]
     for t in range(65, 40000, 37):
         assert t <= b(t) <= 1.25 * t + 1

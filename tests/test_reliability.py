@@ -18,6 +18,7 @@ ANYATTN_CATALOGUE_FULL set) runs flex on every item. The ``cuda`` variants run o
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -25,10 +26,9 @@ import torch
 
 import anyattn as aa
 from anyattn.backends import REGISTRY
-from anyattn.backends import eager as eager_backend
 from anyattn.backends import flex as flex_backend
-from anyattn.backends import sdpa as sdpa_backend
-from anyattn.testing import compare_to_oracle, generate_qkv, oracle
+from anyattn.backends.sdpa import SdpaBackend
+from anyattn.testing import compare_to_oracle, generate_qkv, oracle, record_calls, use_backend
 
 BACKENDS = list(REGISTRY)
 CUDA_ONLY = ("cudnn", "flash_torch", "flash", "kernels_flash")
@@ -514,85 +514,71 @@ def test_bool_and_uint8_masks_agree_and_cache_separately(backend, device, catalo
 # ============================================================== 2. no silent fallback
 
 
-def _spies(monkeypatch):
-    """Record which kernel ran: eager's computation, SDPA's function, flex's compiled entry."""
+@contextlib.contextmanager
+def _spies():
+    """Record which backend ran each call (anyattn.testing.record_calls) and what SDPA's function
+    received (an SDPA backend built around a recording kernel, installed with use_backend)."""
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
     ran = []
-    real_eager, real_sdpa, real_entry = eager_backend.run_with_weights, sdpa_backend.F.scaled_dot_product_attention, flex_backend._entry_for
-
-    def eager_spy(call):
-        ran.append(("eager", call.q))
-        return real_eager(call)
 
     def sdpa_spy(q, k, v, **kw):
-        ran.append(("sdpa", q, kw))
+        ran.append(("sdpa kernel", q, kw))
         return real_sdpa(q, k, v, **kw)
 
-    def entry_spy(call):
-        fn = real_entry(call)
-
-        def recorded(q, *a):
-            ran.append(("flex", q, fn))
-            return fn(q, *a)
-
-        return recorded
-
-    monkeypatch.setattr(eager_backend, "run_with_weights", eager_spy)
-    monkeypatch.setattr(sdpa_backend.F, "scaled_dot_product_attention", sdpa_spy)
-    monkeypatch.setattr(flex_backend, "_entry_for", entry_spy)
-    aa.clear_caches()
-    return ran
+    with use_backend(SdpaBackend("sdpa", kernel=sdpa_spy)), record_calls() as calls:
+        yield ran, calls
 
 
-def test_eager_runs_its_own_computation_and_nothing_else(monkeypatch):
-    ran = _spies(monkeypatch)
+def test_eager_runs_its_own_computation_and_nothing_else():
     q, k, v = generate_qkv(1, 2, 2, 16, 16, 32)
-    aa.attention(q, k, v, mask=aa.causal(), score=aa.softcap(5.0), backend="eager")
-    assert [r[0] for r in ran] == ["eager"] and ran[0][1] is q
+    with _spies() as (ran, calls):
+        aa.attention(q, k, v, mask=aa.causal(), score=aa.softcap(5.0), backend="eager")
+    assert [c.backend for c in calls] == ["eager"] and ran == []
 
 
-def test_sdpa_runs_the_sdpa_kernel_with_the_lowered_mask(monkeypatch):
-    ran = _spies(monkeypatch)
+def test_sdpa_runs_the_sdpa_kernel_with_the_lowered_mask():
     q, k, v = generate_qkv(1, 4, 2, 16, 16, 32)
-    aa.attention(q, k, v, mask=aa.causal(), backend="sdpa")
-    aa.attention(q, k, v, mask=aa.documents([5, 11]), score=aa.alibi(torch.ones(4)), backend="sdpa")
-    assert [r[0] for r in ran] == ["sdpa", "sdpa"]
-    assert ran[0][1] is q and ran[0][2]["is_causal"] is True and ran[0][2]["attn_mask"] is None
-    assert ran[0][2]["enable_gqa"] is True
-    bias = ran[1][2]["attn_mask"]
-    assert bias.dtype == q.dtype and bias.shape[-2:] == (16, 16) and torch.isneginf(bias[0, 0, 0, 5])
-    # auto on CPU picks sdpa for a plain mask: the same kernel, not eager
-    aa.attention(q, k, v, mask=aa.causal())
-    assert [r[0] for r in ran] == ["sdpa"] * 3
+    with _spies() as (ran, calls):
+        aa.attention(q, k, v, mask=aa.causal(), backend="sdpa")
+        aa.attention(q, k, v, mask=aa.documents([5, 11]), score=aa.alibi(torch.ones(4)), backend="sdpa")
+        assert [c.backend for c in calls] == ["sdpa", "sdpa"] and len(ran) == 2
+        assert ran[0][1] is q and ran[0][2]["is_causal"] is True and ran[0][2]["attn_mask"] is None
+        assert ran[0][2]["enable_gqa"] is True
+        bias = ran[1][2]["attn_mask"]
+        assert bias.dtype == q.dtype and bias.shape[-2:] == (16, 16) and torch.isneginf(bias[0, 0, 0, 5])
+        # auto on CPU picks sdpa for a plain mask: the same kernel, not eager
+        aa.attention(q, k, v, mask=aa.causal())
+        assert [c.backend for c in calls] == ["sdpa"] * 3 and len(ran) == 3
 
 
 @pytest.mark.slow
-def test_flex_runs_its_compiled_kernel_and_never_the_unfused_path(monkeypatch):
+def test_flex_runs_its_compiled_kernel_and_never_the_unfused_path():
     """The compiled entry is what runs (it raises FlexFallbackError if ever executed eagerly)."""
-    ran = _spies(monkeypatch)
     q, k, v = generate_qkv(2, 4, 2, 16, 16, 32)
-    aa.attention(q, k, v, mask=aa.documents([5, 7]) & aa.causal(), backend="flex")  # same compile as the catalogue
-    assert [r[0] for r in ran] == ["flex"] and ran[0][1] is q
-    entry = ran[0][2]
-    assert entry.__wrapped__.__name__.startswith("anyattn_flex_") if hasattr(entry, "__wrapped__") else True
+    flex = REGISTRY["flex"]
+    with _spies() as (ran, calls):
+        aa.attention(q, k, v, mask=aa.documents([5, 7]) & aa.causal(), backend="flex")  # same compile as the catalogue
+    assert [c.backend for c in calls] == ["flex"] and ran == []
+    assert any(getattr(fn, "__wrapped__", fn).__name__.startswith("anyattn_flex_") for fn in flex._entries.values())
     with pytest.raises(flex_backend.FlexFallbackError, match="refusing to run FlexAttention's unfused path"):
         flex_backend._entry_template(q, k, v, None, None, 1.0, True, False)  # what an eager fallback would hit
 
 
-def test_attention_with_weights_is_the_only_detour_to_eager(monkeypatch):
-    ran = _spies(monkeypatch)
+def test_attention_with_weights_is_the_only_detour_to_eager():
     q, k, v = generate_qkv(1, 2, 2, 16, 16, 32)
-    with aa.use("sdpa"):
-        out, w = aa.attention_with_weights(q, k, v, mask=aa.causal())
-        assert [r[0] for r in ran] == ["eager"] and w.shape == (1, 2, 16, 16)
-        ran.clear()
-        aa.attention(q, k, v, mask=aa.causal())
-        assert [r[0] for r in ran] == ["sdpa"]
-    ran.clear()
-    # every explicitly named backend that cannot serve a call refuses; none detours to eager
-    for be in ("sdpa", "flex", "cudnn", "flash_torch", "flash", "kernels_flash"):
-        with pytest.raises(aa.UnsupportedError):
-            aa.attention(q, k, v, score=aa.score_fn(lambda s, b, h, i, j: s), backend=be, return_lse=True)
-    assert ran == []
+    with _spies() as (ran, calls):
+        with aa.use("sdpa"):
+            out, w = aa.attention_with_weights(q, k, v, mask=aa.causal())
+            assert [c.backend for c in calls] == ["eager"] and w.shape == (1, 2, 16, 16) and ran == []
+            calls.clear()
+            aa.attention(q, k, v, mask=aa.causal())
+            assert [c.backend for c in calls] == ["sdpa"]
+        calls.clear()
+        # every explicitly named backend that cannot serve a call refuses; none detours to eager
+        for be in ("sdpa", "flex", "cudnn", "flash_torch", "flash", "kernels_flash"):
+            with pytest.raises(aa.UnsupportedError):
+                aa.attention(q, k, v, score=aa.score_fn(lambda s, b, h, i, j: s), backend=be, return_lse=True)
+        assert calls == []
 
 
 # ============================================================== 3. determinism
@@ -691,7 +677,7 @@ def test_decode_sized_calls_do_not_compile_and_rank_sdpa_first():
     """Generation: one query against a KV cache that grows every step. flex runs such calls
     unfused (exact, O(Sq * Sk)) instead of compiling a kernel per KV length; auto ranks the
     backends that take any length without compiling first."""
-    before = flex_backend.STATS["compiled_entries"]
+    before = REGISTRY["flex"].stats["compiled_entries"]
     keep = torch.ones(2, 48, dtype=torch.bool)
     keep[0, :7] = False  # left padding in the cache
     for Sk in (40, 41, 42, 48):
@@ -701,7 +687,7 @@ def test_decode_sized_calls_do_not_compile_and_rank_sdpa_first():
         ref = aa.attention(q, k, v, mask=mask, score=aa.softcap(5.0), backend="eager")
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         assert aa.explain(q, k, v, mask=mask).chosen == "sdpa"
-    assert flex_backend.STATS["compiled_entries"] == before
+    assert REGISTRY["flex"].stats["compiled_entries"] == before
 
 
 def test_masks_built_under_inference_mode_work():

@@ -203,7 +203,9 @@ def _prepare(q, k, v, mask, score, scale, dropout_p, return_lse, need_weights, b
     # decision taken in the other mode must not be reused.
     ck = (dkey, requested, torch.are_deterministic_algorithms_enabled())
     hit = None if (compiling or full is not None) else _DECISIONS.get(ck)
-    if hit is None:
+    if hit is not None:
+        impl, decision, sig = hit
+    else:
         if not compiling:
             _check_qkv(q, k, v)
             scale = _check_options(scale, dropout_p, return_lse)
@@ -213,23 +215,21 @@ def _prepare(q, k, v, mask, score, scale, dropout_p, return_lse, need_weights, b
             (tuple(q.shape), tuple(k.shape), tuple(v.shape)), q.dtype, q.device, cmask, scores, float(scale),
             float(dropout_p), return_lse, grad, need_weights, strides, dkey,
         )  # fmt: skip
-        if need_weights and full is None:  # attention_with_weights: always eager
-            impl, decision = REGISTRY["eager"], None
-        else:
-            impl, decision = resolve(sig, requested, full=bool(full))
-        if not compiling and full is None:
-            _DECISIONS.put(ck, (impl, decision, sig))
-    else:
-        impl, decision, sig = hit
-    if cmask is None and not scores:
-        key, tokens = dkey, ()
-    elif compiling:
+    if (cmask is None and not scores) or compiling:
         key, tokens = dkey, ()
     else:
         toks: list = []
         key = (dkey, cmask.content_key(toks) if cmask is not None else None, tuple(s.content_key(toks) for s in scores))
         tokens = tuple(toks)
     call = Call(sig, q, k, v, cmask, scores, key, tokens, not (term_grad or compiling))
+    _check_values(call)  # term values against this call; once per content (before any decision)
+    if hit is None:
+        if need_weights and full is None:  # attention_with_weights: always eager
+            impl, decision = REGISTRY["eager"], None
+        else:
+            impl, decision = resolve(sig, requested, full=bool(full))
+        if not compiling and full is None:
+            _DECISIONS.put(ck, (impl, decision, sig))
     return call, impl, decision, requested
 
 
@@ -290,7 +290,6 @@ def attention(
         Rows with no visible key are exactly 0 (lse -inf), forward and backward.
     """
     call, impl, _, requested = _prepare(q, k, v, mask, score, scale, dropout_p, return_lse, False, backend)
-    _check_values(call)
     if call.sig.Sq == 0 or call.sig.Sk == 0:
         out, lse = _empty_result(call)
     else:
@@ -307,7 +306,6 @@ def attention_with_weights(q, k, v, *, mask=None, score=None, scale=None, dropou
     the eager backend.
     """
     call, _, _, _ = _prepare(q, k, v, mask, score, scale, dropout_p, False, True, "eager")
-    _check_values(call)
     if _OBSERVERS:
         for fn in _OBSERVERS:
             fn(call, "eager")
@@ -330,5 +328,4 @@ def explain(q, k, v, *, mask=None, score=None, scale=None, backend="auto", dropo
         call, _, decision, _ = _prepare(q, k, v, mask, score, scale, dropout_p, return_lse, False, backend, full=bool(full))
     except UnsupportedError as e:
         return e.decision
-    _check_values(call)
     return decision

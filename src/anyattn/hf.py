@@ -219,7 +219,7 @@ def _structured(batch_size, q_length, kv_length, q_offset, kv_offset, mask_funct
         if len(packed) > 1 or qo != 0 or ko != 0 or q_length != kv_length:
             return "packed sequences with a cache or offsets"
         info = _packed_info(packed[0][1])
-        terms.append(info.as_documents())
+        terms.append(_spec.documents(info))
     if attention_mask is not None:
         if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
             return f"attention_mask of shape {tuple(getattr(attention_mask, 'shape', ()))}"
@@ -237,7 +237,7 @@ def _structured(batch_size, q_length, kv_length, q_offset, kv_offset, mask_funct
             # keys-only meaning through a broadcast (B, 1, 1, Sk) mask.
             cross = bool(getattr(config, "is_encoder_decoder", False) or getattr(config, "add_cross_attention", False))
             if aligned and not cross:
-                terms.append(SeqInfo.from_padding_mask(keep).as_padding())
+                terms.append(_spec.padding(SeqInfo.from_padding_mask(keep)))
             else:
                 terms.append(_spec.dense(keep[:, None, None, :]))
     term = None
@@ -366,7 +366,7 @@ def _mask_term(module, query, key, attention_mask, kwargs):
         # then, as in HF's flash path: position_ids that restart mean separate documents.
         docs_in_mask = _docs_from_position_ids(kwargs.get("position_ids"), B, Sq)
         if docs_in_mask is not None:
-            d = docs_in_mask.as_documents()
+            d = _spec.documents(docs_in_mask)
             term = d if term is None else term & d
     cu_q = kwargs.get("cu_seq_lens_q")
     if cu_q is not None:
@@ -378,7 +378,7 @@ def _mask_term(module, query, key, attention_mask, kwargs):
                     f"{list(info.host_lengths[0])}",
                 )  # fmt: skip
         else:
-            d = info.as_documents()
+            d = _spec.documents(info)
             term = d if term is None else term & d
     return _spec.canonical_mask(term), None
 

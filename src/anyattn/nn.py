@@ -46,16 +46,12 @@ from torch import nn
 from .api import _requested, attention
 from .errors import bad_type, bad_value
 from .layout import SeqInfo
-from .resolve import check_backend
+from .backends import REGISTRY
+from .resolve import check_backend, facts_of
 from .spec import causal, documents, same_segment, score_fn, sliding_window, softcap
 
 __all__ = ["AttentionConfig", "PackedBatch", "SelfAttention", "Rotary", "apply_rotary", "attention_flops"]
 
-# backends that refuse attention dropout (their supports() says so); checked where the config is
-# built so that a training run fails at construction, not at the first step
-_NO_DROPOUT = ("flex", "flash_torch", "flash", "kernels_flash")
-# backends that compute score_fn (the per-head logit clip)
-_SCORE_FN = ("flex", "eager")
 
 
 @dataclass(frozen=True)
@@ -104,17 +100,19 @@ class AttentionConfig:
                 raise bad_value("logit_clip", "positive floats", repr(clip))
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise bad_value("dropout", "a float in [0, 1)", repr(self.dropout))
+        # checked where the config is built (from the backends' facts), so that a training run
+        # fails at construction, not at the first step
         names = check_backend(self.backend)  # raises on unknown names, listing the valid ones
-        if self.dropout > 0 and names != ("auto",):
-            bad = [n for n in names if n in _NO_DROPOUT]
-            if len(bad) == len(names):
-                raise bad_value(
-                    "dropout", f"0.0 with backend={self.backend!r} (no dropout in {', '.join(bad)}); use sdpa, cudnn or eager",
-                    self.dropout,
-                )
-        if clip is not None and names != ("auto",) and not any(n in _SCORE_FN for n in names):
+        if self.dropout > 0 and names != ("auto",) and not any(f.dropout for f in facts_of(names)):
+            with_dropout = [n for n, impl in REGISTRY.items() if impl.facts.dropout]
             raise bad_value(
-                "backend", "flex or eager (the per-head logit clip is a score_fn) or 'auto'", repr(self.backend)
+                "dropout", f"0.0 with backend={self.backend!r} (no attention dropout there); use one of {with_dropout}",
+                self.dropout,
+            )
+        if clip is not None and names != ("auto",) and not any(f.score_fn for f in facts_of(names)):
+            with_fn = [n for n, impl in REGISTRY.items() if impl.facts.score_fn]
+            raise bad_value(
+                "backend", f"one of {with_fn} (the per-head logit clip is a score_fn) or 'auto'", repr(self.backend)
             )
         if clip is not None and self.dropout > 0:
             raise bad_value("dropout", "0.0 with logit_clip (flex has no dropout, eager is the only other path)", self.dropout)

@@ -42,6 +42,9 @@ class Facts:
     score_fn: bool = False
     # dispatched through torch's SDPA ops, which torch.distributed context parallel intercepts
     context_parallel: bool = False
+    # compiles one kernel per sequence length: a packed row is padded to a few bucketed lengths
+    # (anyattn.packing) so that a stream of batches shares kernels instead of compiling each
+    static_shapes: bool = False
 
 
 class Refusal(UnsupportedError):

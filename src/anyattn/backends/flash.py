@@ -42,7 +42,7 @@ import torch
 
 from .._cache import LRU
 from ..spec import Alibi, Documents, Softcap
-from ._varlen import Packing, lse_out, lse_to_TH, map_window, packing_for, positional_refusal, split_mask, tokens_in, tokens_out
+from ._varlen import lse_out, lse_to_TH, map_window, packing_for, positional_refusal, split_mask, tokens_in, tokens_out
 from .base import AttentionBackend, Facts
 
 MAX_HEAD_DIM = 256

@@ -264,7 +264,7 @@ def rows_seen(call) -> torch.Tensor:
 
 class FlexBackend(AttentionBackend):
     name = "flex"
-    facts = Facts(packed_documents=True, score_fn=True)
+    facts = Facts(packed_documents=True, score_fn=True, static_shapes=True)
 
     def __init__(self):
         self.block_masks = LRU(64)  # content key -> BlockMask

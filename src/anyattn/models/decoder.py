@@ -41,15 +41,15 @@ __all__ = [
     "apply_fsdp",
     "apply_tensor_parallel",
     "prepare_context_parallel",
-    "CONTEXT_PARALLEL_BACKENDS",
+    "context_parallel_backends",
 ]
 
-# anyattn backends that reach torch's context-parallel ring attention: torch's
-# ``context_parallel`` replaces ``F.scaled_dot_product_attention`` (flash, efficient and cuDNN
-# kernels, ``is_causal`` only, no attn_mask); these two look that function up at call time.
-# flash_torch binds SDPA at import and calls varlen_attn, flex compiles its own kernel: under the
-# patch they would attend within the local shard only, so they are refused.
-CONTEXT_PARALLEL_BACKENDS = ("sdpa", "cudnn")
+def context_parallel_backends() -> tuple[str, ...]:
+    """The backends torch's context parallel can shard: those dispatched through SDPA's ops,
+    which its ring attention intercepts (their ``Facts.context_parallel``)."""
+    from ..backends import REGISTRY
+
+    return tuple(n for n, impl in REGISTRY.items() if impl.facts.context_parallel)
 
 
 @dataclass(frozen=True)
@@ -303,15 +303,16 @@ def prepare_context_parallel(model: Decoder) -> Decoder:
     """Check that ``model`` can run under ``torch.distributed.tensor.experimental.context_parallel``
     and prepare it: full causal attention on every layer (no window, softcap, logit clip or
     dropout: the ring attention takes ``is_causal`` and nothing else), a backend from
-    :data:`CONTEXT_PARALLEL_BACKENDS`, and k/v repeated to the query heads (the ring handlers take
+    :func:`context_parallel_backends`, and k/v repeated to the query heads (the ring handlers take
     no GQA). Batches must be one sequence per row (no documents): shard ``input_ids``, ``labels``
     and ``positions`` with ``context_parallel(mesh, buffers=..., buffer_seq_dims=...)``."""
     from ..resolve import check_backend
 
     cfg = model.config
     names = check_backend(cfg.backend)
-    if not names or any(n not in CONTEXT_PARALLEL_BACKENDS for n in names):
-        raise bad_value("config.backend", f"one of {CONTEXT_PARALLEL_BACKENDS} under context parallel", repr(cfg.backend))
+    allowed = context_parallel_backends()
+    if not names or any(n not in allowed for n in names):
+        raise bad_value("config.backend", f"one of {allowed} under context parallel", repr(cfg.backend))
     for name in ("sliding_window", "softcap", "logit_clip"):
         if getattr(cfg, name) is not None:
             raise bad_value(f"config.{name}", "None under context parallel (ring attention is causal only)", getattr(cfg, name))

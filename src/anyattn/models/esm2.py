@@ -46,7 +46,6 @@ this module until an ESM2 name is used.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import math
@@ -63,11 +62,11 @@ if importlib.util.find_spec("transformers") is None:
 
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PretrainedConfig, PreTrainedModel  # noqa: E402
 
-from ..api import attention, attention_with_weights, explain  # noqa: E402
+from ..api import attention, attention_with_weights  # noqa: E402
 from ..errors import bad_type, bad_value  # noqa: E402
-from ..layout import SeqInfo, pad  # noqa: E402
+from ..layout import SeqInfo  # noqa: E402
+from ..packing import BatchPlan, plan_batch  # noqa: E402
 from ..resolve import check_backend  # noqa: E402
-from ..spec import documents, padding  # noqa: E402
 from ._inputs import check_input_ids, keep_mask  # noqa: E402
 from .hub import check_state_dict, is_esm2_config, read_weights, resolve_saved_backend  # noqa: E402
 
@@ -91,10 +90,6 @@ MODEL_TYPE = "anyattn_esm2"
 # the <mask> embedding zeroed. At inference the embeddings are rescaled by
 # (1 - 0.12) / (1 - observed mask ratio of the sequence), like dropout's eval-time scaling.
 _MASK_RATIO_TRAIN = 0.15 * 0.8
-
-# Backends that take packed documents natively (varlen metadata or a block-sparse mask): a padded
-# batch runs packed on them. The others would materialize a (T, T) mask for one packed row.
-_PACKED_NATIVE = frozenset({"flash_torch", "flex", "flash", "kernels_flash"})
 
 class ESM2Config(PretrainedConfig):
     """ESM2 hyper-parameters with HF ``EsmConfig`` field names, plus ``attn_backend`` and
@@ -540,73 +535,6 @@ class ESM2Output(NamedTuple):
     s_max: torch.Tensor | None  # (L, H) float32: max over the batch's visible pairs of ||q_i|| * ||k_j||
 
 
-class _Plan(NamedTuple):
-    """How one forward runs: the ids the layers see, the layers' batch structure and mask, and
-    how to turn a layer-shaped tensor back into (B, S, ...)."""
-
-    ids: torch.Tensor  # (B, S) or (1, T) when packed
-    info: SeqInfo | None  # structure of ``ids`` (None: dense rows)
-    mask: object  # the anyattn mask term for every layer
-    rows: SeqInfo | None  # when packed: the caller's structure, to scatter outputs back
-
-
-def _packed_from(info: SeqInfo, S: int | None = None) -> SeqInfo:
-    """The real tokens of ``info`` as one packed row (1, S) of the same documents (a padded row
-    is one document), S = T (default) or more: tail positions are padding. No host sync: built
-    from device tensors and host lengths already known."""
-    T, dev = info.total, info.keep.device
-    S = T if S is None else S
-    if info.kind == "documents" and info.B > 1:  # rows are zero-padded to N docs: re-derive
-        return SeqInfo.from_lengths([x for r in info.host_lengths for x in r], total_length=S, device=dev)
-    flat = tuple(x for r in info.host_lengths for x in r)  # padding: one per row; documents, B == 1: exact
-    idx, tail = info.indices, S - T
-    doc_ids = info.doc_ids.reshape(-1).index_select(0, idx)
-    positions = info.positions.reshape(-1).index_select(0, idx)
-    keep = torch.ones(S, dtype=torch.bool, device=dev)
-    if tail:
-        doc_ids = F.pad(doc_ids, (0, tail), value=-1)
-        positions = F.pad(positions, (0, tail), value=0)
-        keep[T:] = False
-    return SeqInfo(
-        B=1, S=S, lengths=(info.cu_seqlens[1:] - info.cu_seqlens[:-1]).to(torch.int64)[None], host_lengths=(flat,),
-        cu_seqlens=info.cu_seqlens, max_seqlen=info.max_seqlen, total=T, indices=torch.arange(T, device=dev),
-        keep=keep[None], doc_ids=doc_ids[None], positions=positions[None], kind="documents",
-    )  # fmt: skip
-
-
-def _bucket(T: int) -> int:
-    """Row length for a packed row of T tokens on a backend that compiles one kernel per sequence
-    length (flex): the next of 4, 5, 6, 7 x 2^k (at most 25% padding; a stream of batches of
-    ~16k tokens shares the 16384 kernel instead of compiling one per batch)."""
-    if T <= 64:
-        return 64
-    k = (T - 1).bit_length() - 3  # 2^(k+2) < T <= 2^(k+3)
-    return next(m << k for m in (4, 5, 6, 7, 8) if (m << k) >= T)
-
-
-def _outside_inference(info: SeqInfo) -> SeqInfo:
-    """``info`` with ordinary tensors. anyattn keys cached mask lowerings by tensor identity and
-    version counter, which tensors made under ``torch.inference_mode`` do not have: the batch
-    structure is therefore always built outside inference mode (a few small copies)."""
-    if not info.keep.is_inference():
-        return info
-    with torch.inference_mode(False):
-        return dataclasses.replace(info, **{f: getattr(info, f).clone() for f in _SEQINFO_TENSORS})
-
-
-_SEQINFO_TENSORS = ("lengths", "cu_seqlens", "indices", "keep", "doc_ids", "positions")
-
-
-def _packed_backend(backend, info: SeqInfo, H: int, D: int, dtype, grad: bool) -> str | None:
-    """The backend that would serve the attention of this packed row, if it takes packed
-    documents natively, else None. Asks the resolver (anyattn.explain) with the real shape;
-    nothing runs."""
-    q = torch.empty(1, info.S, H, D, device=info.keep.device, dtype=dtype, requires_grad=grad).transpose(1, 2)
-    with torch.set_grad_enabled(grad):
-        d = explain(q, q, q, mask=documents(info), scale=1.0, backend=backend, full=False)
-    return d.chosen if d.chosen in _PACKED_NATIVE else None
-
-
 class ESM2PreTrainedModel(PreTrainedModel):
     config_class = ESM2Config
     base_model_prefix = "esm"
@@ -711,57 +639,33 @@ class ESM2Model(ESM2PreTrainedModel):
         self._fns = (torch.compile(qkv, **compile_kwargs), torch.compile(_out_ffn, **compile_kwargs))
         self._dynamic = compile_kwargs.get("dynamic", None) is not False
 
-    def _plan(self, input_ids, attention_mask, seq_info, need_weights: bool) -> _Plan:
+    def _plan(self, input_ids, attention_mask, seq_info, need_weights: bool) -> BatchPlan:
+        """The batch plan of one forward (``anyattn.packing``: packed on backends that take
+        packed documents natively, unless ``pack_padded`` says otherwise)."""
         on_cpu = isinstance(input_ids, torch.Tensor) and input_ids.device.type == "cpu"
         check_input_ids(input_ids, self.config.vocab_size, check_range=on_cpu or attention_mask is not None)
         if attention_mask is not None and seq_info is not None:
             raise bad_value("attention_mask/seq_info", "at most one of them", "both")
-        info = None
-        if attention_mask is not None:
-            keep = keep_mask(attention_mask, input_ids)
-            with torch.inference_mode(False):  # see _outside_inference
-                info = SeqInfo.from_padding_mask(keep.clone())  # one host read
-            if info.total == info.B * info.S:
-                info = None  # no padding: dense rows
-        elif seq_info is not None:
-            if not isinstance(seq_info, SeqInfo):
-                raise bad_type("seq_info", "an anyattn.SeqInfo", type(seq_info).__name__)
-            if (seq_info.B, seq_info.S) != tuple(input_ids.shape):
-                raise bad_value("seq_info", f"B, S = {tuple(input_ids.shape)} like input_ids", f"B={seq_info.B}, S={seq_info.S}")
-            info = _outside_inference(seq_info.to(input_ids.device))
+        keep = keep_mask(attention_mask, input_ids) if attention_mask is not None else None
+        cfg = self.config
+        plan = plan_batch(
+            input_ids, keep, seq_info, backend=self.attn_backend, pack=cfg.pack_padded, heads=cfg.num_attention_heads,
+            head_dim=cfg.head_dim, dtype=self.embeddings.word_embeddings.weight.dtype,
+            grad=torch.is_grad_enabled() and self.training, need_weights=need_weights, pad_id=cfg.pad_token_id, scale=1.0,
+        )  # fmt: skip
+        info = plan.rows if plan.packed else plan.info
         longest = input_ids.shape[1] if info is None else info.max_seqlen
-        if longest > self.config.max_position_embeddings:
+        if longest > cfg.max_position_embeddings:
             warnings.warn(
-                f"ESM2: a sequence of {longest} tokens is longer than the {self.config.max_position_embeddings} "
+                f"ESM2: a sequence of {longest} tokens is longer than the {cfg.max_position_embeddings} "
                 "the model was trained on",
                 stacklevel=4,
             )
-        if info is None:
-            return _Plan(input_ids, None, None, None)
-        flat = info.kind == "documents" and info.B == 1 and info.total == info.S  # already one packed row
-        pack = self.config.pack_padded
-        if not flat and not need_weights and info.total > 0 and pack is not False:
-            with torch.inference_mode(False):
-                packed = _packed_from(info)
-            chosen = _packed_backend(
-                self.attn_backend, packed, self.config.num_attention_heads, self.config.head_dim,
-                self.embeddings.word_embeddings.weight.dtype, torch.is_grad_enabled() and self.training,
-            )  # fmt: skip
-            if pack is True or chosen is not None:
-                S = _bucket(info.total) if chosen == "flex" else info.total  # flex compiles per length
-                if S != info.total:
-                    with torch.inference_mode(False):
-                        packed = _packed_from(info, S)
-                ids = input_ids.reshape(-1).index_select(0, info.indices)
-                if S > info.total:
-                    ids = F.pad(ids, (0, S - info.total), value=self.config.pad_token_id)
-                return _Plan(ids[None], packed, documents(packed), info)
-        mask = padding(info) if info.kind == "padding" else documents(info)
-        return _Plan(input_ids, info, mask, None)
+        return plan
 
     def _encode(self, input_ids, attention_mask, seq_info, inputs_embeds, output_hidden_states, output_attentions, output_s_max):
         """Run the encoder. Returns (plan, x after the final LayerNorm, hidden list, attentions,
-        s_max), tensors in the layers' shape (see :class:`_Plan`)."""
+        s_max), tensors in the layers' shape (see :class:`anyattn.packing.BatchPlan`)."""
         if inputs_embeds is not None:
             raise bad_value("inputs_embeds", "None (ESM2 takes input_ids: token dropout needs the <mask> positions)", "a tensor")
         plan = self._plan(input_ids, attention_mask, seq_info, bool(output_attentions))
@@ -801,8 +705,8 @@ class ESM2Model(ESM2PreTrainedModel):
         return plan, x, hidden, attns, (torch.stack(smax) if smax is not None else None)
 
     @staticmethod
-    def _to_rows(plan: _Plan, t: torch.Tensor) -> torch.Tensor:
-        return t if plan.rows is None else pad(t[0, : plan.rows.total], plan.rows)
+    def _to_rows(plan: BatchPlan, t: torch.Tensor) -> torch.Tensor:
+        return plan.to_rows(t)
 
     def forward(
         self, input_ids=None, attention_mask=None, *, seq_info: SeqInfo | None = None, inputs_embeds=None,

@@ -94,6 +94,9 @@ class Term:
     """Shared plumbing of mask and score terms (frozen dataclasses): keys and tensors."""
 
     def __post_init__(self):
+        # computed at construction, never later: a compiled graph that reads a term must not see
+        # its attributes change when an eager call in between fills a memo (dynamo guards on them)
+        self.structure
         if not self.tensors():  # tensorless terms compute their key once, at construction
             self.key
 

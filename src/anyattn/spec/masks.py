@@ -100,13 +100,11 @@ class Window(MaskTerm):
 def _doc_ids_from_host(rows, Sk: int, device) -> torch.Tensor:
     """(Bd, Sk) int32 document index per position from host lengths, -1 past the last document;
     built on the CPU and copied through pinned memory (no host sync)."""
-    Bd = len(rows)
-    out = torch.full((Bd, Sk), -1, dtype=torch.int32)
-    for r, row in enumerate(rows):
-        lens = torch.tensor(row, dtype=torch.int64)
-        n = min(int(lens.sum()), Sk)
-        out[r, :n] = torch.repeat_interleave(torch.arange(len(row), dtype=torch.int32), lens)[:n]
-    return host_to_device(out, device)
+    out = []
+    for row in rows:
+        ids = torch.repeat_interleave(torch.arange(len(row), dtype=torch.int32), torch.tensor(row, dtype=torch.int64))[:Sk]
+        out.append(torch.cat((ids, torch.full((Sk - ids.numel(),), -1, dtype=torch.int32))))
+    return host_to_device(torch.stack(out), device)
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -183,9 +181,9 @@ class Documents(MaskTerm):
         info = self.info
         if info is not None and info.S == geo.Sk and info.B == self.rows:
             return to_device(info.doc_ids, geo.device)
-        if self.host_lengths is not None:
+        if self.host_lengths is not None and not torch.compiler.is_compiling():
             return _doc_ids_from_host(self.host_lengths, geo.Sk, geo.device)
-        lengths = to_device(self.lengths, geo.device).to(torch.int64)
+        lengths = to_device(self.lengths_tensor(), geo.device).to(torch.int64)
         cu = torch.cumsum(lengths, dim=-1)
         pos = torch.arange(geo.Sk, device=geo.device).expand(lengths.shape[0], geo.Sk).contiguous()
         ids = torch.searchsorted(cu, pos, right=True)
