@@ -232,7 +232,7 @@ def _available(names) -> list[str]:
 
 def run(opts: dict, *, command: str = "", log=print) -> dict:
     from ..models import ESM2Model, esm2_flops
-    from .kernels import environment
+    from .env import environment
 
     import anyattn
 
