@@ -1,0 +1,730 @@
+"""ESM C (EvolutionaryScale's ESM Cambrian, 2024; the open 300M / 600M weights, also published as
+Synthyra's "ESM++" and as transformers' ``esmc``) on anyattn, as transformers ``PreTrainedModel`` s
+(``model_type`` "anyattn_esmc", registered with the Auto classes on import of this module).
+
+Shape legend:
+    B batch rows   S row length   C hidden size   H heads   D head dim (C // H = 64 in every
+    published size)   F SwiGLU width   L layers   V embedding rows (64; 33 tokens are used)
+
+One block (pre-LayerNorm, no biases in the projections; ``s = sqrt(L / 36)``, the residue
+scaling of EvolutionaryScale's TransformerStack)::
+
+    h       = LayerNorm(x)                       (with bias)
+    q, k, v = split(h @ Wqkv^T, 3)               Wqkv (3C, C)
+    q, k    = LayerNorm_q(q), LayerNorm_k(k)     over all C channels, no bias ("QK LayerNorm")
+    q, k    = rotary(q, k)                       per head, half-split, theta 10000, float32 cos/sin
+    o       = anyattn.attention(q, k, v, mask=<batch structure>, scale=D**-0.5)
+    x       = x + (o @ Wo^T) / s
+    a, b    = split(LayerNorm(x) @ W1^T, 2)      W1 (2F, C), F = 256 * ceil(8C / 3 / 256)
+    x       = x + ((silu(a) * b) @ W2^T) / s
+
+then a final LayerNorm without bias, and the sequence head ``Linear(C, C) -> erf GELU ->
+LayerNorm -> Linear(C, V)`` (with biases) for the logits.
+
+Parameter names are EvolutionaryScale's (``esm.models.esmc.ESMC.state_dict()``: ``embed``,
+``transformer.blocks.{i}.attn.layernorm_qkv.{0,1}``, ``...q_ln``, ``...ffn.{0,1,3}``,
+``transformer.norm``, ``sequence_head.{0,2,3}``), which Synthyra's ESM++ checkpoints keep; the
+transformers-native layout (``esmc.layers.{i}.self_attn.q_proj`` ...) is mapped on load
+(:func:`map_esmc_keys`). Facts and sources: docs/esmc.md.
+
+transformers is imported here (the ``models`` extra); ``import anyattn.models`` does not import
+this module until an ESM C name is used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import os
+import warnings
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if importlib.util.find_spec("transformers") is None:
+    raise ImportError("anyattn.models.esmc needs transformers: pip install 'anyattn[models]'")
+
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PretrainedConfig, PreTrainedModel  # noqa: E402
+
+from ..api import attention, attention_with_weights, backends, explain  # noqa: E402
+from ..errors import bad_type, bad_value  # noqa: E402
+from ..layout import SeqInfo, pad  # noqa: E402
+from ..spec import documents, padding  # noqa: E402
+from ._inputs import check_input_ids, keep_mask  # noqa: E402
+from .hub import check_state_dict, read_weights, resolve_saved_backend  # noqa: E402
+from .tokenizer import ProteinTokenizer  # noqa: E402
+
+__all__ = [
+    "ESMC_PRESETS", "ESMC_VOCAB", "ESMCConfig", "ESMCForMaskedLM", "ESMCModel", "ESMCOutput",
+    "build_esmc", "esmc_tokenizer", "is_esmc_config", "load_esmc", "map_esmc_keys", "register_auto",
+]  # fmt: skip
+
+MODEL_TYPE = "anyattn_esmc"
+# config.json model_type of the published formats: Synthyra's ESM++ and transformers' native ESMC
+_FOREIGN_TYPES = ("ESMplusplus", "esmc")
+
+# EvolutionaryScale's sequence vocabulary (esm.tokenization.EsmSequenceTokenizer; transformers'
+# EsmcTokenizer): ESM2's alphabet with the chain break "|" at id 31. The embedding has 64 rows.
+ESMC_VOCAB = (
+    "<cls>", "<pad>", "<eos>", "<unk>",
+    "L", "A", "G", "V", "S", "E", "R", "T", "I", "D", "P", "K", "Q", "N", "F", "Y", "M", "H", "W", "C",
+    "X", "B", "U", "Z", "O", ".", "-", "|", "<mask>",
+)  # fmt: skip
+
+
+def esmc_tokenizer() -> ProteinTokenizer:
+    """ESM C's tokenizer (``<cls> residues <eos>``, ids of :data:`ESMC_VOCAB`)."""
+    return ProteinTokenizer(ESMC_VOCAB)
+
+
+def swiglu_width(C: int, ratio: float = 8 / 3) -> int:
+    """EvolutionaryScale's SwiGLU width: ``ratio * C`` rounded up to a multiple of 256."""
+    return int((ratio * C + 255) // 256 * 256)
+
+
+def _check_backend(value):
+    """An anyattn backend name, "auto", or a sequence of names (a tuple is kept)."""
+    if isinstance(value, list):
+        value = tuple(value)
+    names = {b.name for b in backends()}
+    items = value if isinstance(value, tuple) else (value,)
+    if not items or not all(isinstance(v, str) and (v in names or v == "auto") for v in items):
+        raise bad_value("attn_backend", f"'auto', one of {sorted(names)} or a list of them", repr(value))
+    return value
+
+
+class ESMCConfig(PretrainedConfig):
+    """ESM C hyper-parameters (transformers-style names). Defaults are ESM C 300M's; presets:
+    :data:`ESMC_PRESETS` / :meth:`from_name`."""
+
+    model_type = MODEL_TYPE
+
+    def __init__(
+        self,
+        vocab_size: int = 64,  # embedding and logit rows (the tokenizer uses ids 0..32)
+        hidden_size: int = 960,
+        num_hidden_layers: int = 30,
+        num_attention_heads: int = 15,
+        intermediate_size: int | None = None,  # SwiGLU width F; None: swiglu_width(hidden_size)
+        # divide each residual branch by sqrt(num_hidden_layers / 36) (every published checkpoint)
+        scale_residue: bool = True,
+        layer_norm_eps: float = 1e-5,  # torch's LayerNorm default, which the published model uses
+        rope_theta: float = 10000.0,
+        pad_token_id: int = 1,
+        mask_token_id: int = 32,
+        dropout: float = 0.0,  # residual-branch dropout, training only (ESM++'s field)
+        initializer_range: float = 0.02,  # random init: normal(0, this)
+        attn_backend="auto",  # anyattn backend name, or a sequence of names
+        # padded / multi-row batches run as one packed row: "auto" (when the chosen backend takes
+        # packed documents natively: flash_torch, flex, ...), True (always), False (never)
+        pack_padded="auto",
+        vocab_list: list | None = None,  # tokens in id order (anyattn.models.load_tokenizer reads it)
+        **kwargs,
+    ):
+        if hidden_size % num_attention_heads or (hidden_size // num_attention_heads) % 2:
+            raise bad_value("hidden_size", f"a multiple of num_attention_heads={num_attention_heads} with an even head dim", hidden_size)
+        if pack_padded not in ("auto", True, False):
+            raise bad_value("pack_padded", "'auto', True or False", repr(pack_padded))
+        kwargs.setdefault("tie_word_embeddings", False)  # the sequence head has its own weights
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.intermediate_size = swiglu_width(hidden_size) if intermediate_size is None else int(intermediate_size)
+        self.scale_residue = bool(scale_residue)
+        self.layer_norm_eps = float(layer_norm_eps)
+        self.rope_theta = float(rope_theta)
+        self.mask_token_id = mask_token_id
+        self.dropout = float(dropout or 0.0)
+        self.initializer_range = initializer_range
+        self.attn_backend = _check_backend(attn_backend)
+        self.pack_padded = pack_padded
+        self.vocab_list = list(vocab_list) if vocab_list is not None else list(ESMC_VOCAB)
+        super().__init__(pad_token_id=pad_token_id, **kwargs)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def residue_scale(self) -> float:
+        return math.sqrt(self.num_hidden_layers / 36) if self.scale_residue else 1.0
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> ESMCConfig:
+        """A published size: "esmc_300m", "esmc_600m", "esmc_6b" (also hub-style names such as
+        "EvolutionaryScale/esmc-300m-2024-12", "Synthyra/ESMplusplus_small", "biohub/ESMC-600M")."""
+        key = name.split("/")[-1].lower().replace("-", "_")
+        key = {"esmplusplus_small": "esmc_300m", "esmplusplus_large": "esmc_600m"}.get(key, key)
+        key = next((k for k in _PRESET_SHAPES if key.startswith(k)), key)
+        if key not in _PRESET_SHAPES:
+            raise bad_value("name", f"one of {list(_PRESET_SHAPES)}", repr(name))
+        return cls(**{**_PRESET_SHAPES[key], **overrides})
+
+    @classmethod
+    def from_config_dict(cls, raw: dict, **overrides) -> ESMCConfig:
+        """From a published config.json: Synthyra's ESM++ (``model_type`` "ESMplusplus"),
+        transformers' ESMC ("esmc", e.g. biohub/ESMC-300M) or ours ("anyattn_esmc")."""
+        if not is_esmc_config(raw):
+            raise bad_value("config", "an ESM C config (model_type 'ESMplusplus', 'esmc' or 'anyattn_esmc')", f"model_type {raw.get('model_type')!r}")
+        mt = raw["model_type"]
+        C, H = raw.get("hidden_size"), raw.get("num_attention_heads")
+        kw = dict(vocab_size=raw.get("vocab_size", 64), hidden_size=C, num_hidden_layers=raw.get("num_hidden_layers"), num_attention_heads=H)
+        if mt == MODEL_TYPE:
+            keys = ("intermediate_size", "scale_residue", "layer_norm_eps", "rope_theta", "pad_token_id", "mask_token_id", "dropout",
+                    "initializer_range", "attn_backend", "pack_padded", "vocab_list")  # fmt: skip
+            kw.update({k: raw[k] for k in keys if k in raw})
+        elif mt == "ESMplusplus":  # shape fields only; the rest is fixed by the architecture
+            kw.update(dropout=raw.get("dropout", 0.0), initializer_range=raw.get("initializer_range", 0.02))
+        else:  # transformers "esmc": a Llama config with ESM C's LayerNorms, QK norm and residue scaling
+            bad = {k: raw.get(k) for k in ("attention_bias", "mlp_bias") if raw.get(k)}
+            if raw.get("hidden_act", "silu") != "silu":
+                bad["hidden_act"] = raw["hidden_act"]
+            if raw.get("num_key_value_heads", H) != H:
+                bad["num_key_value_heads"] = raw["num_key_value_heads"]
+            if raw.get("head_dim") not in (None, (C or 0) // (H or 1)):
+                bad["head_dim"] = raw["head_dim"]
+            if bad:
+                raise bad_value("config.json", "ESM C's architecture (no biases, silu, no GQA, head_dim = hidden/heads)", bad)
+            rope = raw.get("rope_parameters") or {}
+            kw.update(
+                intermediate_size=raw.get("intermediate_size"), rope_theta=raw.get("rope_theta", rope.get("rope_theta", 10000.0)),
+                pad_token_id=raw.get("pad_token_id", 1), mask_token_id=raw.get("mask_token_id", 32),
+                initializer_range=raw.get("initializer_range", 0.02),
+            )  # fmt: skip
+        missing = [k for k, v in kw.items() if v is None and k != "intermediate_size"]
+        if missing:
+            raise bad_value("config.json", "an ESM C config with " + ", ".join(missing), "no value for them")
+        kw.update(overrides)
+        return cls(**kw)
+
+
+# EvolutionaryScale's esm/pretrained.py (ESMC_300M_202412, ESMC_600M_202412) and transformers'
+# EsmcConfig defaults (6B): layers, hidden, heads. FFN width from swiglu_width (2560, 3072, 6912).
+_PRESET_SHAPES: dict[str, dict] = {
+    name: dict(num_hidden_layers=L, hidden_size=C, num_attention_heads=H)
+    for name, (L, C, H) in {"esmc_300m": (30, 960, 15), "esmc_600m": (36, 1152, 18), "esmc_6b": (80, 2560, 40)}.items()
+}
+# name -> ESMCConfig (ESMCConfig.from_name gives a fresh copy to modify)
+ESMC_PRESETS: dict[str, ESMCConfig] = {name: ESMCConfig(**kw) for name, kw in _PRESET_SHAPES.items()}
+
+
+def is_esmc_config(config: dict) -> bool:
+    """True for the config.json of an ESM C checkpoint: ours ("anyattn_esmc"), Synthyra's ESM++
+    ("ESMplusplus") or transformers' native ESMC ("esmc"). Reads the dict only."""
+    return isinstance(config, dict) and config.get("model_type") in (MODEL_TYPE, *_FOREIGN_TYPES)
+
+
+# ---------------------------------------------------------------------------------------------
+# batch structure: the ONE place where attention_mask / seq_info become the layers' layout and
+# mask term (to be replaced by the shared packing policy)
+
+# Backends that take packed documents natively (varlen metadata or a block-sparse mask); the others
+# would materialize a (T, T) mask for one packed row, so a padded batch keeps its rows there.
+_PACKED_NATIVE = frozenset({"flash_torch", "flex", "flash", "kernels_flash"})
+
+
+class _Batch(NamedTuple):
+    ids: torch.Tensor  # (B, S) as given, or (1, S') one packed row of the real tokens
+    info: SeqInfo | None  # structure of ``ids`` (None: every row one full sequence)
+    mask: object  # mask term of every layer (None: dense rows)
+    positions: torch.Tensor  # int64 like ids: rotary position inside its sequence
+    packed_from: SeqInfo | None  # the caller's (B, S) structure when ids is a packed row
+
+    def to_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """A layer-layout tensor -> (B, S, ...), zeros at padding."""
+        if self.packed_from is not None:
+            return pad(t[0, : self.packed_from.total], self.packed_from)
+        if self.info is None or self.info.total == self.info.B * self.info.S:
+            return t
+        return t * self.info.keep.view(*self.info.keep.shape, *([1] * (t.dim() - 2))).to(t.dtype)
+
+
+def _plain(info: SeqInfo) -> SeqInfo:
+    """``info`` with ordinary tensors: anyattn caches mask lowerings by tensor identity and version
+    counter, which tensors made under ``torch.inference_mode`` lack."""
+    fields = {f.name: getattr(info, f.name) for f in dataclasses.fields(info)}
+    if not any(isinstance(v, torch.Tensor) and v.is_inference() for v in fields.values()):
+        return info
+    with torch.inference_mode(False):
+        return dataclasses.replace(info, **{k: v.clone() for k, v in fields.items() if isinstance(v, torch.Tensor)})
+
+
+def _bucket(T: int) -> int:
+    """Packed-row length for flex, which compiles one kernel per length: T rounded up to the next
+    m * 2^k, m in 4..8 (at most 25% padding; batches of similar size share a kernel)."""
+    if T <= 64:
+        return 64
+    k = (T - 1).bit_length() - 3
+    return next(m << k for m in (4, 5, 6, 7, 8) if (m << k) >= T)
+
+
+def esmc_batch(input_ids, attention_mask=None, seq_info=None, *, pack_padded="auto", choose=None, pad_token_id: int = 1) -> _Batch:
+    """The layout every layer runs on. ``attention_mask`` (B, S) (padded rows, any side) or
+    ``seq_info`` (packed documents or padding); neither: every row one full sequence.
+
+    With padding or several documents the real tokens run as ONE packed row when ``pack_padded``
+    is True, or "auto" and ``choose(packed_info)`` (the backend that would serve that row) takes
+    packed documents natively; otherwise the rows keep their layout under ``padding(info)`` /
+    ``documents(info)``. Positions restart at 0 at each sequence's first real token."""
+    if attention_mask is not None and seq_info is not None:
+        raise bad_value("attention_mask/seq_info", "at most one of them", "both")
+    B, S = input_ids.shape
+    dev = input_ids.device
+    info = None
+    if attention_mask is not None:
+        keep = keep_mask(attention_mask, input_ids)
+        with torch.inference_mode(False):
+            info = SeqInfo.from_padding_mask(keep.clone())  # one host read (row lengths)
+        if info.total == B * S:
+            info = None
+    elif seq_info is not None:
+        if not isinstance(seq_info, SeqInfo):
+            raise bad_type("seq_info", "an anyattn.SeqInfo", type(seq_info).__name__)
+        if (seq_info.B, seq_info.S) != (B, S):
+            raise bad_value("seq_info", f"B, S = {(B, S)} like input_ids", f"B={seq_info.B}, S={seq_info.S}")
+        info = _plain(seq_info.to(dev))
+    if info is None:
+        return _Batch(input_ids, None, None, torch.arange(S, device=dev).expand(B, S), None)
+    one_row = info.kind == "documents" and B == 1 and info.total == S
+    if not one_row and info.total > 0 and pack_padded is not False:
+        lengths = [n for row in info.host_lengths for n in row if n]
+        with torch.inference_mode(False):
+            packed = SeqInfo.from_lengths([lengths], device=dev)
+        chosen = choose(packed) if choose is not None else None
+        if pack_padded is True or chosen in _PACKED_NATIVE:
+            if chosen == "flex" and _bucket(info.total) != info.total:
+                with torch.inference_mode(False):
+                    packed = SeqInfo.from_lengths([lengths], total_length=_bucket(info.total), device=dev)
+            ids = input_ids.reshape(-1).index_select(0, info.indices)
+            ids = F.pad(ids, (0, packed.S - info.total), value=pad_token_id)[None]
+            return _Batch(ids, packed, documents(packed), packed.positions, info)
+    mask = padding(info) if info.kind == "padding" else documents(info)
+    return _Batch(input_ids, info, mask, info.positions, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# compute
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _rope_tables(positions_BS: torch.Tensor, D: int, theta: float):
+    """cos, sin (B, S, 1, D) float32 of half-split rotary (GPT-NeoX style, as EvolutionaryScale's
+    RotaryEmbedding), computed once per forward."""
+    inv = 1.0 / theta ** (torch.arange(0, D, 2, device=positions_BS.device, dtype=torch.float32) / D)
+    f = positions_BS[..., None].float() * inv
+    emb = torch.cat((f, f), dim=-1)[:, :, None, :]
+    return emb.cos(), emb.sin()
+
+
+def _rotary(q_BSHD, k_BSHD, cos, sin):
+    """The rotation in float32, cast back once (the reference rotates in the input dtype: in
+    bf16 this is the more accurate of the two)."""
+    out = [(t.float() * cos + _rotate_half(t.float()) * sin).to(t.dtype) for t in (q_BSHD, k_BSHD)]
+    return out[0], out[1]
+
+
+def _s_max(q_BSHD, k_BSHD, info: SeqInfo | None, scale: float) -> torch.Tensor:
+    """(H,) float32: max over visible pairs (same sequence, real tokens) of scale*||q_i||*||k_j||,
+    an upper bound of every attention logit of the layer."""
+    qn, kn = q_BSHD.float().norm(dim=-1), k_BSHD.float().norm(dim=-1)  # (B, S, H)
+    H = qn.shape[-1]
+    if info is None:
+        return (qn.amax(1) * kn.amax(1)).amax(0) * scale
+    doc = info.doc_ids.reshape(-1).long()
+    real = (doc >= 0)[:, None]
+    idx = doc.clamp_min(0)[:, None].expand(-1, H)
+    # norms are >= 0, so 0 is neutral for the max: padding tokens drop out
+    qd = qn.new_zeros(info.num_docs, H).scatter_reduce_(0, idx, qn.reshape(-1, H) * real, "amax")
+    kd = kn.new_zeros(info.num_docs, H).scatter_reduce_(0, idx, kn.reshape(-1, H) * real, "amax")
+    return (qd * kd).amax(0) * scale
+
+
+class _SwiGLU(nn.Module):
+    def forward(self, x):
+        a, b = x.chunk(2, dim=-1)
+        return F.silu(a) * b
+
+
+class _Attention(nn.Module):
+    def __init__(self, cfg: ESMCConfig):
+        super().__init__()
+        C, eps = cfg.hidden_size, cfg.layer_norm_eps
+        self.layernorm_qkv = nn.Sequential(nn.LayerNorm(C, eps=eps), nn.Linear(C, 3 * C, bias=False))
+        self.out_proj = nn.Linear(C, C, bias=False)
+        self.q_ln = nn.LayerNorm(C, eps=eps, bias=False)
+        self.k_ln = nn.LayerNorm(C, eps=eps, bias=False)
+
+
+class ESMCBlock(nn.Module):
+    def __init__(self, cfg: ESMCConfig):
+        super().__init__()
+        C, F_ = cfg.hidden_size, cfg.intermediate_size
+        self.num_heads, self.scale = cfg.num_attention_heads, cfg.residue_scale
+        self.p = cfg.dropout
+        self.attn = _Attention(cfg)
+        self.ffn = nn.Sequential(nn.LayerNorm(C, eps=cfg.layer_norm_eps), nn.Linear(C, 2 * F_, bias=False), _SwiGLU(), nn.Linear(F_, C, bias=False))
+
+    def forward(self, x_BSC, batch: _Batch, cos, sin, backend, need_weights: bool, need_s_max: bool):
+        """Returns (x, attention weights or None, s_max (H,) or None)."""
+        a = self.attn
+        B, S, C = x_BSC.shape
+        H = self.num_heads
+        D = C // H
+        q, k, v = a.layernorm_qkv(x_BSC).chunk(3, dim=-1)
+        q, k = a.q_ln(q), a.k_ln(k)
+        q, k = _rotary(q.reshape(B, S, H, D), k.reshape(B, S, H, D), cos, sin)
+        v = v.reshape(B, S, H, D)
+        s = _s_max(q, k, batch.info, D**-0.5) if need_s_max else None
+        # (B, S, H, D) memory, (B, H, S, D) views: the layout anyattn takes
+        qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        w = None
+        if need_weights:
+            o, w = attention_with_weights(qh, kh, vh, mask=batch.mask, scale=D**-0.5)
+        else:
+            o = attention(qh, kh, vh, mask=batch.mask, scale=D**-0.5, backend=backend)
+        o = a.out_proj(o.transpose(1, 2).reshape(B, S, C))
+        x = x_BSC + F.dropout(o, self.p, self.training) / self.scale
+        x = x + F.dropout(self.ffn(x), self.p, self.training) / self.scale
+        return x, w, s
+
+
+class _Transformer(nn.Module):
+    def __init__(self, cfg: ESMCConfig):
+        super().__init__()
+        self.blocks = nn.ModuleList(ESMCBlock(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, bias=False)
+
+
+class ESMCOutput(NamedTuple):
+    """Every forward returns all six fields; the optional ones are None unless asked for. ``loss``
+    first, so that ``outputs[0]`` is the loss when ``labels`` are given (HF Trainer)."""
+
+    loss: torch.Tensor | None  # masked-LM cross-entropy (labels given; -100 = ignored)
+    logits: torch.Tensor | None  # (B, S, V); None from ESMCModel
+    last_hidden_state: torch.Tensor  # (B, S, C) after the final LayerNorm; zeros at padding
+    hidden_states: tuple | None  # L + 1 tensors (B, S, C): embeddings, blocks 1..L-1, last_hidden_state
+    attentions: tuple | None  # L tensors (B, H, S, S) float32 (output_attentions=True)
+    s_max: torch.Tensor | None  # (L, H) float32: max over visible pairs of D**-0.5 * ||q_i|| * ||k_j||
+
+
+class ESMCPreTrainedModel(PreTrainedModel):
+    config_class = ESMCConfig
+    base_model_prefix = "esmc"  # no submodule has this name: the encoder's keys sit at the top level
+    _no_split_modules = ["ESMCBlock"]
+    supports_gradient_checkpointing = False
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.normal_(0.0, std)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.LayerNorm):
+            module.weight.fill_(1.0)
+            if module.bias is not None:
+                module.bias.zero_()
+
+    @property
+    def attn_backend(self):
+        return self.config.attn_backend
+
+    @attn_backend.setter
+    def attn_backend(self, value) -> None:
+        self.config.attn_backend = _check_backend(value)  # every block reads it at each call
+
+    @property
+    def pack_padded(self):
+        return self.config.pack_padded
+
+    @pack_padded.setter
+    def pack_padded(self, value) -> None:
+        if value not in ("auto", True, False):
+            raise bad_value("pack_padded", "'auto', True or False", repr(value))
+        self.config.pack_padded = value
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' ``from_pretrained``, strict: missing, unexpected or mis-shaped weights
+        raise, naming them. ``strict=False`` restores transformers' warnings."""
+        strict = kwargs.pop("strict", True)
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        if strict:
+            parts = [f"{k}: {sorted(map(str, info.get(k) or []))}" for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs") if info.get(k)]
+            if parts:
+                raise bad_value("pretrained_model_name_or_path", f"a checkpoint with exactly the weights of {cls.__name__}", "; ".join(parts))
+        return (model, info) if want_info else model
+
+
+class ESMCModel(ESMCPreTrainedModel):
+    """The encoder (EvolutionaryScale's ESMC without the sequence head). ``attn_backend``
+    switches every block at the next call."""
+
+    _keys_to_ignore_on_load_unexpected = [r"^sequence_head\."]  # loads from a masked-LM checkpoint
+
+    def __init__(self, config: ESMCConfig):
+        super().__init__(config)
+        self._build(config)
+        self.post_init()
+
+    def _build(self, config: ESMCConfig) -> None:
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.transformer = _Transformer(config)
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def set_input_embeddings(self, value):
+        self.embed = value
+
+    def _choose(self, packed: SeqInfo):
+        """The backend that would serve a packed row's attention (asks the resolver; runs nothing)."""
+        cfg = self.config
+        if isinstance(cfg.attn_backend, str) and cfg.attn_backend != "auto":
+            return cfg.attn_backend
+        grad = torch.is_grad_enabled() and self.training
+        q = torch.empty(1, packed.S, cfg.num_attention_heads, cfg.head_dim, device=packed.keep.device, dtype=self.embed.weight.dtype, requires_grad=grad)
+        with torch.set_grad_enabled(grad):
+            q = q.transpose(1, 2)
+            return explain(q, q, q, mask=documents(packed), scale=cfg.head_dim**-0.5, backend=cfg.attn_backend, full=False).chosen
+
+    def _encode(self, input_ids, attention_mask, seq_info, inputs_embeds, output_hidden_states, output_attentions, output_s_max):
+        if inputs_embeds is not None:
+            raise bad_value("inputs_embeds", "None (ESM C takes input_ids)", "a tensor")
+        on_cpu = isinstance(input_ids, torch.Tensor) and input_ids.device.type == "cpu"
+        check_input_ids(input_ids, self.config.vocab_size, check_range=on_cpu or attention_mask is not None)
+        need_w = bool(output_attentions)
+        batch = esmc_batch(
+            input_ids, attention_mask, seq_info, pack_padded=False if need_w else self.config.pack_padded,
+            choose=self._choose, pad_token_id=self.config.pad_token_id,
+        )  # fmt: skip
+        if need_w:
+            warnings.warn(
+                f"ESM C: output_attentions=True runs this call through the eager path (anyattn.attention_with_weights); attn_backend stays {self.attn_backend!r}",
+                stacklevel=3,
+            )
+        x = self.embed(batch.ids)
+        cos, sin = _rope_tables(batch.positions, self.config.head_dim, self.config.rope_theta)
+        hidden = [x] if output_hidden_states else None
+        attns, smax = ([] if need_w else None), ([] if output_s_max else None)
+        for block in self.transformer.blocks:
+            x, w, s = block(x, batch, cos, sin, self.config.attn_backend, need_w, bool(output_s_max))
+            for acc, val in ((hidden, x), (attns, w), (smax, s)):
+                if acc is not None:
+                    acc.append(val)
+        x = self.transformer.norm(x)
+        if hidden is not None:
+            hidden[-1] = x  # HF's convention: the last entry is after the final norm
+        return batch, x, hidden, attns, (torch.stack(smax) if smax is not None else None)
+
+    def _output(self, batch, loss, logits, x, hidden, attns, smax) -> ESMCOutput:
+        rows = batch.to_rows
+        return ESMCOutput(
+            loss, logits, rows(x), tuple(rows(h) for h in hidden) if hidden is not None else None,
+            tuple(attns) if attns is not None else None, smax,
+        )  # fmt: skip
+
+    def forward(
+        self, input_ids=None, attention_mask=None, *, seq_info: SeqInfo | None = None, inputs_embeds=None,
+        output_hidden_states: bool | None = False, output_attentions: bool | None = False, output_s_max: bool = False,
+        return_dict: bool | None = None,
+    ) -> ESMCOutput:  # fmt: skip
+        """input_ids (B, S); ``attention_mask`` (B, S) (1 = real token) or ``seq_info`` (packed
+        documents). Returns :class:`ESMCOutput` with ``logits=None``."""
+        batch, x, hidden, attns, smax = self._encode(input_ids, attention_mask, seq_info, inputs_embeds, output_hidden_states, output_attentions, output_s_max)
+        return self._output(batch, None, None, x, hidden, attns, smax)
+
+
+class ESMCForMaskedLM(ESMCModel):
+    """ESM C with its sequence head (logits over the 64 embedding rows). ``state_dict()`` keys
+    equal EvolutionaryScale's ``ESMC`` and Synthyra's ``ESMplusplusForMaskedLM``."""
+
+    _keys_to_ignore_on_load_unexpected = []
+
+    def __init__(self, config: ESMCConfig):
+        ESMCPreTrainedModel.__init__(self, config)
+        self._build(config)
+        C = config.hidden_size
+        self.sequence_head = nn.Sequential(nn.Linear(C, C), nn.GELU(), nn.LayerNorm(C, eps=config.layer_norm_eps), nn.Linear(C, config.vocab_size))
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.sequence_head[3]
+
+    def set_output_embeddings(self, value):
+        self.sequence_head[3] = value
+
+    def forward(
+        self, input_ids=None, attention_mask=None, *, labels=None, seq_info: SeqInfo | None = None, inputs_embeds=None,
+        output_hidden_states: bool | None = False, output_attentions: bool | None = False, output_s_max: bool = False,
+        return_dict: bool | None = None,
+    ) -> ESMCOutput:  # fmt: skip
+        """As :meth:`ESMCModel.forward`, plus ``logits`` (B, S, V) and, with ``labels`` (-100 =
+        ignored), the masked-LM ``loss``. On the packed path the head runs on real tokens only."""
+        batch, x, hidden, attns, smax = self._encode(input_ids, attention_mask, seq_info, inputs_embeds, output_hidden_states, output_attentions, output_s_max)
+        logits = batch.to_rows(self.sequence_head(x))
+        loss = None
+        if labels is not None:
+            if not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape:
+                got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+                raise bad_value("labels", f"a tensor of shape {tuple(input_ids.shape)} like input_ids", got)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.to(logits.device).reshape(-1), ignore_index=-100)
+        return self._output(batch, loss, logits, x, hidden, attns, smax)
+
+
+def register_auto() -> None:
+    """Register the ESM C classes with AutoConfig / AutoModel / AutoModelForMaskedLM under
+    model_type "anyattn_esmc" (idempotent; run on import)."""
+    AutoConfig.register(MODEL_TYPE, ESMCConfig, exist_ok=True)
+    AutoModel.register(ESMCConfig, ESMCModel, exist_ok=True)
+    AutoModelForMaskedLM.register(ESMCConfig, ESMCForMaskedLM, exist_ok=True)
+
+
+register_auto()
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+# transformers-native ESMC names (biohub/ESMC-*; EsmcForMaskedLM.state_dict()) -> ours. q/k/v are
+# concatenated into layernorm_qkv.1 and gate/up into ffn.1 (EvolutionaryScale's fused layout:
+# the first half of ffn.1 goes through silu, as gate_proj does).
+_NATIVE_LAYER = {
+    "input_layernorm.weight": "attn.layernorm_qkv.0.weight", "input_layernorm.bias": "attn.layernorm_qkv.0.bias",
+    "self_attn.q_norm.weight": "attn.q_ln.weight", "self_attn.k_norm.weight": "attn.k_ln.weight",
+    "self_attn.o_proj.weight": "attn.out_proj.weight", "post_attention_layernorm.weight": "ffn.0.weight",
+    "post_attention_layernorm.bias": "ffn.0.bias", "mlp.down_proj.weight": "ffn.3.weight",
+}  # fmt: skip
+_NATIVE_FUSED = {"attn.layernorm_qkv.1.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+                 "ffn.1.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight")}  # fmt: skip
+_NATIVE_TOP = {"embed_tokens.weight": "embed.weight", "norm.weight": "transformer.norm.weight",
+               "lm_head.dense.weight": "sequence_head.0.weight", "lm_head.dense.bias": "sequence_head.0.bias",
+               "lm_head.layer_norm.weight": "sequence_head.2.weight", "lm_head.layer_norm.bias": "sequence_head.2.bias",
+               "lm_head.decoder.weight": "sequence_head.3.weight", "lm_head.decoder.bias": "sequence_head.3.bias"}  # fmt: skip
+
+
+def map_esmc_keys(state_dict: dict) -> dict:
+    """A published ESM C state dict -> our (EvolutionaryScale's) key names.
+
+    * EvolutionaryScale's ``esmc_*_v0.pth`` and Synthyra's ESM++ (``embed.weight``,
+      ``transformer.blocks.{i}....``, ``sequence_head.{0,2,3}...``): unchanged.
+    * transformers-native (``esmc.embed_tokens.weight``, ``esmc.layers.{i}.self_attn.q_proj.weight``
+      ..., ``lm_head.*``; without ``esmc.`` when saved from ``EsmcModel``): renamed, q/k/v and
+      gate/up concatenated. A split projection with a missing part is refused, naming it.
+
+    Unknown keys are passed through for :func:`check_state_dict` to refuse by name."""
+    if not isinstance(state_dict, dict):
+        raise bad_type("state_dict", "a dict of name -> tensor", type(state_dict).__name__)
+    native = [k for k in state_dict if k.startswith(("esmc.", "layers.", "embed_tokens.", "lm_head."))]
+    if not native:
+        return dict(state_dict)
+    out, parts, missing = {}, {}, []
+    for k, v in state_dict.items():
+        n = k[len("esmc.") :] if k.startswith("esmc.") else k
+        if n in _NATIVE_TOP:
+            out[_NATIVE_TOP[n]] = v
+        elif n.startswith("layers.") and n.split(".", 2)[1].isdigit():
+            _, i, rest = n.split(".", 2)
+            if rest in _NATIVE_LAYER:
+                out[f"transformer.blocks.{i}.{_NATIVE_LAYER[rest]}"] = v
+            elif any(rest in srcs for srcs in _NATIVE_FUSED.values()):
+                parts[(i, rest)] = v
+            else:
+                out[k] = v  # unknown: refused by the completeness check
+        else:
+            out[k] = v
+    for i in sorted({i for i, _ in parts}, key=int):
+        for ours, srcs in _NATIVE_FUSED.items():
+            got = [parts.get((i, s)) for s in srcs]
+            if all(t is not None for t in got):
+                out[f"transformer.blocks.{i}.{ours}"] = torch.cat(got, dim=0)
+            elif any(t is not None for t in got):
+                missing += [f"esmc.layers.{i}.{s}" for s, t in zip(srcs, got) if t is None]
+    if missing:
+        raise bad_value("state_dict", "complete split projections of a transformers ESMC checkpoint", f"missing {missing}")
+    return out
+
+
+def load_esmc_state_dict(model: ESMCModel, state_dict: dict) -> None:
+    """Load a published ESM C state dict (any of the formats of :func:`map_esmc_keys`) into
+    ``model``, strictly: unknown, missing or mis-shaped keys raise, listing every one. An
+    :class:`ESMCModel` (no head) drops a checkpoint's ``sequence_head`` keys. ``model`` may live on
+    the meta device: the tensors are then assigned, not copied."""
+    if not isinstance(model, ESMCModel):
+        raise bad_type("model", "an ESMCModel or ESMCForMaskedLM", type(model).__name__)
+    sd = map_esmc_keys(state_dict)
+    if not isinstance(model, ESMCForMaskedLM):
+        sd = {k: v for k, v in sd.items() if not k.startswith("sequence_head.")}
+    check_state_dict(sd, model.state_dict(), expected=f"the keys of an ESM C checkpoint for {type(model).__name__} with this config")
+    meta = any(p.device.type == "meta" for p in model.parameters())
+    model.load_state_dict(sd, strict=True, assign=meta)
+
+
+def build_esmc(cfg: ESMCConfig, state_dict: dict, *, dtype=None, device=None, head: bool = True) -> ESMCModel:
+    """An ESM C model holding exactly ``state_dict`` (strict), in eval mode, built on the meta
+    device (no random initialisation); float32 unless ``dtype``. ``head=False``: the encoder."""
+    with torch.device("meta"):
+        model = (ESMCForMaskedLM if head else ESMCModel)(cfg)
+    load_esmc_state_dict(model, state_dict)
+    model.eval()
+    return model.to(device=device if device is not None else "cpu", dtype=dtype if dtype is not None else torch.float32)
+
+
+def _config_from_weights(sd: dict) -> ESMCConfig:
+    """The shape of an EvolutionaryScale ``.pth`` (no config.json): C from the embedding, L from
+    the blocks, F from ffn.3; H = C / 64 (the head dim of every published size)."""
+    sd = map_esmc_keys(sd)
+    if "embed.weight" not in sd:
+        raise bad_value("checkpoint", "an ESM C state dict (embed.weight, transformer.blocks...)", f"keys {sorted(sd)[:5]}")
+    V, C = sd["embed.weight"].shape
+    L = len({k.split(".")[2] for k in sd if k.startswith("transformer.blocks.")})
+    F_ = sd["transformer.blocks.0.ffn.3.weight"].shape[1] if L else None
+    return ESMCConfig(vocab_size=V, hidden_size=C, num_hidden_layers=L, num_attention_heads=C // 64, intermediate_size=F_)
+
+
+def load_esmc(path, *, attn_backend=None, dtype=None, device=None, config: dict | None = None) -> ESMCForMaskedLM:
+    """ESM C from a local directory (config.json of ESM++ / transformers ESMC / ours + safetensors
+    or .bin), EvolutionaryScale's raw ``.pth`` (a file, or a directory holding
+    ``data/weights/esmc_*.pth``; the shape is read from the weights), or a hub id. Strict; eval
+    mode; float32 unless ``dtype``. ``attn_backend`` None: the one our checkpoint saved, else "auto"."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise bad_type("path", "a directory, a .pth file or a hub id", type(path).__name__)
+    path = os.fspath(path)
+    pth = path if os.path.isfile(path) else None
+    if pth is None and os.path.isdir(os.path.join(path, "data", "weights")) and not os.path.isfile(os.path.join(path, "config.json")):
+        found = sorted(f for f in os.listdir(os.path.join(path, "data", "weights")) if f.endswith((".pth", ".pt")))
+        if len(found) != 1:
+            raise bad_value("path", "an EvolutionaryScale ESM C directory with one data/weights/*.pth", found)
+        pth = os.path.join(path, "data", "weights", found[0])
+    if pth is not None:
+        sd = torch.load(pth, map_location="cpu", weights_only=True)
+        cfg = _config_from_weights(sd)
+        cfg.attn_backend = _check_backend(attn_backend or "auto")
+        return build_esmc(cfg, sd, dtype=dtype, device=device)
+    if not os.path.isdir(path):
+        from .hub import download
+
+        path = download(path)
+    if config is None:
+        import json
+
+        cfg_file = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_file):
+            raise bad_value("path", "a directory with config.json (or EvolutionaryScale's data/weights/*.pth)", repr(path))
+        with open(cfg_file) as f:
+            config = json.load(f)
+    if attn_backend is None and config.get("model_type") == MODEL_TYPE:
+        attn_backend = config.get("attn_backend")  # what our save_pretrained wrote
+    cfg = ESMCConfig.from_config_dict(config, attn_backend=resolve_saved_backend(config, attn_backend))
+    head = not (config.get("architectures") or ["ForMaskedLM"])[0].endswith("Model")
+    model = build_esmc(cfg, read_weights(path), dtype=dtype, device=device, head=head)
+    model.config._name_or_path = path
+    return model
