@@ -33,8 +33,8 @@ this module until an ESM C name is used.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
+import json
 import math
 import os
 import warnings
@@ -49,12 +49,12 @@ if importlib.util.find_spec("transformers") is None:
 
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PretrainedConfig, PreTrainedModel  # noqa: E402
 
-from ..api import attention, attention_with_weights, backends, explain  # noqa: E402
+from ..api import attention, attention_with_weights  # noqa: E402
 from ..errors import bad_type, bad_value  # noqa: E402
-from ..layout import SeqInfo, pad  # noqa: E402
-from ..spec import documents, padding  # noqa: E402
-from ._inputs import check_input_ids, keep_mask  # noqa: E402
-from .hub import check_state_dict, read_weights, resolve_saved_backend  # noqa: E402
+from ..layout import SeqInfo  # noqa: E402
+from ._esmc_ankh_batch import Batch, batch_structure, check_backend_value, choose_backend  # noqa: E402
+from ._inputs import check_input_ids  # noqa: E402
+from .hub import check_state_dict, is_esmc_config, read_weights, resolve_saved_backend  # noqa: E402
 from .tokenizer import ProteinTokenizer  # noqa: E402
 
 __all__ = [
@@ -63,8 +63,6 @@ __all__ = [
 ]  # fmt: skip
 
 MODEL_TYPE = "anyattn_esmc"
-# config.json model_type of the published formats: Synthyra's ESM++ and transformers' native ESMC
-_FOREIGN_TYPES = ("ESMplusplus", "esmc")
 
 # EvolutionaryScale's sequence vocabulary (esm.tokenization.EsmSequenceTokenizer; transformers'
 # EsmcTokenizer): ESM2's alphabet with the chain break "|" at id 31. The embedding has 64 rows.
@@ -83,17 +81,6 @@ def esmc_tokenizer() -> ProteinTokenizer:
 def swiglu_width(C: int, ratio: float = 8 / 3) -> int:
     """EvolutionaryScale's SwiGLU width: ``ratio * C`` rounded up to a multiple of 256."""
     return int((ratio * C + 255) // 256 * 256)
-
-
-def _check_backend(value):
-    """An anyattn backend name, "auto", or a sequence of names (a tuple is kept)."""
-    if isinstance(value, list):
-        value = tuple(value)
-    names = {b.name for b in backends()}
-    items = value if isinstance(value, tuple) else (value,)
-    if not items or not all(isinstance(v, str) and (v in names or v == "auto") for v in items):
-        raise bad_value("attn_backend", f"'auto', one of {sorted(names)} or a list of them", repr(value))
-    return value
 
 
 class ESMCConfig(PretrainedConfig):
@@ -140,7 +127,7 @@ class ESMCConfig(PretrainedConfig):
         self.mask_token_id = mask_token_id
         self.dropout = float(dropout or 0.0)
         self.initializer_range = initializer_range
-        self.attn_backend = _check_backend(attn_backend)
+        self.attn_backend = check_backend_value(attn_backend)
         self.pack_padded = pack_padded
         self.vocab_list = list(vocab_list) if vocab_list is not None else list(ESMC_VOCAB)
         super().__init__(pad_token_id=pad_token_id, **kwargs)
@@ -212,100 +199,6 @@ _PRESET_SHAPES: dict[str, dict] = {
 ESMC_PRESETS: dict[str, ESMCConfig] = {name: ESMCConfig(**kw) for name, kw in _PRESET_SHAPES.items()}
 
 
-def is_esmc_config(config: dict) -> bool:
-    """True for the config.json of an ESM C checkpoint: ours ("anyattn_esmc"), Synthyra's ESM++
-    ("ESMplusplus") or transformers' native ESMC ("esmc"). Reads the dict only."""
-    return isinstance(config, dict) and config.get("model_type") in (MODEL_TYPE, *_FOREIGN_TYPES)
-
-
-# ---------------------------------------------------------------------------------------------
-# batch structure: the ONE place where attention_mask / seq_info become the layers' layout and
-# mask term (to be replaced by the shared packing policy)
-
-# Backends that take packed documents natively (varlen metadata or a block-sparse mask); the others
-# would materialize a (T, T) mask for one packed row, so a padded batch keeps its rows there.
-_PACKED_NATIVE = frozenset({"flash_torch", "flex", "flash", "kernels_flash"})
-
-
-class _Batch(NamedTuple):
-    ids: torch.Tensor  # (B, S) as given, or (1, S') one packed row of the real tokens
-    info: SeqInfo | None  # structure of ``ids`` (None: every row one full sequence)
-    mask: object  # mask term of every layer (None: dense rows)
-    positions: torch.Tensor  # int64 like ids: rotary position inside its sequence
-    packed_from: SeqInfo | None  # the caller's (B, S) structure when ids is a packed row
-
-    def to_rows(self, t: torch.Tensor) -> torch.Tensor:
-        """A layer-layout tensor -> (B, S, ...), zeros at padding."""
-        if self.packed_from is not None:
-            return pad(t[0, : self.packed_from.total], self.packed_from)
-        if self.info is None or self.info.total == self.info.B * self.info.S:
-            return t
-        return t * self.info.keep.view(*self.info.keep.shape, *([1] * (t.dim() - 2))).to(t.dtype)
-
-
-def _plain(info: SeqInfo) -> SeqInfo:
-    """``info`` with ordinary tensors: anyattn caches mask lowerings by tensor identity and version
-    counter, which tensors made under ``torch.inference_mode`` lack."""
-    fields = {f.name: getattr(info, f.name) for f in dataclasses.fields(info)}
-    if not any(isinstance(v, torch.Tensor) and v.is_inference() for v in fields.values()):
-        return info
-    with torch.inference_mode(False):
-        return dataclasses.replace(info, **{k: v.clone() for k, v in fields.items() if isinstance(v, torch.Tensor)})
-
-
-def _bucket(T: int) -> int:
-    """Packed-row length for flex, which compiles one kernel per length: T rounded up to the next
-    m * 2^k, m in 4..8 (at most 25% padding; batches of similar size share a kernel)."""
-    if T <= 64:
-        return 64
-    k = (T - 1).bit_length() - 3
-    return next(m << k for m in (4, 5, 6, 7, 8) if (m << k) >= T)
-
-
-def esmc_batch(input_ids, attention_mask=None, seq_info=None, *, pack_padded="auto", choose=None, pad_token_id: int = 1) -> _Batch:
-    """The layout every layer runs on. ``attention_mask`` (B, S) (padded rows, any side) or
-    ``seq_info`` (packed documents or padding); neither: every row one full sequence.
-
-    With padding or several documents the real tokens run as ONE packed row when ``pack_padded``
-    is True, or "auto" and ``choose(packed_info)`` (the backend that would serve that row) takes
-    packed documents natively; otherwise the rows keep their layout under ``padding(info)`` /
-    ``documents(info)``. Positions restart at 0 at each sequence's first real token."""
-    if attention_mask is not None and seq_info is not None:
-        raise bad_value("attention_mask/seq_info", "at most one of them", "both")
-    B, S = input_ids.shape
-    dev = input_ids.device
-    info = None
-    if attention_mask is not None:
-        keep = keep_mask(attention_mask, input_ids)
-        with torch.inference_mode(False):
-            info = SeqInfo.from_padding_mask(keep.clone())  # one host read (row lengths)
-        if info.total == B * S:
-            info = None
-    elif seq_info is not None:
-        if not isinstance(seq_info, SeqInfo):
-            raise bad_type("seq_info", "an anyattn.SeqInfo", type(seq_info).__name__)
-        if (seq_info.B, seq_info.S) != (B, S):
-            raise bad_value("seq_info", f"B, S = {(B, S)} like input_ids", f"B={seq_info.B}, S={seq_info.S}")
-        info = _plain(seq_info.to(dev))
-    if info is None:
-        return _Batch(input_ids, None, None, torch.arange(S, device=dev).expand(B, S), None)
-    one_row = info.kind == "documents" and B == 1 and info.total == S
-    if not one_row and info.total > 0 and pack_padded is not False:
-        lengths = [n for row in info.host_lengths for n in row if n]
-        with torch.inference_mode(False):
-            packed = SeqInfo.from_lengths([lengths], device=dev)
-        chosen = choose(packed) if choose is not None else None
-        if pack_padded is True or chosen in _PACKED_NATIVE:
-            if chosen == "flex" and _bucket(info.total) != info.total:
-                with torch.inference_mode(False):
-                    packed = SeqInfo.from_lengths([lengths], total_length=_bucket(info.total), device=dev)
-            ids = input_ids.reshape(-1).index_select(0, info.indices)
-            ids = F.pad(ids, (0, packed.S - info.total), value=pad_token_id)[None]
-            return _Batch(ids, packed, documents(packed), packed.positions, info)
-    mask = padding(info) if info.kind == "padding" else documents(info)
-    return _Batch(input_ids, info, mask, info.positions, None)
-
-
 # ---------------------------------------------------------------------------------------------
 # compute
 
@@ -372,7 +265,7 @@ class ESMCBlock(nn.Module):
         self.attn = _Attention(cfg)
         self.ffn = nn.Sequential(nn.LayerNorm(C, eps=cfg.layer_norm_eps), nn.Linear(C, 2 * F_, bias=False), _SwiGLU(), nn.Linear(F_, C, bias=False))
 
-    def forward(self, x_BSC, batch: _Batch, cos, sin, backend, need_weights: bool, need_s_max: bool):
+    def forward(self, x_BSC, batch: Batch, cos, sin, backend, need_weights: bool, need_s_max: bool):
         """Returns (x, attention weights or None, s_max (H,) or None)."""
         a = self.attn
         B, S, C = x_BSC.shape
@@ -439,7 +332,7 @@ class ESMCPreTrainedModel(PreTrainedModel):
 
     @attn_backend.setter
     def attn_backend(self, value) -> None:
-        self.config.attn_backend = _check_backend(value)  # every block reads it at each call
+        self.config.attn_backend = check_backend_value(value)  # every block reads it at each call
 
     @property
     def pack_padded(self):
@@ -487,15 +380,11 @@ class ESMCModel(ESMCPreTrainedModel):
         self.embed = value
 
     def _choose(self, packed: SeqInfo):
-        """The backend that would serve a packed row's attention (asks the resolver; runs nothing)."""
         cfg = self.config
-        if isinstance(cfg.attn_backend, str) and cfg.attn_backend != "auto":
-            return cfg.attn_backend
-        grad = torch.is_grad_enabled() and self.training
-        q = torch.empty(1, packed.S, cfg.num_attention_heads, cfg.head_dim, device=packed.keep.device, dtype=self.embed.weight.dtype, requires_grad=grad)
-        with torch.set_grad_enabled(grad):
-            q = q.transpose(1, 2)
-            return explain(q, q, q, mask=documents(packed), scale=cfg.head_dim**-0.5, backend=cfg.attn_backend, full=False).chosen
+        return choose_backend(
+            cfg.attn_backend, packed, heads=cfg.num_attention_heads, head_dim=cfg.head_dim, dtype=self.embed.weight.dtype,
+            grad=torch.is_grad_enabled() and self.training, scale=cfg.head_dim**-0.5,
+        )  # fmt: skip
 
     def _encode(self, input_ids, attention_mask, seq_info, inputs_embeds, output_hidden_states, output_attentions, output_s_max):
         if inputs_embeds is not None:
@@ -503,7 +392,7 @@ class ESMCModel(ESMCPreTrainedModel):
         on_cpu = isinstance(input_ids, torch.Tensor) and input_ids.device.type == "cpu"
         check_input_ids(input_ids, self.config.vocab_size, check_range=on_cpu or attention_mask is not None)
         need_w = bool(output_attentions)
-        batch = esmc_batch(
+        batch = batch_structure(
             input_ids, attention_mask, seq_info, pack_padded=False if need_w else self.config.pack_padded,
             choose=self._choose, pad_token_id=self.config.pad_token_id,
         )  # fmt: skip
@@ -707,15 +596,13 @@ def load_esmc(path, *, attn_backend=None, dtype=None, device=None, config: dict 
     if pth is not None:
         sd = torch.load(pth, map_location="cpu", weights_only=True)
         cfg = _config_from_weights(sd)
-        cfg.attn_backend = _check_backend(attn_backend or "auto")
+        cfg.attn_backend = check_backend_value(attn_backend or "auto")
         return build_esmc(cfg, sd, dtype=dtype, device=device)
     if not os.path.isdir(path):
         from .hub import download
 
         path = download(path)
     if config is None:
-        import json
-
         cfg_file = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_file):
             raise bad_value("path", "a directory with config.json (or EvolutionaryScale's data/weights/*.pth)", repr(path))

@@ -248,3 +248,47 @@ def _load_dplm(path, config, attn_backend, dtype, device):
 
 register_family(Family("e1", _is_e1, _load_e1))
 register_family(Family("dplm", _is_dplm, _load_dplm))
+
+
+# ---------------------------------------------------------------------------------------------
+# ESM C / ESM++ (anyattn.models.esmc, docs/esmc.md) and ANKH (anyattn.models.ankh, docs/ankh.md).
+# Their detectors live here so that detection needs no transformers import.
+
+_ESMC_MODEL_TYPES = ("anyattn_esmc", "ESMplusplus", "esmc")  # ours, Synthyra's ESM++, transformers'
+_ANKH_VOCAB_SIZE = 144  # ANKH / ANKH2's vocabulary (ElnaggarLab config.json)
+
+
+def is_esmc_config(config: dict) -> bool:
+    """True for the config.json of an ESM C checkpoint: ours ("anyattn_esmc"), Synthyra's ESM++
+    ("ESMplusplus") or transformers' native ESMC ("esmc", biohub/ESMC-*). Reads the dict only."""
+    return isinstance(config, dict) and config.get("model_type") in _ESMC_MODEL_TYPES
+
+
+def is_ankh_config(config: dict) -> bool:
+    """True for ours ("anyattn_ankh") or a T5 config.json with a gated FFN over ANKH's 144-token
+    vocabulary (ElnaggarLab/ankh-*, ankh2-*, and encoder-only re-saves of them). Other T5
+    checkpoints are not claimed. Reads the dict only."""
+    if not isinstance(config, dict):
+        return False
+    if config.get("model_type") == "anyattn_ankh":
+        return True
+    gated = str(config.get("feed_forward_proj", "")).startswith("gated-")
+    return config.get("model_type") == "t5" and gated and config.get("vocab_size") == _ANKH_VOCAB_SIZE
+
+
+def _load_esmc(path, config, attn_backend, dtype, device):
+    from .esmc import load_esmc
+
+    return load_esmc(path, attn_backend=attn_backend, dtype=dtype, device=device, config=config)
+
+
+def _load_ankh(path, config, attn_backend, dtype, device):
+    from .ankh import load_ankh
+
+    return load_ankh(path, attn_backend=attn_backend, dtype=dtype, device=device, config=config)
+
+
+# our save_pretrained writes these model types too: load() honours their saved attn_backend
+_OWN_MODEL_TYPES = (*_OWN_MODEL_TYPES, "anyattn_esmc", "anyattn_ankh")
+register_family(Family("esmc", is_esmc_config, _load_esmc))
+register_family(Family("ankh", is_ankh_config, _load_ankh))
