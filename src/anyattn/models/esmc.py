@@ -208,19 +208,21 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def _rope_tables(positions_BS: torch.Tensor, D: int, theta: float):
-    """cos, sin (B, S, 1, D) float32 of half-split rotary (GPT-NeoX style, as EvolutionaryScale's
-    RotaryEmbedding), computed once per forward."""
-    inv = 1.0 / theta ** (torch.arange(0, D, 2, device=positions_BS.device, dtype=torch.float32) / D)
-    f = positions_BS[..., None].float() * inv
+def _rope_tables(positions_BS: torch.Tensor, D: int, theta: float, dtype: torch.dtype):
+    """cos, sin (B, S, 1, D) of half-split rotary (GPT-NeoX style, as EvolutionaryScale's
+    RotaryEmbedding), computed once per forward in float32 (float64 for a float64 model)."""
+    wide = torch.promote_types(dtype, torch.float32)
+    inv = 1.0 / theta ** (torch.arange(0, D, 2, device=positions_BS.device, dtype=wide) / D)
+    f = positions_BS[..., None].to(wide) * inv
     emb = torch.cat((f, f), dim=-1)[:, :, None, :]
     return emb.cos(), emb.sin()
 
 
 def _rotary(q_BSHD, k_BSHD, cos, sin):
-    """The rotation in float32, cast back once (the reference rotates in the input dtype: in
-    bf16 this is the more accurate of the two)."""
-    out = [(t.float() * cos + _rotate_half(t.float()) * sin).to(t.dtype) for t in (q_BSHD, k_BSHD)]
+    """The rotation in the tables' precision (float32 at least), cast back once (the reference
+    rotates in the input dtype: in bf16 this is the more accurate of the two)."""
+    w = cos.dtype
+    out = [(t.to(w) * cos + _rotate_half(t.to(w)) * sin).to(t.dtype) for t in (q_BSHD, k_BSHD)]
     return out[0], out[1]
 
 
@@ -402,7 +404,7 @@ class ESMCModel(ESMCPreTrainedModel):
                 stacklevel=3,
             )
         x = self.embed(batch.ids)
-        cos, sin = _rope_tables(batch.positions, self.config.head_dim, self.config.rope_theta)
+        cos, sin = _rope_tables(batch.positions, self.config.head_dim, self.config.rope_theta, self.embed.weight.dtype)
         hidden = [x] if output_hidden_states else None
         attns, smax = ([] if need_w else None), ([] if output_s_max else None)
         for block in self.transformer.blocks:
