@@ -27,9 +27,11 @@ import torch
 
 from .. import backends as _backends
 from . import UsageError, raw, report
+from . import args as args_
+from . import churn, hostcall
 from .cases import DTYPES, MODES, VARIANTS, Config, make_config
 from .env import environment
-from .matrix import Result, State, err_text, free, host_overhead, run_case
+from .matrix import Result, State, base_row, err_text, free, host_overhead, run_case
 from .verify import check_rows
 
 __all__ = [
@@ -179,7 +181,7 @@ def run(sweep: Sweep, *, out_dir: str | None = None, command: str = "", progress
                 rows = run_case(cfg, state)
             except Exception as e:  # noqa: BLE001 - building the case itself failed: record it, go on
                 free(cfg.device)
-                b = _base(cfg, "", 0)
+                b = base_row(cfg, "", 0)
                 rows = [
                     Result(
                         **dict(b, impl="anyattn", backend="(case)", status="failed", check="error", reason=err_text(e))
@@ -234,7 +236,15 @@ def _sweep_dict(sw: Sweep) -> dict:
 # command line
 
 
+MODES_CLI = ("matrix", "new-packing", "host")
+
+
 def add_arguments(p) -> None:
+    p.add_argument(
+        "--mode", choices=MODES_CLI, default="matrix",
+        help="matrix: every variant x backend vs raw calls (default); new-packing: a new packing/padding every "
+        "step; host: host time of tiny calls, cached and fresh masks (see docs/benchmarks.md)",
+    )  # fmt: skip
     p.add_argument(
         "--preset", choices=["h200"], help="h200: bf16, H=16, D=128, 16k tokens per call (see docs/benchmarks.md)"
     )
@@ -255,27 +265,36 @@ def add_arguments(p) -> None:
     p.add_argument("--sweep", metavar="FILE.yaml", help="a sweep file (needs pyyaml); command-line options win")
     p.add_argument("--out", metavar="DIR", help="write kernels.json/.csv/.md/.png here (updated after every case)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--seed", type=int, help="--mode new-packing/host: random packings and inputs (default 0)")
+    churn.add_arguments(p)
+    hostcall.add_arguments(p)
+
+
+# options that only one mode reads: giving them to another mode is an error, not a silent no-op
+_ONLY = {
+    "matrix": ("preset", "variants", "seqlen", "batch", "window", "docs", "sweep"),
+    "new-packing": (*churn._MODE_KEYS, "modes", "heads", "head_dim", "budget_s", "seed"),
+    "host": hostcall._MODE_KEYS,
+}
+_SHARED_MODES = {"modes": ("matrix", "new-packing"), "heads": ("matrix", "new-packing"),
+                 "head_dim": ("matrix", "new-packing"), "budget_s": ("matrix", "new-packing"), "seed": ("new-packing", "host")}  # fmt: skip
+
+
+def _check_mode_options(args) -> None:
+    mode = args.mode
+    for owner, keys in _ONLY.items():
+        for k in keys:
+            allowed = _SHARED_MODES.get(k, (owner,))
+            v = getattr(args, k, None)
+            if mode not in allowed and v not in (None, False):
+                raise UsageError(f"--{k.replace('_', '-')} applies to --mode {' or '.join(allowed)}, not --mode {mode}")
 
 
 _SWEEP_KEYS = ("variants", "backends", "modes", "dtypes", "seqlen", "batch", "heads", "head_dim", "window", "docs",
                "device", "budget_s", "shapes", "preset", "quick")  # fmt: skip
 
 
-def _listopt(name: str, value, valid) -> tuple[str, ...]:
-    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
-    items = tuple(str(x).strip() for x in items if str(x).strip())
-    if not items:
-        raise UsageError(f"--{name}: expected a comma list of {list(valid)}, got an empty list")
-    bad = [x for x in items if x not in valid]
-    if bad:
-        raise UsageError(f"--{name}: unknown {bad}; expected a comma list of {list(valid)}")
-    return tuple(dict.fromkeys(items))
-
-
-def _posint(name: str, v) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        raise UsageError(f"--{name}: expected a positive integer, got {v!r}")
-    return v
+_listopt, _posint = args_.listopt, args_.posint
 
 
 def _load_sweep_file(path: str) -> dict:
@@ -367,6 +386,11 @@ def sweep_from_args(args) -> Sweep:
 
 
 def run_from_args(args, command: str = "anyattn bench kernels") -> int:
+    _check_mode_options(args)
+    if args.mode == "new-packing":
+        return _run_mode(churn, churn.options_from_args(args), args, command)
+    if args.mode == "host":
+        return _run_mode(hostcall, hostcall.options_from_args(args), args, command)
     sw = sweep_from_args(args)
     _sigterm_as_interrupt()  # a killed run (timeout) still writes its final files
     doc = run(sw, out_dir=args.out, command=command, progress=not args.no_progress)
@@ -375,3 +399,24 @@ def run_from_args(args, command: str = "anyattn bench kernels") -> int:
         return 130
     failed = sum(r["status"] == "failed" for r in doc["results"])
     return 1 if failed else 0
+
+
+def _run_mode(mod, opts, args, command: str) -> int:
+    """--mode new-packing / host: run, then print the table (stdout ends with it)."""
+    if torch.device(opts.device).type == "cpu" and (args.quick or mod is hostcall) and torch.get_num_threads() != 1:
+        # tiny shapes gain nothing from intra-op threads; on a busy machine OpenMP barriers
+        # turn a 40 us call into milliseconds
+        torch.set_num_threads(1)
+    _sigterm_as_interrupt()
+    doc = mod.run(opts, command=command, out_dir=args.out)
+    if args.out:
+        name = "new_packing" if mod is churn else "host"
+        print(f"\nwrote {os.path.join(args.out, name + '.json')} (.md)")
+    if not doc["complete"]:
+        print("run INCOMPLETE (interrupted): the table holds what was measured")
+    m = doc["meta"]
+    print(f"\n{m['device_name']} | torch {m['torch']} | anyattn {m['anyattn']} | {doc['elapsed_s']} s")
+    print(mod.table(doc))
+    if doc.get("interrupted"):
+        return 130
+    return 1 if any(r["status"] == "failed" for r in doc["results"]) else 0

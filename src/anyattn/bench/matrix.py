@@ -31,7 +31,7 @@ from . import raw, verify
 from .cases import Config, attention_flops, build_inputs, build_terms, fmt_tflops, make_config, score_gib, visible_pairs
 from .timing import first_call_ms, host_us_per_call, measure
 
-__all__ = ["Result", "State", "err_text", "free", "host_overhead", "run_case"]
+__all__ = ["Result", "State", "base_row", "err_text", "free", "host_overhead", "run_case"]
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,7 @@ def free(device) -> None:
 # one case
 
 
-def _base(cfg: Config, inp_spec: str, pairs: int) -> dict:
+def base_row(cfg: Config, inp_spec: str, pairs: int) -> dict:
     return dict(
         variant=cfg.variant, mode=cfg.mode, dtype=cfg.dtype, B=cfg.B, S=cfg.S, Hq=cfg.Hq, Hkv=cfg.Hkv, D=cfg.D,
         spec=inp_spec, flops=attention_flops(pairs, cfg.D, cfg.D, cfg.mode), pairs=pairs, chosen="", raw="",
@@ -261,7 +261,7 @@ def run_case(cfg: Config, state: State) -> list[Result]:
     sw = state.sweep
     pairs = _pairs(dataclasses.replace(cfg, mode="fwd", dtype="fp32", device="cpu"))
     inp = build_inputs(cfg)
-    base = _base(cfg, inp.spec, pairs)
+    base = base_row(cfg, inp.spec, pairs)
     cache: dict = {}
 
     def get_ref() -> verify.Reference:
