@@ -44,11 +44,13 @@ import torch
 from .. import __version__
 from ..errors import bad_type, bad_value
 from ..layout import host_to_device  # noqa: F401 - benchmarks/embed_h2d_probe.py patches job.host_to_device
-from .fasta import UNKNOWN_POLICIES
+from .fasta import UNKNOWN_POLICIES, FastaError
 from .model import _DTYPES, _compile, _config, _load_model, _model_identity, _tokenizer
 from .plan import _RESIDUES, _SEQ_INDEX, _collect, _plan, _read_input
-from .run import _Assembler, _batch_tokens, _Progress, _run_local, _run_workers  # noqa: F401 - _batch_tokens: benchmarks
-from .store import EXPORT_FORMATS, FORMAT, SQLiteStore, StoreMismatchError, check_meta, export, open_store
+from .run import EmbedError, _Assembler, _batch_tokens, _Progress, _run_local, _run_workers  # noqa: F401 - _batch_tokens: benchmarks
+from .store import (
+    EXPORT_FORMATS, FORMAT, SQLiteStore, StoreMismatchError, _JobLock, check_meta, check_out_path, export, open_store,
+)  # fmt: skip
 
 __all__ = ["embed", "EmbedSummary", "POOLINGS", "LONG_POLICIES"]
 
@@ -116,12 +118,40 @@ def _parse_devices(devices):
             dev = torch.device(str(d).strip())
         except RuntimeError as e:
             raise bad_value("devices", "device names like 'cuda:0' or 'cpu'", repr(d)) from e
+        _check_device(dev, d)
         out.append(str(dev))
     if len(out) > 1:
         real = [d for d in out if d != "cpu"]
         if len(set(real)) != len(real):
             raise bad_value("devices", "distinct GPUs (each device gets one process)", ",".join(out))
     return out
+
+
+def _check_device(dev: torch.device, given) -> None:
+    """Refuse a device this machine does not have, before a model is loaded onto it."""
+    if dev.type == "cpu":
+        return
+    if dev.type == "meta":
+        raise bad_value("devices", "real devices ('meta' tensors hold no values)", repr(given))
+    mod = getattr(torch, dev.type, None)
+    avail = getattr(mod, "is_available", None)
+    if avail is None or not avail():
+        raise bad_value("devices", f"devices of this machine (torch.{dev.type}.is_available() is False)", repr(given))
+    count = getattr(mod, "device_count", None)
+    if dev.index is not None and count is not None and dev.index >= count():
+        raise bad_value("devices", f"device indices below {count()} ({dev.type} devices here)", repr(given))
+
+
+def _check_input(source) -> None:
+    """A FASTA path must name a readable file: said before a model is loaded or downloaded."""
+    if isinstance(source, (str, os.PathLike)):
+        name = os.fspath(source)
+        if not os.path.exists(name):
+            raise FastaError(f"{name}: no such input file")
+        if os.path.isdir(name):
+            raise FastaError(f"{name}: a directory, expected a FASTA file")
+        if not os.access(name, os.R_OK):
+            raise FastaError(f"{name}: the input file is not readable (permissions)")
 
 
 # ------------------------------------------------------------------------------ the job
@@ -199,7 +229,24 @@ def embed(
     source = model if isinstance(model, (str, os.PathLike)) else None
     if source is None and len(devs) > 1:
         raise bad_value("model", "a checkpoint directory or hub id when devices has several entries (each process loads its own copy)", type(model).__name__)
+    _check_input(fasta_or_records)
+    export_to = out if out.endswith(EXPORT_FORMATS) else None
+    work_path = out + ".work.sqlite" if export_to else out
+    check_out_path(out)
+    # one writer per store, from before the model loads (a second job stops at once) to the end
+    lock = _JobLock(work_path)
+    try:
+        return _embed(
+            fasta_or_records, model, source, out, export_to, work_path, pooling, layers, dtype, tdtype, store_dtype,
+            max_tokens, backend, devs, long_policy, unknown, compile, progress, t_start,
+        )  # fmt: skip
+    finally:
+        lock.release()
 
+
+def _embed(fasta_or_records, model, source, out, export_to, work_path, pooling, layers, dtype, tdtype, store_dtype,
+           max_tokens, backend, devs, long_policy, unknown, compile, progress, t_start):  # fmt: skip
+    """:func:`embed` after its arguments are checked, holding the store's lock."""
     # ---- model (in this process: identity, tokenizer, config; workers load their own)
     t0 = time.perf_counter()
     if source is not None:
@@ -249,12 +296,12 @@ def embed(
     alphabet = frozenset(t for t in tok.vocab if len(t) == 1 and t.isalpha())
     records, where = _read_input(fasta_or_records, alphabet, unknown)
     seqs, id_map, n_records = _collect(records, where)
+    if export_to and export_to.endswith(".npz") and "__anyattn_metadata__" in id_map:
+        raise FastaError(f"{where}: the id '__anyattn_metadata__' is reserved in .npz stores (write to *.sqlite or *.safetensors)")
     batches = _plan(seqs, max_residues, long_policy, max_tokens, where)
     parse_s = time.perf_counter() - t0
 
     # ---- the store
-    export_to = out if out.endswith(EXPORT_FORMATS) else None
-    work_path = out + ".work.sqlite" if export_to else out
     if export_to and os.path.exists(export_to):
         done_store = open_store(export_to)
         try:
@@ -301,8 +348,8 @@ def embed(
                 written = _run_workers(source, devs, dtype, backend, compile, runner_kw, tok, todo, asm, store, prog, identity)
         finally:
             prog.close()
-        if asm.partial:  # every chunk of every split sequence is in some batch: cannot happen
-            raise RuntimeError(f"anyattn.embed: {len(asm.partial)} split sequence(s) incomplete after the last batch")
+        if asm.partial:  # every chunk of a split sequence that needs a row is in a batch of todo
+            raise EmbedError(f"anyattn.embed: {len(asm.partial)} split sequence(s) incomplete after the last batch (a bug: please report it)")
         if export_to:
             export(store, export_to)
         run_s = time.perf_counter() - t0

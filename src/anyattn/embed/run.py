@@ -18,9 +18,16 @@ import traceback
 import torch
 
 from .. import layout  # layout.host_to_device looked up per call (benchmarks/embed_h2d_probe.py patches it)
+from ..errors import AnyAttnError
 from ..layout import SeqInfo
 from .model import _DTYPES, _compile, _config, _encoder, _load_model, _model_identity, _tokenizer
 from .store import SQLiteStore, _np
+
+
+class EmbedError(AnyAttnError, RuntimeError):
+    """The job failed while running (a worker died, a non-finite embedding); the rows committed
+    before it stay in the store, and running the same job again resumes."""
+
 
 _LUTS: dict = {}
 
@@ -240,12 +247,22 @@ class _Assembler:
         self.seqs, self.pooling, self.layer_axis = seqs, pooling, layer_axis
         self.store_dtype = store_dtype
         self.partial: dict = {}
+        self.seen: set = set()  # sequences without ids to write, already counted
 
     def rows(self, items, arrays):
+        """Rows of the items whose sequence still needs one. A sequence whose ids are all stored
+        (a resumed job computes whole batches, so its items can come back) gives no row; its
+        chunks are not kept (a split sequence stored before a resume has some chunks in batches
+        that are not run again)."""
         np = _np()
         out, done_seqs = [], 0
         for (k, c, res), a in zip(items, arrays):
             s = self.seqs[k]
+            if not s.ids:  # nothing to write: count it once
+                if k not in self.seen:
+                    self.seen.add(k)
+                    done_seqs += 1
+                continue
             if s.chunks > 1:
                 parts = self.partial.setdefault(k, {})
                 parts[c] = (a, len(res))
@@ -260,12 +277,27 @@ class _Assembler:
                     a = np.maximum.reduce([x for x, _ in chunks])
                 else:  # none (cls is refused with split)
                     a = np.concatenate([x for x, _ in chunks], axis=1)
-            a = np.ascontiguousarray(a.astype(self.store_dtype, copy=False))
+            stored = np.ascontiguousarray(a.astype(self.store_dtype, copy=False))
+            if not np.isfinite(stored).all():
+                raise self._not_finite(s, a)
             if not self.layer_axis:
-                a = a[0]
+                stored = stored[0]
             done_seqs += 1
-            out.extend((i, s.sha1, len(s.seq), s.policy, a) for i in s.ids)
+            out.extend((i, s.sha1, len(s.seq), s.policy, stored) for i in s.ids)
         return out, done_seqs
+
+    def _not_finite(self, s, computed) -> EmbedError:
+        """NaN or inf is never stored: the rows before this batch stay, the job stops."""
+        where = f"sequence {s.ids[0]!r} (line/record {s.line})"
+        if _np().isfinite(computed).all():
+            return EmbedError(
+                f"anyattn.embed: the embedding of {where} exceeds {self.store_dtype}'s range (largest magnitude "
+                f"{float(abs(computed).max()):.4g}); use --store-dtype float32 (store_dtype='float32')"
+            )
+        return EmbedError(
+            f"anyattn.embed: the model's output for {where} is NaN or inf ({computed.dtype} after pooling); "
+            "an overflow in half precision (try --dtype fp32 or bf16) or non-finite weights; nothing of this batch was stored"
+        )
 
 
 # ------------------------------------------------------------------------------ workers
@@ -390,13 +422,16 @@ def _run_workers(source, devs, dtype, backend, compile_, runner_kw, tok, todo, a
             except queue.Empty:
                 dead = [f"{devs[r]} (exit code {p.exitcode})" for r, p in enumerate(procs) if p.exitcode is not None and p.exitcode != 0]
                 if dead:
-                    raise RuntimeError(f"anyattn.embed: worker process(es) died: {', '.join(dead)}") from None
+                    raise EmbedError(f"anyattn.embed: worker process(es) died: {', '.join(dead)}; the rows written so far stay, run the same command again to resume") from None
                 continue
             if kind == "error":
-                raise RuntimeError(f"anyattn.embed: the worker on {devs[key]} failed:\n{payload}")
+                last = [ln for ln in payload.strip().splitlines() if ln.strip()][-1:] or ["?"]
+                err = EmbedError(f"anyattn.embed: the worker on {devs[key]} failed: {last[0].strip()} (the rows written so far stay)")
+                err.detail = payload  # the worker's traceback (anyattn --debug prints it)
+                raise err
             if kind == "ready":
                 if payload != identity:
-                    raise RuntimeError(f"anyattn.embed: the worker on {devs[key]} loaded a different model ({payload} vs {identity})")
+                    raise EmbedError(f"anyattn.embed: the worker on {devs[key]} loaded a different model ({payload} vs {identity})")
             elif kind == "batch":
                 rows, nseq = asm.rows(by_index[key], payload)
                 store.put_many(rows)  # this process is the only writer
@@ -408,7 +443,7 @@ def _run_workers(source, devs, dtype, backend, compile_, runner_kw, tok, todo, a
             elif kind == "done":
                 finished += 1
         if remaining:
-            raise RuntimeError(f"anyattn.embed: {len(remaining)} batch(es) never came back from the workers")
+            raise EmbedError(f"anyattn.embed: {len(remaining)} batch(es) never came back from the workers")
     finally:
         for p in procs:
             if p.is_alive():
