@@ -270,3 +270,17 @@ def test_attn_backend_switch(ckpt, monkeypatch):
     assert seen == [("sdpa", "relative_bias", 1.0)] * LAYERS + [("eager", "relative_bias", 1.0)] * LAYERS
     with pytest.raises(ValueError, match="sdpa"):
         m.attn_backend = "nope"
+
+
+def test_training_step_reaches_every_parameter(ckpt):
+    """Backward through relative_bias reaches the bias table (and every other weight), padded on
+    sdpa and packed on eager."""
+    m = am.load(ckpt[0])
+    m.train()
+    ids, mask = _batch()
+    for backend, pack in (("sdpa", False), ("eager", True)):
+        m.attn_backend, m.pack_padded = backend, pack
+        m.zero_grad()
+        m(ids, attention_mask=mask).last_hidden_state.pow(2).mean().backward()
+        bad = [n for n, p in m.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all() or not p.grad.any()]
+        assert not bad, (backend, bad)

@@ -464,3 +464,18 @@ def test_save_pretrained_round_trip_auto_classes_and_tokenizer(setup, tmp_path):
     assert tok.vocab == ESMC_VOCAB
     seq = "MKT|AYIAKX"
     assert tok.encode(seq) == EsmcTokenizer()(seq)["input_ids"]
+
+
+def test_training_step_reaches_every_parameter(setup):
+    """Dropout in train mode, backward through the padded and packed layouts on sdpa and eager:
+    every parameter gets a finite gradient."""
+    m = build_esmc(_cfg(dropout=0.1), setup[0])
+    m.train()
+    ids, am_ = _padded(_sequences())
+    labels = ids.masked_fill(am_ == 0, -100)
+    for backend, pack in (("sdpa", False), ("eager", True)):
+        m.attn_backend, m.pack_padded = backend, pack
+        m.zero_grad()
+        m(ids, attention_mask=am_, labels=labels).loss.backward()
+        bad = [n for n, p in m.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+        assert not bad, (backend, bad)
