@@ -53,7 +53,7 @@ from ..api import attention, attention_with_weights  # noqa: E402
 from ..errors import bad_type, bad_value  # noqa: E402
 from ..layout import SeqInfo  # noqa: E402
 from ..spec import relative_bias  # noqa: E402
-from ._esmc_ankh_batch import Batch, batch_structure, check_backend_value, choose_backend  # noqa: E402
+from ._esmc_ankh_batch import Batch, batch_structure, check_backend_value, choose_backend, norm_bound  # noqa: E402
 from ._inputs import check_input_ids  # noqa: E402
 from .hub import check_state_dict, is_ankh_config, read_weights, resolve_saved_backend  # noqa: E402
 
@@ -190,21 +190,6 @@ class _RMSNorm(nn.Module):
         return self.weight * y.to(self.weight.dtype)
 
 
-def _s_max(q_BSHD, k_BSHD, info: SeqInfo | None) -> torch.Tensor:
-    """(H,) float32: max over visible pairs (same sequence, real tokens) of ||q_i|| * ||k_j||: a
-    bound of the q.k part of the logits (scale 1; the relative bias adds to it)."""
-    qn, kn = q_BSHD.float().norm(dim=-1), k_BSHD.float().norm(dim=-1)  # (B, S, H)
-    H = qn.shape[-1]
-    if info is None:
-        return (qn.amax(1) * kn.amax(1)).amax(0)
-    doc = info.doc_ids.reshape(-1).long()
-    real = (doc >= 0)[:, None]
-    idx = doc.clamp_min(0)[:, None].expand(-1, H)
-    qd = qn.new_zeros(info.num_docs, H).scatter_reduce_(0, idx, qn.reshape(-1, H) * real, "amax")
-    kd = kn.new_zeros(info.num_docs, H).scatter_reduce_(0, idx, kn.reshape(-1, H) * real, "amax")
-    return (qd * kd).amax(0)
-
-
 class _SelfAttention(nn.Module):
     def __init__(self, cfg: AnkhConfig, has_bias_table: bool):
         super().__init__()
@@ -252,7 +237,7 @@ class AnkhBlock(nn.Module):
         H, D = self.num_heads, self.d_kv
         h = att.layer_norm(x_BSC)
         q, k, v = (proj(h).view(B, S, H, D) for proj in (sa.q, sa.k, sa.v))
-        s = _s_max(q, k, batch.info) if need_s_max else None
+        s = norm_bound(q, k, batch.info, 1.0) if need_s_max else None  # bias not included
         qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D) views
         w = None
         if need_weights:

@@ -52,7 +52,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, Pretrained
 from ..api import attention, attention_with_weights  # noqa: E402
 from ..errors import bad_type, bad_value  # noqa: E402
 from ..layout import SeqInfo  # noqa: E402
-from ._esmc_ankh_batch import Batch, batch_structure, check_backend_value, choose_backend  # noqa: E402
+from ._esmc_ankh_batch import Batch, batch_structure, check_backend_value, choose_backend, norm_bound  # noqa: E402
 from ._inputs import check_input_ids  # noqa: E402
 from .hub import check_state_dict, is_esmc_config, read_weights, resolve_saved_backend  # noqa: E402
 from .tokenizer import ProteinTokenizer  # noqa: E402
@@ -226,22 +226,6 @@ def _rotary(q_BSHD, k_BSHD, cos, sin):
     return out[0], out[1]
 
 
-def _s_max(q_BSHD, k_BSHD, info: SeqInfo | None, scale: float) -> torch.Tensor:
-    """(H,) float32: max over visible pairs (same sequence, real tokens) of scale*||q_i||*||k_j||,
-    an upper bound of every attention logit of the layer."""
-    qn, kn = q_BSHD.float().norm(dim=-1), k_BSHD.float().norm(dim=-1)  # (B, S, H)
-    H = qn.shape[-1]
-    if info is None:
-        return (qn.amax(1) * kn.amax(1)).amax(0) * scale
-    doc = info.doc_ids.reshape(-1).long()
-    real = (doc >= 0)[:, None]
-    idx = doc.clamp_min(0)[:, None].expand(-1, H)
-    # norms are >= 0, so 0 is neutral for the max: padding tokens drop out
-    qd = qn.new_zeros(info.num_docs, H).scatter_reduce_(0, idx, qn.reshape(-1, H) * real, "amax")
-    kd = kn.new_zeros(info.num_docs, H).scatter_reduce_(0, idx, kn.reshape(-1, H) * real, "amax")
-    return (qd * kd).amax(0) * scale
-
-
 class _SwiGLU(nn.Module):
     def forward(self, x):
         a, b = x.chunk(2, dim=-1)
@@ -277,7 +261,7 @@ class ESMCBlock(nn.Module):
         q, k = a.q_ln(q), a.k_ln(k)
         q, k = _rotary(q.reshape(B, S, H, D), k.reshape(B, S, H, D), cos, sin)
         v = v.reshape(B, S, H, D)
-        s = _s_max(q, k, batch.info, D**-0.5) if need_s_max else None
+        s = norm_bound(q, k, batch.info, D**-0.5) if need_s_max else None
         # (B, S, H, D) memory, (B, H, S, D) views: the layout anyattn takes
         qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         w = None

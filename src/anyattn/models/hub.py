@@ -445,5 +445,6 @@ def _load_ankh(path, config, attn_backend, dtype, device):
 
 # our save_pretrained writes these model types too: load() honours their saved attn_backend
 _OWN_MODEL_TYPES = (*_OWN_MODEL_TYPES, "anyattn_esmc", "anyattn_ankh")
-register_family(Family("esmc", is_esmc_config, _load_esmc))
-register_family(Family("ankh", is_ankh_config, _load_ankh))
+# after esm2: their model types ("ESMplusplus", "esmc", "t5", ours) are no other family's
+register_family(Family("esmc", is_esmc_config, _load_esmc), before=None)
+register_family(Family("ankh", is_ankh_config, _load_ankh), before=None)
