@@ -20,10 +20,10 @@ import torch
 
 pytest.importorskip("transformers")
 
-import anyattn  # noqa: E402
-import anyattn.models as am  # noqa: E402
-from anyattn.models import ankh as ankh_mod  # noqa: E402
-from anyattn.models.ankh import AnkhConfig, AnkhModel, build_ankh, map_ankh_keys  # noqa: E402
+import anyattn
+import anyattn.models as am
+from anyattn.models import ankh as ankh_mod
+from anyattn.models.ankh import AnkhConfig, AnkhModel, build_ankh, map_ankh_keys
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 LENGTHS = [37, 1, 9, 24]  # > max_distance 20, a single token, short, medium
@@ -86,7 +86,9 @@ def _worst(a_out, b_out, keep) -> float:
     return max((a[keep] - b[keep]).abs().max().item() for a, b in zip(a_out, b_out))
 
 
-@pytest.mark.parametrize("backend,pack", [("eager", False), ("sdpa", False), ("sdpa", True), ("eager", True), ("auto", "auto")])
+@pytest.mark.parametrize(
+    "backend,pack", [("eager", False), ("sdpa", False), ("sdpa", True), ("eager", True), ("auto", "auto")]
+)
 def test_matches_transformers_t5_encoder_every_layer(ckpt, backend, pack):
     path, hf = ckpt
     m = am.load(path, attn_backend=backend)
@@ -119,7 +121,7 @@ def test_packed_documents_equal_the_padded_batch(ckpt):
     (j - i inside the document), equal to the padded batch; the tail padding stays zero."""
     path, hf = ckpt
     ids, mask = _batch(left_rows=())
-    seqs = [ids[b, : n] for b, n in enumerate(LENGTHS)]
+    seqs = [ids[b, :n] for b, n in enumerate(LENGTHS)]
     row = torch.cat(seqs)
     S = len(row) + 3
     packed = torch.cat((row, torch.zeros(3, dtype=torch.long)))[None]
@@ -205,17 +207,34 @@ def test_published_configs_detection_and_presets():
     assert len(ankh) == 3 and all(am.is_ankh_config(c) for c in ankh.values())
     assert not am.is_ankh_config(next(v["config"] for k, v in cfgs.items() if "flan" in k))
     assert not am.is_esmc_config(ankh["ElnaggarLab/ankh2-large"])
-    fields = ("d_model", "d_kv", "d_ff", "num_layers", "num_heads", "relative_attention_num_buckets", "relative_attention_max_distance", "dense_act_fn")
-    for name, key in (("ankh2_large", "ElnaggarLab/ankh2-large"), ("ankh_base", next(k for k in ankh if k.startswith("lhallee")))):
+    fields = (
+        "d_model",
+        "d_kv",
+        "d_ff",
+        "num_layers",
+        "num_heads",
+        "relative_attention_num_buckets",
+        "relative_attention_max_distance",
+        "dense_act_fn",
+    )
+    for name, key in (
+        ("ankh2_large", "ElnaggarLab/ankh2-large"),
+        ("ankh_base", next(k for k in ankh if k.startswith("lhallee"))),
+    ):
         got = AnkhConfig.from_config_dict(ankh[key])
         preset = AnkhConfig.from_name(name)
         assert [getattr(got, f) for f in fields] == [getattr(preset, f) for f in fields], name
     large = AnkhConfig.from_name("ElnaggarLab/ankh-large")
-    assert (large.d_model, large.num_heads * large.d_kv, large.d_ff, large.dense_act_fn) == (1536, 1024, 3840, "gelu_new")
+    assert (large.d_model, large.num_heads * large.d_kv, large.d_ff, large.dense_act_fn) == (
+        1536,
+        1024,
+        3840,
+        "gelu_new",
+    )
 
 
 def test_strict_loading_names_every_bad_key(ckpt):
-    path, hf = ckpt
+    hf = ckpt[1]
     sd = dict(hf.state_dict())
     cfg = AnkhConfig.from_config_dict(hf.config.to_dict())
     with pytest.raises(ValueError, match=r"unknown key.*encoder\.block\.1\.layer\.0\.SelfAttention\.bogus"):
@@ -238,7 +257,7 @@ def test_strict_loading_names_every_bad_key(ckpt):
 def test_save_pretrained_round_trip_and_auto_classes(ckpt, tmp_path):
     from transformers import AutoModel
 
-    path, hf = ckpt
+    path = ckpt[0]
     m = am.load(path, attn_backend="eager")
     m.save_pretrained(tmp_path)
     ref = m.state_dict()
@@ -282,5 +301,7 @@ def test_training_step_reaches_every_parameter(ckpt):
         m.attn_backend, m.pack_padded = backend, pack
         m.zero_grad()
         m(ids, attention_mask=mask).last_hidden_state.pow(2).mean().backward()
-        bad = [n for n, p in m.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all() or not p.grad.any()]
+        bad = [
+            n for n, p in m.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all() or not p.grad.any()
+        ]
         assert not bad, (backend, bad)

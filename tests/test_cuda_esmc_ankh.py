@@ -27,12 +27,12 @@ import torch
 
 pytest.importorskip("transformers")
 
-import anyattn  # noqa: E402
-from anyattn.errors import UnsupportedError  # noqa: E402
-from anyattn.models.ankh import AnkhConfig, build_ankh  # noqa: E402
-from anyattn.models.esmc import ESMCConfig, build_esmc, swiglu_width  # noqa: E402
+import anyattn
+from anyattn.errors import UnsupportedError
+from anyattn.models.ankh import AnkhConfig, build_ankh
+from anyattn.models.esmc import ESMCConfig, build_esmc, swiglu_width
 
-from .test_esmc import random_state_dict, reference  # noqa: E402
+from .test_esmc import random_state_dict, reference
 
 pytestmark = [
     pytest.mark.cuda,
@@ -123,7 +123,9 @@ def esmc_setup():
     with torch.no_grad():
         o = model(ids.cuda(), attention_mask=mask.cuda(), output_hidden_states=True)
     base = _metrics(o.hidden_states, o.last_hidden_state, o.logits, ref, keep)
-    print("\nESM C bf16 eager, padded (the same-dtype reference): " + ", ".join(f"{k} {v:.3g}" for k, v in base.items()))
+    print(
+        "\nESM C bf16 eager, padded (the same-dtype reference): " + ", ".join(f"{k} {v:.3g}" for k, v in base.items())
+    )
     return model, seqs, ids, mask, ref, base
 
 

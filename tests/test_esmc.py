@@ -23,10 +23,10 @@ import torch
 
 pytest.importorskip("transformers")
 
-import anyattn  # noqa: E402
-import anyattn.models as am  # noqa: E402
-from anyattn.models import esmc as esmc_mod  # noqa: E402
-from anyattn.models.esmc import ESMC_VOCAB, ESMCConfig, ESMCForMaskedLM, ESMCModel, build_esmc, load_esmc, map_esmc_keys  # noqa: E402
+import anyattn
+import anyattn.models as am
+from anyattn.models import esmc as esmc_mod
+from anyattn.models.esmc import ESMC_VOCAB, ESMCConfig, ESMCForMaskedLM, ESMCModel, build_esmc, load_esmc, map_esmc_keys
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 C, H, L, FF, V = 64, 4, 3, 96, 64  # tiny: head dim 16 (flex needs >= 16)
@@ -91,7 +91,7 @@ def reference(sd: dict, ids_S: torch.Tensor, heads: int) -> dict:
 def random_state_dict(Cm=C, nl=L, F_=FF, seed=0) -> dict:
     """EvolutionaryScale-format weights with non-trivial LayerNorms and biases, float32."""
     gen = torch.Generator().manual_seed(seed)
-    r = lambda *shape, std=1.0: torch.randn(*shape, generator=gen) * std  # noqa: E731
+    r = lambda *shape, std=1.0: torch.randn(*shape, generator=gen) * std
     sd = {"embed.weight": r(V, Cm)}
     for i in range(nl):
         p = f"transformer.blocks.{i}."
@@ -255,9 +255,8 @@ def test_output_attentions_and_s_max(setup):
     sd, seqs, refs = setup
     ids, am_ = _padded(seqs, left_rows=(3,))
     m = build_esmc(_cfg(), sd)
-    with pytest.warns(UserWarning, match="eager path"):
-        with torch.no_grad():
-            out = m(ids, attention_mask=am_, output_attentions=True, output_s_max=True)
+    with pytest.warns(UserWarning, match="eager path"), torch.no_grad():
+        out = m(ids, attention_mask=am_, output_attentions=True, output_s_max=True)
     assert len(out.attentions) == L and out.attentions[0].shape == (len(seqs), H, ids.shape[1], ids.shape[1])
     for b, ref in enumerate(refs):
         keep = am_[b].bool()
@@ -330,7 +329,9 @@ def test_parameter_names_and_shapes_equal_the_published_300m_checkpoint():
     published = {k: tuple(v) for k, v in _fixture("esmc_300m_2024_12_v0_keys.json")["keys"].items()}
     with torch.device("meta"):
         ours = ESMCForMaskedLM(ESMCConfig.from_name("EvolutionaryScale/esmc-300m-2024-12"))
-        native = EsmcForMaskedLM(EsmcConfig(hidden_size=960, intermediate_size=2560, num_hidden_layers=30, num_attention_heads=15))
+        native = EsmcForMaskedLM(
+            EsmcConfig(hidden_size=960, intermediate_size=2560, num_hidden_layers=30, num_attention_heads=15)
+        )
     assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == published
     mapped = map_esmc_keys(native.state_dict())
     assert {k: tuple(v.shape) for k, v in mapped.items()} == published
@@ -338,8 +339,20 @@ def test_parameter_names_and_shapes_equal_the_published_300m_checkpoint():
 
 def test_presets():
     c3, c6 = ESMCConfig.from_name("esmc_300m"), ESMCConfig.from_name("Synthyra/ESMplusplus_large")
-    assert (c3.hidden_size, c3.num_hidden_layers, c3.num_attention_heads, c3.intermediate_size, c3.head_dim) == (960, 30, 15, 2560, 64)
-    assert (c6.hidden_size, c6.num_hidden_layers, c6.num_attention_heads, c6.intermediate_size, c6.head_dim) == (1152, 36, 18, 3072, 64)
+    assert (c3.hidden_size, c3.num_hidden_layers, c3.num_attention_heads, c3.intermediate_size, c3.head_dim) == (
+        960,
+        30,
+        15,
+        2560,
+        64,
+    )
+    assert (c6.hidden_size, c6.num_hidden_layers, c6.num_attention_heads, c6.intermediate_size, c6.head_dim) == (
+        1152,
+        36,
+        18,
+        3072,
+        64,
+    )
     assert c6.residue_scale == 1.0 and abs(c3.residue_scale - math.sqrt(30 / 36)) < 1e-12
     with pytest.raises(ValueError, match="esmc_300m"):
         ESMCConfig.from_name("esmc_9b")
@@ -355,7 +368,12 @@ def test_published_esm_plus_plus_configs_are_detected_and_load(tmp_path):
     assert len(cfgs) == 2 and all(am.is_esmc_config(c) for c in cfgs.values())
     for c in cfgs.values():
         full = ESMCConfig.from_config_dict(c)
-        assert (full.hidden_size, full.num_hidden_layers, full.num_attention_heads, full.intermediate_size) == (960, 30, 15, 2560)
+        assert (full.hidden_size, full.num_hidden_layers, full.num_attention_heads, full.intermediate_size) == (
+            960,
+            30,
+            15,
+            2560,
+        )
     raw = dict(next(iter(cfgs.values())), hidden_size=C, num_hidden_layers=L, num_attention_heads=H)
     # the ESM++ config has no FFN field: the width follows EvolutionaryScale's rule (256 for C=64)
     sd256 = random_state_dict(F_=esmc_mod.swiglu_width(C))
@@ -402,7 +420,10 @@ def test_strict_loading_names_every_bad_key(setup):
         build_esmc(cfg, shaped)
     with pytest.raises(ValueError, match=r"missing key.*sequence_head\.3\.bias"):
         build_esmc(cfg, {k: v for k, v in sd.items() if k != "sequence_head.3.bias"})
-    native = {"esmc.layers.0.self_attn.q_proj.weight": torch.zeros(C, C), "esmc.layers.0.self_attn.v_proj.weight": torch.zeros(C, C)}
+    native = {
+        "esmc.layers.0.self_attn.q_proj.weight": torch.zeros(C, C),
+        "esmc.layers.0.self_attn.v_proj.weight": torch.zeros(C, C),
+    }
     with pytest.raises(ValueError, match=r"esmc\.layers\.0\.self_attn\.k_proj\.weight"):
         map_esmc_keys(native)
     build_esmc(cfg, sd, head=False)  # the encoder takes a masked-LM checkpoint (head dropped)
@@ -431,9 +452,8 @@ def test_attn_backend_switch_and_refusals(setup, monkeypatch):
     with pytest.raises(ValueError, match="eager"):
         m.attn_backend = "no_such_backend"
     m.attn_backend = "flash_torch"  # CUDA only
-    with pytest.raises(anyattn.UnsupportedError):
-        with torch.no_grad():
-            m(ids, attention_mask=am_)
+    with pytest.raises(anyattn.UnsupportedError), torch.no_grad():
+        m(ids, attention_mask=am_)
 
 
 def test_input_checks(setup):
@@ -455,7 +475,11 @@ def test_save_pretrained_round_trip_auto_classes_and_tokenizer(setup, tmp_path):
     sd = setup[0]
     m = build_esmc(_cfg(attn_backend="eager"), sd)
     m.save_pretrained(tmp_path)
-    for loaded in (ESMCForMaskedLM.from_pretrained(tmp_path), AutoModelForMaskedLM.from_pretrained(tmp_path), am.load(str(tmp_path))):
+    for loaded in (
+        ESMCForMaskedLM.from_pretrained(tmp_path),
+        AutoModelForMaskedLM.from_pretrained(tmp_path),
+        am.load(str(tmp_path)),
+    ):
         assert type(loaded) is ESMCForMaskedLM and loaded.attn_backend == "eager"
         for k, v in sd.items():
             assert torch.equal(loaded.state_dict()[k], v), k

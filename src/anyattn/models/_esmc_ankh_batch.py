@@ -16,7 +16,8 @@ row. Temporary: the shared packing policy of anyattn.models replaces :func:`batc
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -96,7 +97,9 @@ def _bucket(T: int) -> int:
     return next(m << k for m in (4, 5, 6, 7, 8) if (m << k) >= T)
 
 
-def choose_backend(backend, packed: SeqInfo, *, heads: int, head_dim: int, dtype, grad: bool, scale: float, score=None) -> str | None:
+def choose_backend(
+    backend, packed: SeqInfo, *, heads: int, head_dim: int, dtype, grad: bool, scale: float, score=None
+) -> str | None:
     """The backend that would serve the attention of a packed row (a named one as is; for "auto"
     or a list, the resolver's answer with the real shape and score term). Runs nothing."""
     if isinstance(backend, str) and backend != "auto":

@@ -47,17 +47,27 @@ from torch import nn
 if importlib.util.find_spec("transformers") is None:
     raise ImportError("anyattn.models.ankh needs transformers: pip install 'anyattn[models]'")
 
-from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel  # noqa: E402
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
-from ..api import attention, attention_with_weights  # noqa: E402
-from ..errors import bad_type, bad_value  # noqa: E402
-from ..layout import SeqInfo  # noqa: E402
-from ..spec import relative_bias  # noqa: E402
-from ._esmc_ankh_batch import Batch, batch_structure, check_backend_value, choose_backend, norm_bound  # noqa: E402
-from ._inputs import check_input_ids  # noqa: E402
-from .hub import check_state_dict, is_ankh_config, read_weights, resolve_saved_backend  # noqa: E402
+from ..api import attention, attention_with_weights
+from ..errors import bad_type, bad_value
+from ..layout import SeqInfo
+from ..spec import relative_bias
+from ._esmc_ankh_batch import Batch, batch_structure, check_backend_value, choose_backend, norm_bound
+from ._inputs import check_input_ids
+from .hub import check_state_dict, is_ankh_config, read_weights, resolve_dtype, resolve_saved_backend
 
-__all__ = ["ANKH_PRESETS", "AnkhConfig", "AnkhModel", "AnkhOutput", "build_ankh", "is_ankh_config", "load_ankh", "map_ankh_keys", "register_auto"]
+__all__ = [
+    "ANKH_PRESETS",
+    "AnkhConfig",
+    "AnkhModel",
+    "AnkhOutput",
+    "build_ankh",
+    "is_ankh_config",
+    "load_ankh",
+    "map_ankh_keys",
+    "register_auto",
+]
 
 MODEL_TYPE = "anyattn_ankh"
 ANKH_VOCAB_SIZE = 144  # ANKH / ANKH2 (ElnaggarLab config.json); hub.is_ankh_config keys on it
@@ -68,7 +78,14 @@ def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
 
 
-_ACTS = {"gelu_new": _gelu_tanh, "gelu_pytorch_tanh": _gelu_tanh, "gelu": F.gelu, "silu": F.silu, "swish": F.silu, "relu": F.relu}
+_ACTS = {
+    "gelu_new": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu": F.gelu,
+    "silu": F.silu,
+    "swish": F.silu,
+    "relu": F.relu,
+}
 
 
 class AnkhConfig(PretrainedConfig):
@@ -151,7 +168,9 @@ class AnkhConfig(PretrainedConfig):
         else:
             proj = raw.get("feed_forward_proj", "relu")
             if not proj.startswith("gated-"):
-                raise bad_value("config.json feed_forward_proj", "a gated FFN ('gated-gelu' or 'gated-silu', as ANKH)", repr(proj))
+                raise bad_value(
+                    "config.json feed_forward_proj", "a gated FFN ('gated-gelu' or 'gated-silu', as ANKH)", repr(proj)
+                )
             # as transformers' T5Config: the activation comes from feed_forward_proj (a saved
             # dense_act_fn is ignored), and "gated-gelu" means gelu_new, the tanh GELU
             kw["dense_act_fn"] = "gelu_new" if proj == "gated-gelu" else proj[len("gated-") :]
@@ -159,14 +178,15 @@ class AnkhConfig(PretrainedConfig):
         return cls(**kw)
 
 
-# ElnaggarLab/ankh-base, ankh-large and ankh2-large config.json (docs/ankh.md): L, C, H, F, act.
-# d_kv 64, 64 buckets, max distance 128 in all three.
+# ElnaggarLab/ankh-base and ankh2-large config.json; ankh-large inferred from ankh2-large (docs/ankh.md):
+# L, C, H, F, act. d_kv 64, 64 buckets, max distance 128 in all three.
 _PRESET_SHAPES: dict[str, dict] = {
     name: dict(num_layers=L, d_model=C, num_heads=H, d_ff=F_, dense_act_fn=act)
     for name, (L, C, H, F_, act) in {
-        "ankh_base": (48, 768, 12, 3072, "gelu_new"), "ankh_large": (48, 1536, 16, 3840, "gelu_new"),
+        "ankh_base": (48, 768, 12, 3072, "gelu_new"),
+        "ankh_large": (48, 1536, 16, 3840, "gelu_new"),
         "ankh2_large": (48, 1536, 16, 3840, "silu"),
-    }.items()  # fmt: skip
+    }.items()
 }
 # name -> AnkhConfig (AnkhConfig.from_name gives a fresh copy to modify)
 ANKH_PRESETS: dict[str, AnkhConfig] = {name: AnkhConfig(**kw) for name, kw in _PRESET_SHAPES.items()}
@@ -241,9 +261,13 @@ class AnkhBlock(nn.Module):
         qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D) views
         w = None
         if need_weights:
-            o, w = attention_with_weights(qh, kh, vh, mask=batch.mask, score=score, scale=1.0, dropout_p=p if train else 0.0)
+            o, w = attention_with_weights(
+                qh, kh, vh, mask=batch.mask, score=score, scale=1.0, dropout_p=p if train else 0.0
+            )
         else:
-            o = attention(qh, kh, vh, mask=batch.mask, score=score, scale=1.0, backend=backend, dropout_p=p if train else 0.0)
+            o = attention(
+                qh, kh, vh, mask=batch.mask, score=score, scale=1.0, backend=backend, dropout_p=p if train else 0.0
+            )
         x = x_BSC + F.dropout(sa.o(o.transpose(1, 2).reshape(B, S, H * D)), p, train)
         g = ff.DenseReluDense
         h = ff.layer_norm(x)
@@ -262,7 +286,9 @@ class AnkhOutput(NamedTuple):
     """Every forward returns all four fields; the optional ones are None unless asked for."""
 
     last_hidden_state: torch.Tensor  # (B, S, C) after the final norm; zeros at padding
-    hidden_states: tuple | None  # L + 1 tensors (B, S, C): embeddings, blocks 1..L-1, last_hidden_state (as T5EncoderModel)
+    hidden_states: (
+        tuple | None
+    )  # L + 1 tensors (B, S, C): embeddings, blocks 1..L-1, last_hidden_state (as T5EncoderModel)
     attentions: tuple | None  # L tensors (B, H, S, S) float32 (output_attentions=True)
     s_max: torch.Tensor | None  # (L, H) float32: max over visible pairs of ||q_i|| * ||k_j|| (bias not included)
 
@@ -336,15 +362,25 @@ class AnkhModel(PreTrainedModel):
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         if strict:
-            parts = [f"{k}: {sorted(map(str, info.get(k) or []))}" for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs") if info.get(k)]
+            parts = [
+                f"{k}: {sorted(map(str, info.get(k) or []))}"
+                for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")
+                if info.get(k)
+            ]
             if parts:
-                raise bad_value("pretrained_model_name_or_path", "a checkpoint with exactly the weights of AnkhModel", "; ".join(parts))
+                raise bad_value(
+                    "pretrained_model_name_or_path",
+                    "a checkpoint with exactly the weights of AnkhModel",
+                    "; ".join(parts),
+                )
         return (model, info) if want_info else model
 
     def _score(self):
         cfg = self.config
         table = self.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight.t()  # (H, N)
-        return relative_bias(table, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance, bidirectional=True)
+        return relative_bias(
+            table, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance, bidirectional=True
+        )
 
     def forward(
         self, input_ids=None, attention_mask=None, *, seq_info: SeqInfo | None = None, inputs_embeds=None,
@@ -422,7 +458,9 @@ def map_ankh_keys(state_dict: dict) -> dict:
     if emb is not None:
         shared = sd.setdefault("shared.weight", emb)
         if shared is not emb and (shared.shape != emb.shape or not torch.equal(shared.cpu(), emb.cpu())):
-            raise bad_value("state_dict", "encoder.embed_tokens.weight equal to shared.weight (T5 ties them)", "different tensors")
+            raise bad_value(
+                "state_dict", "encoder.embed_tokens.weight equal to shared.weight (T5 ties them)", "different tensors"
+            )
     return sd
 
 
@@ -452,6 +490,7 @@ def load_ankh(path, *, attn_backend=None, dtype=None, device=None, config: dict 
     ours, + safetensors or .bin; the full encoder-decoder checkpoint or an encoder-only re-save) or
     a hub id. Strict; eval mode; float32 unless ``dtype``. ``attn_backend`` None: the one our
     checkpoint saved, else "auto"."""
+    dtype = resolve_dtype(dtype)
     if not isinstance(path, (str, os.PathLike)):
         raise bad_type("path", "a local directory or a hub id", type(path).__name__)
     path = os.fspath(path)

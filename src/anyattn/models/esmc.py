@@ -47,15 +47,15 @@ from torch import nn
 if importlib.util.find_spec("transformers") is None:
     raise ImportError("anyattn.models.esmc needs transformers: pip install 'anyattn[models]'")
 
-from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PretrainedConfig, PreTrainedModel  # noqa: E402
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PretrainedConfig, PreTrainedModel
 
-from ..api import attention, attention_with_weights  # noqa: E402
-from ..errors import bad_type, bad_value  # noqa: E402
-from ..layout import SeqInfo  # noqa: E402
-from ._esmc_ankh_batch import Batch, batch_structure, check_backend_value, choose_backend, norm_bound  # noqa: E402
-from ._inputs import check_input_ids  # noqa: E402
-from .hub import check_state_dict, is_esmc_config, read_weights, resolve_saved_backend  # noqa: E402
-from .tokenizer import ProteinTokenizer  # noqa: E402
+from ..api import attention, attention_with_weights
+from ..errors import bad_type, bad_value
+from ..layout import SeqInfo
+from ._esmc_ankh_batch import Batch, batch_structure, check_backend_value, choose_backend, norm_bound
+from ._inputs import check_input_ids
+from .hub import check_state_dict, is_esmc_config, read_weights, resolve_dtype, resolve_saved_backend
+from .tokenizer import ProteinTokenizer
 
 __all__ = [
     "ESMC_PRESETS", "ESMC_VOCAB", "ESMCConfig", "ESMCForMaskedLM", "ESMCModel", "ESMCOutput",
@@ -112,7 +112,11 @@ class ESMCConfig(PretrainedConfig):
         **kwargs,
     ):
         if hidden_size % num_attention_heads or (hidden_size // num_attention_heads) % 2:
-            raise bad_value("hidden_size", f"a multiple of num_attention_heads={num_attention_heads} with an even head dim", hidden_size)
+            raise bad_value(
+                "hidden_size",
+                f"a multiple of num_attention_heads={num_attention_heads} with an even head dim",
+                hidden_size,
+            )
         if pack_padded not in ("auto", True, False):
             raise bad_value("pack_padded", "'auto', True or False", repr(pack_padded))
         kwargs.setdefault("tie_word_embeddings", False)  # the sequence head has its own weights
@@ -156,10 +160,19 @@ class ESMCConfig(PretrainedConfig):
         """From a published config.json: Synthyra's ESM++ (``model_type`` "ESMplusplus"),
         transformers' ESMC ("esmc", e.g. biohub/ESMC-300M) or ours ("anyattn_esmc")."""
         if not is_esmc_config(raw):
-            raise bad_value("config", "an ESM C config (model_type 'ESMplusplus', 'esmc' or 'anyattn_esmc')", f"model_type {raw.get('model_type')!r}")
+            raise bad_value(
+                "config",
+                "an ESM C config (model_type 'ESMplusplus', 'esmc' or 'anyattn_esmc')",
+                f"model_type {raw.get('model_type')!r}",
+            )
         mt = raw["model_type"]
         C, H = raw.get("hidden_size"), raw.get("num_attention_heads")
-        kw = dict(vocab_size=raw.get("vocab_size", 64), hidden_size=C, num_hidden_layers=raw.get("num_hidden_layers"), num_attention_heads=H)
+        kw = dict(
+            vocab_size=raw.get("vocab_size", 64),
+            hidden_size=C,
+            num_hidden_layers=raw.get("num_hidden_layers"),
+            num_attention_heads=H,
+        )
         if mt == MODEL_TYPE:
             keys = ("intermediate_size", "scale_residue", "layer_norm_eps", "rope_theta", "pad_token_id", "mask_token_id", "dropout",
                     "initializer_range", "attn_backend", "pack_padded", "vocab_list")  # fmt: skip
@@ -175,7 +188,9 @@ class ESMCConfig(PretrainedConfig):
             if raw.get("head_dim") not in (None, (C or 0) // (H or 1)):
                 bad["head_dim"] = raw["head_dim"]
             if bad:
-                raise bad_value("config.json", "ESM C's architecture (no biases, silu, no GQA, head_dim = hidden/heads)", bad)
+                raise bad_value(
+                    "config.json", "ESM C's architecture (no biases, silu, no GQA, head_dim = hidden/heads)", bad
+                )
             rope = raw.get("rope_parameters") or {}
             kw.update(
                 intermediate_size=raw.get("intermediate_size"), rope_theta=raw.get("rope_theta", rope.get("rope_theta", 10000.0)),
@@ -249,7 +264,12 @@ class ESMCBlock(nn.Module):
         self.num_heads, self.scale = cfg.num_attention_heads, cfg.residue_scale
         self.p = cfg.dropout
         self.attn = _Attention(cfg)
-        self.ffn = nn.Sequential(nn.LayerNorm(C, eps=cfg.layer_norm_eps), nn.Linear(C, 2 * F_, bias=False), _SwiGLU(), nn.Linear(F_, C, bias=False))
+        self.ffn = nn.Sequential(
+            nn.LayerNorm(C, eps=cfg.layer_norm_eps),
+            nn.Linear(C, 2 * F_, bias=False),
+            _SwiGLU(),
+            nn.Linear(F_, C, bias=False),
+        )
 
     def forward(self, x_BSC, batch: Batch, cos, sin, backend, need_weights: bool, need_s_max: bool):
         """Returns (x, attention weights or None, s_max (H,) or None)."""
@@ -338,9 +358,17 @@ class ESMCPreTrainedModel(PreTrainedModel):
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         if strict:
-            parts = [f"{k}: {sorted(map(str, info.get(k) or []))}" for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs") if info.get(k)]
+            parts = [
+                f"{k}: {sorted(map(str, info.get(k) or []))}"
+                for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")
+                if info.get(k)
+            ]
             if parts:
-                raise bad_value("pretrained_model_name_or_path", f"a checkpoint with exactly the weights of {cls.__name__}", "; ".join(parts))
+                raise bad_value(
+                    "pretrained_model_name_or_path",
+                    f"a checkpoint with exactly the weights of {cls.__name__}",
+                    "; ".join(parts),
+                )
         return (model, info) if want_info else model
 
 
@@ -372,7 +400,9 @@ class ESMCModel(ESMCPreTrainedModel):
             grad=torch.is_grad_enabled() and self.training, scale=cfg.head_dim**-0.5,
         )  # fmt: skip
 
-    def _encode(self, input_ids, attention_mask, seq_info, inputs_embeds, output_hidden_states, output_attentions, output_s_max):
+    def _encode(
+        self, input_ids, attention_mask, seq_info, inputs_embeds, output_hidden_states, output_attentions, output_s_max
+    ):
         if inputs_embeds is not None:
             raise bad_value("inputs_embeds", "None (ESM C takes input_ids)", "a tensor")
         on_cpu = isinstance(input_ids, torch.Tensor) and input_ids.device.type == "cpu"
@@ -415,7 +445,9 @@ class ESMCModel(ESMCPreTrainedModel):
     ) -> ESMCOutput:  # fmt: skip
         """input_ids (B, S); ``attention_mask`` (B, S) (1 = real token) or ``seq_info`` (packed
         documents). Returns :class:`ESMCOutput` with ``logits=None``."""
-        batch, x, hidden, attns, smax = self._encode(input_ids, attention_mask, seq_info, inputs_embeds, output_hidden_states, output_attentions, output_s_max)
+        batch, x, hidden, attns, smax = self._encode(
+            input_ids, attention_mask, seq_info, inputs_embeds, output_hidden_states, output_attentions, output_s_max
+        )
         return self._output(batch, None, None, x, hidden, attns, smax)
 
 
@@ -429,7 +461,9 @@ class ESMCForMaskedLM(ESMCModel):
         ESMCPreTrainedModel.__init__(self, config)
         self._build(config)
         C = config.hidden_size
-        self.sequence_head = nn.Sequential(nn.Linear(C, C), nn.GELU(), nn.LayerNorm(C, eps=config.layer_norm_eps), nn.Linear(C, config.vocab_size))
+        self.sequence_head = nn.Sequential(
+            nn.Linear(C, C), nn.GELU(), nn.LayerNorm(C, eps=config.layer_norm_eps), nn.Linear(C, config.vocab_size)
+        )
         self.post_init()
 
     def get_output_embeddings(self):
@@ -445,14 +479,18 @@ class ESMCForMaskedLM(ESMCModel):
     ) -> ESMCOutput:  # fmt: skip
         """As :meth:`ESMCModel.forward`, plus ``logits`` (B, S, V) and, with ``labels`` (-100 =
         ignored), the masked-LM ``loss``. On the packed path the head runs on real tokens only."""
-        batch, x, hidden, attns, smax = self._encode(input_ids, attention_mask, seq_info, inputs_embeds, output_hidden_states, output_attentions, output_s_max)
+        batch, x, hidden, attns, smax = self._encode(
+            input_ids, attention_mask, seq_info, inputs_embeds, output_hidden_states, output_attentions, output_s_max
+        )
         logits = batch.to_rows(self.sequence_head(x))
         loss = None
         if labels is not None:
             if not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape:
                 got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
                 raise bad_value("labels", f"a tensor of shape {tuple(input_ids.shape)} like input_ids", got)
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.to(logits.device).reshape(-1), ignore_index=-100)
+            loss = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(), labels.to(logits.device).reshape(-1), ignore_index=-100
+            )
         return self._output(batch, loss, logits, x, hidden, attns, smax)
 
 
@@ -503,7 +541,7 @@ def map_esmc_keys(state_dict: dict) -> dict:
         return dict(state_dict)
     out, parts, missing = {}, {}, []
     for k, v in state_dict.items():
-        n = k[len("esmc.") :] if k.startswith("esmc.") else k
+        n = k.removeprefix("esmc.")
         if n in _NATIVE_TOP:
             out[_NATIVE_TOP[n]] = v
         elif n.startswith("layers.") and n.split(".", 2)[1].isdigit():
@@ -524,7 +562,9 @@ def map_esmc_keys(state_dict: dict) -> dict:
             elif any(t is not None for t in got):
                 missing += [f"esmc.layers.{i}.{s}" for s, t in zip(srcs, got) if t is None]
     if missing:
-        raise bad_value("state_dict", "complete split projections of a transformers ESMC checkpoint", f"missing {missing}")
+        raise bad_value(
+            "state_dict", "complete split projections of a transformers ESMC checkpoint", f"missing {missing}"
+        )
     return out
 
 
@@ -538,7 +578,9 @@ def load_esmc_state_dict(model: ESMCModel, state_dict: dict) -> None:
     sd = map_esmc_keys(state_dict)
     if not isinstance(model, ESMCForMaskedLM):
         sd = {k: v for k, v in sd.items() if not k.startswith("sequence_head.")}
-    check_state_dict(sd, model.state_dict(), expected=f"the keys of an ESM C checkpoint for {type(model).__name__} with this config")
+    check_state_dict(
+        sd, model.state_dict(), expected=f"the keys of an ESM C checkpoint for {type(model).__name__} with this config"
+    )
     meta = any(p.device.type == "meta" for p in model.parameters())
     model.load_state_dict(sd, strict=True, assign=meta)
 
@@ -558,11 +600,15 @@ def _config_from_weights(sd: dict) -> ESMCConfig:
     the blocks, F from ffn.3; H = C / 64 (the head dim of every published size)."""
     sd = map_esmc_keys(sd)
     if "embed.weight" not in sd:
-        raise bad_value("checkpoint", "an ESM C state dict (embed.weight, transformer.blocks...)", f"keys {sorted(sd)[:5]}")
+        raise bad_value(
+            "checkpoint", "an ESM C state dict (embed.weight, transformer.blocks...)", f"keys {sorted(sd)[:5]}"
+        )
     V, C = sd["embed.weight"].shape
     L = len({k.split(".")[2] for k in sd if k.startswith("transformer.blocks.")})
     F_ = sd["transformer.blocks.0.ffn.3.weight"].shape[1] if L else None
-    return ESMCConfig(vocab_size=V, hidden_size=C, num_hidden_layers=L, num_attention_heads=C // 64, intermediate_size=F_)
+    return ESMCConfig(
+        vocab_size=V, hidden_size=C, num_hidden_layers=L, num_attention_heads=C // 64, intermediate_size=F_
+    )
 
 
 def load_esmc(path, *, attn_backend=None, dtype=None, device=None, config: dict | None = None) -> ESMCForMaskedLM:
@@ -570,11 +616,16 @@ def load_esmc(path, *, attn_backend=None, dtype=None, device=None, config: dict 
     or .bin), EvolutionaryScale's raw ``.pth`` (a file, or a directory holding
     ``data/weights/esmc_*.pth``; the shape is read from the weights), or a hub id. Strict; eval
     mode; float32 unless ``dtype``. ``attn_backend`` None: the one our checkpoint saved, else "auto"."""
+    dtype = resolve_dtype(dtype)
     if not isinstance(path, (str, os.PathLike)):
         raise bad_type("path", "a directory, a .pth file or a hub id", type(path).__name__)
     path = os.fspath(path)
     pth = path if os.path.isfile(path) else None
-    if pth is None and os.path.isdir(os.path.join(path, "data", "weights")) and not os.path.isfile(os.path.join(path, "config.json")):
+    if (
+        pth is None
+        and os.path.isdir(os.path.join(path, "data", "weights"))
+        and not os.path.isfile(os.path.join(path, "config.json"))
+    ):
         found = sorted(f for f in os.listdir(os.path.join(path, "data", "weights")) if f.endswith((".pth", ".pt")))
         if len(found) != 1:
             raise bad_value("path", "an EvolutionaryScale ESM C directory with one data/weights/*.pth", found)
@@ -591,7 +642,9 @@ def load_esmc(path, *, attn_backend=None, dtype=None, device=None, config: dict 
     if config is None:
         cfg_file = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_file):
-            raise bad_value("path", "a directory with config.json (or EvolutionaryScale's data/weights/*.pth)", repr(path))
+            raise bad_value(
+                "path", "a directory with config.json (or EvolutionaryScale's data/weights/*.pth)", repr(path)
+            )
         with open(cfg_file) as f:
             config = json.load(f)
     if attn_backend is None and config.get("model_type") == MODEL_TYPE:
