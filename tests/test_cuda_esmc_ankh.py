@@ -30,7 +30,8 @@ pytest.importorskip("transformers")
 import anyattn
 from anyattn.errors import UnsupportedError
 from anyattn.models.ankh import AnkhConfig, build_ankh
-from anyattn.models.esmc import ESMCConfig, build_esmc, swiglu_width
+from anyattn.models.esmc import ESMCConfig, swiglu_width
+from anyattn.models.esmc_checkpoints import build_esmc
 
 from .test_esmc import random_state_dict, reference
 

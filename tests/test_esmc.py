@@ -26,7 +26,8 @@ pytest.importorskip("transformers")
 import anyattn
 import anyattn.models as am
 from anyattn.models import esmc as esmc_mod
-from anyattn.models.esmc import ESMC_VOCAB, ESMCConfig, ESMCForMaskedLM, ESMCModel, build_esmc, load_esmc, map_esmc_keys
+from anyattn.models.esmc import ESMC_VOCAB, ESMCConfig, ESMCForMaskedLM, ESMCModel
+from anyattn.models.esmc_checkpoints import build_esmc, load_esmc, map_esmc_keys
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 C, H, L, FF, V = 64, 4, 3, 96, 64  # tiny: head dim 16 (flex needs >= 16)

@@ -59,9 +59,9 @@ _LAZY = {
     "ESMCForMaskedLM": "esmc",
     "ESMCOutput": "esmc",
     "esmc_tokenizer": "esmc",
-    "load_esmc": "esmc",
-    "build_esmc": "esmc",
-    "map_esmc_keys": "esmc",
+    "load_esmc": "esmc_checkpoints",
+    "build_esmc": "esmc_checkpoints",
+    "map_esmc_keys": "esmc_checkpoints",
     "is_esmc_config": "hub",
     # ANKH (docs/ankh.md)
     "AnkhConfig": "ankh",

@@ -432,7 +432,7 @@ def is_ankh_config(config: dict) -> bool:
 
 
 def _load_esmc(path, config, attn_backend, dtype, device):
-    from .esmc import load_esmc
+    from .esmc_checkpoints import load_esmc
 
     return load_esmc(path, attn_backend=attn_backend, dtype=dtype, device=device, config=config)
 
