@@ -111,7 +111,7 @@ def test_bench_model_quick_rows_and_schema(tmp_path, capsys):
     doc = json.loads((tmp_path / "model.json").read_text())
     assert doc["schema"] == "anyattn.bench.model/1" and doc["command"] == "cmd m" and doc["complete"] is True
     rows = {r["name"]: r for r in doc["results"]}
-    assert list(rows) == ["anyattn plain", "anyattn compiled", "anyattn uncompiled", "hf[sdpa]", "fastplms-sdpa"]
+    assert list(rows) == ["anyattn plain", "hf[sdpa]", "anyattn compiled", "fastplms-sdpa", "anyattn uncompiled"]
     assert rows["anyattn compiled"]["status"] == "skipped" and "--quick" in rows["anyattn compiled"]["error"]
     for name in ("anyattn plain", "anyattn uncompiled", "hf[sdpa]", "fastplms-sdpa"):
         r = rows[name]

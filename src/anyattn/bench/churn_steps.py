@@ -84,15 +84,32 @@ def term(case: str, form: str, dev, S: int):
     raise ValueError(f"no form {form!r} for case {case!r}; expected one of {FORMS.get(case)}")
 
 
-_COMPILED_FLEX: list = []
+_COMPILED_FLEX: dict = {}  # (case, grad) -> compiled function with its own code object
+_FLEX: list = []  # torch's flex_attention, imported on first use
 
 
-def _compiled_flex():
-    if not _COMPILED_FLEX:
+def _flex_template(q, k, v, block_mask):
+    if not torch.compiler.is_compiling():  # dynamo fell back to eager: the unfused O(S^2) path
+        raise RuntimeError("raw flex: torch.compile fell back to eager (recompile limit?); refusing the unfused path")
+    return _FLEX[0](q, k, v, block_mask=block_mask)
+
+
+def _compiled_flex(case: str, grad: bool):
+    """torch.compile(flex_attention), one code object per case and mode: each has its own dynamo
+    cache, so neither anyattn's compiled calls nor the other rows use up its recompile limit."""
+    import types
+
+    if not _FLEX:
         from torch.nn.attention.flex_attention import flex_attention
 
-        _COMPILED_FLEX.append(torch.compile(flex_attention, dynamic=False))
-    return _COMPILED_FLEX[0]
+        _FLEX.append(flex_attention)
+    key = (case, grad)
+    if key not in _COMPILED_FLEX:
+        name = f"raw_flex_churn_{case}_{'fwdbwd' if grad else 'fwd'}"
+        code = _flex_template.__code__.replace(co_name=name)
+        fn = types.FunctionType(code, _flex_template.__globals__, name)
+        _COMPILED_FLEX[key] = torch.compile(fn, dynamic=False, fullgraph=True)
+    return _COMPILED_FLEX[key]
 
 
 def raw_forward(name: str, case: str, leaves, opts, grad: bool):
@@ -131,7 +148,7 @@ def raw_forward(name: str, case: str, leaves, opts, grad: bool):
             raise Skip("FlexAttention does not take float64")
         from torch.nn.attention.flex_attention import create_block_mask
 
-        fa = _compiled_flex()
+        fa = _compiled_flex(case, grad)
 
         def fwd(p):
             ids = torch.repeat_interleave(torch.arange(len(p), device=dev), torch.tensor(p, device=dev))
@@ -140,7 +157,7 @@ def raw_forward(name: str, case: str, leaves, opts, grad: bool):
                 return (ids[qi] == ids[kv]) & (qi >= kv)
 
             bm = create_block_mask(doc_causal, None, None, S, S, device=dev)
-            return fa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=bm)
+            return fa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), bm)
 
         return fwd, lambda out: out.transpose(1, 2)
     if name == "raw:sdpa":

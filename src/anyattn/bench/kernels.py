@@ -265,6 +265,8 @@ def add_arguments(p) -> None:
     p.add_argument("--sweep", metavar="FILE.yaml", help="a sweep file (needs pyyaml); command-line options win")
     p.add_argument("--out", metavar="DIR", help="write kernels.json/.csv/.md/.png here (updated after every case)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--no-host-overhead", action="store_true",
+                   help="matrix: skip the tiny-causal host loop before the cases (--mode host is the fuller one)")  # fmt: skip
     p.add_argument("--seed", type=int, help="--mode new-packing/host: random packings and inputs (default 0)")
     churn.add_arguments(p)
     hostcall.add_arguments(p)
@@ -272,7 +274,7 @@ def add_arguments(p) -> None:
 
 # options that only one mode reads: giving them to another mode is an error, not a silent no-op
 _ONLY = {
-    "matrix": ("preset", "variants", "seqlen", "batch", "window", "docs", "sweep"),
+    "matrix": ("preset", "variants", "seqlen", "batch", "window", "docs", "sweep", "no_host_overhead"),
     "new-packing": (*churn._MODE_KEYS, "modes", "heads", "head_dim", "budget_s", "seed"),
     "host": hostcall._MODE_KEYS,
 }
@@ -382,6 +384,8 @@ def sweep_from_args(args) -> Sweep:
         if S is not None:  # one explicit length for every variant
             ch["variant_shapes"] = ()
             ch["shapes"] = tuple(dict.fromkeys((B or b, S) for b, _ in base))
+    if getattr(args, "no_host_overhead", False):
+        ch["host_overhead"] = False
     return dataclasses.replace(sw, **ch)
 
 

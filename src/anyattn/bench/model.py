@@ -6,7 +6,9 @@ sequence is ``<cls> residues <eos>`` (length + 2 tokens; "real tokens" count bot
 weights of a published shape (``--preset``, default esm2_t33_650M): ONE state dict (HF
 ``EsmModel``'s initializer, ``--seed``) that every row loads, bf16 on CUDA. The same padded,
 length-sorted batches (rows x longest <= ``--max-tokens``, ``attention_mask`` marking the real
-tokens) go to every row below, in this order, one process:
+tokens) go to every row below, one process, in the order plain, hf[sdpa], compiled, port,
+uncompiled, per-backend rows, the other HF rows (the goal's two rows first: a run cut short by its
+time limit keeps them):
 
     anyattn plain       ESM2Model(config) called as a user would: model(input_ids, attention_mask),
                         default settings (attn_backend "auto", pack_padded "auto", and
@@ -189,12 +191,7 @@ def run(opts: dict, *, command: str = "", out_dir: str | None = None, log=print)
         def call_padded(model):
             return lambda x: model(x[0], attention_mask=x[1])
 
-        for kind in (r for r in ROWS[:3] if r in opts["rows"]):
-            add(_anyattn_row(kind, cfg, sd, ref, padded, opts, run_args, call_padded))
-        if opts["backends"]:
-            for row in _backend_rows(cfg, sd, ref, packed_b, padded, tokens, ids, opts, run_args):
-                add(row)
-        for impl in opts["hf"]:
+        def hf_row(impl):
             row = Row(f"hf[{impl}]", "hf", impl, False, attn_implementation=impl, variant="inputs=padded")
             try:
                 _fresh(device)
@@ -204,9 +201,22 @@ def run(opts: dict, *, command: str = "", out_dir: str | None = None, log=print)
                 del hf
             except Exception as e:  # noqa: BLE001 - a failing row is reported and the run goes on
                 fail(row, e, device)
-            add(row)
-        if "port" in opts["rows"]:
-            add(_port_row(cfg, sd, ref, padded, opts, run_args))
+            return row
+
+        # the goal's two rows first (a run cut short by its time limit keeps them), the slow
+        # HF eager last
+        order = [("anyattn", "plain"), ("hf", "sdpa"), ("anyattn", "compiled"), ("port", None), ("anyattn", "uncompiled"),
+                 ("backends", None)] + [("hf", h) for h in opts["hf"] if h != "sdpa"]  # fmt: skip
+        for what, arg in order:
+            if what == "anyattn" and arg in opts["rows"]:
+                add(_anyattn_row(arg, cfg, sd, ref, padded, opts, run_args, call_padded))
+            elif what == "hf" and arg in opts["hf"]:
+                add(hf_row(arg))
+            elif what == "port" and "port" in opts["rows"]:
+                add(_port_row(cfg, sd, ref, padded, opts, run_args))
+            elif what == "backends" and opts["backends"]:
+                for row in _backend_rows(cfg, sd, ref, packed_b, padded, tokens, ids, opts, run_args):
+                    add(row)
         doc["complete"] = True
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (timeout): keep what was measured
         doc["interrupted"] = str(e) or "KeyboardInterrupt"
