@@ -407,6 +407,32 @@ def test_evolutionaryscale_pth_directory_loads(tmp_path):
     assert (got - reference(sd, s, 2)["logits"]).abs().max() < 2e-5
 
 
+def test_transformer_engine_style_names_map_onto_ours(setup):
+    """The TransformerEngine-style layout (names from third-party code converting Biohub ESMC
+    safetensors): esmc.-prefixed, fused LayerNorm+Linear names, FP8 _extra_state entries, lm_head
+    indices. Built here from our names, so this pins the rename, not a published file."""
+    sd = setup[0]
+    te = {}
+    for k, v in sd.items():
+        n = (
+            k.replace("attn.layernorm_qkv.0.weight", "attn.layernorm_qkv.layer_norm_weight")
+            .replace("attn.layernorm_qkv.0.bias", "attn.layernorm_qkv.layer_norm_bias")
+            .replace("attn.layernorm_qkv.1.weight", "attn.layernorm_qkv.weight")
+            .replace("ffn.0.weight", "ffn.layer_norm_weight")
+            .replace("ffn.0.bias", "ffn.layer_norm_bias")
+            .replace("ffn.1.weight", "ffn.fc1_weight")
+            .replace("ffn.3.weight", "ffn.fc2_weight")
+        )
+        te["lm_head." + n[len("sequence_head.") :] if n.startswith("sequence_head.") else "esmc." + n] = v
+    te["esmc.transformer.blocks.0.ffn._extra_state"] = torch.empty(0)
+    mapped = map_esmc_keys(te)
+    assert mapped.keys() == sd.keys() and all(mapped[k] is sd[k] for k in sd)
+    cfg = ESMCConfig.from_config_dict(
+        {"model_type": "esmc", "d_model": C, "n_heads": H, "n_layers": L, "intermediate_size": FF}
+    )
+    build_esmc(cfg, te)
+
+
 def test_strict_loading_names_every_bad_key(setup):
     sd = dict(setup[0])
     cfg = _cfg()

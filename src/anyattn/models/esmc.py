@@ -165,11 +165,12 @@ class ESMCConfig(PretrainedConfig):
                 f"model_type {raw.get('model_type')!r}",
             )
         mt = raw["model_type"]
-        C, H = raw.get("hidden_size"), raw.get("num_attention_heads")
+        # EvolutionaryScale's own names (d_model, n_heads, n_layers) where transformers' are absent
+        C, H = raw.get("hidden_size", raw.get("d_model")), raw.get("num_attention_heads", raw.get("n_heads"))
         kw = dict(
             vocab_size=raw.get("vocab_size", 64),
             hidden_size=C,
-            num_hidden_layers=raw.get("num_hidden_layers"),
+            num_hidden_layers=raw.get("num_hidden_layers", raw.get("n_layers")),
             num_attention_heads=H,
         )
         if mt == MODEL_TYPE:

@@ -7,6 +7,9 @@ Layouts (docs/esmc.md has the full table):
   (``embed.weight``, ``transformer.blocks.{i}.attn.layernorm_qkv.{0,1}...``, ``sequence_head...``).
 * transformers' native ESMC (``esmc.layers.{i}.self_attn.q_proj.weight`` ...): renamed, with
   q/k/v and gate/up concatenated into EvolutionaryScale's fused projections.
+* TransformerEngine-style names under ``esmc.`` (``...attn.layernorm_qkv.layer_norm_weight``,
+  ``...ffn.fc1_weight``, ``lm_head.{0,2,3}``): renamed. This layout is known from third-party code
+  that converts Biohub ESMC safetensors; no file of it was read here.
 """
 
 from __future__ import annotations
@@ -39,6 +42,29 @@ _NATIVE_TOP = {"embed_tokens.weight": "embed.weight", "norm.weight": "transforme
                "lm_head.decoder.weight": "sequence_head.3.weight", "lm_head.decoder.bias": "sequence_head.3.bias"}  # fmt: skip
 
 
+# TransformerEngine-style block names (te.LayerNormLinear / te.LayerNormMLP) -> ours
+_TE_BLOCK = {
+    "attn.layernorm_qkv.layer_norm_weight": "attn.layernorm_qkv.0.weight", "attn.layernorm_qkv.layer_norm_bias": "attn.layernorm_qkv.0.bias",
+    "attn.layernorm_qkv.weight": "attn.layernorm_qkv.1.weight", "ffn.layer_norm_weight": "ffn.0.weight",
+    "ffn.layer_norm_bias": "ffn.0.bias", "ffn.fc1_weight": "ffn.1.weight", "ffn.fc2_weight": "ffn.3.weight",
+}  # fmt: skip
+
+
+def _map_te(state_dict: dict) -> dict:
+    out = {}
+    for k, v in state_dict.items():
+        if k.endswith("._extra_state"):  # TransformerEngine's FP8 metadata, not a weight
+            continue
+        n = k.removeprefix("esmc.")
+        if n.startswith("lm_head."):
+            n = "sequence_head." + n[len("lm_head.") :]
+        elif n.startswith("transformer.blocks."):
+            i, rest = n[len("transformer.blocks.") :].split(".", 1)
+            n = f"transformer.blocks.{i}.{_TE_BLOCK.get(rest, rest)}"
+        out[n] = v
+    return out
+
+
 def map_esmc_keys(state_dict: dict) -> dict:
     """A published ESM C state dict -> our (EvolutionaryScale's) key names.
 
@@ -47,10 +73,14 @@ def map_esmc_keys(state_dict: dict) -> dict:
     * transformers-native (``esmc.embed_tokens.weight``, ``esmc.layers.{i}.self_attn.q_proj.weight``
       ..., ``lm_head.*``; without ``esmc.`` when saved from ``EsmcModel``): renamed, q/k/v and
       gate/up concatenated. A split projection with a missing part is refused, naming it.
+    * TransformerEngine-style (``esmc.transformer.blocks.{i}.ffn.fc1_weight`` ...): renamed,
+      ``_extra_state`` entries dropped.
 
     Unknown keys are passed through for :func:`check_state_dict` to refuse by name."""
     if not isinstance(state_dict, dict):
         raise bad_type("state_dict", "a dict of name -> tensor", type(state_dict).__name__)
+    if any(k.startswith(("esmc.transformer.", "esmc.embed.")) for k in state_dict):
+        return _map_te(state_dict)
     native = [k for k in state_dict if k.startswith(("esmc.", "layers.", "embed_tokens.", "lm_head."))]
     if not native:
         return dict(state_dict)
