@@ -286,11 +286,11 @@ class AnkhOutput(NamedTuple):
     """Every forward returns all four fields; the optional ones are None unless asked for."""
 
     last_hidden_state: torch.Tensor  # (B, S, C) after the final norm; zeros at padding
-    hidden_states: (
-        tuple | None
-    )  # L + 1 tensors (B, S, C): embeddings, blocks 1..L-1, last_hidden_state (as T5EncoderModel)
+    # L + 1 tensors (B, S, C): embeddings, blocks 1..L-1, last_hidden_state (as T5EncoderModel)
+    hidden_states: tuple | None
     attentions: tuple | None  # L tensors (B, H, S, S) float32 (output_attentions=True)
-    s_max: torch.Tensor | None  # (L, H) float32: max over visible pairs of ||q_i|| * ||k_j|| (bias not included)
+    # (L, H) float32: max over visible pairs of ||q_i|| * ||k_j|| (the bias is not included)
+    s_max: torch.Tensor | None
 
 
 class AnkhModel(PreTrainedModel):
