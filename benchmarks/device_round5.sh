@@ -29,7 +29,7 @@ export PYTHONPATH=src PYTHONUNBUFFERED=1
 if [ "${DRY:-0}" = 1 ]; then
   NPX=(--quick --device cpu); HX=(--quick --device cpu); KX=(--quick --device cpu); MX=(--quick --num-seqs 12)
 else
-  NPX=(--steps 50 --budget-s 115); HX=(); KX=(--preset h200 --budget-s 70); MX=(--max-tokens 32768)
+  NPX=(--steps 50 --budget-s 115); HX=(--host-rounds 5); KX=(--preset h200 --budget-s 70); MX=(--max-tokens 32768)
 fi
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
