@@ -128,8 +128,8 @@ def _docs_mask(S: int, dev) -> torch.Tensor:
 def _specs(o: HostOptions, q, k, v) -> list[_Spec]:
     dev, B, S = q.device, o.B, o.S
     g = torch.Generator().manual_seed(o.seed + 1)
-    # pools of patterns: keep-masks with 1..S real tokens per row, dense masks with the diagonal
-    # visible (so that raw SDPA never sees an empty row)
+    # pools of patterns: keep-masks with S/2..S real tokens per row, dense masks with the
+    # diagonal visible (so that raw SDPA never sees an empty row)
     keeps = [(torch.arange(S)[None, :] < torch.randint(S // 2, S + 1, (B, 1), generator=g)).to(dev) for _ in range(o.pool)]
     denses = [((torch.rand(B, 1, S, S, generator=g) < 0.5) | torch.eye(S, dtype=torch.bool)).to(dev) for _ in range(o.pool)]
     it = {"keep": 0, "dense": 0}
@@ -144,6 +144,7 @@ def _specs(o: HostOptions, q, k, v) -> list[_Spec]:
     fresh_keep, fresh_dense = fresh("keep", keeps), fresh("dense", denses)
     docs_cached = _docs_mask(S, dev)
     sdpa = F.scaled_dot_product_attention
+
     # (output, oracle kwargs) for the check: every pattern of the pool, called in sequence
     def pooled(call, kwargs_of, pool, getter_kind):
         def outs():
@@ -159,6 +160,7 @@ def _specs(o: HostOptions, q, k, v) -> list[_Spec]:
         return lambda: [(call(), kw)]
 
     dm = documents(DOCS) & causal()
+
     def raw_row(name, term, is_fresh, call, outs, rows_only=False):
         return _Spec(name, "raw", "", term, is_fresh, call, outs, rows_only=rows_only)
 
@@ -196,6 +198,7 @@ def _specs(o: HostOptions, q, k, v) -> list[_Spec]:
             ("causal() [cached]", "causal", False, lambda m=m_causal: m, "raw sdpa is_causal", None),
             ("causal() [fresh]", "causal", True, causal, "raw sdpa is_causal", None),
             ("documents(list) [cached]", "documents", False, lambda m=dm: m, "raw sdpa docs mask [cached]", None),
+            # the list literal written in the call, as the user does (== DOCS)
             ("documents(list) [fresh]", "documents", True, lambda: documents([30, 34]) & causal(), "raw sdpa docs mask [fresh]", None),
             ("padding(mask=) [fresh]", "padding", True, lambda: padding(mask=fresh_keep()), "raw sdpa keep [fresh]", ("keep", keeps, lambda t: {"mask": padding(mask=t)})),
             ("dense() [fresh]", "dense", True, lambda: dense(fresh_dense()), "raw sdpa dense [fresh]", ("dense", denses, lambda t: {"mask": dense(t)})),
