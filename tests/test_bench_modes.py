@@ -226,3 +226,16 @@ def test_matrix_case_that_raises_is_recorded(monkeypatch):
     doc = kernels.run(sw, progress=False, log=lambda *a: None)
     (r,) = doc["results"]
     assert r["backend"] == "(case)" and r["status"] == "failed" and "case construction failed" in r["reason"]
+
+
+def test_visible_pairs_public_fallback_counts_the_same():
+    """The FLOP count survives a move of the spec internals: the public fallback (weights of
+    q = k = 0 through attention_with_weights) counts the same pairs for every matrix variant."""
+    from anyattn.bench import cases
+
+    for var in cases.VARIANTS:
+        cfg = cases.make_config(var, "fwd", "fp32", B=3, S=40, H=2, D=8, window=7, n_docs=4, cap=20.0, device="cpu")
+        m = cases.build_terms(cfg).mask
+        want = cases.visible_pairs(m, 3, 2, 40, 40)
+        got = cases._visible_pairs_public(m, 3, 2, 40, 40) if m is not None else want
+        assert got == want, var
