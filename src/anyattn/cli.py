@@ -61,12 +61,11 @@ def _unavailable(sub, name: str, help_: str | None, why: str) -> None:
     fails with ``why`` (which names the pip command)."""
     text = f"{help_ + ' ' if help_ else ''}[not installed here: {why}]"
     bp = sub.add_parser(name, help=text, description=text)
-    bp.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
     def run(args, command, _why=why):
         raise ImportError(_why)
 
-    bp.set_defaults(func=run)
+    bp.set_defaults(func=run, _takes_any=True)  # its real options are unknown here: any are taken
 
 
 def _add_bench(sub) -> None:
@@ -155,7 +154,9 @@ def main(argv=None, prog: str = "anyattn") -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(prog)
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra and not getattr(args, "_takes_any", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as e:  # argparse already printed the usage error (or --help)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     if args.command is None:

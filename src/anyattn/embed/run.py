@@ -277,7 +277,8 @@ class _Assembler:
                     a = np.maximum.reduce([x for x, _ in chunks])
                 else:  # none (cls is refused with split)
                     a = np.concatenate([x for x, _ in chunks], axis=1)
-            stored = np.ascontiguousarray(a.astype(self.store_dtype, copy=False))
+            with np.errstate(over="ignore", invalid="ignore"):  # checked right below, with the reason
+                stored = np.ascontiguousarray(a.astype(self.store_dtype, copy=False))
             if not np.isfinite(stored).all():
                 raise self._not_finite(s, a)
             if not self.layer_axis:
