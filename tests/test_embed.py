@@ -438,7 +438,7 @@ def test_cli_exit_codes(ckpt, tmp_path):
     fa = tmp_path / "in.fasta"
     fa.write_text(">a\nMKV\n>b\n\n")
     assert main(["embed", str(fa), "--model", ckpt, "--out", str(tmp_path / "o.sqlite"), "--pooling", "avg"]) == 2
-    assert main(["embed", str(fa), "--model", ckpt, "--out", str(tmp_path / "o.sqlite"), "--no-progress"]) == 1
+    assert main(["embed", str(fa), "--model", ckpt, "--out", str(tmp_path / "o.sqlite"), "--no-progress"]) == 2  # bad input
     fa.write_text(">a\nMKV\n>b\nMK\n")
     assert main(["embed", str(fa), "--model", ckpt, "--out", str(tmp_path / "o.sqlite"), "--no-progress", "--layers", "-1"]) == 0
     assert open_store(tmp_path / "o.sqlite").metadata["layers"] == "2"

@@ -1,54 +1,43 @@
-"""``anyattn bench kernels``: variants x modes x dtypes x backends, next to raw torch calls.
+"""``anyattn bench kernels``: attention variants x modes x dtypes x backends, next to raw torch calls.
 
-For every case (a frozen :class:`~anyattn.bench.cases.Config`) the runner
+Three modes (``--mode``; docs/benchmarks.md):
 
-1. counts the visible pairs exactly (the one FLOP formula, ``cases.attention_flops``);
-2. runs each raw torch call (``raw.py``) and each anyattn backend (every entry of the backend
-   registry, plus ``auto``) that can serve the case; a backend that refuses is recorded as
-   skipped with its reason from ``anyattn.explain``;
-3. times the first call on its own (compilation), checks the result against the float64 oracle
-   (at a reduced shape of the same variant when the full one is too big for float64 eager), and
-   only then times the median (``timing.measure``);
-4. records a failing or raising row as NaN with the error, and goes on.
+* ``matrix`` (default): the static matrix, one case at a time (``matrix.py``): every anyattn
+  backend and ``auto`` next to the raw torch calls (``raw.py``), each row checked against the
+  float64 oracle before its median is taken; results written after every case (``--out``), so a
+  run cut short leaves what it measured.
+* ``new-packing``: a new random packing (or padding) every step, mask terms built inside the
+  step the way a user does (``churn.py``).
+* ``host``: tiny calls where host time dominates, cached and freshly built masks vs raw SDPA
+  (``hostcall.py``).
 
-Results are written after every case (``--out``), so a run cut short leaves what it measured.
+This module holds the matrix's options (:class:`Sweep`, :func:`preset`), the run loop and the
+command line; ``verify.py`` has the oracle check, ``report.py`` the matrix's tables and files.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import functools
 import importlib.util
-import math
 import os
-import platform
 import sys
-import time
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from .. import api as _api
-from ..backends import REGISTRY
+from .. import backends as _backends
 from . import UsageError, raw, report
-from .cases import (
-    DTYPES,
-    MODES,
-    VARIANTS,
-    Config,
-    attention_flops,
-    build_inputs,
-    build_terms,
-    fmt_tflops,
-    make_config,
-    score_gib,
-    visible_pairs,
-)
-from .timing import first_call_ms, host_us_per_call, measure, timing_method
+from . import args as args_
+from . import churn, hostcall
+from .cases import DTYPES, MODES, VARIANTS, Config, make_config
+from .env import environment
+from .matrix import Result, State, base_row, err_text, free, host_overhead, run_case
+from .verify import check_rows
 
-__all__ = ["Result", "Sweep", "add_arguments", "preset", "run", "run_from_args", "sweep_from_args"]
+__all__ = [
+    "VARIANTS", "Result", "Sweep", "add_arguments", "check_rows", "environment", "host_overhead", "preset", "run",
+    "run_case", "run_from_args", "sweep_from_args",
+]  # fmt: skip
 
 SCHEMA = "anyattn.bench.kernels/1"
 HELP = "time every attention variant on every backend, next to raw torch calls"
@@ -56,6 +45,11 @@ HELP = "time every attention variant on every backend, next to raw torch calls"
 
 # ---------------------------------------------------------------------------------------------
 # configuration
+
+
+def _registered() -> tuple[str, ...]:
+    """Every registered anyattn backend name (available here or not), in registry order."""
+    return tuple(b.name for b in _backends())
 
 
 @dataclass(frozen=True)
@@ -84,7 +78,7 @@ class Sweep:
     cpu_threads: int | None = None  # torch.set_num_threads for a CPU run (None: leave as is)
 
     def all_backends(self) -> tuple[str, ...]:
-        return (*REGISTRY, "auto") if self.backends is None else self.backends
+        return (*_registered(), "auto") if self.backends is None else self.backends
 
     def configs(self) -> list[Config]:
         shapes_for = {v: (b, s) for v, b, s in self.variant_shapes}
@@ -124,421 +118,14 @@ def preset(name: str, device: str | None = None) -> Sweep:
     raise UsageError(f"--preset: expected one of ['h200'], got {name!r}")
 
 
-# ---------------------------------------------------------------------------------------------
-# results
 
-
-@dataclass(frozen=True)
-class Result:
-    """One row: an anyattn backend or a raw torch call on one case. NaN where not measured."""
-
-    variant: str
-    mode: str
-    dtype: str
-    impl: str  # "anyattn" | "raw"
-    backend: str  # anyattn: registry name or "auto"; raw: "raw:..."
-    chosen: str  # the backend that ran ("auto" resolves to one); "" for raw rows
-    B: int
-    S: int
-    Hq: int
-    Hkv: int
-    D: int
-    spec: str  # the anyattn mask/score of the case
-    status: str  # "ok" | "failed" | "skipped"
-    ms: float  # median milliseconds per call (NaN unless ok)
-    first_ms: float  # first call at full shape, incl. compilation (NaN if not run)
-    tflops: float  # useful TFLOP/s (NaN unless ok)
-    flops: float  # useful FLOPs per call (forward, or forward + backward)
-    pairs: int  # visible (b, h, i, j) pairs
-    raw: str  # raw counterpart for the overhead ("" if none)
-    raw_ms: float
-    overhead_pct: float  # 100 * (ms - raw_ms) / raw_ms
-    check: str  # "ok" | "FAIL" | "error" | "-" (not checked)
-    check_err: float  # worst max-abs error vs the float64 oracle
-    check_bound: float  # its bound: 2 x (3 x for grads) eager-same-dtype error + 1e-5 (1e-4)
-    verify: str  # where it was checked: "full shape" or "reduced: B=.. S=.."
-    reason: str  # why skipped, or the error
-
-    @property
-    def key(self) -> tuple:
-        return (self.variant, self.mode, self.dtype, self.B, self.S)
-
-
-@dataclass
-class _State:
-    sweep: Sweep
-    t0: float = field(default_factory=time.perf_counter)
-    flex_keys: set = field(default_factory=set)
-    results: list = field(default_factory=list)
-    host: list = field(default_factory=list)
-    notes: list = field(default_factory=list)
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.t0
-
-    def over_budget(self, compile_: bool = False) -> str | None:
-        b = self.sweep.budget_s
-        if b is None:
-            return None
-        limit = 0.8 * b if compile_ else b
-        if self.elapsed() > limit:
-            what = "new compilations stop at 80% of" if compile_ else "measuring stops at"
-            return f"time budget: {what} --budget-s {b:g} (elapsed {self.elapsed():.0f} s)"
-        return None
-
-    def flex_allowed(self, cfg: Config) -> str | None:
-        why = self.over_budget(compile_=True)
-        if why:
-            return why
-        key = (cfg.variant, cfg.mode, cfg.dtype, cfg.B, cfg.S)
-        if key in self.flex_keys:
-            return None
-        lim = self.sweep.flex_cases
-        if lim is not None and len(self.flex_keys) >= lim:
-            return f"Flex compiles limited to {lim} case(s) in this run (each new kernel compiles for seconds)"
-        self.flex_keys.add(key)
-        return None
-
-
-@functools.lru_cache(maxsize=256)
-def _pairs(cfg: Config) -> int:
-    """Visible pairs of a case (cached: the same for every mode and dtype)."""
-    return visible_pairs(build_terms(cfg).mask, cfg.B, cfg.Hq, cfg.S, cfg.S)
-
-
-def _err_text(e: BaseException) -> str:
-    lines = [ln for ln in str(e).splitlines() if ln.strip()]
-    return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
-
-
-def _free(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
-
-
-# ---------------------------------------------------------------------------------------------
-# one case
-
-
-def _base(cfg: Config, inp_spec: str, pairs: int) -> dict:
-    return dict(
-        variant=cfg.variant, mode=cfg.mode, dtype=cfg.dtype, B=cfg.B, S=cfg.S, Hq=cfg.Hq, Hkv=cfg.Hkv, D=cfg.D,
-        spec=inp_spec, flops=attention_flops(pairs, cfg.D, cfg.D, cfg.mode), pairs=pairs, chosen="", raw="",
-        status="skipped", ms=math.nan, first_ms=math.nan, tflops=math.nan, raw_ms=math.nan, overhead_pct=math.nan,
-        check="-", check_err=math.nan, check_bound=math.nan, verify="", reason="",
-    )  # fmt: skip
-
-
-def _anyattn_fn(inp, name: str, grad: bool):
-    from ..api import attention
-
-    q, k, v = inp.q, inp.k, inp.v
-    kw = inp.kwargs()
-
-    if not grad:
-        return lambda: attention(q, k, v, backend=name, **kw)
-    dout = torch.randn(q.shape[:-1] + (v.shape[-1],), device=q.device, dtype=q.dtype)
-
-    def fwd_bwd():
-        return torch.autograd.grad(attention(q, k, v, backend=name, **kw), (q, k, v), dout)
-
-    return fwd_bwd
-
-
-class _Reference:
-    """The float64 oracle and same-dtype eager on the last ``R`` query rows of a case.
-
-    With bottom-right alignment the last R queries of a call with Sq = R and the full keys are
-    exactly the last R rows of the full call, so the backend under test runs at the full shape
-    (the kernel that is timed, no extra compilation) and only the reference is small. Gradients:
-    the upstream gradient is nonzero only on those rows, so dk and dv of the full call equal
-    those of the sliced reference, and dq is zero elsewhere. R = S when the full oracle fits.
-    """
-
-    def __init__(self, inp, R: int, grad: bool):
-        q, k, v = inp.q.detach(), inp.k.detach(), inp.v.detach()
-        self.S, self.R, self.grad, self.kw = q.shape[2], R, grad, inp.kwargs()
-        g = torch.Generator().manual_seed(1)
-        self.dout = torch.randn(q.shape[:2] + (R, v.shape[-1]), generator=g, dtype=torch.float64).to(q.device)
-        res = {}
-        for name, dt in (("oracle", torch.float64), ("ref", q.dtype)):
-            qs = q[:, :, self.S - R :].to(dt).requires_grad_(grad)
-            ks, vs = k.to(dt).requires_grad_(grad), v.to(dt).requires_grad_(grad)
-            with torch.set_grad_enabled(grad):
-                r = _api.attention(qs, ks, vs, backend="eager", return_lse=True, **self.kw)
-            grads = torch.autograd.grad(r.out, (qs, ks, vs), self.dout.to(dt)) if grad else ()
-            res[name] = (r.out.detach(), r.lse.detach(), [x.detach() for x in grads])
-        self.out, self.lse, self.grads = res["oracle"]
-        self.ref_out, _, self.ref_grads = res["ref"]
-        self.rows = torch.isfinite(self.lse)[..., None]
-
-    @property
-    def where(self) -> str:
-        return "full shape" if self.R == self.S else f"last {self.R} query rows of the full shape"
-
-    def check(self, out, grads=(), rows_only=False) -> list[tuple[str, float, float]]:
-        """(name, err, bound) for the output (and q, k, v gradients) of the full-shape call."""
-        rows = self.rows if rows_only else None
-        res = []
-        err = _maxdiff(out[:, :, self.S - self.R :], self.out, rows)
-        res.append(("out", err, 2 * _maxdiff(self.ref_out, self.out, rows) + 1e-5))
-        for i, n in enumerate(("dq", "dk", "dv")[: len(grads)]):
-            got = grads[i]
-            if n == "dq":  # rows outside the slice had zero upstream gradient
-                outside = got[:, :, : self.S - self.R]
-                spill = float(outside.abs().max()) if outside.numel() else 0.0
-                got = got[:, :, self.S - self.R :]
-            err = _maxdiff(got, self.grads[i])
-            if n == "dq" and spill == spill:
-                err = max(err, spill) if err == err else err
-            res.append((n, err, 3 * _maxdiff(self.ref_grads[i], self.grads[i]) + 1e-4))
-        return res
-
-    def full_dout(self, out):
-        d = torch.zeros_like(out)
-        d[:, :, self.S - self.R :] = self.dout.to(out.dtype)
-        return d
-
-
-def _maxdiff(a, b, rows=None) -> float:
-    d = (a.detach().double() - b.detach().double()).abs()
-    if rows is not None:
-        d = torch.where(rows, d, torch.zeros_like(d))
-    if torch.isnan(d).any():
-        return math.nan
-    return float(d.max()) if d.numel() else 0.0
-
-
-def _verdict(row: dict, comps, ref) -> Result | None:
-    """Fill the check columns; a failed Result when a comparison is outside its bound."""
-    worst = max(comps, key=lambda c: (c[1] / c[2]) if c[1] == c[1] else math.inf)
-    row.update(check_err=worst[1], check_bound=worst[2], verify=ref.where)
-    bad = [c for c in comps if not c[1] <= c[2]]  # NaN never passes
-    if bad:
-        msg = "; ".join(f"{n} err {e:.3g} > bound {b:.3g}" for n, e, b in bad)
-        return Result(**dict(row, status="failed", check="FAIL", reason=f"wrong result vs float64 oracle: {msg}"))
-    row["check"] = "ok"
-    return None
-
-
-def _run_anyattn(name, cfg, inp, get_ref, base, state, raw_ms) -> Result:
-    sw = state.sweep
-    row = dict(base, impl="anyattn", backend=name)
-    why = state.over_budget()
-    if why:
-        return Result(**dict(row, reason=why))
-    try:
-        d = _api.explain(inp.q, inp.k, inp.v, backend=name, **inp.kwargs())
-    except Exception as e:  # noqa: BLE001 - a raising case is recorded, the run goes on
-        return Result(**dict(row, status="failed", check="error", reason=_err_text(e)))
-    if d.chosen is None:
-        rows = [r for r in d.rows if r.status in ("rejected", "unavailable")]
-        if name != "auto":
-            rows = [r for r in rows if r.backend == name] or rows
-        if name == "auto":
-            why = "; ".join(f"{r.backend}: {r.reason}" for r in rows)
-        else:
-            why = rows[0].reason if rows else "refused"
-        return Result(**dict(row, reason=f"refused: {why}"))
-    chosen = d.chosen
-    row["chosen"] = chosen
-    if chosen == "flex":
-        why = state.flex_allowed(cfg)
-        if why:
-            return Result(**dict(row, reason=why))
-    if chosen == "eager" and sw.eager_max_gib is not None and score_gib(cfg) > sw.eager_max_gib:
-        gib = score_gib(cfg)
-        return Result(
-            **dict(row, reason=f"eager would materialize {gib:.1f} GiB float32 scores (> {sw.eager_max_gib:g})")
-        )
-    fn = _anyattn_fn(inp, name, cfg.grad)
-    try:
-        row["first_ms"] = first_call_ms(fn, cfg.device)
-        ref = get_ref()
-        q, k, v = (t.detach().requires_grad_(cfg.grad) for t in (inp.q, inp.k, inp.v))
-        out = _api.attention(q, k, v, backend=name, **inp.kwargs())
-        grads = torch.autograd.grad(out, (q, k, v), ref.full_dout(out)) if cfg.grad else ()
-        failed = _verdict(row, ref.check(out.detach(), grads), ref)
-        del out, grads
-        if failed is not None:
-            return failed
-        t = measure(fn, cfg.device)
-    except Exception as e:  # noqa: BLE001
-        _free(cfg.device)
-        check = "error" if row["check"] != "ok" else "ok"
-        return Result(**dict(row, status="failed", check=check, reason=_err_text(e)))
-    cp = raw.COUNTERPART.get(chosen, "")
-    rms = raw_ms.get(cp, math.nan)
-    ovh = 100.0 * (t.ms - rms) / rms if not math.isnan(rms) and rms > 0 else math.nan
-    return Result(
-        **dict(row, status="ok", ms=t.ms, tflops=fmt_tflops(row["flops"], t.ms), raw=cp if ovh == ovh else "",
-               raw_ms=rms, overhead_pct=ovh)
-    )  # fmt: skip
-
-
-def _run_raw(name, cfg, inp, get_ref, base, state) -> Result:
-    row = dict(base, impl="raw", backend=name)
-    why = state.over_budget()
-    if why:
-        return Result(**dict(row, reason=why))
-    if name == "raw:flex":
-        if cfg.device == "cpu" and cfg.grad:
-            return Result(**dict(row, reason="FlexAttention has no backward on CPU"))
-        why = state.flex_allowed(cfg)
-        if why:
-            return Result(**dict(row, reason=why))
-    try:
-        prep = raw.prepare(name, cfg, inp)
-    except raw.Skip as e:
-        return Result(**dict(row, reason=str(e)))
-    except Exception as e:  # noqa: BLE001
-        return Result(**dict(row, status="failed", check="error", reason=_err_text(e)))
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                row["first_ms"] = first_call_ms(prep.run, cfg.device)
-            except Exception as e:
-                why = raw.refusal(e, caught)
-                if why:
-                    return Result(**dict(row, reason=why))
-                raise
-        if not cfg.grad:  # raw rows: forward, on rows that see a key (raw kernels leave garbage on the others)
-            with torch.no_grad():
-                out = prep.forward()
-            ref = get_ref()
-            failed = _verdict(row, ref.check(out, rows_only=True), ref)
-            del out
-            if failed is not None:
-                return failed
-        t = measure(prep.run, cfg.device)
-    except Exception as e:  # noqa: BLE001
-        _free(cfg.device)
-        check = "error" if row["check"] != "ok" else "ok"
-        return Result(**dict(row, status="failed", check=check, reason=_err_text(e)))
-    return Result(**dict(row, status="ok", ms=t.ms, tflops=fmt_tflops(row["flops"], t.ms)))
-
-
-def check_rows(cfg: Config, max_elems: int) -> int:
-    """Query rows the float64 reference covers: all when B*Hq*S*S <= max_elems, else the last R."""
-    per_row = cfg.B * cfg.Hq * cfg.S
-    return max(1, min(cfg.S, max_elems // per_row))
-
-
-def run_case(cfg: Config, state: _State) -> list[Result]:
-    sw = state.sweep
-    pairs = _pairs(dataclasses.replace(cfg, mode="fwd", dtype="fp32", device="cpu"))
-    inp = build_inputs(cfg)
-    base = _base(cfg, inp.spec, pairs)
-    cache: dict = {}
-
-    def get_ref() -> _Reference:
-        if "ref" not in cache:
-            cache["ref"] = _Reference(inp, check_rows(cfg, sw.verify_max_elems), cfg.grad)
-        return cache["ref"]
-
-    out: list[Result] = []
-    raw_ms: dict = {}
-    for name in sw.raw:  # raw first: the anyattn rows report their overhead against them
-        r = _run_raw(name, cfg, inp, get_ref, base, state)
-        out.append(r)
-        if r.status == "ok":
-            raw_ms[name] = r.ms
-    for name in sw.all_backends():
-        out.append(_run_anyattn(name, cfg, inp, get_ref, base, state, raw_ms))
-    cache.clear()
-    _free(cfg.device)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# host overhead
-
-
-def host_overhead(state: _State) -> list[dict]:
-    """Microseconds per call on a tiny causal case, N calls and one sync: anyattn vs raw."""
-    sw = state.sweep
-    cuda = torch.device(sw.device).type == "cuda"
-    B, S, H, D = (1, 128, 4, 64) if cuda else (1, 32, 2, 32)
-    n = 500 if cuda else 200
-    cfg = make_config(
-        "causal", "fwd", sw.dtypes[0], B=B, S=S, H=H, D=D, window=16, n_docs=1, cap=sw.cap, device=sw.device
-    )
-    inp = build_inputs(cfg)
-    rows = []
-    for name in sw.all_backends():
-        rec = {"backend": name, "chosen": "", "raw": "", "n_calls": n, "shape": cfg.shape, "dtype": cfg.dtype,
-               "anyattn_us": math.nan, "raw_us": math.nan, "overhead_us": math.nan, "reason": ""}  # fmt: skip
-        try:
-            d = _api.explain(inp.q, inp.k, inp.v, backend=name, **inp.kwargs())
-            if d.chosen is None:
-                rec["reason"] = "refused"
-                rows.append(rec)
-                continue
-            rec["chosen"] = d.chosen
-            cp = raw.COUNTERPART.get(d.chosen)
-            if cp is None:
-                rec["reason"] = f"no raw counterpart for {d.chosen}"
-                rows.append(rec)
-                continue
-            if d.chosen == "flex" and not cuda:
-                rec["reason"] = "skipped on CPU: a new Flex kernel compiles for ~5-20 s"
-                rows.append(rec)
-                continue
-            if d.chosen == "flex" and state.over_budget(compile_=True):
-                rec["reason"] = state.over_budget(compile_=True)
-                rows.append(rec)
-                continue
-            prep = raw.prepare(cp, cfg, inp)
-            fn = _anyattn_fn(inp, name, False)
-            rec["raw"] = cp
-            rec["anyattn_us"] = host_us_per_call(fn, sw.device, n)
-            rec["raw_us"] = host_us_per_call(prep.run, sw.device, n)
-            rec["overhead_us"] = rec["anyattn_us"] - rec["raw_us"]
-        except raw.Skip as e:
-            rec["reason"] = str(e)
-        except Exception as e:  # noqa: BLE001
-            rec["reason"] = _err_text(e)
-        rows.append(rec)
-    return rows
 
 
 # ---------------------------------------------------------------------------------------------
 # the run
 
 
-def environment(device: str) -> dict:
-    import anyattn
-
-    dev = torch.device(device)
-    env = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
-        "device": dev.type,
-        "device_name": (torch.cuda.get_device_name() if dev.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if dev.type == "cuda" and torch.backends.cudnn.is_available() else None,
-        "triton": _version("triton"),
-        "anyattn": anyattn.__version__,
-        "platform": platform.platform(),
-        "timing": timing_method(device),
-    }  # fmt: skip
-    return env
-
-
-def _version(dist: str):
-    if importlib.util.find_spec(dist) is None:
-        return None
-    try:
-        from importlib.metadata import version
-
-        return version(dist)
-    except Exception:  # noqa: BLE001 - importable but without metadata
-        return "unknown"
-
-
-def _raise_recompile_limit(state: _State) -> None:
+def _raise_recompile_limit(state: State) -> None:
     cfg = torch._dynamo.config
     for attr in ("recompile_limit", "cache_size_limit"):
         if hasattr(cfg, attr) and getattr(cfg, attr) < 64:
@@ -551,7 +138,7 @@ def _raise_recompile_limit(state: _State) -> None:
 
 def run(sweep: Sweep, *, out_dir: str | None = None, command: str = "", progress: bool = True, log=print) -> dict:
     """Run the sweep; return the report dict (also written to ``out_dir`` after every case)."""
-    state = _State(sweep)
+    state = State(sweep)
     _raise_recompile_limit(state)
     if sweep.cpu_threads and torch.device(sweep.device).type == "cpu" and torch.get_num_threads() != sweep.cpu_threads:
         # Tiny shapes gain nothing from intra-op threads, and on a busy machine OpenMP barriers
@@ -593,11 +180,11 @@ def run(sweep: Sweep, *, out_dir: str | None = None, command: str = "", progress
             try:
                 rows = run_case(cfg, state)
             except Exception as e:  # noqa: BLE001 - building the case itself failed: record it, go on
-                _free(cfg.device)
-                b = _base(cfg, "", 0)
+                free(cfg.device)
+                b = base_row(cfg, "", 0)
                 rows = [
                     Result(
-                        **dict(b, impl="anyattn", backend="(case)", status="failed", check="error", reason=_err_text(e))
+                        **dict(b, impl="anyattn", backend="(case)", status="failed", check="error", reason=err_text(e))
                     )
                 ]
             state.results.extend(rows)
@@ -649,7 +236,15 @@ def _sweep_dict(sw: Sweep) -> dict:
 # command line
 
 
+MODES_CLI = ("matrix", "new-packing", "host")
+
+
 def add_arguments(p) -> None:
+    p.add_argument(
+        "--mode", choices=MODES_CLI, default="matrix",
+        help="matrix: every variant x backend vs raw calls (default); new-packing: a new packing/padding every "
+        "step; host: host time of tiny calls, cached and fresh masks (see docs/benchmarks.md)",
+    )  # fmt: skip
     p.add_argument(
         "--preset", choices=["h200"], help="h200: bf16, H=16, D=128, 16k tokens per call (see docs/benchmarks.md)"
     )
@@ -670,27 +265,38 @@ def add_arguments(p) -> None:
     p.add_argument("--sweep", metavar="FILE.yaml", help="a sweep file (needs pyyaml); command-line options win")
     p.add_argument("--out", metavar="DIR", help="write kernels.json/.csv/.md/.png here (updated after every case)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--no-host-overhead", action="store_true",
+                   help="matrix: skip the tiny-causal host loop before the cases (--mode host is the fuller one)")  # fmt: skip
+    p.add_argument("--seed", type=int, help="--mode new-packing/host: random packings and inputs (default 0)")
+    churn.add_arguments(p)
+    hostcall.add_arguments(p)
+
+
+# options that only one mode reads: giving them to another mode is an error, not a silent no-op
+_ONLY = {
+    "matrix": ("preset", "variants", "seqlen", "batch", "window", "docs", "sweep", "no_host_overhead"),
+    "new-packing": (*churn._MODE_KEYS, "modes", "heads", "head_dim", "budget_s", "seed"),
+    "host": hostcall._MODE_KEYS,
+}
+_SHARED_MODES = {"modes": ("matrix", "new-packing"), "heads": ("matrix", "new-packing"),
+                 "head_dim": ("matrix", "new-packing"), "budget_s": ("matrix", "new-packing"), "seed": ("new-packing", "host")}  # fmt: skip
+
+
+def _check_mode_options(args) -> None:
+    mode = args.mode
+    for owner, keys in _ONLY.items():
+        for k in keys:
+            allowed = _SHARED_MODES.get(k, (owner,))
+            v = getattr(args, k, None)
+            if mode not in allowed and v not in (None, False):
+                raise UsageError(f"--{k.replace('_', '-')} applies to --mode {' or '.join(allowed)}, not --mode {mode}")
 
 
 _SWEEP_KEYS = ("variants", "backends", "modes", "dtypes", "seqlen", "batch", "heads", "head_dim", "window", "docs",
                "device", "budget_s", "shapes", "preset", "quick")  # fmt: skip
 
 
-def _listopt(name: str, value, valid) -> tuple[str, ...]:
-    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
-    items = tuple(str(x).strip() for x in items if str(x).strip())
-    if not items:
-        raise UsageError(f"--{name}: expected a comma list of {list(valid)}, got an empty list")
-    bad = [x for x in items if x not in valid]
-    if bad:
-        raise UsageError(f"--{name}: unknown {bad}; expected a comma list of {list(valid)}")
-    return tuple(dict.fromkeys(items))
-
-
-def _posint(name: str, v) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        raise UsageError(f"--{name}: expected a positive integer, got {v!r}")
-    return v
+_listopt, _posint = args_.listopt, args_.posint
 
 
 def _load_sweep_file(path: str) -> dict:
@@ -742,11 +348,12 @@ def sweep_from_args(args) -> Sweep:
     if "dtypes" in opts:
         ch["dtypes"] = _listopt("dtypes", opts["dtypes"], tuple(DTYPES))
     if "backends" in opts:
-        valid = (*REGISTRY, "auto", "raw", "anyattn", *raw.RAW_NAMES)
+        registered = _registered()
+        valid = (*registered, "auto", "raw", "anyattn", *raw.RAW_NAMES)
         names = _listopt("backends", opts["backends"], valid)
-        anyattn_names = [n for n in names if n in REGISTRY or n == "auto"]
+        anyattn_names = [n for n in names if n in registered or n == "auto"]
         if "anyattn" in names:
-            anyattn_names = [*REGISTRY, "auto"]
+            anyattn_names = [*registered, "auto"]
         raw_names = [n for n in names if n.startswith("raw:")]
         if "raw" in names:
             raw_names = list(raw.RAW_NAMES)
@@ -777,10 +384,17 @@ def sweep_from_args(args) -> Sweep:
         if S is not None:  # one explicit length for every variant
             ch["variant_shapes"] = ()
             ch["shapes"] = tuple(dict.fromkeys((B or b, S) for b, _ in base))
+    if getattr(args, "no_host_overhead", False):
+        ch["host_overhead"] = False
     return dataclasses.replace(sw, **ch)
 
 
 def run_from_args(args, command: str = "anyattn bench kernels") -> int:
+    _check_mode_options(args)
+    if args.mode == "new-packing":
+        return _run_mode(churn, churn.options_from_args(args), args, command)
+    if args.mode == "host":
+        return _run_mode(hostcall, hostcall.options_from_args(args), args, command)
     sw = sweep_from_args(args)
     _sigterm_as_interrupt()  # a killed run (timeout) still writes its final files
     doc = run(sw, out_dir=args.out, command=command, progress=not args.no_progress)
@@ -789,3 +403,24 @@ def run_from_args(args, command: str = "anyattn bench kernels") -> int:
         return 130
     failed = sum(r["status"] == "failed" for r in doc["results"])
     return 1 if failed else 0
+
+
+def _run_mode(mod, opts, args, command: str) -> int:
+    """--mode new-packing / host: run, then print the table (stdout ends with it)."""
+    if torch.device(opts.device).type == "cpu" and (args.quick or mod is hostcall) and torch.get_num_threads() != 1:
+        # tiny shapes gain nothing from intra-op threads; on a busy machine OpenMP barriers
+        # turn a 40 us call into milliseconds
+        torch.set_num_threads(1)
+    _sigterm_as_interrupt()
+    doc = mod.run(opts, command=command, out_dir=args.out)
+    if args.out:
+        name = "new_packing" if mod is churn else "host"
+        print(f"\nwrote {os.path.join(args.out, name + '.json')} (.md)")
+    if not doc["complete"]:
+        print("run INCOMPLETE (interrupted): the table holds what was measured")
+    m = doc["meta"]
+    print(f"\n{m['device_name']} | torch {m['torch']} | anyattn {m['anyattn']} | {doc['elapsed_s']} s")
+    print(mod.table(doc))
+    if doc.get("interrupted"):
+        return 130
+    return 1 if any(r["status"] == "failed" for r in doc["results"]) else 0

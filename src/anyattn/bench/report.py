@@ -14,7 +14,7 @@ import json
 import math
 import os
 
-__all__ = ["case_line", "compact_table", "flat_table", "print_final", "write_outputs"]
+__all__ = ["case_line", "compact_table", "flat_table", "print_final", "write_json", "write_outputs", "write_text"]
 
 
 def _f(x, fmt: str) -> str:
@@ -162,6 +162,21 @@ def _atomic(path: str, text: str) -> None:
     with open(path + ".tmp", "w") as f:
         f.write(text)
     os.replace(path + ".tmp", path)
+
+
+def write_json(out_dir: str, name: str, doc: dict) -> str:
+    """``out_dir/name`` written atomically (NaN stays NaN: Python's json and pandas read it)."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, name)
+    _atomic(path, json.dumps(doc, indent=1, default=_json_default))
+    return path
+
+
+def write_text(out_dir: str, name: str, text: str) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, name)
+    _atomic(path, text)
+    return path
 
 
 def plot(path: str, results, meta) -> str | None:

@@ -6,13 +6,16 @@
     store.get("P12345"), store.ids(), len(store), store.metadata
 
 Modules: ``fasta`` (streaming reader, line numbers, input policies), ``store`` (SQLite work store,
-safetensors/npz exports, the reader), ``job`` (plan, packed batches, pooling, workers), ``cli``
-(the ``anyattn embed`` subcommand). See docs/embed.md.
+its one-writer lock, safetensors/npz exports, the reader), ``plan`` (records -> unique sequences ->
+token-budget batches), ``model`` (loading, the model's identity), ``run`` (packed batches and
+pooling on a device, the writer thread, worker processes), ``job`` (``embed``: ties them
+together), ``cli`` (the ``anyattn embed`` subcommand). See docs/embed.md.
 """
 
 from .fasta import FastaError, Record, read_fasta
 from .job import LONG_POLICIES, POOLINGS, EmbedSummary, embed
-from .store import EmbeddingStore, StoreMismatchError, open_store
+from .run import EmbedError
+from .store import EmbeddingStore, StoreBusyError, StoreError, StoreMismatchError, open_store
 
 __all__ = [
     "embed",
@@ -21,6 +24,9 @@ __all__ = [
     "EmbeddingStore",
     "FastaError",
     "StoreMismatchError",
+    "StoreError",
+    "StoreBusyError",
+    "EmbedError",
     "Record",
     "read_fasta",
     "POOLINGS",

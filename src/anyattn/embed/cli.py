@@ -5,13 +5,17 @@
                   [--max-tokens N] [--backend NAME] [--devices cuda:0,cuda:1] [--compile]
                   [--long-policy error|truncate|split] [--unknown error|x] [--no-progress]
 
-Exit status: 0 done (the summary is printed on stdout); 1 bad input, a store of other settings,
-or a failed worker (the message names the line / the differing settings); 2 a bad option.
+Exit status: 0 done (the summary is printed on stdout); 2 bad input: a bad option, an input file
+that is missing, unreadable or malformed (the message names the file and line), a model path that
+is not a checkpoint, a store of other settings (the message names each differing setting); 1 the
+run failed: a full disk, a dead worker, another job writing the same store, a missing optional
+package (the message says which ``pip install 'anyattn[embed]'``). One line on stderr; ``anyattn
+--debug embed ...`` adds the traceback.
 """
 
 from __future__ import annotations
 
-import sys
+import importlib.util
 
 __all__ = ["add_parser", "run_from_args"]
 
@@ -33,7 +37,8 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"), help="compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--store-dtype", default=None, choices=("float16", "float32"), help="stored dtype (default: float32 for fp32, else float16)")
     p.add_argument("--max-tokens", type=int, default=32768, help="tokens per packed batch (default 32768)")
-    p.add_argument("--backend", default=None, help="anyattn attention backend (default: auto)")
+    p.add_argument("--backend", default=None,
+                   help="anyattn attention backend of every layer (default: the one an anyattn checkpoint saved, else auto)")  # fmt: skip
     p.add_argument("--devices", default=None, help="comma-separated devices, one process each (e.g. cuda:0,cuda:1 or cpu,cpu)")
     p.add_argument("--compile", action="store_true", help="torch.compile the layers; batches padded to --max-tokens")
     p.add_argument("--long-policy", choices=LONG_POLICIES, default="error", help="sequences longer than the model's maximum (default error)")
@@ -42,20 +47,24 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run_from_args)
 
 
+# what the job imports on top of torch (the extra ``embed`` installs them)
+_NEEDS = ("transformers", "numpy")
+
+
 def run_from_args(args, command: str) -> int:
-    from ..errors import AnyAttnError
+    """Run the job; errors propagate to ``anyattn.cli.main``, which prints one line and picks
+    the exit status."""
+    missing = [m for m in _NEEDS if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(f"anyattn embed needs {' and '.join(missing)}, not installed here: pip install 'anyattn[embed]'")
     from .job import embed
 
-    try:
-        summary = embed(
-            args.input, model=args.model, out=args.out, pooling=args.pooling,
-            layers=args.layers if args.layers is None or len(args.layers) > 1 else args.layers[0],
-            dtype=args.dtype, store_dtype=args.store_dtype, max_tokens=args.max_tokens, backend=args.backend,
-            devices=args.devices, long_policy=args.long_policy, unknown=args.unknown, compile=args.compile,
-            progress=not args.no_progress,
-        )  # fmt: skip
-    except (AnyAttnError, FileNotFoundError, RuntimeError) as e:
-        print(f"anyattn embed: error: {e}", file=sys.stderr)
-        return 1
+    summary = embed(
+        args.input, model=args.model, out=args.out, pooling=args.pooling,
+        layers=args.layers if args.layers is None or len(args.layers) > 1 else args.layers[0],
+        dtype=args.dtype, store_dtype=args.store_dtype, max_tokens=args.max_tokens, backend=args.backend,
+        devices=args.devices, long_policy=args.long_policy, unknown=args.unknown, compile=args.compile,
+        progress=not args.no_progress,
+    )  # fmt: skip
     print(summary)
     return 0

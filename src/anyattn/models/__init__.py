@@ -51,6 +51,27 @@ _LAZY = {
     "load_dplm_tokenizer": "dplm",
     "is_dplm_config": "dplm",
     "is_dplm2_config": "dplm",
+    # ESM C / ESM++ (docs/esmc.md)
+    "ESMCConfig": "esmc",
+    "ESMC_PRESETS": "esmc",
+    "ESMC_VOCAB": "esmc",
+    "ESMCModel": "esmc",
+    "ESMCForMaskedLM": "esmc",
+    "ESMCOutput": "esmc",
+    "esmc_tokenizer": "esmc",
+    "load_esmc": "esmc_checkpoints",
+    "build_esmc": "esmc_checkpoints",
+    "map_esmc_keys": "esmc_checkpoints",
+    "is_esmc_config": "hub",
+    # ANKH (docs/ankh.md)
+    "AnkhConfig": "ankh",
+    "ANKH_PRESETS": "ankh",
+    "AnkhModel": "ankh",
+    "AnkhOutput": "ankh",
+    "load_ankh": "ankh",
+    "build_ankh": "ankh",
+    "map_ankh_keys": "ankh",
+    "is_ankh_config": "hub",
 }
 
 __all__ = ["ProteinTokenizer", "load_tokenizer", *_LAZY]

@@ -69,13 +69,17 @@ class E1Tokenizer:
         for name in ("tokenizer.json", "vocab.json"):
             f = os.path.join(path, name)
             if os.path.isfile(f):
-                with open(f) as fh:
-                    data = json.load(fh)
+                from .tokenizer import read_json
+
+                data = read_json(f)
                 if name == "vocab.json":
                     return cls(data)
-                vocab = dict(data.get("model", {}).get("vocab", {}))
-                for t in data.get("added_tokens", []):
-                    vocab.setdefault(t["content"], t["id"])
+                try:
+                    vocab = dict(data.get("model", {}).get("vocab", {}))
+                    for t in data.get("added_tokens", []):
+                        vocab.setdefault(t["content"], t["id"])
+                except (AttributeError, KeyError, TypeError, ValueError) as e:
+                    raise bad_value("tokenizer.json", "a tokenizers file with model.vocab and added_tokens", f"{f}: {type(e).__name__}: {e}") from None
                 return cls(vocab)
         raise FileNotFoundError(f"E1Tokenizer.from_pretrained: no tokenizer.json or vocab.json in {path}")
 

@@ -28,6 +28,24 @@ from ..layout import SeqInfo
 
 __all__ = ["ProteinTokenizer", "load_tokenizer"]
 
+
+def _read_text(file: str) -> str:
+    """A UTF-8 text file (a BOM skipped); anything else is an error naming the file."""
+    with open(file, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise bad_value(os.path.basename(file), "UTF-8 text", f"{file}: byte 0x{data[e.start]:02X} at offset {e.start}") from None
+
+
+def read_json(file: str):
+    """A JSON file of a checkpoint or tokenizer directory; a damaged one is an error naming it."""
+    try:
+        return json.loads(_read_text(file))
+    except json.JSONDecodeError as e:
+        raise bad_value(os.path.basename(file), "valid JSON", f"{file}: {e}") from None
+
 # HF EsmTokenizer / fair-esm order: id = index. 4 specials, 20 standard residues (by frequency),
 # X B U Z O (ambiguous / rare), gap characters, a null slot and <mask>.
 _ESM_VOCAB = (
@@ -98,8 +116,7 @@ class ProteinTokenizer:
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise bad_value("path", "an existing vocab.txt file", repr(path))
-        with open(path, encoding="utf-8") as f:
-            vocab = [line.strip() for line in f.read().splitlines()]
+        vocab = [line.strip() for line in _read_text(path).splitlines()]
         while vocab and vocab[-1] == "":  # trailing newline(s)
             vocab.pop()
         return cls(vocab, **special_tokens)
@@ -115,8 +132,7 @@ class ProteinTokenizer:
         kwargs = {}
         cfg_file = os.path.join(directory, "tokenizer_config.json")
         if os.path.isfile(cfg_file):
-            with open(cfg_file, encoding="utf-8") as f:
-                cfg = json.load(f)
+            cfg = read_json(cfg_file)
             for role in _SPECIAL_ROLES:
                 name = cfg.get(f"{role}_token")
                 if isinstance(name, dict):  # AddedToken serialisation
@@ -254,11 +270,7 @@ def _family_tokenizer(path_or_model):
         f = os.path.join(path, "config.json")
         if not os.path.isfile(f):
             return None
-        with open(f) as fh:
-            try:
-                cfg = json.load(fh)
-            except json.JSONDecodeError:
-                return None
+        cfg = read_json(f)  # a damaged config.json is an error, not a silent fall back to the ESM alphabet
     elif config is not None and hasattr(config, "to_dict"):
         cfg = config.to_dict()
         src = getattr(config, "_name_or_path", "") or ""

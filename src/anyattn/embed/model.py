@@ -1,0 +1,97 @@
+"""The embed job's access to a model: loading, the encoder, its tokenizer, its identity in a store.
+
+A model is an ``anyattn.models`` protein LM (ESM2, DPLM), given as a checkpoint directory, a hub
+id or an object. Its identity (architecture fields and a weights fingerprint) is what a store
+records, so that a resumed run refuses another model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import torch
+
+from ..errors import bad_type, bad_value
+from .store import _np
+
+_DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16,
+}  # fmt: skip
+# the architecture fields whose hash identifies a model in the store metadata
+_CONFIG_KEYS = (
+    "model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+    "max_position_embeddings", "position_embedding_type", "token_dropout", "emb_layer_norm_before",
+    "layer_norm_eps", "pad_token_id", "mask_token_id", "rope_theta",
+)  # fmt: skip
+
+
+def _config(model):
+    """The config object of an anyattn model (``model.config``; ESM2ForMaskedLM before the
+    transformers port keeps it in ``model.cfg``)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        cfg = getattr(model, "cfg", None)
+    if cfg is None:
+        raise bad_type("model", "an anyattn.models model (with .config), a checkpoint directory or a hub id", type(model).__name__)
+    return cfg
+
+
+def _encoder(model):
+    """The encoder without the LM head (embeddings need the hidden states only)."""
+    return getattr(model, "esm", model)
+
+
+def _load_model(source, *, backend):
+    """Load a model from a directory or hub id on the CPU in float32 (so that the weights
+    fingerprint does not depend on ``dtype``); the caller moves it."""
+    from .. import models
+
+    loader = getattr(models, "load", None)
+    if loader is None:  # anyattn.models.load (all model families) not available: ESM2 only
+        loader = models.load_esm2
+    return loader(os.fspath(source), attn_backend=backend)  # None: the checkpoint's saved backend, else auto
+
+
+def _compile(model) -> None:
+    """``compile_layers()`` once per model object (a second job with the same in-memory model
+    reuses the compiled layers instead of compiling again)."""
+    enc = _encoder(model)
+    if not hasattr(enc, "compile_layers"):
+        raise bad_value("compile", f"False for {type(model).__name__} (it has no compile_layers())", True)
+    if not getattr(enc, "_anyattn_embed_compiled", False):
+        enc.compile_layers()
+        enc._anyattn_embed_compiled = True
+
+
+def _tokenizer(model, source):
+    from ..models import ProteinTokenizer, load_tokenizer
+
+    if source is not None and os.path.isfile(os.path.join(os.fspath(source), "vocab.txt")):
+        return load_tokenizer(source)
+    if getattr(model, "config", None) is not None:
+        return load_tokenizer(model)
+    cfg = _config(model)  # ESM2ForMaskedLM with .cfg: ESM2's alphabet is fixed
+    if getattr(cfg, "vocab_size", None) == len(ProteinTokenizer.esm()):
+        return ProteinTokenizer.esm()
+    raise bad_value("model", "a model whose tokenizer anyattn.models.load_tokenizer can find", type(model).__name__)
+
+
+def _model_identity(model) -> dict:
+    cfg = _config(model)
+    arch = {k: getattr(cfg, k, None) for k in _CONFIG_KEYS}
+    arch["model_type"] = arch["model_type"] or "esm"
+    conf = hashlib.sha1(json.dumps(arch, sort_keys=True, default=str).encode()).hexdigest()
+    # 64 strided values of every tensor, rounded to bfloat16 so that the fingerprint of one
+    # checkpoint is the same whatever dtype it was cast to
+    h = hashlib.sha1()
+    with torch.no_grad():
+        for name, t in sorted(model.state_dict().items()):
+            flat = t.detach().reshape(-1)
+            step = max(1, flat.numel() // 64)
+            sample = flat[::step][:64].to(torch.bfloat16).float().cpu()
+            h.update(f"{name}{tuple(t.shape)}".encode())
+            h.update(_np().asarray(sample.numpy()).tobytes())
+    return {"model_type": str(arch["model_type"]), "model_config_sha1": conf, "model_weights_sha1": h.hexdigest()}
