@@ -21,6 +21,8 @@ import os
 import pytest
 import torch
 
+from anyattn.testing import record_calls
+
 pytest.importorskip("transformers")
 
 import anyattn
@@ -206,21 +208,9 @@ def test_flex_packs_padded_rows_and_matches(setup):
     ids, am_ = _padded(seqs)
     base = build_esmc(_cfg(attn_backend="eager", pack_padded=False), sd)
     m = build_esmc(_cfg(attn_backend="flex"), sd)
-    seen = []
-    orig = esmc_mod.batch_structure
-
-    def spy(*a, **k):
-        b = orig(*a, **k)
-        seen.append(b)
-        return b
-
-    esmc_mod.batch_structure = spy
-    try:
-        with torch.no_grad():
-            out = m(ids, attention_mask=am_, output_hidden_states=True)
-    finally:
-        esmc_mod.batch_structure = orig
-    assert seen[0].packed_from is not None and seen[0].ids.shape == (1, 64)  # 42 tokens -> bucket 64
+    with torch.no_grad(), record_calls() as seen:
+        out = m(ids, attention_mask=am_, output_hidden_states=True)
+    assert {c.backend for c in seen} == {"flex"} and seen[0].q_shape[0] == 1 and seen[0].q_shape[2] == 64  # 42 tokens -> bucket 64
     with torch.no_grad():
         b_out = base(ids, attention_mask=am_, output_hidden_states=True)
     for what in ("logits", "hidden"):

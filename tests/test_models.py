@@ -483,11 +483,11 @@ def test_families_registry_order_and_replacement():
     saved = list(FAMILIES)
     try:
         fam = Family("lookalike", lambda c: c.get("architectures") == ["EsmForDPLM"], lambda *a: "loaded")
-        assert [f.name for f in FAMILIES] == ["e1", "dplm", "esm2"]  # the registered families
+        assert [f.name for f in FAMILIES] == ["e1", "dplm", "esm2", "esmc", "ankh"]  # the registered families
         register_family(fam)  # before esm2 by default
-        assert [f.name for f in FAMILIES] == ["e1", "dplm", "lookalike", "esm2"]
+        assert [f.name for f in FAMILIES] == ["e1", "dplm", "lookalike", "esm2", "esmc", "ankh"]
         register_family(fam, before=None)  # replaced, now last
-        assert [f.name for f in FAMILIES] == ["e1", "dplm", "esm2", "lookalike"]
+        assert [f.name for f in FAMILIES] == ["e1", "dplm", "esm2", "esmc", "ankh", "lookalike"]
         with pytest.raises(ValueError, match="before"):
             register_family(fam, before="nope")
     finally:

@@ -66,13 +66,27 @@ class BatchPlan:
     def packed(self) -> bool:
         return self.rows is not None
 
+    @property
+    def positions(self) -> torch.Tensor:
+        """int64 like ``ids``: position inside its sequence (0 at padding), for rotary."""
+        if self.info is not None:
+            return self.info.positions
+        B, S = self.ids.shape[:2]
+        return torch.arange(S, device=self.ids.device).expand(B, S)
+
     def layout(self, t_BS: torch.Tensor, value=0) -> torch.Tensor:
         """A caller-shaped (B, S, ...) tensor in the layers' layout."""
         return t_BS if self.rows is None else self.rows.pack(t_BS, self.ids.shape[1], value)
 
     def to_rows(self, t: torch.Tensor) -> torch.Tensor:
-        """A layer-shaped tensor back in the caller's (B, S, ...) rows (zeros at padding)."""
-        return t if self.rows is None else self.rows.unpack(t)
+        """A layer-shaped tensor back in the caller's (B, S, ...) rows, zeros at padding (in both
+        layouts: padding positions computed as rows are not left unspecified)."""
+        if self.rows is not None:
+            return self.rows.unpack(t)
+        info = self.info
+        if info is None or info.total == info.B * info.S:
+            return t
+        return t * info.keep.view(*info.keep.shape, *([1] * (t.dim() - 2))).to(t.dtype)
 
 
 def batch_info(input_ids: torch.Tensor, attention_mask=None, seq_info=None) -> SeqInfo | None:
@@ -92,12 +106,16 @@ def batch_info(input_ids: torch.Tensor, attention_mask=None, seq_info=None) -> S
     return seq_info.to(input_ids.device)
 
 
-def packed_backend(backend, info: SeqInfo, *, heads: int, head_dim: int, dtype, grad: bool, scale: float | None = None) -> str | None:
-    """The backend that would serve self-attention over ``info``'s real tokens as one packed row,
-    when it takes packed documents natively; else None. Asks the resolver with a signature."""
+def packed_backend(
+    backend, info: SeqInfo, *, heads: int, head_dim: int, dtype, grad: bool, scale: float | None = None, score=None,
+    kv_heads: int | None = None,
+) -> str | None:  # fmt: skip
+    """The backend that would serve self-attention over ``info``'s real tokens as one packed row
+    (with the model's ``score`` terms), when it takes packed documents natively; else None. Asks
+    the resolver with a signature: nothing runs, no tensor is allocated."""
     sig = Signature.of(
-        B=1, Hq=heads, Sq=max(info.total, 1), D=head_dim, dtype=dtype, device=info.keep.device,
-        mask=documents([max(info.total, 1)]), scale=scale, requires_grad=grad,
+        B=1, Hq=heads, Hkv=kv_heads, Sq=max(info.total, 1), D=head_dim, dtype=dtype, device=info.keep.device,
+        mask=documents([max(info.total, 1)]), score=score, scale=scale, requires_grad=grad,
     )  # fmt: skip
     name = choose(sig, backend)
     return name if name is not None and REGISTRY[name].facts.packed_documents else None
@@ -106,10 +124,11 @@ def packed_backend(backend, info: SeqInfo, *, heads: int, head_dim: int, dtype, 
 def plan_batch(
     input_ids: torch.Tensor, attention_mask=None, seq_info: SeqInfo | None = None, *, backend="auto", pack="auto",
     heads: int, head_dim: int, dtype, grad: bool = False, need_weights: bool = False, pad_id: int = 0,
-    scale: float | None = None,
+    scale: float | None = None, score=None, kv_heads: int | None = None,
 ) -> BatchPlan:  # fmt: skip
-    """The plan of one forward (see the module docstring). ``need_weights`` (output_attentions)
-    keeps the rows: weights are returned per row."""
+    """The plan of one forward (see the module docstring). ``heads``/``kv_heads``/``head_dim``/
+    ``dtype``/``scale``/``score``: the model's attention call, which decides the backend.
+    ``need_weights`` (output_attentions) keeps the rows: weights are returned per row."""
     if pack not in ("auto", True, False):
         raise bad_value("pack", "'auto', True or False", repr(pack))
     info = batch_info(input_ids, attention_mask, seq_info)
@@ -117,7 +136,9 @@ def plan_batch(
         return BatchPlan(input_ids, None, None, None)
     one_row = info.kind == "documents" and info.B == 1 and info.total == info.S  # already one packed row
     if not one_row and not need_weights and info.total > 0 and pack is not False:
-        chosen = packed_backend(backend, info, heads=heads, head_dim=head_dim, dtype=dtype, grad=grad, scale=scale)
+        chosen = packed_backend(
+            backend, info, heads=heads, head_dim=head_dim, dtype=dtype, grad=grad, scale=scale, score=score, kv_heads=kv_heads
+        )
         if pack is True or chosen is not None:
             static = chosen is not None and REGISTRY[chosen].facts.static_shapes
             S = bucket_length(info.total) if static else info.total

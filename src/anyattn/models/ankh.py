@@ -53,8 +53,9 @@ from ..api import attention, attention_with_weights
 from ..errors import bad_type, bad_value
 from ..layout import SeqInfo
 from ..spec import relative_bias
-from ._esmc_ankh_batch import Batch, batch_structure, check_backend_value, choose_backend, norm_bound
-from ._inputs import check_input_ids
+from ..packing import BatchPlan, plan_batch
+from ._esmc_ankh_batch import check_backend_value, norm_bound
+from ._inputs import check_input_ids, keep_mask
 from .hub import check_state_dict, is_ankh_config, read_weights, resolve_dtype, resolve_saved_backend
 
 __all__ = [
@@ -249,7 +250,7 @@ class AnkhBlock(nn.Module):
         self.num_heads, self.d_kv, self.p = cfg.num_heads, cfg.d_kv, cfg.dropout_rate
         self.act = _ACTS[cfg.dense_act_fn]
 
-    def forward(self, x_BSC, batch: Batch, score, backend, need_weights: bool, need_s_max: bool):
+    def forward(self, x_BSC, batch: BatchPlan, score, backend, need_weights: bool, need_s_max: bool):
         """Returns (x, attention weights or None, s_max (H,) or None)."""
         att, ff = self.layer
         sa, p, train = att.SelfAttention, self.p, self.training
@@ -398,15 +399,11 @@ class AnkhModel(PreTrainedModel):
         need_w = bool(output_attentions)
         score = self._score()  # one term per forward: every block shares the table (and its lowering)
 
-        def choose(packed):
-            return choose_backend(
-                cfg.attn_backend, packed, heads=cfg.num_heads, head_dim=cfg.d_kv, dtype=self.shared.weight.dtype,
-                grad=torch.is_grad_enabled() and self.training, scale=1.0, score=score,
-            )  # fmt: skip
-
-        batch = batch_structure(
-            input_ids, attention_mask, seq_info, pack_padded=False if need_w else cfg.pack_padded, choose=choose,
-            pad_token_id=cfg.pad_token_id,
+        batch = plan_batch(
+            input_ids, keep_mask(attention_mask, input_ids) if attention_mask is not None else None, seq_info,
+            backend=cfg.attn_backend, pack=cfg.pack_padded, heads=cfg.num_heads, head_dim=cfg.d_kv,
+            dtype=self.shared.weight.dtype, grad=torch.is_grad_enabled() and self.training, need_weights=need_w,
+            pad_id=cfg.pad_token_id, scale=1.0, score=score,
         )  # fmt: skip
         if need_w:
             warnings.warn(

@@ -51,8 +51,9 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, Pretrained
 from ..api import attention, attention_with_weights
 from ..errors import bad_value
 from ..layout import SeqInfo
-from ._esmc_ankh_batch import Batch, batch_structure, check_backend_value, choose_backend, norm_bound
-from ._inputs import check_input_ids
+from ..packing import BatchPlan, plan_batch
+from ._esmc_ankh_batch import check_backend_value, norm_bound
+from ._inputs import check_input_ids, keep_mask
 from .hub import is_esmc_config
 from .tokenizer import ProteinTokenizer
 
@@ -271,7 +272,7 @@ class ESMCBlock(nn.Module):
             nn.Linear(F_, C, bias=False),
         )
 
-    def forward(self, x_BSC, batch: Batch, cos, sin, backend, need_weights: bool, need_s_max: bool):
+    def forward(self, x_BSC, batch: BatchPlan, cos, sin, backend, need_weights: bool, need_s_max: bool):
         """Returns (x, attention weights or None, s_max (H,) or None)."""
         a = self.attn
         B, S, C = x_BSC.shape
@@ -393,13 +394,6 @@ class ESMCModel(ESMCPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed = value
 
-    def _choose(self, packed: SeqInfo):
-        cfg = self.config
-        return choose_backend(
-            cfg.attn_backend, packed, heads=cfg.num_attention_heads, head_dim=cfg.head_dim, dtype=self.embed.weight.dtype,
-            grad=torch.is_grad_enabled() and self.training, scale=cfg.head_dim**-0.5,
-        )  # fmt: skip
-
     def _encode(
         self, input_ids, attention_mask, seq_info, inputs_embeds, output_hidden_states, output_attentions, output_s_max
     ):
@@ -408,9 +402,12 @@ class ESMCModel(ESMCPreTrainedModel):
         on_cpu = isinstance(input_ids, torch.Tensor) and input_ids.device.type == "cpu"
         check_input_ids(input_ids, self.config.vocab_size, check_range=on_cpu or attention_mask is not None)
         need_w = bool(output_attentions)
-        batch = batch_structure(
-            input_ids, attention_mask, seq_info, pack_padded=False if need_w else self.config.pack_padded,
-            choose=self._choose, pad_token_id=self.config.pad_token_id,
+        cfg = self.config
+        batch = plan_batch(
+            input_ids, keep_mask(attention_mask, input_ids) if attention_mask is not None else None, seq_info,
+            backend=cfg.attn_backend, pack=cfg.pack_padded, heads=cfg.num_attention_heads, head_dim=cfg.head_dim,
+            dtype=self.embed.weight.dtype, grad=torch.is_grad_enabled() and self.training, need_weights=need_w,
+            pad_id=cfg.pad_token_id, scale=cfg.head_dim**-0.5,
         )  # fmt: skip
         if need_w:
             warnings.warn(
