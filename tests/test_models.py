@@ -366,7 +366,8 @@ def test_compiled_layers_do_not_recompile_across_token_counts():
             ids, am = _batch(lens, seed=len(lens))
             outs.append(m(ids, attention_mask=am).logits)
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
-    m.esm._fns = (esm2_module._qkv, esm2_module._out_ffn)
+    assert m.config.compile_layers is True  # compile_layers() is the explicit form of the switch
+    m.config.compile_layers = False  # the plain layers again
     with torch.no_grad():
         for o, lens in zip(outs, ([5, 9], [7, 3, 11], [20, 1], [13])):
             ids, am = _batch(lens, seed=len(lens))
@@ -378,9 +379,26 @@ def test_fused_qkv_equals_separate_projections():
     ids, am = _batch([9, 14], seed=1)
     with torch.no_grad():
         ref = m(ids, attention_mask=am).logits
-        m.esm._fns = (esm2_module._qkv_fused, esm2_module._out_ffn)
+        m.compile_layers(fuse_qkv=True, backend="eager")  # dynamo without inductor: fast on CPU
         out = m(ids, attention_mask=am).logits
     assert (out - ref)[am.bool()].abs().max().item() <= TOL
+
+
+def test_compile_layers_auto_is_the_default_and_compiles_nothing_on_cpu():
+    """The plain call compiles its layers where that is safe (inference on CUDA, see the CUDA
+    tests); on a CPU it must not: compiling there costs seconds per kernel."""
+    from torch._dynamo.utils import counters
+
+    m = _random_model(seed=9, attn_backend="sdpa")
+    assert m.config.compile_layers == "auto"
+    torch._dynamo.reset()
+    counters.clear()
+    ids, am = _batch([9, 14], seed=1)
+    with torch.no_grad():
+        m(ids, attention_mask=am)
+    assert counters["stats"]["unique_graphs"] == 0 and m.esm._compiled_fns is None
+    with pytest.raises(ValueError, match="compile_layers: expected 'auto', True or False"):
+        ESM2Config(compile_layers="yes")
 
 
 def test_labels_give_the_masked_lm_loss():

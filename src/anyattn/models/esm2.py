@@ -46,9 +46,9 @@ this module until an ESM2 name is used.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
-import math
 import os
 import warnings
 from typing import NamedTuple
@@ -60,14 +60,29 @@ from torch import nn
 if importlib.util.find_spec("transformers") is None:
     raise ImportError("anyattn.models.esm2 needs transformers: pip install 'anyattn[models]'")
 
-from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PretrainedConfig, PreTrainedModel  # noqa: E402
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PreTrainedModel  # noqa: E402
 
-from ..api import attention, attention_with_weights  # noqa: E402
 from ..errors import bad_type, bad_value  # noqa: E402
 from ..layout import SeqInfo  # noqa: E402
 from ..packing import BatchPlan, plan_batch  # noqa: E402
 from ..resolve import check_backend  # noqa: E402
 from ._inputs import check_input_ids, keep_mask  # noqa: E402
+from .esm2_config import ESM2_PRESETS, MODEL_TYPE, ESM2Config, esm2_flops  # noqa: E402
+from .esm2_layers import (  # noqa: E402, F401  (the layer functions are part of this module's namespace)
+    ESM2Layer,
+    _ContactHead,
+    _Embeddings,
+    _Encoder,
+    _gelu,
+    _LMHead,
+    _mask_ratio,
+    _out_ffn,
+    _qkv,
+    _qkv_fused,
+    _rope,
+    _Rotary,
+    _s_max,
+)
 from .hub import check_state_dict, is_esm2_config, read_weights, resolve_saved_backend  # noqa: E402
 
 __all__ = [
@@ -84,444 +99,22 @@ __all__ = [
     "register_auto",
 ]
 
-MODEL_TYPE = "anyattn_esm2"
-
-# ESM's token dropout: during training 15% of tokens were selected and 80% of those masked, with
-# the <mask> embedding zeroed. At inference the embeddings are rescaled by
-# (1 - 0.12) / (1 - observed mask ratio of the sequence), like dropout's eval-time scaling.
-_MASK_RATIO_TRAIN = 0.15 * 0.8
-
-class ESM2Config(PretrainedConfig):
-    """ESM2 hyper-parameters with HF ``EsmConfig`` field names, plus ``attn_backend`` and
-    ``pack_padded``. Defaults are ESM2-650M's; presets: :data:`ESM2_PRESETS`."""
-
-    model_type = MODEL_TYPE
-
-    def __init__(
-        self,
-        vocab_size: int = 33,
-        hidden_size: int = 1280,
-        num_hidden_layers: int = 33,
-        num_attention_heads: int = 20,
-        intermediate_size: int = 5120,
-        max_position_embeddings: int = 1026,  # 1024 residues + <cls> + <eos>
-        layer_norm_eps: float = 1e-5,
-        pad_token_id: int = 1,
-        mask_token_id: int = 32,
-        # zero the <mask> embeddings and rescale by (1 - 0.12) / (1 - observed mask ratio)
-        token_dropout: bool = True,
-        # a LayerNorm right after the embeddings (ESM-1b: True; ESM2: False)
-        emb_layer_norm_before: bool = False,
-        rope_theta: float = 10000.0,
-        # lm_head.decoder.weight is the word embedding matrix (ESM2 checkpoints: True)
-        tie_word_embeddings: bool = True,
-        hidden_dropout_prob: float = 0.0,  # training only
-        attention_probs_dropout_prob: float = 0.0,  # training only
-        initializer_range: float = 0.02,  # random init: normal(0, this)
-        attn_backend="auto",  # anyattn backend name, or a sequence of names
-        # padded / multi-row batches run as one packed row: "auto" (when the backend takes
-        # packed documents natively), True (always, also on dense-mask backends), False (never)
-        pack_padded="auto",
-        vocab_list: list | None = None,  # the tokens in id order, when not the ESM alphabet
-        **kwargs,
-    ):
-        pos = kwargs.pop("position_embedding_type", "rotary")
-        if pos != "rotary":
-            raise bad_value("position_embedding_type", "'rotary' (ESM2; ESM-1b's absolute positions are not implemented)", repr(pos))
-        if kwargs.pop("is_folding_model", False):
-            raise bad_value("is_folding_model", "False (ESMFold is not implemented)", True)
-        if kwargs.get("is_decoder", False):
-            raise bad_value("is_decoder", "False (ESM2 is bidirectional)", True)
-        kwargs.pop("esmfold_config", None)
-        if hidden_size % num_attention_heads:
-            raise bad_value("hidden_size", f"a multiple of num_attention_heads={num_attention_heads}", hidden_size)
-        if isinstance(attn_backend, list):
-            attn_backend = tuple(attn_backend)  # a JSON round trip gives a list
-        check_backend(attn_backend)
-        if pack_padded not in ("auto", True, False):
-            raise bad_value("pack_padded", "'auto', True or False", repr(pack_padded))
-        self.vocab_size = vocab_size
-        self.hidden_size = hidden_size
-        self.num_hidden_layers = num_hidden_layers
-        self.num_attention_heads = num_attention_heads
-        self.intermediate_size = intermediate_size
-        self.max_position_embeddings = max_position_embeddings
-        self.layer_norm_eps = layer_norm_eps
-        self.mask_token_id = mask_token_id
-        self.token_dropout = bool(token_dropout)
-        self.emb_layer_norm_before = bool(emb_layer_norm_before)
-        self.rope_theta = float(rope_theta)
-        self.hidden_dropout_prob = float(hidden_dropout_prob or 0.0)
-        self.attention_probs_dropout_prob = float(attention_probs_dropout_prob or 0.0)
-        self.initializer_range = initializer_range
-        self.attn_backend = attn_backend
-        self.pack_padded = pack_padded
-        self.vocab_list = list(vocab_list) if vocab_list is not None else None
-        super().__init__(pad_token_id=pad_token_id, tie_word_embeddings=tie_word_embeddings, **kwargs)
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    @classmethod
-    def from_name(cls, name: str, **overrides) -> ESM2Config:
-        """A published size by name ("esm2_t33_650M", also "facebook/esm2_t33_650M_UR50D"): a new
-        config each call."""
-        key = name.split("/")[-1].removesuffix("_UR50D")
-        if key not in _PRESET_SHAPES:
-            raise bad_value("name", f"one of {list(_PRESET_SHAPES)}", repr(name))
-        return cls(**{**_PRESET_SHAPES[key], **overrides})
-
-    @classmethod
-    def from_hf_config(cls, hf_config, **overrides) -> ESM2Config:
-        """From a transformers ``EsmConfig`` (or its dict / config.json), or one of ours. Only
-        rotary ESM (ESM2) is supported; ESM-1b's absolute positions and ESMFold are refused."""
-        get = hf_config.get if isinstance(hf_config, dict) else lambda k, d=None: getattr(hf_config, k, d)
-        pos = get("position_embedding_type", "absolute" if get("model_type") == "esm" else "rotary")
-        if pos != "rotary":
-            raise bad_value("hf_config.position_embedding_type", "'rotary' (ESM2)", repr(pos))
-        if get("is_folding_model", False):
-            raise bad_value("hf_config.is_folding_model", "False (ESMFold is not implemented)", True)
-        if get("is_decoder", False):
-            raise bad_value("hf_config.is_decoder", "False (ESM2 is bidirectional)", True)
-        theta = get("rope_theta", None)
-        if theta is None:  # transformers 5.x may carry it in rope_parameters
-            theta = (get("rope_parameters", None) or {}).get("rope_theta", 10000.0)
-        tie = get("tie_word_embeddings", True)
-        kw = dict(
-            vocab_size=get("vocab_size"), hidden_size=get("hidden_size"), num_hidden_layers=get("num_hidden_layers"),
-            num_attention_heads=get("num_attention_heads"), intermediate_size=get("intermediate_size"),
-            max_position_embeddings=get("max_position_embeddings", 1026), layer_norm_eps=get("layer_norm_eps", 1e-12),
-            pad_token_id=get("pad_token_id", 1), mask_token_id=get("mask_token_id", 32),
-            token_dropout=bool(get("token_dropout", False)), emb_layer_norm_before=bool(get("emb_layer_norm_before", False)),
-            rope_theta=float(theta), tie_word_embeddings=True if tie is None else bool(tie),
-            hidden_dropout_prob=float(get("hidden_dropout_prob", 0.0) or 0.0),
-            attention_probs_dropout_prob=float(get("attention_probs_dropout_prob", 0.0) or 0.0),
-            initializer_range=float(get("initializer_range", 0.02) or 0.02), vocab_list=get("vocab_list", None),
-        )  # fmt: skip
-        if get("model_type") == MODEL_TYPE:
-            kw.update(attn_backend=get("attn_backend", "auto"), pack_padded=get("pack_padded", "auto"))
-        missing = [k for k, v in kw.items() if v is None and k != "vocab_list"]
-        if missing:
-            raise bad_value("hf_config", "an ESM config with " + ", ".join(missing), "no value for them")
-        kw.update(overrides)
-        return cls(**kw)
-
-    def to_hf_dict(self) -> dict:
-        """Keyword arguments for ``transformers.EsmConfig(**d)`` describing the same network."""
-        keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                "max_position_embeddings", "layer_norm_eps", "pad_token_id", "mask_token_id", "token_dropout",
-                "emb_layer_norm_before", "rope_theta", "tie_word_embeddings", "hidden_dropout_prob",
-                "attention_probs_dropout_prob", "initializer_range")  # fmt: skip
-        d = {k: getattr(self, k) for k in keys}
-        d.update(position_embedding_type="rotary", is_folding_model=False)
-        return d
+# compile_layers="auto" compiles the layers for inference on CUDA when inductor can generate
+# kernels there (triton importable); a compile that still fails falls back to the plain layers
+_CAN_COMPILE = importlib.util.find_spec("triton") is not None
 
 
-# facebook/esm2_*_UR50D (Lin et al. 2023, table S1; the hub config.json files): layers, hidden, heads
-_PRESET_SHAPES: dict[str, dict] = {
-    name: dict(num_hidden_layers=L, hidden_size=C, num_attention_heads=H, intermediate_size=4 * C)
-    for name, (L, C, H) in {
-        "esm2_t6_8M": (6, 320, 20), "esm2_t12_35M": (12, 480, 20), "esm2_t30_150M": (30, 640, 20),
-        "esm2_t33_650M": (33, 1280, 20), "esm2_t36_3B": (36, 2560, 40), "esm2_t48_15B": (48, 5120, 40),
-    }.items()  # fmt: skip
-}
-# name -> ESM2Config (ESM2Config.from_name gives a fresh copy to modify)
-ESM2_PRESETS: dict[str, ESM2Config] = {name: ESM2Config(**kw) for name, kw in _PRESET_SHAPES.items()}
+def _compile_errors() -> tuple:
+    errs = []
+    for mod, name in (("torch._dynamo.exc", "TorchDynamoException"), ("torch._inductor.exc", "InductorError")):
+        try:
+            errs.append(getattr(importlib.import_module(mod), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errs) or (RuntimeError,)
 
 
-def esm2_flops(cfg: ESM2Config, lengths) -> int:
-    """Forward FLOPs of the encoder (no LM head) over sequences of these lengths.
-
-    Per sequence of length n::
-
-        matmuls:    2 * n * L * (4*C*C + 2*C*F)      (q, k, v, o projections and the FFN)
-        attention:  4 * n * n * L * C                (q k^T and p v over the visible pairs, H*D = C)
-
-    Embeddings, LayerNorms, rotary and softmax are left out (DESIGN.md section 7). For the
-    650M shape this is ~1.30 GFLOP per token plus ~0.08 for attention at ESM lengths.
-    """
-    L, C, F_ = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size
-    per_tok = 2 * L * (4 * C * C + 2 * C * F_)
-    return sum(per_tok * n + 4 * n * n * L * C for n in lengths)
-
-
-# ---------------------------------------------------------------------------------------------
-# pure functions: the compute of one layer, parameters passed in. They see tensors (and a few
-# constant Python numbers) only, so one torch.compile of each serves every layer and every batch
-# (see ESM2Model.compile_layers).
-
-
-def _gelu(x: torch.Tensor) -> torch.Tensor:
-    # ESM's erf GELU, written out: F.gelu differs in the last bits and HF keeps this form.
-    return x * 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def _rope(q_BSHD, k_BSHD, cos_BS1D, sin_BS1D):
-    """Rotary in float32 (HF computes cos/sin and the rotation in float32 too), cast back."""
-    dtype = q_BSHD.dtype
-    qf, kf = q_BSHD.float(), k_BSHD.float()
-    q = (qf * cos_BS1D + _rotate_half(qf) * sin_BS1D).to(dtype)
-    k = (kf * cos_BS1D + _rotate_half(kf) * sin_BS1D).to(dtype)
-    return q, k
-
-
-def _qkv(h_BSC, wq, bq, wk, bk, wv, bv, cos_BS1D, sin_BS1D, H: int):
-    """Projections of the pre-LN'd input, q *= D**-0.5, rotary in float32. Returns q, k, v as
-    (B, S, H, D)."""
-    B, S, C = h_BSC.shape
-    D = C // H
-    q = F.linear(h_BSC, wq, bq).view(B, S, H, D) * D**-0.5
-    k = F.linear(h_BSC, wk, bk).view(B, S, H, D)
-    v = F.linear(h_BSC, wv, bv).view(B, S, H, D)
-    q, k = _rope(q, k, cos_BS1D, sin_BS1D)
-    return q, k, v
-
-
-def _qkv_fused(h_BSC, wq, bq, wk, bk, wv, bv, cos_BS1D, sin_BS1D, H: int):
-    """:func:`_qkv` with one (3C, C) projection instead of three (C, C) ones: one matmul with a
-    3x wider output (the concatenated weight is rebuilt each call: 3*C*C elements, cheap next to
-    the activations)."""
-    B, S, C = h_BSC.shape
-    D = C // H
-    qkv = F.linear(h_BSC, torch.cat((wq, wk, wv)), torch.cat((bq, bk, bv)))
-    q, k, v = qkv.view(B, S, 3, H, D).unbind(2)
-    q, k = _rope(q * D**-0.5, k, cos_BS1D, sin_BS1D)
-    return q, k, v.contiguous()
-
-
-def _out_ffn(o_BSC, x_BSC, wo, bo, ln_w, ln_b, eps: float, w1, b1, w2, b2, p: float, training: bool, next_w, next_b, next_eps: float):
-    """Output projection + residual, pre-LN FFN + residual, then the LayerNorm that comes next
-    (the next layer's attention LayerNorm, or the encoder's final one). Returns the residual
-    stream x and that LayerNorm of it: computing both here lets a compiled graph write them in one
-    pass (the residual add and the next LayerNorm fuse) instead of two kernels across the layer
-    boundary."""
-    x = F.dropout(F.linear(o_BSC, wo, bo), p, training) + x_BSC
-    h = F.layer_norm(x, (x.shape[-1],), ln_w, ln_b, eps)
-    h = F.linear(_gelu(F.linear(h, w1, b1)), w2, b2)
-    x = F.dropout(h, p, training) + x
-    return x, F.layer_norm(x, (x.shape[-1],), next_w, next_b, next_eps)
-
-
-def _mask_ratio(is_mask_BS, info: SeqInfo | None, row_lengths_B=None) -> torch.Tensor:
-    """(B, S, 1) float32: for ESM's token dropout, the share of <mask> tokens among the real tokens
-    of each token's sequence (a padded row, or a document of ``info``; without ``info`` a row of
-    ``row_lengths_B`` tokens, default S). The caller rescales by (1 - 0.15 * 0.8) / (1 - ratio).
-
-    Where HF divides by zero the ratio is 0 instead, so that nothing non-finite appears (in a
-    packed row one NaN reaches every other sequence through the attention's p @ v, 0 * NaN = NaN):
-    padding tokens and empty sequences, and a sequence made only of <mask> tokens (HF returns NaN
-    for it; its embeddings are all zero, and stay zero)."""
-    B, S = is_mask_BS.shape
-    if info is None:
-        n = torch.full((B,), S, dtype=torch.float32, device=is_mask_BS.device) if row_lengths_B is None else row_lengths_B.float()
-        ratio = (is_mask_BS.sum(-1).float() / n.clamp_min(1))[:, None].expand(B, S)
-    else:
-        doc = info.doc_ids.long()
-        ids = doc.clamp_min(0).reshape(-1)
-        counts = torch.zeros(info.num_docs, device=is_mask_BS.device, dtype=torch.float32)
-        counts.index_add_(0, ids, (is_mask_BS & info.keep).reshape(-1).float())
-        lens = (info.cu_seqlens[1:] - info.cu_seqlens[:-1]).float().clamp_min(1)
-        ratio = (counts / lens)[ids].view(B, S).masked_fill(doc < 0, 0.0)
-    return ratio.masked_fill(ratio >= 1, 0.0).unsqueeze(-1)
-
-
-def _s_max(q_BSHD, k_BSHD, info: SeqInfo | None) -> torch.Tensor:
-    """(H,) float32: max over visible (i, j) pairs of ||q_i|| * ||k_j|| (q as given to attention:
-    pre-scaled, rotated). Visible = same sequence (row, or document of ``info``), real tokens."""
-    qn = q_BSHD.float().norm(dim=-1)  # (B, S, H)
-    kn = k_BSHD.float().norm(dim=-1)
-    B, S, H = qn.shape
-    if info is None:  # every row one sequence
-        return (qn.amax(1) * kn.amax(1)).amax(0)
-    ids = info.doc_ids.reshape(-1).long()
-    real = (ids >= 0)[:, None]
-    ids = ids.clamp_min(0)[:, None].expand(-1, H)
-    # norms are >= 0, so 0 is neutral for max: padding tokens (and empty documents) drop out
-    qd = torch.zeros(info.num_docs, H, device=qn.device).scatter_reduce_(0, ids, qn.reshape(-1, H) * real, "amax")
-    kd = torch.zeros(info.num_docs, H, device=kn.device).scatter_reduce_(0, ids, kn.reshape(-1, H) * real, "amax")
-    return (qd * kd).amax(0)
-
-
-# ---------------------------------------------------------------------------------------------
-# modules: containers named like HF's, so that state_dict keys match
-
-
-class _Dense(nn.Module):
-    def __init__(self, n_in: int, n_out: int):
-        super().__init__()
-        self.dense = nn.Linear(n_in, n_out)
-
-
-class _SelfAttention(nn.Module):
-    def __init__(self, C: int):
-        super().__init__()
-        self.query = nn.Linear(C, C)
-        self.key = nn.Linear(C, C)
-        self.value = nn.Linear(C, C)
-
-
-class _Attention(nn.Module):
-    def __init__(self, cfg: ESM2Config):
-        super().__init__()
-        self.self = _SelfAttention(cfg.hidden_size)
-        self.output = _Dense(cfg.hidden_size, cfg.hidden_size)
-        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-
-
-class ESM2Layer(nn.Module):
-    def __init__(self, cfg: ESM2Config):
-        super().__init__()
-        self.num_heads = cfg.num_attention_heads
-        self.attention_probs_dropout_prob = cfg.attention_probs_dropout_prob
-        self.hidden_dropout_prob = cfg.hidden_dropout_prob
-        self.attention = _Attention(cfg)
-        self.intermediate = _Dense(cfg.hidden_size, cfg.intermediate_size)
-        self.output = _Dense(cfg.intermediate_size, cfg.hidden_size)
-        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-
-    def _plain(self) -> bool:
-        """True when every projection is a plain nn.Linear (the fused functions read .weight and
-        .bias directly). PEFT/LoRA and similar wrappers replace them: then the modules are called,
-        so that their extra terms are applied."""
-        # through _modules: nn.Module.__getattr__ costs ~1 us a lookup, and this runs every layer
-        # of every forward (host time that a fast GPU waits for)
-        m = self._modules
-        a = m["attention"]._modules
-        sa = a["self"]._modules
-        mods = (sa["query"], sa["key"], sa["value"], a["output"]._modules["dense"], m["intermediate"]._modules["dense"], m["output"]._modules["dense"])
-        return all(type(x) is nn.Linear for x in mods) and type(m["LayerNorm"]) is nn.LayerNorm
-
-    def forward(self, x_BSC, h_BSC, next_ln, cos, sin, info, mask, backend, fns, dynamic: bool, need_weights: bool, need_s_max: bool):
-        """One layer on the residual stream ``x_BSC`` and its attention LayerNorm ``h_BSC`` (the
-        caller's, computed by the previous layer). Returns ``(x, next_ln(x), weights, s_max)``:
-        the next LayerNorm is applied here so that a compiled layer fuses it with the residual add
-        (see :func:`_out_ffn`)."""
-        a, sa = self.attention, self.attention.self
-        B, S, C = x_BSC.shape
-        H = self.num_heads
-        plain = self._plain()
-        if dynamic and plain:  # compiled: one graph for every token count (packed batches vary)
-            for t in (x_BSC, h_BSC, cos, sin):
-                torch._dynamo.maybe_mark_dynamic(t, 1)
-        if plain:
-            q, k, v = fns[0](
-                h_BSC, sa.query.weight, sa.query.bias, sa.key.weight, sa.key.bias, sa.value.weight, sa.value.bias,
-                cos, sin, H,
-            )  # fmt: skip
-        else:
-            D = C // H
-            q = sa.query(h_BSC).view(B, S, H, D) * D**-0.5
-            k, v = sa.key(h_BSC).view(B, S, H, D), sa.value(h_BSC).view(B, S, H, D)
-            q, k = _rope(q, k, cos, sin)
-        s = _s_max(q, k, info) if need_s_max else None
-        p = self.attention_probs_dropout_prob if self.training else 0.0
-        # (B, S, H, D) memory, (B, H, S, D) views: the layout anyattn takes (DESIGN.md section 4)
-        q_BHSD, k_BHSD, v_BHSD = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        weights = None
-        if need_weights:
-            o, weights = attention_with_weights(q_BHSD, k_BHSD, v_BHSD, mask=mask, scale=1.0, dropout_p=p)
-        else:
-            o = attention(q_BHSD, k_BHSD, v_BHSD, mask=mask, scale=1.0, backend=backend, dropout_p=p)
-        o_BSC = o.transpose(1, 2).reshape(B, S, C)
-        ph = self.hidden_dropout_prob
-        if plain and type(next_ln) is nn.LayerNorm:
-            if dynamic:
-                torch._dynamo.maybe_mark_dynamic(o_BSC, 1)
-            x, h = fns[1](
-                o_BSC, x_BSC, a.output.dense.weight, a.output.dense.bias, self.LayerNorm.weight, self.LayerNorm.bias,
-                self.LayerNorm.eps, self.intermediate.dense.weight, self.intermediate.dense.bias, self.output.dense.weight,
-                self.output.dense.bias, ph, self.training, next_ln.weight, next_ln.bias, next_ln.eps,
-            )  # fmt: skip
-        else:
-            x = F.dropout(a.output.dense(o_BSC), ph, self.training) + x_BSC
-            g = self.output.dense(_gelu(self.intermediate.dense(self.LayerNorm(x))))
-            x = F.dropout(g, ph, self.training) + x
-            h = next_ln(x)
-        return x, h, weights, s
-
-
-class _Embeddings(nn.Module):
-    def __init__(self, cfg: ESM2Config):
-        super().__init__()
-        self.token_dropout = cfg.token_dropout
-        self.mask_token_id = cfg.mask_token_id
-        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
-        if cfg.emb_layer_norm_before:
-            self.layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        else:
-            self.layer_norm = None
-
-    def forward(self, input_ids_BS: torch.Tensor, info: SeqInfo | None) -> torch.Tensor:
-        x = self.word_embeddings(input_ids_BS)
-        if self.token_dropout:
-            is_mask = input_ids_BS == self.mask_token_id
-            x = x.masked_fill(is_mask.unsqueeze(-1), 0.0)
-            x = (x * (1 - _MASK_RATIO_TRAIN) / (1 - _mask_ratio(is_mask, info))).to(x.dtype)
-        if self.layer_norm is not None:
-            x = self.layer_norm(x)
-        if info is not None and info.total < info.B * info.S:  # HF zeroes padding positions here
-            x = (x * info.keep.unsqueeze(-1)).to(x.dtype)
-        return x
-
-
-class _Rotary(nn.Module):
-    """inv_freq (D/2,) float32, kept float32 through ``model.to(bfloat16)``."""
-
-    def __init__(self, cfg: ESM2Config):
-        super().__init__()
-        self.head_dim, self.theta = cfg.head_dim, cfg.rope_theta
-        self.register_buffer("inv_freq", self.compute_inv_freq())
-
-    def compute_inv_freq(self, device=None) -> torch.Tensor:
-        D = self.head_dim
-        return 1.0 / (self.theta ** (torch.arange(0, D, 2, dtype=torch.float32, device=device) / D))
-
-    def _apply(self, fn, *args, **kwargs):
-        inv = self.inv_freq
-        super()._apply(fn, *args, **kwargs)
-        if inv.device.type != "meta" and self.inv_freq.device.type != "meta":
-            self.inv_freq = inv.to(self.inv_freq.device)  # device moves only: rotary stays float32
-        return self
-
-    def forward(self, positions_BS: torch.Tensor):
-        """cos, sin (B, S, 1, D) float32 for integer positions (B, S)."""
-        freqs = positions_BS[..., None].float() * self.inv_freq.float()
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().unsqueeze(2), emb.sin().unsqueeze(2)
-
-
-class _Encoder(nn.Module):
-    def __init__(self, cfg: ESM2Config):
-        super().__init__()
-        self.layer = nn.ModuleList(ESM2Layer(cfg) for _ in range(cfg.num_hidden_layers))
-        self.emb_layer_norm_after = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-
-
-class _ContactHead(nn.Module):
-    """Logistic regression on symmetrized, APC-corrected attention maps (ESM's contact head)."""
-
-    def __init__(self, cfg: ESM2Config, eos_idx: int = 2):
-        super().__init__()
-        self.eos_idx = eos_idx
-        self.regression = nn.Linear(cfg.num_hidden_layers * cfg.num_attention_heads, 1)
-
-    def forward(self, tokens_BS, attns_BLHSS):
-        eos = tokens_BS.ne(self.eos_idx).to(attns_BLHSS)
-        eos = eos.unsqueeze(1) * eos.unsqueeze(2)
-        a = (attns_BLHSS * eos[:, None, None])[..., 1:-1, 1:-1]  # drop <cls> and the last token
-        B, L, H, S, _ = a.shape
-        a = a.reshape(B, L * H, S, S).to(self.regression.weight.device)
-        a = a + a.transpose(-1, -2)
-        a1, a2, a12 = a.sum(-1, keepdim=True), a.sum(-2, keepdim=True), a.sum((-1, -2), keepdim=True)
-        a = a - a1 * a2 / a12
-        return torch.sigmoid(self.regression(a.permute(0, 2, 3, 1).to(self.regression.weight.dtype)).squeeze(3))
-
+_COMPILE_ERRORS = _compile_errors()
 
 class ESM2Output(NamedTuple):
     """Every forward returns all six fields; the optional ones are None unless asked for. ``loss``
@@ -615,8 +208,10 @@ class ESM2Model(ESM2PreTrainedModel):
         self.rotary_embeddings = _Rotary(config)
         self.encoder = _Encoder(config)
         self.contact_head = _ContactHead(config)
-        self._fns = (_qkv, _out_ffn)
-        self._dynamic = False
+        self._plain_fns = (_qkv, _out_ffn)
+        self._compiled_fns = None  # set by compile_layers() (explicitly, or on first use: see _layer_fns)
+        self._compile_failed: str | None = None
+        self._compile_verified = False
         self.post_init()
 
     def get_input_embeddings(self):
@@ -636,8 +231,24 @@ class ESM2Model(ESM2PreTrainedModel):
         Why not ``torch.compile(model)``: the batch structure (SeqInfo) carries Python ints (the
         document lengths) that a whole-model graph would guard on, recompiling for every batch."""
         qkv = _qkv_fused if fuse_qkv else _qkv
-        self._fns = (torch.compile(qkv, **compile_kwargs), torch.compile(_out_ffn, **compile_kwargs))
-        self._dynamic = compile_kwargs.get("dynamic", None) is not False
+        fns = (torch.compile(qkv, **compile_kwargs), torch.compile(_out_ffn, **compile_kwargs))
+        self._compiled_fns = (fns, compile_kwargs.get("dynamic", None) is not False)
+        self._compile_failed = None
+        self._compile_verified = False
+        self.config.compile_layers = True
+
+    def _layer_fns(self, device: torch.device, grad: bool):
+        """(layer functions, mark the token dim dynamic) for this forward, from
+        ``config.compile_layers``: True compiles (on first use), False never, "auto" compiles for
+        inference on CUDA when triton is there (and falls back to the plain functions, with one
+        warning, if compiling fails)."""
+        mode = self.config.compile_layers
+        if mode is False or (mode == "auto" and (grad or device.type != "cuda" or self._compile_failed or not _CAN_COMPILE)):
+            return self._plain_fns, False
+        if self._compiled_fns is None:
+            self.compile_layers()
+            self.config.compile_layers = mode  # compiling on first use keeps the user's setting
+        return self._compiled_fns
 
     def _plan(self, input_ids, attention_mask, seq_info, need_weights: bool) -> BatchPlan:
         """The batch plan of one forward (``anyattn.packing``: packed on backends that take
@@ -685,21 +296,41 @@ class ESM2Model(ESM2PreTrainedModel):
         hidden = [x] if output_hidden_states else None
         attns = [] if output_attentions else None
         smax = [] if output_s_max else None
-        backend, fns, dynamic = self.attn_backend, self._fns, self._dynamic
+        backend = self.attn_backend
+        fns, dynamic = self._layer_fns(plan.ids.device, torch.is_grad_enabled() and self.training)
         layers = self.encoder.layer
         # each layer returns the residual stream and the LayerNorm that follows it (the next
         # layer's attention LayerNorm, after the last layer the final one): see _out_ffn
         lns = [l.attention.LayerNorm for l in layers[1:]] + [self.encoder.emb_layer_norm_after]
         h = layers[0].attention.LayerNorm(x) if len(layers) else self.encoder.emb_layer_norm_after(x)
-        for layer, next_ln in zip(layers, lns):
-            x, h, w, s = layer(x, h, next_ln, cos, sin, info, plan.mask, backend, fns, dynamic, bool(output_attentions), bool(output_s_max))
-            if hidden is not None:
-                hidden.append(x)
-            if attns is not None:
-                attns.append(w)
-            if smax is not None:
-                smax.append(s)
-        x = h  # after the final LayerNorm
+        x0, h0 = x, h
+
+        def run_layers(fns, dynamic):
+            x, h = x0, h0
+            for acc in (hidden, attns, smax):
+                if acc is not None:
+                    del acc[1 if acc is hidden else 0 :]
+            for layer, next_ln in zip(layers, lns):
+                x, h, w, s = layer(x, h, next_ln, cos, sin, info, plan.mask, backend, fns, dynamic, bool(output_attentions), bool(output_s_max))
+                for acc, val in ((hidden, x), (attns, w), (smax, s)):
+                    if acc is not None:
+                        acc.append(val)
+            return h
+
+        if fns is self._plain_fns or self.config.compile_layers is True or self._compile_verified:
+            x = run_layers(fns, dynamic)  # after the final LayerNorm
+        else:  # "auto" compiled for the first time: a failing compile falls back, once, with a warning
+            try:
+                x = run_layers(fns, dynamic)
+                self._compile_verified = True
+            except _COMPILE_ERRORS as e:
+                self._compile_failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                warnings.warn(
+                    f"ESM2: compile_layers='auto' could not compile the layers ({self._compile_failed}); running them "
+                    "uncompiled from now on. Set model.config.compile_layers = False to skip the attempt.",
+                    stacklevel=3,
+                )
+                x = run_layers(*self._layer_fns(plan.ids.device, False))
         if hidden is not None:
             hidden[-1] = x  # as HF (and fair-esm's repr_layers): the last entry is after the final LN
         return plan, x, hidden, attns, (torch.stack(smax) if smax is not None else None)
@@ -737,18 +368,6 @@ class ESM2Model(ESM2PreTrainedModel):
         m = attention_mask.to(a.dtype)
         a = a * m[:, None, None, None, :] * m[:, None, None, :, None]
         return self.contact_head(input_ids, a)
-
-
-class _LMHead(nn.Module):
-    def __init__(self, cfg: ESM2Config):
-        super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
-
-    def forward(self, x):
-        return self.decoder(self.layer_norm(_gelu(self.dense(x)))) + self.bias
 
 
 class ESM2ForMaskedLM(ESM2PreTrainedModel):
