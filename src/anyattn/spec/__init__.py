@@ -29,8 +29,9 @@ Every term's visibility rule is written once, as a *predicate* on index tensors
 So the dense mask and the flex mask cannot drift apart. Score terms are written the same way, as
 ``mod(score, b, h, q, kv) -> score``.
 
-Modules: ``base`` (geometry, the two keys every term has, argument checks), ``masks`` (mask terms
-and their factories), ``scores`` (score terms), ``canonical`` (the canonical form).
+Modules: ``base`` (geometry, the two keys every term has, argument checks), ``masks`` (the base
+class, ``& | ~``, windows), ``sequences`` (documents, padding), ``patterns`` (the other masks),
+``scores`` (score terms), ``canonical`` (the canonical form).
 """
 
 from __future__ import annotations
@@ -38,31 +39,22 @@ from __future__ import annotations
 # the term classes and helpers below are imported from here by backends and tests
 from .base import BoundMask, BoundScore, Geometry, Term, index_grids, materialize_mask  # noqa: F401
 from .canonical import canonical_mask, canonical_scores
-from .masks import (  # noqa: F401
-    And,
+from .masks import And, MaskTerm, Not, Or, Window, causal, sliding_window  # noqa: F401
+from .patterns import (  # noqa: F401
     BlockCausal,
     Chunked,
     Dense,
-    Documents,
     MaskFn,
-    MaskTerm,
-    Not,
-    Or,
-    Padding,
     PrefixLM,
     SameSegment,
-    Window,
     block_causal,
-    causal,
     chunked,
     dense,
-    documents,
     mask_fn,
-    padding,
     prefix_lm,
     same_segment,
-    sliding_window,
 )
+from .sequences import Documents, Padding, documents, padding  # noqa: F401
 from .scores import (  # noqa: F401
     Alibi,
     Bias,
