@@ -227,7 +227,7 @@ def _prepare(q, k, v, mask, score, scale, dropout_p, return_lse, need_weights, b
         if need_weights and full is None:  # attention_with_weights: always eager
             impl, decision = REGISTRY["eager"], None
         else:
-            impl, decision = resolve(sig, requested, full=bool(full))
+            impl, decision = resolve(sig, requested, full=bool(full), describe=None if compiling else call.describe())
         if not compiling and full is None:
             _DECISIONS.put(ck, (impl, decision, sig))
     return call, impl, decision, requested

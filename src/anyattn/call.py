@@ -23,12 +23,14 @@ from dataclasses import dataclass, field
 import torch
 
 from .spec import BoundMask, BoundScore, Geometry, MaskTerm, ScoreTerm, canonical_mask, canonical_scores
+from .spec.base import structure_only
 
 
 @dataclass(frozen=True, eq=False, slots=True)
 class Signature:
-    """The static facts of a call. ``mask`` / ``scores`` are the terms of the call that created
-    it: backends read their *structure* (types, static parameters, tensor metadata) only."""
+    """The static facts of a call. ``mask`` / ``scores`` are structure-only copies of the terms of
+    the call that created it (tensors on the meta device, no data): backends read their structure
+    (types, static parameters, tensor metadata) and never their values."""
 
     B: int
     Hq: int
@@ -72,6 +74,7 @@ class Signature:
     def build(cls, shapes, dtype, device, mask, scores, scale, dropout_p, return_lse, requires_grad, need_weights, strides, key):
         (B, Hq, Sq, D), (_, Hkv, Sk, _), (_, _, _, Dv) = shapes
         geo = Geometry(B, Hq, Sq, Sk, device)
+        mask, scores = structure_only(mask), tuple(structure_only(s) for s in scores)
         return cls(
             B, Hq, Hkv, Sq, Sk, D, Dv, dtype, device, mask, scores, scale, dropout_p, return_lse, requires_grad,
             need_weights, strides, key, geo,
@@ -199,4 +202,4 @@ class Call:
         return b
 
     def describe(self) -> str:
-        return self.sig.describe(self.mask, self.scores)
+        return self.sig.describe(self.mask, self.scores or ())

@@ -13,6 +13,7 @@ Two keys per term:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -152,6 +153,46 @@ class Term:
             ts = tuple(ts)
             object.__setattr__(self, "_tensors", ts)
         return ts
+
+
+def _meta_like(t: torch.Tensor) -> torch.Tensor:
+    m = torch.empty(t.shape, dtype=t.dtype, device="meta")
+    return m.requires_grad_(True) if t.requires_grad and t.dtype.is_floating_point else m
+
+
+def structure_only(term):
+    """A copy of ``term`` that holds its structure but none of its data: tensors become meta
+    tensors (shape, dtype, requires_grad), SeqInfos are dropped, functions become named stubs.
+    What a cached decision keeps of the call that made it (holding the real terms would pin
+    the first call's mask tensors, and their cache entries, for the decision's lifetime)."""
+    if not isinstance(term, Term):
+        return term
+    changes = {}
+    for name in term.__dataclass_fields__:  # type: ignore[attr-defined]
+        v = getattr(term, name)
+        if isinstance(v, torch.Tensor):
+            changes[name] = _meta_like(v)
+        elif isinstance(v, tuple) and any(isinstance(x, Term) for x in v):
+            changes[name] = tuple(structure_only(x) for x in v)
+        elif isinstance(v, Term):
+            changes[name] = structure_only(v)
+        elif _is_seqinfo(v):
+            changes[name] = None
+        elif callable(v):
+            changes[name] = _stub(getattr(v, "__name__", "fn"))
+    if not changes:
+        return term
+    out = dataclasses.replace(term, **changes)
+    object.__setattr__(out, "_structure", term.structure)  # the original's (device included)
+    return out
+
+
+def _stub(name: str):
+    def stub(*args):
+        raise RuntimeError("a structure-only term was evaluated; this is a bug in anyattn")
+
+    stub.__name__ = name
+    return stub
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,156 @@
+"""Exact under churn: term tensors allocated and freed every call, never served a stale entry.
+
+The bug these tests guard (issue 15): lowered masks were cached under ``id()`` of a term's tensor
+without keeping it alive. A freed mask's address was reused by the next allocation of the same
+shape, which then received the *old* mask (12-59 of 60 calls wrong on sdpa/auto). Identity keys
+are now tokens that are never reused (``anyattn._cache``). Every call here builds a fresh term,
+frees the previous one, and is compared against a float64 computation of *its own* mask.
+
+CPU here (eager, sdpa, auto; flex in one case: it compiles per shape); the same loops run on
+CUDA for every backend in tests/test_cuda_churn.py.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+import anyattn as aa
+from anyattn.backends import REGISTRY
+from anyattn.testing import generate_qkv, oracle
+
+STEPS = 24
+
+
+def _check(out, ref, what):
+    err = (out.double() - ref.double()).abs().max().item()
+    assert err < 1e-4, f"{what}: max error {err:.3e} (a stale cache entry serves another call's mask?)"
+
+
+def _loop(make, backend, *, B=2, H=2, S=32, D=16, Hkv=None, seed=0):
+    """``make(step, gen) -> (mask, score)`` builds fresh terms each step; the previous step's
+    terms are dropped (and collected) before the next allocation."""
+    q, k, v = generate_qkv(B, H, Hkv or H, S, S, D, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(STEPS):
+        mask, score = make(step, gen)
+        out = aa.attention(q, k, v, mask=mask, score=score, backend=backend)
+        ref = oracle(q, k, v, mask=mask, score=score)
+        _check(out, ref, f"{backend} step {step}")
+        del mask, score, out, ref
+        gc.collect()
+
+
+BACKENDS = ["eager", "sdpa", "auto"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fresh_dense_masks(backend):
+    """The issue's reproducer: a new random bool mask each call, the old one freed."""
+    _loop(lambda i, g: (aa.dense(torch.rand(1, 1, 32, 32, generator=g) > 0.5), None), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fresh_large_dense_masks(backend):
+    """Above the content-key size: keyed by identity, the case that was served stale entries."""
+    _loop(lambda i, g: (aa.dense(torch.rand(2, 2, 32, 32, generator=g) > 0.3), None), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fresh_bias_tensors(backend):
+    _loop(lambda i, g: (aa.causal(), aa.bias(torch.randn(2, 2, 32, 32, generator=g))), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fresh_keep_masks(backend):
+    def make(i, g):
+        keep = torch.rand(2, 32, generator=g) > 0.4
+        keep[:, 0] = True
+        return aa.padding(mask=keep), None
+
+    _loop(make, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("form", ["list", "tensor", "seqinfo", "large_tensor"])
+def test_fresh_document_lengths(backend, form):
+    def make(i, g):
+        cuts = sorted(torch.randperm(31, generator=g)[:4].add(1).tolist())
+        lengths = [b - a for a, b in zip([0, *cuts], [*cuts, 32])]
+        if form == "list":
+            return aa.documents(lengths) & aa.causal(), None
+        if form == "tensor":
+            return aa.documents(torch.tensor(lengths)) & aa.causal(), None
+        if form == "large_tensor":  # 2 rows of 200 (mostly empty) documents: identity-keyed
+            t = torch.zeros(2, 200, dtype=torch.long)
+            t[:, : len(lengths)] = torch.tensor(lengths)
+            return aa.documents(t.requires_grad_(False)) & aa.causal(), None
+        return aa.documents(aa.SeqInfo.from_lengths([lengths, lengths[::-1]])) & aa.causal(), None
+
+    _loop(make, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fresh_padding_seqinfos(backend):
+    def make(i, g):
+        keep = torch.ones(2, 32, dtype=torch.bool)
+        keep[0, int(torch.randint(1, 32, (1,), generator=g)) :] = False
+        keep[1, : int(torch.randint(0, 31, (1,), generator=g))] = False
+        return aa.padding(aa.SeqInfo.from_padding_mask(keep)), None
+
+    _loop(make, backend)
+
+
+def test_in_place_edits_are_seen():
+    """The same tensor edited in place between calls: its version changes, so does its key."""
+    q, k, v = generate_qkv(2, 2, 2, 32, 32, 16)
+    m = torch.ones(2, 2, 32, 32, dtype=torch.bool)
+    for step in range(6):
+        m[:, :, :, step * 4 : step * 4 + 4] = False
+        out = aa.attention(q, k, v, mask=aa.dense(m), backend="sdpa")
+        _check(out, oracle(q, k, v, mask=aa.dense(m)), f"step {step}")
+
+
+def test_freed_terms_leave_the_caches():
+    """An entry keyed by a freed tensor can never be hit again: it is dropped when the tensor is
+    freed, so a stream of fresh masks does not pin memory up to the size bound."""
+    aa.clear_caches()
+    sdpa = REGISTRY["sdpa"]
+    q, k, v = generate_qkv(1, 2, 2, 32, 32, 16)
+    for _ in range(10):
+        m = torch.rand(1, 1, 32, 32) > 0.5
+        m[..., 0] = True
+        aa.attention(q, k, v, mask=aa.dense(m), backend="sdpa")
+        del m
+        gc.collect()
+    assert len(sdpa.cache) == 0, f"{len(sdpa.cache)} entries of freed masks left"
+    keep = torch.rand(1, 1, 32, 32) > 0.5
+    aa.attention(q, k, v, mask=aa.dense(keep), backend="sdpa")
+    assert len(sdpa.cache) == 1  # a live tensor's entry stays
+
+
+def test_a_new_packing_does_not_re_decide():
+    """Decisions depend on the term structure, never on values: new lengths reuse the decision
+    (no re-ranking work per packing); only the value checks and the lowered form are new."""
+    from anyattn import api
+
+    aa.clear_caches()
+    q, k, v = generate_qkv(1, 2, 2, 64, 64, 16)
+    for lengths in ([10, 54], [30, 34], [1, 2, 61], [64]):
+        aa.attention(q, k, v, mask=aa.documents(lengths) & aa.causal())
+    assert len(api._DECISIONS) == 1
+    assert len(api._VALIDATED) == 4
+
+
+def test_identity_tokens_are_never_reused():
+    from anyattn._cache import identity
+
+    seen = set()
+    for _ in range(200):
+        t = torch.empty(64)
+        tok = identity(t)
+        assert tok not in seen
+        seen.add(tok)
+        del t
