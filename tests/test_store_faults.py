@@ -121,7 +121,11 @@ def test_memory_named_store_is_a_file(tmp_path, monkeypatch):
 
 def test_out_paths_that_cannot_be_a_store_are_refused_before_the_model_loads(tmp_path, capsys):
     fa = _fasta(tmp_path / "in.fasta", {"a": "MKV"})
-    for out, match in [(tmp_path, "out: expected a store file path"), (tmp_path / "no" / "dir" / "o.sqlite", "no directory")]:
+    for out, match in [
+        (tmp_path, "out: expected a store file path"),
+        (tmp_path / "no" / "dir" / "o.sqlite", "no directory"),
+        (str(tmp_path / "newdir") + "/", "a directory name"),  # SQLite opened 'newdir' as the store
+    ]:
         with pytest.raises(ValueError, match=match):  # the model path does not exist: it was never read
             embed(fa, model=str(tmp_path / "no_model"), out=out, progress=False)
     rc, err = _cli(capsys, "embed", fa, "--model", str(tmp_path / "no_model"), "--out", str(tmp_path))
