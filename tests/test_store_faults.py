@@ -434,13 +434,16 @@ def test_values_beyond_float16_are_refused_with_the_store_dtype_to_use(ckpt, tmp
         ({"devices": "gpu"}, ValueError, r"devices: expected device names"),
         ({"dtype": "int8"}, ValueError, r"dtype: expected 'auto' or one of"),
         ({"pooling": None}, ValueError, r"pooling: expected one of"),
+        ({"records": 42}, TypeError, r"fasta_or_records: expected a FASTA path, a mapping .* got int"),
+        ({"records": b">a\nMKV\n"}, TypeError, r"fasta_or_records: expected .* got bytes"),
     ],
 )
 def test_wrong_arguments_are_named_before_any_work(tmp_path, kw, err, match):
     args = dict(model=str(tmp_path / "no_model"), out=str(tmp_path / "o.sqlite"), progress=False)
     args.update(kw)
-    with pytest.raises(err, match=match):
-        embed({"a": "MKV"}, **args)
+    records = args.pop("records", {"a": "MKV"})
+    with pytest.raises(err, match=match):  # the model path does not exist: it was never read
+        embed(records, **args)
     assert not os.path.exists(tmp_path / "o.sqlite")
 
 

@@ -37,6 +37,7 @@ import itertools
 import json
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -152,6 +153,10 @@ def _check_input(source) -> None:
             raise FastaError(f"{name}: a directory, expected a FASTA file")
         if not os.access(name, os.R_OK):
             raise FastaError(f"{name}: the input file is not readable (permissions)")
+    elif isinstance(source, (bytes, bytearray)) or not isinstance(source, Iterable):
+        raise bad_type(
+            "fasta_or_records", "a FASTA path, a mapping id -> sequence or an iterable of (id, sequence)", type(source).__name__
+        )
 
 
 # ------------------------------------------------------------------------------ the job
