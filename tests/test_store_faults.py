@@ -147,7 +147,7 @@ GOOD = b">a desc\nMKV\n>b\nmktay\n"
 @pytest.mark.parametrize(
     "name, data, match",
     [
-        ("latin1.fa", ">a caf\xe9\nMKV\n".encode("latin-1"), r"latin1\.fa:1: column 7 \(header\): byte 0xE9 is not UTF-8"),
+        ("latin1.fa", ">caf\xe9 desc\nMKV\n".encode("latin-1"), r"latin1\.fa:1: column 5 \(the id in the header\): byte 0xE9 is not UTF-8"),
         ("latin1s.fa", ">a\nMKV\n>b\nMK\xe9V\n".encode("latin-1"), r"latin1s\.fa:4: column 3 \(record 'b'\): byte 0xE9 is not UTF-8"),
         ("bin.fa", bytes(range(256)), r"bin\.fa:1: column 1 .*control character '\\x00'"),
         ("nul.fa", b">a\nMK\x00V\n", r"nul\.fa:2: column 3 .*control character"),
@@ -176,6 +176,7 @@ def test_undecodable_and_damaged_inputs_name_the_file_and_line(tmp_path, name, d
         ("gzip_named.fa", gzip.compress(GOOD)),  # compressed, not named .gz
         ("bom_in.fa.gz", gzip.compress(b"\xef\xbb\xbf" + GOOD)),
         ("crlf.fa", GOOD.replace(b"\n", b"\r\n")),
+        ("latin1_description.fa", GOOD.replace(b"desc", b"caf\xe9")),  # the description is never read
     ],
 )
 def test_bom_and_gzip_by_content_read_like_the_plain_file(tmp_path, name, data):
