@@ -434,6 +434,8 @@ def test_values_beyond_float16_are_refused_with_the_store_dtype_to_use(ckpt, tmp
         ({"devices": "meta"}, ValueError, r"devices: expected real devices"),
         ({"devices": "gpu"}, ValueError, r"devices: expected device names"),
         ({"dtype": "int8"}, ValueError, r"dtype: expected 'auto' or one of"),
+        ({"dtype": ["bf16"]}, ValueError, r"dtype: expected 'auto' or one of"),
+        ({"dtype": torch.int8}, ValueError, r"dtype: expected 'auto' or one of"),
         ({"pooling": None}, ValueError, r"pooling: expected one of"),
         ({"records": 42}, TypeError, r"fasta_or_records: expected a FASTA path, a mapping .* got int"),
         ({"records": b">a\nMKV\n"}, TypeError, r"fasta_or_records: expected .* got bytes"),
@@ -453,3 +455,10 @@ def test_a_cuda_device_on_a_machine_without_one_is_refused_up_front(tmp_path, ca
     fa = _fasta(tmp_path / "in.fasta", {"a": "MKV"})
     rc, err = _cli(capsys, "embed", fa, "--model", "x/y", "--out", str(tmp_path / "o.sqlite"), "--devices", "cuda:0,cuda:1")
     assert rc == 2 and len(err) == 1 and "devices: expected devices of this machine (torch.cuda.is_available() is False)" in err[0]
+
+
+def test_embed_takes_a_torch_dtype_like_its_name(ckpt, tmp_path):
+    embed({"a": "MKV"}, model=ckpt, out=tmp_path / "o.sqlite", dtype=torch.float32, progress=False)
+    assert open_store(tmp_path / "o.sqlite").metadata["dtype"] == "fp32"
+    s = embed({"a": "MKV"}, model=ckpt, out=tmp_path / "o.sqlite", dtype="fp32", progress=False)
+    assert s.skipped == 1  # the same settings

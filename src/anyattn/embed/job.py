@@ -221,9 +221,11 @@ def embed(
         raise bad_type("out", "an output path (str or os.PathLike)", type(out).__name__)
     out = os.fspath(out)
     devs = _parse_devices(devices)
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():  # torch.bfloat16 as well as "bf16"
+        dtype = str(dtype).removeprefix("torch.")
     if dtype == "auto":
         dtype = "bf16" if devs[0].startswith("cuda") else "fp32"
-    if dtype not in _DTYPES:
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
         raise bad_value("dtype", f"'auto' or one of {sorted(_DTYPES)}", repr(dtype))
     tdtype = _DTYPES[dtype]
     dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[tdtype]
