@@ -8,7 +8,6 @@ The checkpoint is the tiny random ESM2 of tests/test_embed.py (hidden 32, 2 laye
 from __future__ import annotations
 
 import gzip
-import json
 import os
 import random
 import signal
