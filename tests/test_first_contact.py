@@ -265,6 +265,15 @@ def test_resolve_dtype_is_shared():
         resolve_dtype("fp8", name="torch_dtype")
 
 
+@pytest.mark.parametrize("bad, err, match", [("", ValueError, r"path_or_repo: expected a local directory or a hub id 'owner/name', got ''"),
+                                              (3, TypeError, r"path_or_repo: expected a local directory")])
+def test_load_refuses_empty_and_non_path_arguments(bad, err, match):
+    from anyattn.models import load
+
+    with pytest.raises(err, match=match):
+        load(bad)
+
+
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
 def test_a_damaged_safetensors_file_is_named(ckpt, tmp_path, damage):
     """A corrupt safetensors file raised safetensors' own error, without the file's name."""

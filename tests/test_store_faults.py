@@ -8,7 +8,6 @@ The checkpoint is the tiny random ESM2 of tests/test_embed.py (hidden 32, 2 laye
 from __future__ import annotations
 
 import gzip
-import json
 import os
 import random
 import signal
@@ -121,7 +120,11 @@ def test_memory_named_store_is_a_file(tmp_path, monkeypatch):
 
 def test_out_paths_that_cannot_be_a_store_are_refused_before_the_model_loads(tmp_path, capsys):
     fa = _fasta(tmp_path / "in.fasta", {"a": "MKV"})
-    for out, match in [(tmp_path, "out: expected a store file path"), (tmp_path / "no" / "dir" / "o.sqlite", "no directory")]:
+    for out, match in [
+        (tmp_path, "out: expected a store file path"),
+        (tmp_path / "no" / "dir" / "o.sqlite", "no directory"),
+        (str(tmp_path / "newdir") + "/", "a directory name"),  # SQLite opened 'newdir' as the store
+    ]:
         with pytest.raises(ValueError, match=match):  # the model path does not exist: it was never read
             embed(fa, model=str(tmp_path / "no_model"), out=out, progress=False)
     rc, err = _cli(capsys, "embed", fa, "--model", str(tmp_path / "no_model"), "--out", str(tmp_path))
@@ -143,7 +146,7 @@ GOOD = b">a desc\nMKV\n>b\nmktay\n"
 @pytest.mark.parametrize(
     "name, data, match",
     [
-        ("latin1.fa", ">a caf\xe9\nMKV\n".encode("latin-1"), r"latin1\.fa:1: column 7 \(header\): byte 0xE9 is not UTF-8"),
+        ("latin1.fa", ">caf\xe9 desc\nMKV\n".encode("latin-1"), r"latin1\.fa:1: column 5 \(the id in the header\): byte 0xE9 is not UTF-8"),
         ("latin1s.fa", ">a\nMKV\n>b\nMK\xe9V\n".encode("latin-1"), r"latin1s\.fa:4: column 3 \(record 'b'\): byte 0xE9 is not UTF-8"),
         ("bin.fa", bytes(range(256)), r"bin\.fa:1: column 1 .*control character '\\x00'"),
         ("nul.fa", b">a\nMK\x00V\n", r"nul\.fa:2: column 3 .*control character"),
@@ -172,6 +175,7 @@ def test_undecodable_and_damaged_inputs_name_the_file_and_line(tmp_path, name, d
         ("gzip_named.fa", gzip.compress(GOOD)),  # compressed, not named .gz
         ("bom_in.fa.gz", gzip.compress(b"\xef\xbb\xbf" + GOOD)),
         ("crlf.fa", GOOD.replace(b"\n", b"\r\n")),
+        ("latin1_description.fa", GOOD.replace(b"desc", b"caf\xe9")),  # the description is never read
     ],
 )
 def test_bom_and_gzip_by_content_read_like_the_plain_file(tmp_path, name, data):
@@ -429,14 +433,19 @@ def test_values_beyond_float16_are_refused_with_the_store_dtype_to_use(ckpt, tmp
         ({"devices": "meta"}, ValueError, r"devices: expected real devices"),
         ({"devices": "gpu"}, ValueError, r"devices: expected device names"),
         ({"dtype": "int8"}, ValueError, r"dtype: expected 'auto' or one of"),
+        ({"dtype": ["bf16"]}, ValueError, r"dtype: expected 'auto' or one of"),
+        ({"dtype": torch.int8}, ValueError, r"dtype: expected 'auto' or one of"),
         ({"pooling": None}, ValueError, r"pooling: expected one of"),
+        ({"records": 42}, TypeError, r"fasta_or_records: expected a FASTA path, a mapping .* got int"),
+        ({"records": b">a\nMKV\n"}, TypeError, r"fasta_or_records: expected .* got bytes"),
     ],
 )
 def test_wrong_arguments_are_named_before_any_work(tmp_path, kw, err, match):
     args = dict(model=str(tmp_path / "no_model"), out=str(tmp_path / "o.sqlite"), progress=False)
     args.update(kw)
-    with pytest.raises(err, match=match):
-        embed({"a": "MKV"}, **args)
+    records = args.pop("records", {"a": "MKV"})
+    with pytest.raises(err, match=match):  # the model path does not exist: it was never read
+        embed(records, **args)
     assert not os.path.exists(tmp_path / "o.sqlite")
 
 
@@ -445,3 +454,10 @@ def test_a_cuda_device_on_a_machine_without_one_is_refused_up_front(tmp_path, ca
     fa = _fasta(tmp_path / "in.fasta", {"a": "MKV"})
     rc, err = _cli(capsys, "embed", fa, "--model", "x/y", "--out", str(tmp_path / "o.sqlite"), "--devices", "cuda:0,cuda:1")
     assert rc == 2 and len(err) == 1 and "devices: expected devices of this machine (torch.cuda.is_available() is False)" in err[0]
+
+
+def test_embed_takes_a_torch_dtype_like_its_name(ckpt, tmp_path):
+    embed({"a": "MKV"}, model=ckpt, out=tmp_path / "o.sqlite", dtype=torch.float32, progress=False)
+    assert open_store(tmp_path / "o.sqlite").metadata["dtype"] == "fp32"
+    s = embed({"a": "MKV"}, model=ckpt, out=tmp_path / "o.sqlite", dtype="fp32", progress=False)
+    assert s.skipped == 1  # the same settings

@@ -7,8 +7,8 @@
     ...
 
 Errors (all :class:`FastaError`, a ``ValueError``) name the source and the 1-based line number:
-a file that cannot be read, is empty, binary, compressed other than with gzip, not UTF-8 (the
-first bad byte, with its line and column), a truncated or corrupt gzip stream, text before the
+a file that cannot be read, is empty, binary, compressed other than with gzip, not UTF-8 in an id
+or a sequence (the first bad byte, with its line and column; a header's description is not read), a truncated or corrupt gzip stream, text before the
 first header, a header without an id, a record without residues, a character outside the
 alphabet (``unknown="error"``; ``unknown="x"`` maps it to ``X`` instead; undecodable bytes and
 control characters are errors under either policy). Duplicate ids are checked by the job (it
@@ -233,10 +233,11 @@ def read_fasta(path, *, alphabet=None, unknown: str = "error") -> Iterator[Recor
                     raise FastaError(f"{name}: the file is empty (no FASTA records)")
                 raise FastaError(f"{name}: no '>' header in {lineno} line(s) (not a FASTA file)")
             while True:  # text: the header on line lineno, stripped
-                _fatal_in(text, name, lineno, "header")
                 words = text[1:].split(None, 1)  # the id and the rest
                 if not words:
                     raise FastaError(f"{name}:{lineno}: header without an id ('>' must be followed by the sequence id)")
+                # the id must be text; the description is never used (a latin-1 'é' there is harmless)
+                _fatal_in(">" + words[0], name, lineno, "the id in the header")
                 rid, hline, lines = words[0], lineno, []
                 append = lines.append
                 for raw in f:  # line hline + 1 + len(lines)

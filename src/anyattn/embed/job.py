@@ -37,6 +37,7 @@ import itertools
 import json
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -152,6 +153,10 @@ def _check_input(source) -> None:
             raise FastaError(f"{name}: a directory, expected a FASTA file")
         if not os.access(name, os.R_OK):
             raise FastaError(f"{name}: the input file is not readable (permissions)")
+    elif isinstance(source, (bytes, bytearray)) or not isinstance(source, Iterable):
+        raise bad_type(
+            "fasta_or_records", "a FASTA path, a mapping id -> sequence or an iterable of (id, sequence)", type(source).__name__
+        )
 
 
 # ------------------------------------------------------------------------------ the job
@@ -216,9 +221,11 @@ def embed(
         raise bad_type("out", "an output path (str or os.PathLike)", type(out).__name__)
     out = os.fspath(out)
     devs = _parse_devices(devices)
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():  # torch.bfloat16 as well as "bf16"
+        dtype = str(dtype).removeprefix("torch.")
     if dtype == "auto":
         dtype = "bf16" if devs[0].startswith("cuda") else "fp32"
-    if dtype not in _DTYPES:
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
         raise bad_value("dtype", f"'auto' or one of {sorted(_DTYPES)}", repr(dtype))
     tdtype = _DTYPES[dtype]
     dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[tdtype]

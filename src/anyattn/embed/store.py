@@ -194,6 +194,8 @@ def check_out_path(path: str, name: str = "out") -> None:
     not exist."""
     if os.path.isdir(path):
         raise bad_value(name, "a store file path (*.sqlite, *.safetensors or *.npz)", f"the directory {path!r}")
+    if path.endswith((os.sep, "/")) or not os.path.basename(path):  # SQLite would open the name without the '/'
+        raise bad_value(name, "a store file path (*.sqlite, *.safetensors or *.npz)", f"{path!r}, a directory name")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise bad_value(name, "a path in an existing directory", f"{path!r} (no directory {parent!r})")
@@ -254,6 +256,8 @@ class SQLiteStore:
                 stored = {k: str(v) for k, v in meta.items()}
             else:
                 check_meta(stored, meta, self.path)
+                if self.con.execute("SELECT name FROM sqlite_master WHERE type='table' AND name='embeddings'").fetchone() is None:
+                    raise StoreMismatchError(f"out: {self.path!r} has anyattn metadata but no embeddings table (damaged); move it away")
             self.con.execute("COMMIT")
         except BaseException as e:
             self._rollback()

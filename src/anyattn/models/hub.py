@@ -271,6 +271,8 @@ def _resolve_path(path_or_repo) -> str:
     if not isinstance(path_or_repo, (str, os.PathLike)):
         raise bad_type("path_or_repo", "a local directory or a hub id 'owner/name'", type(path_or_repo).__name__)
     path = os.fspath(path_or_repo)
+    if not path.strip():
+        raise bad_value("path_or_repo", "a local directory or a hub id 'owner/name'", repr(path))
     if os.path.isdir(path):
         return path
     if os.path.exists(path):
