@@ -11,7 +11,8 @@ import torch
 
 import anyattn as aa
 from anyattn.backends import flex as flex_backend
-from anyattn.testing import compare_to_oracle, generate_qkv
+from anyattn.backends.flex import FlexBackend
+from anyattn.testing import compare_to_oracle, generate_qkv, use_backend
 
 from .variants import VARIANTS, applicable, make
 
@@ -94,38 +95,37 @@ def test_cuda_flex_recompiles_are_bounded_when_lengths_change():
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
     torch._dynamo.reset()
-    flex_backend._ENTRIES.clear()
-    flex_backend._BY_CALL.clear()
+    flex = FlexBackend()  # a fresh instance: its own compiled entries and caches
     gen = torch.Generator().manual_seed(0)
     S = 2048
     q, k, v = generate_qkv(1, 4, 4, S, S, 64, dtype=torch.bfloat16, device="cuda")
-    for _ in range(6):
-        cuts = sorted(torch.randint(1, S, (3,), generator=gen).tolist())
-        lengths = [cuts[0], cuts[1] - cuts[0], cuts[2] - cuts[1], S - cuts[2]]
-        aa.attention(q, k, v, mask=aa.documents(lengths) & aa.causal(), backend="flex")
-    assert len(flex_backend._ENTRIES) == 1
-    (fn,) = flex_backend._ENTRIES.values()
-    assert len(_debug_get_cache_entry_list(fn._torchdynamo_orig_callable.__code__)) == 1
-    for S in (512, 640, 1024):
-        q, k, v = generate_qkv(1, 4, 4, S, S, 64, dtype=torch.bfloat16, device="cuda")
-        aa.attention(q, k, v, mask=aa.documents([S // 2, S - S // 2]) & aa.causal(), backend="flex")
-    assert len(flex_backend._ENTRIES) == 4
-    for fn in flex_backend._ENTRIES.values():
+    with use_backend(flex):
+        for _ in range(6):
+            cuts = sorted(torch.randint(1, S, (3,), generator=gen).tolist())
+            lengths = [cuts[0], cuts[1] - cuts[0], cuts[2] - cuts[1], S - cuts[2]]
+            aa.attention(q, k, v, mask=aa.documents(lengths) & aa.causal(), backend="flex")
+        assert flex.stats["compiled_entries"] == 1 and flex.stats["structured_block_masks"] == 6
+        (fn,) = flex._entries.values()
         assert len(_debug_get_cache_entry_list(fn._torchdynamo_orig_callable.__code__)) == 1
+        for S in (512, 640, 1024):
+            q, k, v = generate_qkv(1, 4, 4, S, S, 64, dtype=torch.bfloat16, device="cuda")
+            aa.attention(q, k, v, mask=aa.documents([S // 2, S - S // 2]) & aa.causal(), backend="flex")
+        assert flex.stats["compiled_entries"] == 4
+        for fn in flex._entries.values():
+            assert len(_debug_get_cache_entry_list(fn._torchdynamo_orig_callable.__code__)) == 1
 
 
 def test_cuda_flex_refuses_to_run_unfused_when_dynamo_gives_up():
     q, k, v = generate_qkv(1, 4, 4, 256, 256, 64, dtype=torch.bfloat16, device="cuda")
     torch._dynamo.reset()
-    flex_backend._ENTRIES.clear()
-    flex_backend._BY_CALL.clear()
-    aa.attention(q, k, v, mask=aa.chunked(64), backend="flex")
-    # a second input layout recompiles the same entry (stride guards); with a limit of 1 dynamo
-    # would run it eagerly, i.e. the unfused path: anyattn must raise instead
-    qt = q.transpose(1, 2).contiguous().transpose(1, 2)
-    with torch._dynamo.config.patch(recompile_limit=1):
-        with pytest.raises(flex_backend.FlexFallbackError, match="refusing to run"):
-            aa.attention(qt, k, v, mask=aa.chunked(64), backend="flex")
+    with use_backend(FlexBackend()):
+        aa.attention(q, k, v, mask=aa.chunked(64), backend="flex")
+        # a second input layout recompiles the same entry (stride guards); with a limit of 1 dynamo
+        # would run it eagerly, i.e. the unfused path: anyattn must raise instead
+        qt = q.transpose(1, 2).contiguous().transpose(1, 2)
+        with torch._dynamo.config.patch(recompile_limit=1):
+            with pytest.raises(flex_backend.FlexFallbackError, match="refusing to run"):
+                aa.attention(qt, k, v, mask=aa.chunked(64), backend="flex")
 
 
 def test_cuda_cudnn_masked_backward_at_64_mod_128():

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import anyattn as aa
-from anyattn.backends import flash_torch
-from anyattn.testing import compare_to_oracle, generate_qkv
+from anyattn.backends import REGISTRY, flash_torch
+from anyattn.testing import compare_to_oracle, generate_qkv, use_backend
 
 pytestmark = [
     pytest.mark.cuda,
@@ -187,22 +187,20 @@ def test_batch_invariance_under_document_permutation(dtype):
         torch.testing.assert_close(a[0].transpose(0, 1)[idx], b[0].transpose(0, 1), **_tol(dtype), msg=lambda s: f"{name}: {s}")
 
 
-def test_varlen_attn_actually_ran_with_the_mapped_arguments(monkeypatch):
+def test_varlen_attn_actually_ran_with_the_mapped_arguments():
     """Documents & window reach torch's varlen_attn with cu_seqlens (int32, zero-length documents
     left out), host max lengths and FlashAttention's window_size."""
-    assert flash_torch.available() is None, flash_torch.available()
-    flash_torch._load_varlen()
-    real = flash_torch._VARLEN
+    assert REGISTRY["flash_torch"].available() is None, REGISTRY["flash_torch"].available()
+    real = flash_torch.load_varlen()[0]
     calls = []
 
     def recording(q, k, v, cu_q, cu_k, max_q, max_k, **kw):
         calls.append(dict(shapes=(tuple(q.shape), tuple(k.shape)), cu=cu_q.tolist(), cu_dtype=cu_q.dtype, max=(max_q, max_k), **kw))
         return real(q, k, v, cu_q, cu_k, max_q, max_k, **kw)
 
-    monkeypatch.setattr(flash_torch, "_VARLEN", recording)
-    aa.clear_caches()
     q, k, v = generate_qkv(1, 8, 2, 64, 64, 128, dtype=torch.bfloat16, device="cuda")
-    out = aa.attention(q, k, v, mask=aa.documents([20, 0, 40]) & aa.sliding_window(5), backend="flash_torch")
+    with use_backend(flash_torch.FlashTorchBackend(varlen=recording)):
+        out = aa.attention(q, k, v, mask=aa.documents([20, 0, 40]) & aa.sliding_window(5), backend="flash_torch")
     assert torch.isfinite(out).all()
     (c,) = calls
     assert c["cu"] == [0, 20, 60] and c["cu_dtype"] == torch.int32
@@ -212,10 +210,10 @@ def test_varlen_attn_actually_ran_with_the_mapped_arguments(monkeypatch):
     assert aa.explain(q, k, v, mask=aa.documents([20, 0, 40]) & aa.causal()).chosen == "flash_torch"
 
 
-def test_sdpa_route_is_restricted_to_the_flash_kernel(monkeypatch):
+def test_sdpa_route_is_restricted_to_the_flash_kernel():
     """Dense/causal calls go to SDPA with only FLASH_ATTENTION enabled."""
     seen = []
-    real = flash_torch._SDPA
+    real = torch.nn.functional.scaled_dot_product_attention
 
     def recording(*a, **kw):
         seen.append(
@@ -223,10 +221,10 @@ def test_sdpa_route_is_restricted_to_the_flash_kernel(monkeypatch):
         )  # fmt: skip
         return real(*a, **kw)
 
-    monkeypatch.setattr(flash_torch, "_SDPA", recording)
     q, k, v = generate_qkv(2, 8, 2, 128, 128, 64, dtype=torch.bfloat16, device="cuda")
-    aa.attention(q, k, v, mask=aa.causal(), backend="flash_torch")
-    aa.attention(q, k, v, backend="flash_torch")
+    with use_backend(flash_torch.FlashTorchBackend(sdpa=recording)):
+        aa.attention(q, k, v, mask=aa.causal(), backend="flash_torch")
+        aa.attention(q, k, v, backend="flash_torch")
     assert seen == [(True, False, False, True), (True, False, False, False)]
 
 

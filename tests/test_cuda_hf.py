@@ -25,6 +25,7 @@ transformers = pytest.importorskip("transformers")
 
 import anyattn  # noqa: E402
 import anyattn.hf as ah  # noqa: E402
+from anyattn.testing import record_calls  # noqa: E402
 
 from .test_hf import tiny_config  # noqa: E402
 
@@ -58,18 +59,12 @@ def _no_tf32():
 
 
 @pytest.fixture
-def structured(monkeypatch):
+def structured():
     """Fails the test if any layer got a dense (materialized) mask: the recognized HF patterns
     must stay structured on the installed transformers version too."""
-    seen = []
-    orig = ah._attention
-
-    def record(*a, **k):
-        seen.append(repr(k.get("mask")))
-        return orig(*a, **k)
-
-    monkeypatch.setattr(ah, "_attention", record)
-    yield seen
+    with record_calls() as calls:
+        yield calls
+    seen = [repr(c.mask) for c in calls]
     assert not any("dense(" in m for m in seen), sorted(set(seen))
 
 

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 pytest.importorskip("transformers")
 
 import anyattn  # noqa: E402
+from anyattn.backends import REGISTRY  # noqa: E402
 from anyattn.errors import UnsupportedError  # noqa: E402
 from anyattn.models import ESM2Config, ESM2ForMaskedLM  # noqa: E402
 
@@ -179,7 +180,6 @@ def test_packed_forward_on_auto_materializes_no_dense_masks():
     """ESM2 asks which backend would serve its packed row before packing it. Asking with a full
     explain() made cuDNN's check materialize a dense (1, 1, T, T) mask for every new batch, and the
     count-bounded cache kept them: 75 GiB of GPU memory in the 32k-token ESM2-650M benchmark."""
-    from anyattn.backends import sdpa as sdpa_backend
 
     anyattn.clear_caches()
     with torch.device("cuda"):
@@ -193,5 +193,5 @@ def test_packed_forward_on_auto_materializes_no_dense_masks():
             info = anyattn.SeqInfo.from_lengths(lengths, total_length=2048, device="cuda")
             m(ids, seq_info=info)
     torch.cuda.synchronize()
-    assert len(sdpa_backend.SDPA.cache) == 0 and len(sdpa_backend.CUDNN.cache) == 0
+    assert len(REGISTRY["sdpa"].cache) == 0 and len(REGISTRY["cudnn"].cache) == 0
     assert torch.cuda.memory_allocated() - before < 64 << 20

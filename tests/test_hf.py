@@ -1,7 +1,7 @@
 """anyattn.hf on CPU, float32: random-weight models built by transformers itself, anyattn vs HF eager.
 
 Every comparison loads the same weights into an HF "eager" model and an "anyattn*" model and
-compares logits (or hidden states) on the real tokens. A spy on ``anyattn.hf._attention`` records
+compares logits (or hidden states) on the real tokens. ``anyattn.testing.record_calls`` records
 the mask every layer handed to the core, so the tests also prove the structured path ran (no S x S
 mask) where it should.
 """
@@ -19,6 +19,7 @@ transformers = pytest.importorskip("transformers")
 
 import anyattn  # noqa: E402
 import anyattn.hf as ah  # noqa: E402
+from anyattn.testing import record_calls  # noqa: E402
 
 ah.register()
 
@@ -64,18 +65,25 @@ def _pair(name: str, impl: str = "anyattn", seed: int = 0, ref_impl: str = "eage
     return ref, ours
 
 
+class _Seen(list):
+    """(mask repr, backend that ran) of every core call, read from anyattn.testing.record_calls."""
+
+    def __init__(self, calls):
+        super().__init__()
+        self._calls = calls
+
+    def __iter__(self):
+        return iter([(repr(c.mask), c.backend) for c in self._calls])
+
+    def __repr__(self):
+        return repr(list(self))
+
+
 @pytest.fixture
-def spy(monkeypatch):
+def spy():
     """Masks (repr) and backends of every core call made by the HF attention function."""
-    seen = []
-    orig = ah._attention
-
-    def record(*a, **k):
-        seen.append((repr(k.get("mask")), k.get("backend")))
-        return orig(*a, **k)
-
-    monkeypatch.setattr(ah, "_attention", record)
-    return seen
+    with record_calls() as calls:
+        yield _Seen(calls)
 
 
 def _tol(a: torch.Tensor, b: torch.Tensor, where: torch.Tensor | None = None, atol: float = 2e-5):

@@ -13,7 +13,9 @@ does not pin memory until the size bound evicts it. (PyTorch keeps a tensor's Py
 while a view of it lives, e.g. inside a cached BlockMask's closure: then the size bound applies.)
 
 Inside a caller's ``torch.compile`` trace no cache is read or written: what the traced code
-builds becomes part of the graph, and a lookup would make the graph guard on the dict.
+builds becomes part of the graph, and a lookup would make the graph guard on the dict. The
+callers skip the caches then (``Call.cacheable`` is False while tracing); the lookups themselves
+stay a plain ``dict.get`` on the eager hot path.
 """
 
 from __future__ import annotations
@@ -118,8 +120,6 @@ class LRU:
         self.misses = 0
 
     def get(self, key):
-        if is_compiling():
-            return None
         v = self._d.get(key)
         if v is None:
             self.misses += 1
@@ -128,8 +128,6 @@ class LRU:
         return v
 
     def put(self, key, value, tokens=()) -> None:
-        if is_compiling():
-            return
         d = self._d
         if key in d:
             self._drop(key)

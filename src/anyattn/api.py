@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import itertools
 import math
 import numbers
 from dataclasses import dataclass
@@ -95,6 +96,7 @@ def clear_caches() -> None:
     varlen metadata)."""
     _DECISIONS.clear()
     _VALIDATED.clear()
+    _INTERNED.clear()
     for impl in REGISTRY.values():
         impl.clear()
 
@@ -178,30 +180,54 @@ def _requested(backend) -> tuple:
     return check_backend(backend)  # remembers hashable arguments
 
 
+_INTERNED = LRU(4096)  # decision key -> a number never reused (itertools.count): hashed once per call
+_KEY_IDS = itertools.count()
+
+
 def _prepare(q, k, v, mask, score, scale, dropout_p, return_lse, need_weights, backend, full=None):
-    """(call, backend, decision) for the arguments; ``full`` (explain) re-resolves uncached."""
+    """(call, backend, decision, requested) for the arguments; ``full`` (explain) re-resolves
+    uncached. The hot path (a decision seen before): one hash of the decision key, interned to a
+    number that the decision, value-check and lowering caches are keyed by."""
     compiling = torch.compiler.is_compiling()
-    if not (type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor) and not compiling:
+    if not compiling and not (type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor):
         if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)):
             _check_qkv(q, k, v)  # raises the precise error
     cmask = canonical_mask(mask)
-    scores = canonical_scores(score)
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    scores = canonical_scores(score) if score is not None else ()
+    grad_on = torch.is_grad_enabled()
+    grad = grad_on and (q.requires_grad or k.requires_grad or v.requires_grad)
     term_grad = False
-    if (cmask is not None or scores) and not compiling:
-        term_tensors = (cmask.tensors() if cmask is not None else ()) + tuple(t for s in scores for t in s.tensors())
-        term_grad = any(t.requires_grad for t in term_tensors)
-        grad = grad or (term_grad and torch.is_grad_enabled())
-    requested = _requested(backend)
-    shapes = (q.shape, k.shape, v.shape)
+    valued = False  # some term has values beyond its structure (tensors, lengths, functions)
+    if not compiling:
+        for t in (cmask, *scores) if scores else (cmask,):
+            if t is None:
+                continue
+            if not t.valueless:
+                valued = True
+            for x in t.tensors():
+                if x.requires_grad:
+                    term_grad = True
+        grad = grad or (term_grad and grad_on)
+    if backend == "auto":
+        requested = _TRACED_DEFAULT[0] if compiling else _DEFAULT.get()
+    else:
+        requested = check_backend(backend)
     strides = (q.stride(), k.stride(), v.stride())
     dkey = (
-        cmask.structure if cmask is not None else None, tuple(s.structure for s in scores), shapes, strides,
-        q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, grad, scale, dropout_p, return_lse, need_weights,
+        None if cmask is None else cmask.structure, tuple([x.structure for x in scores]) if scores else (),
+        q.shape, k.shape, v.shape, strides, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, grad, scale,
+        dropout_p, return_lse, need_weights,
     )  # fmt: skip
+    if compiling:
+        dk = dkey
+    else:
+        dk = _INTERNED._d.get(dkey)  # the bare dict: this lookup is on every call
+        if dk is None:
+            dk = next(_KEY_IDS)
+            _INTERNED.put(dkey, dk)
     # torch.use_deterministic_algorithms changes what a backend may run (cuDNN refuses), so a
     # decision taken in the other mode must not be reused.
-    ck = (dkey, requested, torch.are_deterministic_algorithms_enabled())
+    ck = (dk, requested, torch.are_deterministic_algorithms_enabled())
     hit = None if (compiling or full is not None) else _DECISIONS.get(ck)
     if hit is not None:
         impl, decision, sig = hit
@@ -215,14 +241,15 @@ def _prepare(q, k, v, mask, score, scale, dropout_p, return_lse, need_weights, b
             (tuple(q.shape), tuple(k.shape), tuple(v.shape)), q.dtype, q.device, cmask, scores, float(scale),
             float(dropout_p), return_lse, grad, need_weights, strides, dkey,
         )  # fmt: skip
-    if (cmask is None and not scores) or compiling:
-        key, tokens = dkey, ()
+    if not valued:  # the structure is the content: lowered forms are keyed by the decision key
+        key, tokens = ("dk", dk), ()
     else:
         toks: list = []
-        key = (dkey, cmask.content_key(toks) if cmask is not None else None, tuple(s.content_key(toks) for s in scores))
+        key = (dk, cmask.content_key(toks) if cmask is not None else None, tuple(s.content_key(toks) for s in scores))
         tokens = tuple(toks)
-    call = Call(sig, q, k, v, cmask, scores, key, tokens, not (term_grad or compiling))
-    _check_values(call)  # term values against this call; once per content (before any decision)
+    call = Call(sig, q, k, v, cmask, scores, key, tokens, not (term_grad or compiling), {})
+    if valued or hit is None:  # term values against this call: once per content, before any decision
+        _check_values(call)
     if hit is None:
         if need_weights and full is None:  # attention_with_weights: always eager
             impl, decision = REGISTRY["eager"], None

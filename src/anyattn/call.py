@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -116,11 +117,12 @@ def decision_key(mask, scores, shapes, strides, dtype, device, grad, scale, drop
     )  # fmt: skip
 
 
-@dataclass(frozen=True, eq=False, slots=True)
-class Call:
+class Call(NamedTuple):
     """One call: its signature, tensors and terms. ``key`` identifies the terms' *content* (the
     cache key of lowered forms); ``tokens`` are the identity tokens it uses (cache entries built
-    for this call are dropped when one of those objects is freed)."""
+    for this call are dropped when one of those objects is freed). Immutable (a NamedTuple: the
+    cheapest immutable record to build on every call); ``bound`` memoizes the terms bound to
+    this call's geometry, shared by the backends that run it."""
 
     sig: Signature
     q: torch.Tensor  # (B, Hq, Sq, D), any strides
@@ -131,7 +133,7 @@ class Call:
     key: tuple
     tokens: tuple
     cacheable: bool  # False while tracing, or when a term tensor requires grad
-    _bound: dict = field(default_factory=dict)
+    bound: dict  # a fresh {} per call: bound terms (see bound_mask)
 
     # -- the static facts, read through the signature -----------------------------------------
     @property
@@ -190,15 +192,15 @@ class Call:
     def bound_mask(self) -> BoundMask | None:
         if self.mask is None:
             return None
-        b = self._bound.get("mask")
+        b = self.bound.get("mask")
         if b is None:
-            b = self._bound["mask"] = self.mask.bind(self.geo)
+            b = self.bound["mask"] = self.mask.bind(self.geo)
         return b
 
     def bound_scores(self) -> tuple[BoundScore, ...]:
-        b = self._bound.get("scores")
+        b = self.bound.get("scores")
         if b is None:
-            b = self._bound["scores"] = tuple(s.bind(self.geo) for s in self.scores)
+            b = self.bound["scores"] = tuple(s.bind(self.geo) for s in self.scores)
         return b
 
     def describe(self) -> str:

@@ -383,10 +383,6 @@ def _mask_term(module, query, key, attention_mask, kwargs):
     return _spec.canonical_mask(term), None
 
 
-def _attention(*args, **kwargs):  # the one place the core is called (tests patch it to observe calls)
-    return _api.attention(*args, **kwargs)
-
-
 def _make_forward(backend: str):
     def anyattn_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         mask, bias4 = _mask_term(module, query, key, attention_mask, kwargs)
@@ -410,14 +406,14 @@ def _make_forward(backend: str):
                 raise bad_value("s_aux", "None with output_attentions=True", "attention sinks")
             return out.transpose(1, 2), weights.to(query.dtype)
         if sinks is None:
-            out = _attention(query, key, value, mask=mask, score=score or None, scale=scaling, backend=backend,
+            out = _api.attention(query, key, value, mask=mask, score=score or None, scale=scaling, backend=backend,
                              dropout_p=float(dropout))  # fmt: skip
         else:
             # A sink adds exp(s_aux[h]) to each row's softmax denominator and contributes no value:
             # out_sink = out * e^lse / (e^lse + e^sink) = out * sigmoid(lse - sink).
             if not isinstance(sinks, torch.Tensor) or sinks.dim() != 1 or sinks.shape[0] != query.shape[1]:
                 raise bad_value("s_aux", f"a (Hq,) = ({query.shape[1]},) tensor", f"{getattr(sinks, 'shape', type(sinks))}")
-            out, lse = _attention(query, key, value, mask=mask, score=score or None, scale=scaling, backend=backend,
+            out, lse = _api.attention(query, key, value, mask=mask, score=score or None, scale=scaling, backend=backend,
                                   dropout_p=float(dropout), return_lse=True)  # fmt: skip
             if torch.is_grad_enabled() and (query.requires_grad or sinks.requires_grad) and not lse.requires_grad:
                 raise bad_value("s_aux", "a backend whose log-sum-exp has gradients (training with sinks)", "an lse without grad")

@@ -227,11 +227,13 @@ class FlashTorchBackend(AttentionBackend):
 
     def _uniform(self, B: int, Sq: int, Sk: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (B, Sq, Sk, device)
-        hit = self._uniform_cu.get(key)
+        compiling = torch.compiler.is_compiling()  # no cache lookups inside a trace (see _cache)
+        hit = None if compiling else self._uniform_cu.get(key)
         if hit is None:
             ar = torch.arange(B + 1, dtype=torch.int32)
             hit = ((ar * Sq).to(device), (ar * Sk).to(device))
-            self._uniform_cu.put(key, hit)
+            if not compiling:
+                self._uniform_cu.put(key, hit)
         return hit
 
     def _heads_first(self, lse: torch.Tensor, T: int, H: int, like: torch.Tensor) -> bool:

@@ -94,12 +94,15 @@ def value_structure(v):
 class Term:
     """Shared plumbing of mask and score terms (frozen dataclasses): keys and tensors."""
 
+    # True for terms whose content is their structure (causal, windows, chunks, softcap): calls
+    # with only such terms skip the content key and the per-content value checks
+    valueless = False
+
     def __post_init__(self):
         # computed at construction, never later: a compiled graph that reads a term must not see
         # its attributes change when an eager call in between fills a memo (dynamo guards on them)
         self.structure
-        if not self.tensors():  # tensorless terms compute their key once, at construction
-            self.key
+        self.tensors()
 
     def _fields(self) -> tuple:
         return tuple(getattr(self, f) for f in self.__dataclass_fields__)  # type: ignore[attr-defined]

@@ -52,7 +52,29 @@ def canonical_mask(mask) -> MaskTerm | None:
             return Not(Window(None, None))
         return mask if inner is mask.term else Not(inner)
     if isinstance(mask, (And, Or)):
-        cls = type(mask)
+        hit = mask.__dict__.get("_canonical")  # set at construction (terms are immutable)
+        return hit[0] if hit is not None else canonical_combination(mask)
+    if isinstance(mask, Window) and mask.left is None and mask.right is None:
+        return None
+    return mask
+
+
+def canonical_combination(mask):
+    """The canonical form of an ``&`` / ``|`` (computed once, when it is built)."""
+    cls = type(mask)
+    windows = 0
+    for t in mask.terms:  # the common case: leaves and at most one window, already canonical
+        tt = type(t)
+        if tt is Window:
+            windows += 1
+            if t.left is None and t.right is None:
+                break
+        elif tt in (And, Or, Not):
+            break
+    else:
+        if windows <= 1:
+            return mask
+    if True:
         parts = [canonical_mask(t) for t in _flatten(cls, mask.terms)]
         out: list = []
         win_at = None
@@ -84,10 +106,9 @@ def canonical_mask(mask) -> MaskTerm | None:
             return None
         if len(out) == 1:
             return out[0]
+        if len(out) == len(mask.terms) and all(a is b for a, b in zip(out, mask.terms)):
+            return mask  # already canonical: no new object (and no new keys to compute)
         return cls(tuple(out))
-    if isinstance(mask, Window) and mask.left is None and mask.right is None:
-        return None
-    return mask
 
 
 def canonical_scores(score) -> tuple[ScoreTerm, ...]:

@@ -57,6 +57,8 @@ class Window(MaskTerm):
     ``Window(None, None)`` (everything) exists only inside ``~``: canonical forms drop it.
     """
 
+    valueless = True
+
     left: int | None
     right: int | None
 
@@ -92,6 +94,14 @@ class _Combine(MaskTerm):
 
     _sym = ""
     _is_and = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        # the canonical form, computed once here rather than on every call that passes this
+        # object (set at construction: a compiled graph never sees the attribute appear later)
+        from .canonical import canonical_combination
+
+        object.__setattr__(self, "_canonical", (canonical_combination(self),))
 
     def __repr__(self) -> str:
         return f" {self._sym} ".join(_paren(t) for t in self.terms)  # type: ignore[attr-defined]

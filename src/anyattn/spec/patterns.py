@@ -111,6 +111,8 @@ class SameSegment(_IdsTerm):
 class Chunked(MaskTerm):
     """Visible iff ``i' // size == j // size`` (fixed-size chunks, bidirectional within one)."""
 
+    valueless = True
+
     size: int
 
     def __repr__(self) -> str:

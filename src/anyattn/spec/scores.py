@@ -30,6 +30,7 @@ class ScoreTerm(Term):
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Softcap(ScoreTerm):
+    valueless = True
     cap: float
 
     def __repr__(self) -> str:
