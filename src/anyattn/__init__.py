@@ -26,6 +26,7 @@ from .spec import (
     relative_bias,
     same_segment,
     score_fn,
+    sink,
     sliding_window,
     softcap,
 )
@@ -67,5 +68,6 @@ __all__ = [
     "bias",
     "relative_bias",
     "score_fn",
+    "sink",
     "__version__",
 ]

@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import torch
 
-from .spec import BoundMask, BoundScore, Geometry, MaskTerm, ScoreTerm, canonical_mask, canonical_scores
+from .spec import BoundMask, BoundScore, Geometry, MaskTerm, ScoreTerm, Sink, canonical_mask, canonical_scores
 from .spec.base import structure_only
 
 
@@ -90,6 +90,16 @@ class Signature:
     def gqa(self) -> bool:
         return self.Hq != self.Hkv
 
+    @property
+    def sink(self) -> Sink | None:
+        """The ``sink(...)`` score term (structure only), or None."""
+        return _sink_of(self.scores)
+
+    @property
+    def logit_scores(self) -> tuple:
+        """The score terms that change logits (every score term but the sink), in order."""
+        return _logit_scores(self.scores)
+
     def describe(self, mask=None, scores=None) -> str:
         """One line for traces and errors (``mask``/``scores``: a call's own terms)."""
         mask = self.mask if mask is None else mask
@@ -107,6 +117,19 @@ class Signature:
         if self.requires_grad:
             parts.append("grad")
         return " ".join(parts)
+
+
+def _sink_of(scores) -> Sink | None:
+    for s in scores:
+        if type(s) is Sink:
+            return s
+    return None
+
+
+def _logit_scores(scores) -> tuple:
+    if not scores or all(type(s) is not Sink for s in scores):
+        return scores
+    return tuple(s for s in scores if type(s) is not Sink)
 
 
 def decision_key(mask, scores, shapes, strides, dtype, device, grad, scale, dropout_p, return_lse, need_weights) -> tuple:
@@ -197,10 +220,17 @@ class Call(NamedTuple):
             b = self.bound["mask"] = self.mask.bind(self.geo)
         return b
 
+    @property
+    def sink(self) -> Sink | None:
+        """This call's ``sink(...)`` term (with its logits), or None."""
+        return _sink_of(self.scores) if self.scores else None
+
     def bound_scores(self) -> tuple[BoundScore, ...]:
+        """The logit-changing score terms, bound (the sink changes the softmax denominator, not a
+        logit: backends read it from :attr:`sink`)."""
         b = self.bound.get("scores")
         if b is None:
-            b = self.bound["scores"] = tuple(s.bind(self.geo) for s in self.scores)
+            b = self.bound["scores"] = tuple(s.bind(self.geo) for s in _logit_scores(self.scores))
         return b
 
     def describe(self) -> str:

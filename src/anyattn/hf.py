@@ -16,7 +16,7 @@
   ``sdpa_mask``, and passed on as ``dense(...)``: slower, never wrong.
 * an *attention function* (``AttentionInterface``) that calls :func:`anyattn.attention` with
   those terms plus what the model passes as keywords: ``scaling``, ``dropout``, ``softcap``,
-  ``s_aux`` (attention sinks), ``cu_seq_lens_q/k``, ``position_bias``.
+  ``s_aux`` (attention sinks: the ``sink(...)`` score term), ``cu_seq_lens_q/k``, ``position_bias``.
 
 Names. transformers reads meaning into substrings of the implementation name: "flash" means
 FlashAttention (it tries to load a hub kernel), "sdpa" runs its own SDPA support check (Gemma2
@@ -396,29 +396,22 @@ def _make_forward(backend: str):
         if position_bias is not None:
             score.append(_spec.bias(position_bias))
         sinks = kwargs.get("s_aux")
+        if sinks is not None:
+            # Learned sinks (GPT-OSS): one extra logit per head in the softmax denominator, no value.
+            # The sink term serves them on every backend that can (eager and flex natively, the
+            # varlen backends through their lse); the others refuse with the reason.
+            if not isinstance(sinks, torch.Tensor) or sinks.dim() != 1 or sinks.shape[0] != query.shape[1]:
+                raise bad_value("s_aux", f"a (Hq,) = ({query.shape[1]},) tensor", f"{getattr(sinks, 'shape', type(sinks))}")
+            score.append(_spec.sink(sinks))
         if isinstance(scaling, torch.Tensor):
             scaling = float(scaling)
         if kwargs.get("output_attentions"):
             out, weights = _api.attention_with_weights(
                 query, key, value, mask=mask, score=score or None, scale=scaling, dropout_p=float(dropout)
             )
-            if sinks is not None:
-                raise bad_value("s_aux", "None with output_attentions=True", "attention sinks")
             return out.transpose(1, 2), weights.to(query.dtype)
-        if sinks is None:
-            out = _api.attention(query, key, value, mask=mask, score=score or None, scale=scaling, backend=backend,
+        out = _api.attention(query, key, value, mask=mask, score=score or None, scale=scaling, backend=backend,
                              dropout_p=float(dropout))  # fmt: skip
-        else:
-            # A sink adds exp(s_aux[h]) to each row's softmax denominator and contributes no value:
-            # out_sink = out * e^lse / (e^lse + e^sink) = out * sigmoid(lse - sink).
-            if not isinstance(sinks, torch.Tensor) or sinks.dim() != 1 or sinks.shape[0] != query.shape[1]:
-                raise bad_value("s_aux", f"a (Hq,) = ({query.shape[1]},) tensor", f"{getattr(sinks, 'shape', type(sinks))}")
-            out, lse = _api.attention(query, key, value, mask=mask, score=score or None, scale=scaling, backend=backend,
-                                  dropout_p=float(dropout), return_lse=True)  # fmt: skip
-            if torch.is_grad_enabled() and (query.requires_grad or sinks.requires_grad) and not lse.requires_grad:
-                raise bad_value("s_aux", "a backend whose log-sum-exp has gradients (training with sinks)", "an lse without grad")
-            w = torch.sigmoid(lse - sinks.float()[None, :, None])
-            out = (out.float() * w[..., None]).to(out.dtype)
         return out.transpose(1, 2), None
 
     anyattn_attention_forward.__name__ = f"anyattn_{backend}_attention_forward"

@@ -52,7 +52,7 @@ def variant_class(call) -> str:
     geo = call.geo
     if geo.Sq <= DECODE_MAX_SQ < geo.Sk:
         return "decode"
-    if call.scores:
+    if call.logit_scores:  # a sink alone changes no logit: the mask decides the class
         return "scored"
     m = call.mask
     if m is None:

@@ -18,6 +18,7 @@ where err is the max absolute difference. The oracle is the eager backend on flo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -153,21 +154,55 @@ def _maxdiff(a, b) -> float:
     return float(d.max())
 
 
+def _learnable(score) -> list:
+    """(term index, field name) of every score-term tensor that requires grad (bias, sink, ...)."""
+    from .spec import canonical_scores
+
+    out = []
+    for i, t in enumerate(canonical_scores(score)):
+        for f in t.__dataclass_fields__:
+            x = getattr(t, f)
+            if isinstance(x, torch.Tensor) and x.requires_grad:
+                out.append((i, f))
+    return out
+
+
+def _score_with(score, learnable, cast):
+    """``score`` with each learnable tensor replaced by a fresh leaf (cast by ``cast`` when given);
+    returns (new score terms, the leaves in ``learnable``'s order)."""
+    from .spec import canonical_scores
+
+    terms = list(canonical_scores(score))
+    leaves = []
+    for i, f in learnable:
+        x = getattr(terms[i], f).detach()
+        leaf = (cast(x) if cast else x.clone()).requires_grad_(True)
+        terms[i] = dataclasses.replace(terms[i], **{f: leaf})
+        leaves.append(leaf)
+    return tuple(terms), leaves
+
+
 def compare_to_oracle(q, k, v, *, backend, grad=True, return_lse=False, **kw) -> list[Comparison]:
     """Run ``backend`` and the same-dtype eager reference against the float64 oracle.
 
     Returns one :class:`Comparison` for the output, the lse (if asked) and, with ``grad=True``,
-    the gradients of q, k and v (backpropagating the same fixed random cotangent everywhere).
+    the gradients of q, k and v and of every score-term tensor that requires grad (a bias, sink
+    logits: named ``d<term>``), backpropagating the same fixed random cotangent everywhere.
     """
     results = {}
+    learnable = _learnable(kw.get("score")) if grad and kw.get("score") is not None else []
     for name, be, cast in (("oracle", "eager", _f64), ("ref", "eager", None), ("test", backend, None)):
         ins = [(cast(t) if cast else t).detach().requires_grad_(grad) for t in (q, k, v)]
-        r = attention(*ins, backend=be, return_lse=return_lse, **kw)
+        args = dict(kw)
+        leaves = []
+        if learnable:
+            args["score"], leaves = _score_with(kw["score"], learnable, (lambda x: x.to(torch.float64)) if cast else None)
+        r = attention(*ins, backend=be, return_lse=return_lse, **args)
         out, lse = (r.out, r.lse) if return_lse else (r, None)
         grads = []
         if grad:
             dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-            gs = torch.autograd.grad(out, ins, dout.to(out.device, out.dtype), allow_unused=True)
+            gs = torch.autograd.grad(out, ins + leaves, dout.to(out.device, out.dtype), allow_unused=True)
             grads = list(gs)
         results[name] = (out, lse, grads)
     o_out, o_lse, o_g = results["oracle"]
@@ -181,6 +216,11 @@ def compare_to_oracle(q, k, v, *, backend, grad=True, return_lse=False, **kw) ->
     add("out", results["test"][0], results["ref"][0], o_out, True)
     if return_lse:
         add("lse", results["test"][1], results["ref"][1], o_lse, True)
-    for i, n in enumerate(("dq", "dk", "dv")[: len(o_g)]):
-        add(n, results["test"][2][i], results["ref"][2][i], o_g[i], False)
+    if o_g:
+        from .spec import canonical_scores
+
+        terms = canonical_scores(kw.get("score"))
+        names = ["dq", "dk", "dv"] + [f"d{terms[i]!r}" for i, _ in learnable]
+        for i, n in enumerate(names):
+            add(n, results["test"][2][i], results["ref"][2][i], o_g[i], False)
     return comps

@@ -2,7 +2,8 @@
 
 Plain PyTorch on any device and dtype: logits ``q @ k^T`` in the input dtype, everything after in
 float32 (float64 for float64 input), score terms in order, mask, a softmax whose fully masked
-rows give exactly 0 (lse = -inf) with finite gradients, then ``weights @ v``. It serves every
+rows give exactly 0 (lse = -inf) with finite gradients, then ``weights @ v``. A ``sink(...)``
+term adds its logit to the softmax denominator (a column with no value). It serves every
 variant, returns the attention weights on request, and with float64 inputs it is the oracle
 the tests measure every backend against.
 
@@ -54,13 +55,19 @@ class EagerBackend(AttentionBackend):
         if bm is not None:
             s = s.masked_fill(~materialize_mask(bm, geo), float("-inf"))
 
+        sink = call.sink
         m = s.amax(dim=-1, keepdim=True)
+        if sink is not None:  # one more logit per head in the denominator, attached to no value
+            col = sink.column(s.device, compute)
+            m = torch.maximum(m, col.detach())
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # empty rows: exp(-inf - 0) = 0
         p = torch.exp(s - m)
         denom = p.sum(dim=-1, keepdim=True)
         seen = denom != 0  # rows that see at least one key (NaN stays NaN: a visible NaN propagates)
-        weights = p / torch.where(seen, denom, torch.ones_like(denom))
-        lse = (torch.log(denom) + m).squeeze(-1)  # -inf on empty rows
+        if sink is not None:
+            denom = denom + torch.exp(col - m)
+        weights = p / torch.where(denom != 0, denom, torch.ones_like(denom))
+        lse = (torch.log(denom) + m).squeeze(-1)  # -inf on empty rows (the sink logit with a sink)
         attn = weights
         if call.dropout_p > 0:
             attn = torch.nn.functional.dropout(weights, p=call.dropout_p, training=True)

@@ -18,6 +18,7 @@ boundary. GQA is native. Mapping of a call (``plan``)::
     sliding_window(l, r)          causal=False, window_size=(l, r)   (None -> -1)
     documents / padding [& ...]   flash_attn_varlen_func with cu_seqlens from a SeqInfo
     softcap(c)                    softcap=c
+    sink(logits)                  return_attn_probs=True, then out * sigmoid(lse - sink) (no grad)
     alibi(slopes)                 alibi_slopes=slopes (float32, (Hq,)); FA2 only
     dropout_p                     dropout_p; FA2 only
 
@@ -41,7 +42,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 
 from .._cache import LRU
-from ..spec import Alibi, Documents, Softcap
+from ..spec import Alibi, Documents, Sink, Softcap
 from ._varlen import lse_out, lse_to_TH, map_window, packing_for, positional_refusal, split_mask, tokens_in, tokens_out
 from .base import AttentionBackend, Facts
 
@@ -122,9 +123,16 @@ def plan(call, impl: Impl) -> FlashPlan | str:
     geo = call.geo
     causal, window = causal_and_window(parts.window)
     kw: dict[str, Any] = {"softmax_scale": call.scale, "causal": causal, "window_size": window}
-    softcap = alibi = None
+    softcap = alibi = sink = None
     for s in call.scores:
-        if isinstance(s, Softcap) and softcap is None:
+        if isinstance(s, Sink) and sink is None:
+            if call.requires_grad:
+                return (
+                    f"{s!r} with gradients: the sink is combined through the lse, whose gradient flash-attn's "
+                    "backward ignores; use flex or eager for training with sinks"
+                )
+            sink = s
+        elif isinstance(s, Softcap) and softcap is None:
             softcap = s
         elif isinstance(s, Alibi) and alibi is None:
             alibi = s
@@ -146,7 +154,7 @@ def plan(call, impl: Impl) -> FlashPlan | str:
         if softcap is not None:
             return "flash-attn 2 does not combine softcap with dropout"
         kw["dropout_p"] = call.dropout_p
-    if call.return_lse:
+    if call.return_lse or sink is not None:
         kw["return_attn_probs"] = True  # FA2: (out, lse, S_dmask); FA3: (out, lse)
     positional = parts.window is not None or alibi is not None
     if parts.seq is None:
@@ -295,6 +303,14 @@ class FlashPackageBackend(AttentionBackend):
             _is_hopper.cache_clear()
 
     def run(self, call):
+        sink = call.sink
+        if sink is None:
+            return self._run(call, call.return_lse)
+        out, lse = self._run(call, True)  # a sink is combined through the lse (out * sigmoid(lse - sink))
+        out, lse = sink.combine(out, lse)
+        return out, (lse if call.return_lse else None)
+
+    def _run(self, call, want_lse: bool):
         impl = self.impl()
         if isinstance(impl, str):
             raise RuntimeError(f"{self.name}: {impl}")
@@ -303,7 +319,6 @@ class FlashPackageBackend(AttentionBackend):
             raise RuntimeError(f"flash-attn cannot run this call: {p}")
         B, Hq, Sq, _ = call.q.shape
         q_BSHD, k_BSHD, v_BSHD = (t.transpose(1, 2) for t in (call.q, call.k, call.v))
-        want_lse = call.return_lse
         if p.route == "func":
             out, lse = _split_result(impl.func(q_BSHD, k_BSHD, v_BSHD, **p.kwargs), want_lse)
             out = out.transpose(1, 2)

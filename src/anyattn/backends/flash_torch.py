@@ -86,6 +86,11 @@ class Plan(NamedTuple):
     seq: object  # the documents / padding term of the signature (None: one sequence per row)
 
 
+def wants_lse(sig) -> bool:
+    """The kernel's lse is needed: asked for, or a sink is combined through it."""
+    return sig.return_lse or sig.sink is not None
+
+
 def plan(sig) -> Plan | str:
     """How ``flash_torch`` computes calls of this signature, or why it cannot. Checks only the
     mask; dtype/device/options are ``supports``' job."""
@@ -93,11 +98,12 @@ def plan(sig) -> Plan | str:
     if isinstance(parts, str):
         return parts
     window = map_window(parts.window)
+    lse = wants_lse(sig)
     if parts.seq is None:
         if parts.window is None:
-            return Plan("varlen" if sig.return_lse else "sdpa", "dense", window, False, None)
+            return Plan("varlen" if lse else "sdpa", "dense", window, False, None)
         if parts.window.is_causal:
-            if sig.Sq == sig.Sk and not sig.return_lse:
+            if sig.Sq == sig.Sk and not lse:
                 return Plan("sdpa", "causal", window, True, None)
             return Plan("varlen", "causal", window, False, None)
         if sig.Sq > sig.Sk and parts.window.right != 0:
@@ -182,9 +188,14 @@ class FlashTorchBackend(AttentionBackend):
             return "flash_torch has no dropout (dropout_p > 0); use sdpa, cudnn or eager"
         if sig.need_weights:
             return "FlashAttention does not return attention weights"
-        if sig.scores:
-            names = ", ".join(repr(s) for s in sig.scores)
+        if sig.logit_scores:
+            names = ", ".join(repr(s) for s in sig.logit_scores)
             return f"score terms ({names}) are not supported by PyTorch's FlashAttention; use flash (softcap, alibi) or flex"
+        if sig.sink is not None and sig.requires_grad:
+            return (
+                f"{sig.sink!r} with gradients: the sink is combined through the lse, and varlen_attn's backward "
+                "ignores the lse's gradient; use flex or eager for training with sinks"
+            )
         if sig.D != sig.Dv:
             return f"FlashAttention needs equal q/k and v head dims, got D={sig.D}, Dv={sig.Dv}"
         if sig.D > MAX_HEAD_DIM or sig.D % 8 != 0:
@@ -203,7 +214,7 @@ class FlashTorchBackend(AttentionBackend):
                 return f"torch {torch.__version__}'s varlen_attn has no window_size; sliding windows need torch >= 2.11"
             if p.window == (-1, 0) and "window_size" not in params and "is_causal" not in params:
                 return f"torch {torch.__version__}'s varlen_attn has no causal option"
-            if sig.return_lse and "return_aux" not in params:
+            if wants_lse(sig) and "return_aux" not in params:
                 return f"torch {torch.__version__}'s varlen_attn cannot return the log-sum-exp (no return_aux)"
             if not math.isclose(sig.scale, 1.0 / math.sqrt(sig.D)) and "scale" not in params:
                 return f"torch {torch.__version__}'s varlen_attn has no scale argument (only 1/sqrt(D))"
@@ -274,6 +285,14 @@ class FlashTorchBackend(AttentionBackend):
 
     def run(self, call):
         """(out (B, Hq, Sq, Dv), lse (B, Hq, Sq) float32 or None)."""
+        sink = call.sink
+        if sink is None:
+            return self._run(call, call.return_lse)
+        out, lse = self._run(call, True)
+        out, lse = sink.combine(out, lse)
+        return out, (lse if call.return_lse else None)
+
+    def _run(self, call, want_lse: bool):
         p = plan(call.sig)
         if isinstance(p, str):  # resolve() checked supports(); reaching this is a bug
             raise RuntimeError(f"flash_torch cannot run this call: {p}")
@@ -294,7 +313,7 @@ class FlashTorchBackend(AttentionBackend):
             cu_q, cu_k = self._uniform(B, Sq, Sk, call.device)
             out_THD, lse = self._call_varlen(
                 q_BSHD.reshape(B * Sq, Hq, D), k_BSHD.reshape(B * Sk, Hkv, D), v_BSHD.reshape(B * Sk, Hkv, Dv),
-                cu_q, cu_k, Sq, Sk, p.window, call.scale, call.gqa, call.return_lse,
+                cu_q, cu_k, Sq, Sk, p.window, call.scale, call.gqa, want_lse,
             )  # fmt: skip
             out = out_THD.view(B, Sq, Hq, Dv).transpose(1, 2)
             if lse is not None:
@@ -302,10 +321,10 @@ class FlashTorchBackend(AttentionBackend):
             return out, lse
         pk = self.packing(call, split_mask(call.mask).seq, p.window != (-1, -1))  # this call's values
         if pk.route == "empty":
-            return _zeros(call)
+            return _zeros(call, want_lse)
         out_THD, lse = self._call_varlen(
             tokens_in(pk, q_BSHD), tokens_in(pk, k_BSHD), tokens_in(pk, v_BSHD), pk.cu, pk.cu, pk.max_seqlen,
-            pk.max_seqlen, p.window, call.scale, call.gqa, call.return_lse,
+            pk.max_seqlen, p.window, call.scale, call.gqa, want_lse,
         )  # fmt: skip
         out = tokens_out(pk, out_THD, B, Sq).transpose(1, 2)
         if lse is not None:
@@ -313,11 +332,12 @@ class FlashTorchBackend(AttentionBackend):
         return out, lse
 
 
-def _zeros(call):
+def _zeros(call, want_lse=None):
     """No real token in the batch: every row sees nothing."""
     B, Hq, Sq, _ = call.q.shape
     out = call.q.new_zeros(B, Hq, Sq, call.Dv)
     if call.requires_grad:  # keep the graph so that backward gives zero gradients
         out = out + 0.0 * (call.q.sum() + call.k.sum() + call.v.sum())
-    lse = torch.full((B, Hq, Sq), float("-inf"), device=call.device) if call.return_lse else None
+    want = call.return_lse if want_lse is None else want_lse
+    lse = torch.full((B, Hq, Sq), float("-inf"), device=call.device) if want else None
     return out, lse

@@ -6,7 +6,9 @@
   document ids and positions it covers (a few small tensor ops, no host sync). Other masks go
   through ``create_block_mask``, which evaluates the predicate on every (i, j) pair (on an H200
   ~5 ms for a 16k-token row, against a ~0.6 ms kernel: what a new packing per step would pay).
-* Score terms are chained into one ``score_mod`` in the order given.
+* Score terms are chained into one ``score_mod`` in the order given. A ``sink(...)`` is combined
+  with the output through the kernel's lse (``out * sigmoid(lse - sink)``); FlexAttention's
+  backward takes the lse's gradient, so training with sinks is exact (CUDA).
 * One compiled entry point per variant structure (term types, static parameters, user
   functions) and geometry, each with its own code object and therefore its own dynamo cache:
   every entry compiles exactly once, and many variants in one process never exhaust a shared
@@ -292,6 +294,8 @@ class FlexBackend(AttentionBackend):
             return "FlexAttention has no backward on CPU (inputs require grad); use eager or sdpa, or a CUDA device"
         if dev == "cpu" and sig.return_lse:
             return "FlexAttention on CPU does not return the log-sum-exp; use eager, or a CUDA device"
+        if dev == "cpu" and sig.sink is not None:
+            return "sinks are combined through the log-sum-exp, which FlexAttention on CPU does not return; use eager, or a CUDA device"
         if sig.dropout_p > 0:
             return "FlexAttention has no dropout (dropout_p > 0); use eager, sdpa or cudnn"
         if sig.dtype == torch.float64:
@@ -382,7 +386,14 @@ class FlexBackend(AttentionBackend):
             _flex_api()
         q, k, v = call.q, call.k, call.v
         if torch.compiler.is_compiling():  # inside the caller's compiled graph
-            return _call_flex(q, k, v, self.score_mod_for(call), self.block_mask_for(call), call.scale, call.gqa, call.return_lse)
+            sink = call.sink
+            out, lse = _call_flex(
+                q, k, v, self.score_mod_for(call), self.block_mask_for(call), call.scale, call.gqa,
+                call.return_lse or sink is not None,
+            )  # fmt: skip
+            if sink is not None:
+                out, lse = sink.combine(out, lse)
+            return out, (lse if call.return_lse else None)
         geo = call.geo
         if geo.Sq <= UNFUSED_MAX_SQ < geo.Sk and geo.B * geo.H * geo.Sq * geo.Sk <= UNFUSED_MAX_SCORES:
             # Decode-sized calls (a few queries against a KV cache that grows every step): the kernel
@@ -393,7 +404,7 @@ class FlexBackend(AttentionBackend):
                 warnings.filterwarnings("ignore", message=".*flex_attention.*")
                 out, lse = _call_flex(
                     q, k, v, self.score_mod_for(call), self.block_mask_for(call), call.scale, call.gqa,
-                    call.return_lse or (zero and geo.device.type != "cpu"),
+                    call.return_lse or call.sink is not None or (zero and geo.device.type != "cpu"),
                 )  # fmt: skip
             return _finish(call, out, lse, zero)
         # one lookup on the hot path: the call key determines entry, score_mod and BlockMask
@@ -402,12 +413,12 @@ class FlexBackend(AttentionBackend):
             zero = may_have_empty_rows(call)
             if zero and geo.device.type == "cpu":  # no lse on CPU: the rows come from the mask
                 zero = rows_seen(call)
-            want_lse = call.return_lse or zero is True
+            want_lse = call.return_lse or call.sink is not None or zero is True
             hit = (self.entry_for(call, want_lse), self.score_mod_for(call), False, self.block_mask_for(call), zero)
             if call.cacheable:
                 self._by_call.put(call.key, hit, call.tokens)
         fn, sm, expand, bm, zero = hit
-        want_lse = call.return_lse or zero is True
+        want_lse = call.return_lse or call.sink is not None or zero is True
         if expand:
             k, v = _expand_kv(call)
             out, lse = fn(q, k, v, sm, bm, call.scale, False, want_lse)
@@ -435,13 +446,17 @@ class FlexBackend(AttentionBackend):
 
 def _finish(call, out, lse, zero):
     """Rows that saw no key: exactly 0, whatever the values they could not see held. ``zero``:
-    False, True (read the rows from the lse) or a (.., Sq, 1) bool tensor of rows that see a key."""
+    False, True (read the rows from the lse) or a (.., Sq, 1) bool tensor of rows that see a key.
+    A sink is combined last, from the kernel's lse (whose gradient FlexAttention's backward takes)."""
     if zero is True and lse is not None:
         out = torch.where((lse == float("-inf"))[..., None], torch.zeros((), dtype=out.dtype, device=out.device), out)
     elif isinstance(zero, torch.Tensor):
         out = torch.where(zero, out, torch.zeros((), dtype=out.dtype, device=out.device))
     elif zero is True:  # CPU decode path: no lse
         out = torch.where(rows_seen(call), out, torch.zeros((), dtype=out.dtype, device=out.device))
+    sink = call.sink
+    if sink is not None:
+        out, lse = sink.combine(out, lse)
     return out, (lse if call.return_lse else None)
 
 

@@ -183,6 +183,8 @@ class SdpaBackend(AttentionBackend):
             return "SDPA does not return the log-sum-exp (use eager, flex or flash_torch for return_lse)"
         if sig.need_weights:
             return "SDPA does not return attention weights (attention_with_weights runs eager)"
+        if sig.sink is not None:
+            return f"{sig.sink!r} is combined through the log-sum-exp, which SDPA does not return; use eager, flex or flash_torch"
         half = sig.dtype in (torch.float16, torch.bfloat16)
         for s in sig.scores:
             if not s.additive:

@@ -61,12 +61,15 @@ from .scores import (  # noqa: F401
     RelativeBias,
     ScoreFn,
     ScoreTerm,
+    Sink,
     Softcap,
     alibi,
     bias,
     relative_bias,
     score_fn,
+    sink,
     softcap,
+    split_sink,
     t5_bucket,
 )
 
@@ -88,6 +91,7 @@ __all__ = [
     "bias",
     "relative_bias",
     "score_fn",
+    "sink",
     "canonical_mask",
     "canonical_scores",
 ]

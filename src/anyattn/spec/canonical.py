@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from ..errors import bad_type
+from ..errors import bad_type, bad_value
 from .masks import And, MaskTerm, Not, Or, Window
-from .scores import ScoreTerm
+from .scores import ScoreTerm, Sink
 
 def _flatten(cls, terms) -> list:
     out = []
@@ -118,9 +118,13 @@ def canonical_scores(score) -> tuple[ScoreTerm, ...]:
     if isinstance(score, ScoreTerm):
         return (score,)
     if isinstance(score, (list, tuple)):
+        sinks = 0
         for i, s in enumerate(score):
             if not isinstance(s, ScoreTerm):
                 raise bad_type(f"score[{i}]", "a score term such as softcap(50.0)", type(s).__name__)
+            sinks += type(s) is Sink
+        if sinks > 1:
+            raise bad_value("score", "at most one sink(...) term", f"{sinks} sink terms")
         return tuple(score)
     raise bad_type("score", "a score term or a sequence of them (or None)", type(score).__name__)
 

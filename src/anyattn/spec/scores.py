@@ -181,6 +181,67 @@ class ScoreFn(ScoreTerm):
         return BoundScore(self.fn, False, True, True, None)
 
 
+@dataclass(frozen=True, eq=False, repr=False)
+class Sink(ScoreTerm):
+    """Learnable attention sinks: one extra logit per query head in every row's softmax
+    denominator, attached to no value (GPT-OSS, StreamingLLM's learned variant)::
+
+        out_i = sum_j exp(s_ij) v_j / (exp(sink[h]) + sum_j exp(s_ij))
+              = out_plain_i * sigmoid(lse_plain_i - sink[h])
+        lse_i = log(exp(sink[h]) + sum_j exp(s_ij))          (the returned lse includes the sink)
+
+    It changes no logit, so it is not applied with the others: backends with a softmax of their
+    own put it in the denominator (eager), the rest combine their output with their lse
+    (:meth:`combine`, exact; gradients reach the sink logits, and q/k through the lse where the
+    backend differentiates it). A row that sees no key outputs 0 and its lse is ``sink[h]``.
+    """
+
+    logits: torch.Tensor  # (Hq,) floating point; any dtype, may require grad
+
+    def __repr__(self) -> str:
+        return f"sink(tensor{tuple(self.logits.shape)})"
+
+    def check(self, geo: Geometry) -> None:
+        if tuple(self.logits.shape) != (geo.H,):
+            raise bad_value("sink(logits)", f"one logit per query head, shape ({geo.H},)", f"shape {tuple(self.logits.shape)}")
+
+    def bind(self, geo: Geometry) -> BoundScore:  # pragma: no cover - never bound (see Call.bound_scores)
+        raise RuntimeError("sink() changes the softmax denominator, not a logit; backends handle it (a bug in anyattn)")
+
+    def column(self, device, dtype) -> torch.Tensor:
+        """The sink logits as a (1, Hq, 1, 1) tensor of ``dtype`` on ``device`` (differentiable)."""
+        return self.logits.to(device=device, dtype=dtype).view(1, -1, 1, 1)
+
+    def combine(self, out: torch.Tensor, lse: torch.Tensor):
+        """(out, lse) of attention without the sink -> (out, lse) with it. ``out`` (B, Hq, Sq, Dv),
+        ``lse`` (B, Hq, Sq) natural log, -inf on rows that see no key. Computed in float32
+        (float64 for float64 outputs); differentiable in all three inputs."""
+        c = torch.promote_types(torch.promote_types(out.dtype, lse.dtype), torch.float32)
+        sink = self.column(lse.device, c)[..., 0]  # (1, Hq, 1)
+        lse_c = lse.to(c)
+        w = torch.sigmoid(lse_c - sink)  # exp(lse) / (exp(lse) + exp(sink)); 0 on rows without keys
+        out = (out.to(c) * w[..., None]).to(out.dtype)
+        return out, torch.logaddexp(lse_c, sink).to(lse.dtype)
+
+
+def split_sink(scores) -> tuple:
+    """(the Sink of ``scores`` or None, the other score terms in order)."""
+    sink = None
+    rest = []
+    for s in scores:
+        if isinstance(s, Sink):
+            sink = s
+        else:
+            rest.append(s)
+    return sink, tuple(rest)
+
+
+def sink(logits: torch.Tensor) -> ScoreTerm:
+    """Learnable attention sinks: ``logits`` (Hq,) add ``exp(logits[h])`` to every row's softmax
+    denominator with no value attached; gradients flow to them. See :class:`Sink`."""
+    return Sink(float_tensor("sink(logits)", logits, (1,), "shape (Hq,)"))
+
+
 def softcap(cap: float) -> ScoreTerm:
     """``s <- cap * tanh(s / cap)`` (Gemma-2 style logit soft-capping)."""
     if isinstance(cap, bool) or not isinstance(cap, numbers.Real):
