@@ -63,9 +63,22 @@ def structured():
     """Fails the test if any layer got a dense (materialized) mask: the recognized HF patterns
     must stay structured on the installed transformers version too."""
     with record_calls() as calls:
-        yield calls
+        yield _MaskReprs(calls)
     seen = [repr(c.mask) for c in calls]
     assert not any("dense(" in m for m in seen), sorted(set(seen))
+
+
+class _MaskReprs:
+    """The masks (repr) of the core calls recorded so far."""
+
+    def __init__(self, calls):
+        self._calls = calls
+
+    def __iter__(self):
+        return iter([repr(c.mask) for c in self._calls])
+
+    def __len__(self):
+        return len(self._calls)
 
 
 def _models(name: str, impl: str, dtype=torch.bfloat16):
