@@ -41,6 +41,10 @@ FLOPs (:func:`anyattn.models.esm2_flops`): per sequence of n tokens ``2*n*L*(4*C
 4*n^2*L*C``; ~1.38 GFLOP per token for the 650M shape at median 320. MFU divides by the device's
 dense bf16 peak (H100/H200 SXM: 989 TFLOP/s; ``--peak-tflops`` overrides).
 
+Other families (``--family esmc|ankh|e1|dplm``, default esm2: this module's path, unchanged) run
+the same method through ``family_run.py`` (its docstring; ``families.py`` says what each family
+compares).
+
 Building the options imports nothing beyond torch: ``anyattn bench model --help`` works without
 transformers; running it without transformers says ``pip install 'anyattn[models]'``.
 """
@@ -63,8 +67,13 @@ from .workload import PAD, fasta_lengths, make_batches, make_lengths, padded_inp
 __all__ = ["HELP", "ROWS", "add_arguments", "make_batches", "make_lengths", "run", "run_from_args", "table"]
 
 SCHEMA = "anyattn.bench.model/1"
-HELP = "end-to-end ESM2 throughput (tokens/s, MFU): anyattn's plain/compiled model vs HF transformers and an SDPA port"
+HELP = ("end-to-end protein-model throughput (tokens/s, MFU): anyattn's plain/compiled model vs HF transformers and an SDPA "
+        "port (ESM2 by default; --family esmc, ankh, e1, dplm)")
 ROWS = ("plain", "compiled", "uncompiled", "port")
+FAMILY_NAMES = ("esm2", "esmc", "ankh", "e1", "dplm")  # families.FAMILIES (kept here: --help imports no transformers)
+_PRESETS_HELP = ("esm2: esm2_t6_8M, esm2_t12_35M, esm2_t30_150M, esm2_t33_650M (default), esm2_t36_3B, esm2_t48_15B; "
+                 "esmc: esmc_300m (default), esmc_600m, esmc_6b; ankh: ankh_base (default), ankh_large, ankh2_large; "
+                 "e1: E1-300m (default), E1-600m; dplm: dplm_150m (default), dplm_650m, dplm_3b")
 GOAL = 2.0  # issue 15: the plain call >= 2x HF sdpa warm
 _PEAK_BF16 = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.0, "L4": 121.0}  # dense TFLOP/s
 _MISSING = "anyattn bench model needs transformers (the ESM2 model and the HF baseline): pip install 'anyattn[models]'"
@@ -207,7 +216,16 @@ def run(opts: dict, *, command: str = "", out_dir: str | None = None, log=print)
         # HF eager last
         order = [("anyattn", "plain"), ("hf", "sdpa"), ("anyattn", "compiled"), ("port", None), ("anyattn", "uncompiled"),
                  ("backends", None)] + [("hf", h) for h in opts["hf"] if h != "sdpa"]  # fmt: skip
+        budget = opts.get("budget_s")
         for what, arg in order:
+            if budget is not None and time.perf_counter() - t_run > budget:
+                names = {"anyattn": f"anyattn {arg}", "hf": f"hf[{arg}]", "port": "fastplms-sdpa", "backends": "--backends rows"}
+                wanted = (what == "anyattn" and arg in opts["rows"]) or (what == "hf" and arg in opts["hf"]) or (
+                    what == "port" and "port" in opts["rows"]) or (what == "backends" and opts["backends"])
+                if wanted:
+                    add(Row(names[what], "anyattn" if what in ("anyattn", "backends") else what, "auto", False, status="skipped",
+                            error=f"time budget (--budget-s {budget:g}) spent before this row started"))
+                continue
             if what == "anyattn" and arg in opts["rows"]:
                 add(_anyattn_row(arg, cfg, sd, ref, padded, opts, run_args, call_padded))
             elif what == "hf" and arg in opts["hf"]:
@@ -413,7 +431,8 @@ def plot(path: str, doc: dict) -> str | None:
     ax.legend(fontsize=7, loc="lower right")
     w, m = doc["workload"], doc["meta"]
     ax.set_title(
-        f"ESM2 {w['preset']} {w['dtype']}, {w['num_seqs']} seqs (median {w['median_len']}), {m['device_name']}", fontsize=8
+        f"{doc.get('family', 'esm2').upper()} {w['preset']} {w['dtype']}, {w['num_seqs']} seqs (median {w['median_len']}), "
+        f"{m['device_name']}", fontsize=8
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -438,8 +457,9 @@ def write(out_dir: str, doc: dict, *, plot_it: bool) -> None:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--preset", default="esm2_t33_650M", help="model shape, random weights: esm2_t6_8M, esm2_t12_35M, "
-                   "esm2_t30_150M, esm2_t33_650M (default), esm2_t36_3B, esm2_t48_15B")  # fmt: skip
+    p.add_argument("--family", default="esm2", choices=FAMILY_NAMES, help="model family (default esm2: this benchmark's "
+                   "original rows and options; the others: family_run.py)")  # fmt: skip
+    p.add_argument("--preset", default=None, help=f"model shape, random weights ({_PRESETS_HELP})")
     p.add_argument("--num-seqs", type=int, default=2048)
     p.add_argument("--median", type=float, default=320.0, help="lognormal median length (residues)")
     p.add_argument("--sigma", type=float, default=0.58, help="lognormal sigma (0.58: mean ~378 at median 320)")
@@ -465,6 +485,7 @@ def add_arguments(p) -> None:
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known bf16 dense peaks)")
     p.add_argument("--max-warmup-passes", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3, help="timed passes over the whole set per row (the median is reported)")
+    p.add_argument("--budget-s", type=float, default=None, help="rows not started after this many seconds are skipped (recorded)")
     p.add_argument("--out", default=None, help="write model.json (after every row) and model.png here")
     p.add_argument("--quick", action="store_true", help="tiny config on CPU, < 30 s (a smoke test; no torch.compile)")
 
@@ -484,8 +505,9 @@ def _opts_from_args(a) -> dict:
         preset, a.num_seqs, a.median, a.min_len, a.max_len = "quick (tiny)", min(a.num_seqs, 24), 40.0, 8, 100
         a.max_tokens, a.max_warmup_passes = min(a.max_tokens, 512), min(a.max_warmup_passes, 3)
     else:
+        preset = a.preset or "esm2_t33_650M"
         try:
-            cfg, preset = ESM2Config.from_name(a.preset), a.preset
+            cfg = ESM2Config.from_name(preset)
         except ValueError as e:
             raise UsageError(f"--preset: {e}") from None
     for name in ("num_seqs", "min_len", "max_len", "max_tokens", "repeats"):
@@ -493,6 +515,9 @@ def _opts_from_args(a) -> dict:
             raise UsageError(f"--{name.replace('_', '-')} must be positive")
     if a.min_len > a.max_len:
         raise UsageError("--min-len must be <= --max-len")
+    budget = getattr(a, "budget_s", None)
+    if budget is not None and budget <= 0:
+        raise UsageError("--budget-s must be positive")
     if a.fasta:
         lengths, source = fasta_lengths(a.fasta, a.min_len, a.max_len), f"fasta:{a.fasta}"
     else:
@@ -521,18 +546,31 @@ def _opts_from_args(a) -> dict:
         max_tokens=a.max_tokens, rows=rows, backends=backends, compile=a.compile, hf=hf, peak_tflops=a.peak_tflops,
         max_passes=max(2, a.max_warmup_passes), repeats=a.repeats, compile_mode=a.compile_mode, fuse_qkv=a.fuse_qkv,
         tune=a.tune, pack={"auto": "auto", "off": False}[a.pack], no_compile=no_compile, notes=notes,
-        inputs=["packed", "padded"] if a.inputs == "both" else [a.inputs],
+        inputs=["packed", "padded"] if a.inputs == "both" else [a.inputs], budget_s=budget,
     )  # fmt: skip
 
 
 def run_from_args(args, command: str = "anyattn bench model") -> int:
     from .kernels import _sigterm_as_interrupt
 
-    opts = _opts_from_args(args)
+    family = getattr(args, "family", "esm2") or "esm2"
+    if family == "esm2":
+        opts = _opts_from_args(args)
+    else:
+        try:
+            from . import family_run
+        except ImportError as e:
+            raise ImportError(_MISSING) from e
+        if importlib.util.find_spec("transformers") is None:
+            raise ImportError(_MISSING)
+        opts = family_run.opts_from_args(args)
     if args.quick:
         torch.set_num_threads(min(2, torch.get_num_threads()))
     _sigterm_as_interrupt()  # a killed run (timeout) still writes what it measured
-    doc = run(opts, command=command, out_dir=args.out)
+    if family == "esm2":
+        doc, show = run(opts, command=command, out_dir=args.out), table
+    else:
+        doc, show = family_run.run(opts, command=command, out_dir=args.out), family_run.table
     if args.out:
         print(f"\nwrote {os.path.join(args.out, 'model.json')}" + (" and model.png" if os.path.exists(os.path.join(args.out, "model.png")) else ""))
     for n in doc["notes"]:
@@ -541,7 +579,7 @@ def run_from_args(args, command: str = "anyattn bench model") -> int:
         print("run INCOMPLETE (interrupted): the table holds what was measured")
     m = doc["meta"]
     print(f"\n{m['device_name']} | torch {m['torch']} | transformers {m.get('transformers')} | {doc['elapsed_s']} s")
-    print(table(doc))
+    print(show(doc))
     if doc.get("interrupted"):
         return 130
     return 1 if any(r["status"] == "failed" for r in doc["results"]) else 0

@@ -15,7 +15,8 @@ import torch
 
 from . import UsageError
 
-__all__ = ["CLS", "EOS", "PAD", "fasta_lengths", "make_batches", "make_lengths", "padded_inputs", "token_ids"]
+__all__ = ["CLS", "EOS", "PAD", "fasta_lengths", "make_batches", "make_lengths", "padded_inputs", "sequences", "token_ids",
+           "write_fasta"]
 
 CLS, PAD, EOS = 0, 1, 2
 
@@ -73,15 +74,37 @@ def token_ids(tokens: list[int], seed: int) -> list[torch.Tensor]:
     return out
 
 
-def padded_inputs(batches, tokens, ids, device) -> list:
-    """Right-padded (input_ids, attention_mask) per batch: B rows x the batch's longest."""
+def padded_inputs(batches, tokens, ids, device, pad: int = PAD) -> list:
+    """Right-padded (input_ids, attention_mask) per batch: B rows x the batch's longest; ``pad``
+    fills the padding (ESM's <pad> by default)."""
     out = []
     for b in batches:
         S = max(tokens[i] for i in b)
-        x = torch.full((len(b), S), PAD, dtype=torch.long)
+        x = torch.full((len(b), S), pad, dtype=torch.long)
         am = torch.zeros((len(b), S), dtype=torch.long)
         for r, i in enumerate(b):
             x[r, : tokens[i]] = ids[i]
             am[r, : tokens[i]] = 1
         out.append((x.to(device), am.to(device)))
     return out
+
+
+# ESM's alphabet ids 4..23 (the residues token_ids draws): L A G V S E R T I D P K Q N F Y M H W C
+_ESM_RESIDUES = "LAGVSERTIDPKQNFYMHWC"
+
+
+def sequences(lengths: list[int], seed: int) -> list[str]:
+    """The residue strings of the ESM2 benchmark's sequences: ``token_ids`` of ``length + 2``
+    tokens (same seed) read back through ESM's alphabet, so every family and the embed job run
+    exactly the residues ESM2's rows run."""
+    ids = token_ids([n + 2 for n in lengths], seed)
+    return ["".join(_ESM_RESIDUES[i - 4] for i in t[1:-1].tolist()) for t in ids]
+
+
+def write_fasta(path: str, seqs: list[str], prefix: str = "seq") -> None:
+    """One record per sequence, ids ``{prefix}{index}``, 60 residues a line."""
+    with open(path, "w") as f:
+        for i, s in enumerate(seqs):
+            f.write(f">{prefix}{i}\n")
+            for j in range(0, len(s), 60):
+                f.write(s[j : j + 60] + "\n")
