@@ -157,7 +157,7 @@ def test_default_layer_and_fp16_store_shapes(ckpt, tmp_path):
     assert store.get("a").shape == (8, 32) and store.get("a").dtype == np.float16
     m = store.metadata
     assert m["pooling"] == "none" and m["layers"] == "2" and m["store_dtype"] == "float16"
-    assert m["anyattn_version"] and m["model_source"] == ckpt and m["format"] == "anyattn.embed/1"
+    assert m["anyattn_version"] and m["model_source"] == ckpt and m["format"] == "anyattn.embed/2"
     row = sqlite3.connect(out).execute("SELECT dtype, shape, length, policy FROM embeddings WHERE id='b'").fetchone()
     assert row == ("float16", "[3, 32]", 3, "")
 
@@ -180,9 +180,16 @@ def test_rerun_skips_everything(ckpt, tmp_path):
     s = embed(fa, model=ckpt, out=out, max_tokens=60, progress=False)
     assert (s.embedded, s.skipped, s.computed, s.batches) == (0, 10, 0, 0)
     recs["new"] = "MKKLLV"
-    s = embed(_write_fasta(tmp_path / "in2.fasta", recs), model=ckpt, out=out, max_tokens=60, progress=False)
+    fa2 = _write_fasta(tmp_path / "in2.fasta", recs)
+    with pytest.raises(StoreMismatchError, match=r"was made from another input: it has 10 record\(s\) .* this input 11 .* 1 id\(s\) not in the store \(e\.g\. 'new'\), 0 of the store's not in this input; to add new records to this store use append=True"):
+        embed(fa2, model=ckpt, out=out, max_tokens=60, progress=False)
+    s = embed(fa2, model=ckpt, out=out, max_tokens=60, progress=False, append=True)
     # the new sequence's batch is computed whole (the plan does not depend on what is done)
     assert (s.embedded, s.skipped) == (1, 10) and 1 <= s.computed <= 10
+    st = open_store(out)
+    assert st.records() == list(recs) and st.metadata["input_records"] == "11"
+    s = embed(fa2, model=ckpt, out=out, max_tokens=60, progress=False)  # the appended input is the store's input now
+    assert (s.embedded, s.skipped) == (0, 11)
 
 
 def _rows(path):

@@ -16,7 +16,8 @@ needs both line numbers and the sequences).
 
 The file is UTF-8 (a leading byte-order mark is skipped); gzip-compressed files are recognized by
 their first bytes, whatever their name. Records from Python (``(id, seq)`` pairs or a mapping) go
-through the same checks, with "record N" in place of a line number.
+through the same checks, with "record N" in place of a line number; a list of bare sequence
+strings gets ids "0", "1", ... (positions).
 """
 
 from __future__ import annotations
@@ -258,7 +259,8 @@ def read_fasta(path, *, alphabet=None, unknown: str = "error") -> Iterator[Recor
 
 
 def read_records(records, *, alphabet=None, unknown: str = "error") -> Iterator[Record]:
-    """Python records: a mapping id -> sequence, or an iterable of ``(id, sequence)`` pairs."""
+    """Python records: a mapping id -> sequence, an iterable of ``(id, sequence)`` pairs, or an
+    iterable of sequence strings (ids ``"0"``, ``"1"``, ...: their 0-based positions)."""
     _check_unknown(unknown)
     if isinstance(records, Mapping):
         items: Iterable = records.items()
@@ -268,8 +270,15 @@ def read_records(records, *, alphabet=None, unknown: str = "error") -> Iterator[
         raise bad_type("records", "a FASTA path, a mapping id -> sequence or an iterable of (id, sequence)", type(records).__name__)
     clean = _Checker(alphabet, unknown).clean
     n = 0
+    bare = None  # sequences without ids (True) or (id, sequence) pairs (False), as the first record
     for n, item in enumerate(items, 1):
-        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+        if bare is None:
+            bare = isinstance(item, str)
+        if bare:
+            if not isinstance(item, str):
+                raise FastaError(f"record {n}: expected a sequence string like record 1 (ids are positions), got {item!r:.80}")
+            item = (str(n - 1), item)
+        elif not (isinstance(item, (tuple, list)) and len(item) == 2):
             raise FastaError(f"record {n}: expected an (id, sequence) pair, got {item!r:.80}")
         rid, seq = item
         if not isinstance(rid, str) or not rid or rid != rid.strip() or any(c.isspace() for c in rid):

@@ -1,8 +1,9 @@
 """The embed job's access to a model: loading, the encoder, its tokenizer, its identity in a store.
 
-A model is an ``anyattn.models`` protein LM (ESM2, DPLM), given as a checkpoint directory, a hub
-id or an object. Its identity (architecture fields and a weights fingerprint) is what a store
-records, so that a resumed run refuses another model.
+A model is an ``anyattn.models`` protein LM (ESM2, DPLM, DPLM-2, ESM C / ESM++, E1, ANKH), given
+as a checkpoint directory, a hub id or an object. Its identity (architecture fields and a weights
+fingerprint) is what a store records, so that a resumed run refuses another model. What one
+sequence looks like to each family is :mod:`anyattn.embed.formats`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,13 @@ _CONFIG_KEYS = (
     "max_position_embeddings", "position_embedding_type", "token_dropout", "emb_layer_norm_before",
     "layer_norm_eps", "pad_token_id", "mask_token_id", "rope_theta",
 )  # fmt: skip
+# fields of the other families, hashed when the config has them (an ESM2 config hashes as before)
+_MORE_CONFIG_KEYS = (
+    "d_kv", "d_ff", "num_heads", "relative_attention_num_buckets", "relative_attention_max_distance",
+    "dense_act_fn", "layer_norm_epsilon", "num_key_value_heads", "global_attention_every_n_layers",
+    "max_num_sequences", "max_num_positions_within_seq", "rope_theta_within_seq", "rope_theta_global", "clip_qkv",
+    "rms_norm_eps", "gated_mlp", "hidden_act", "scale_residue", "bos_token_id", "eos_token_id",
+)  # fmt: skip
 
 
 def _config(model):
@@ -40,8 +48,13 @@ def _config(model):
 
 
 def _encoder(model):
-    """The encoder without the LM head (embeddings need the hidden states only)."""
-    return getattr(model, "esm", model)
+    """The encoder without the LM head (embeddings need the hidden states only): ``.esm`` of
+    ESM2 / DPLM / DPLM-2, ``.model`` of E1; ESM C and ANKH are called whole (ESM C's sequence
+    head is one small MLP; ANKH's model is the encoder)."""
+    enc = getattr(model, "esm", None)
+    if enc is None and type(model).__name__ == "E1ForMaskedLM":
+        enc = model.model
+    return enc if enc is not None else model
 
 
 def _load_model(source, *, backend):
@@ -82,6 +95,7 @@ def _tokenizer(model, source):
 def _model_identity(model) -> dict:
     cfg = _config(model)
     arch = {k: getattr(cfg, k, None) for k in _CONFIG_KEYS}
+    arch.update({k: v for k in _MORE_CONFIG_KEYS if (v := getattr(cfg, k, None)) is not None})
     arch["model_type"] = arch["model_type"] or "esm"
     conf = hashlib.sha1(json.dumps(arch, sort_keys=True, default=str).encode()).hexdigest()
     # 64 strided values of every tensor, rounded to bfloat16 so that the fingerprint of one

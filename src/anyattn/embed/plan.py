@@ -1,7 +1,9 @@
 """The embed job's plan: records -> unique sequences -> long policy -> token-budget batches.
 
-The plan depends only on the set of unique sequences and ``max_tokens``, never on the input order
-or on what an earlier run finished (see :mod:`anyattn.embed.job`).
+The plan depends only on the set of unique sequences, the family's special tokens per sequence
+and ``max_tokens``, never on the input order or on what an earlier run finished (see
+:mod:`anyattn.embed.job`). The input order itself (one id per record, duplicates included) and
+the input's identity (sha1 of its ids and sequences, in order) are kept for the store.
 """
 
 from __future__ import annotations
@@ -45,12 +47,38 @@ def _read_input(source, alphabet, unknown):
     return read_records(source, alphabet=alphabet, unknown=unknown), "records"
 
 
+@dataclass
+class _Input:
+    """What the job keeps of its input: unique sequences, id -> (sequence index, line), and the
+    records in input order (``order``: ids, an id given twice listed twice; ``order_seq``: each
+    record's sequence index)."""
+
+    seqs: list
+    id_map: dict
+    n_records: int
+    order: list
+    order_seq: list
+
+    def records(self) -> list:
+        """(id, sha1 of its sequence) per record, in input order (what the store keeps)."""
+        seqs = self.seqs
+        return [(i, seqs[k].sha1) for i, k in zip(self.order, self.order_seq)]
+
+
 def _collect(records, where):
-    """Unique sequences (first-seen order) and the id -> sequence index map; same id with a
-    different sequence is an error naming both lines."""
+    """Unique sequences (first-seen order), the id -> sequence index map and the record count;
+    same id with a different sequence is an error naming both lines."""
+    inp = _collect_input(records, where)
+    return inp.seqs, inp.id_map, inp.n_records
+
+
+def _collect_input(records, where) -> _Input:
+    """:func:`_collect`, plus the records in input order."""
     by_seq: dict = {}
     seqs: list = []
     id_map: dict = {}  # id -> (seq index, line)
+    order: list = []
+    order_seq: list = []
     n = 0
     unit = "line" if where != "records" else "record"
     for n, r in enumerate(records, 1):
@@ -58,6 +86,8 @@ def _collect(records, where):
         if k is None:
             k = by_seq[r.seq] = len(seqs)
             seqs.append(_Seq(r.seq, r.line, []))
+        order.append(r.id)
+        order_seq.append(k)
         prev = id_map.get(r.id)
         if prev is not None:
             if prev[0] != k:
@@ -67,7 +97,7 @@ def _collect(records, where):
             continue  # the same record again: one row
         id_map[r.id] = (k, r.line)
         seqs[k].ids.append(r.id)
-    return seqs, id_map, n
+    return _Input(seqs, id_map, n, order, order_seq)
 
 
 def _chunks(n: int, parts: int):
@@ -80,20 +110,21 @@ def _chunks(n: int, parts: int):
     return out
 
 
-def _plan(seqs, max_residues, long_policy, max_tokens, where):
+def _plan(seqs, max_residues, long_policy, max_tokens, where, specials: int = 2, special_names: str = "<cls> and <eos>"):
     """Items (seq index, chunk, residues) sorted by (-length, sequence, chunk), then token-budget
-    batches. Returns the list of batches, each a list of items."""
+    batches (each item costs its residues plus ``specials`` tokens). ``max_residues`` None: no
+    length limit. Returns the list of batches, each a list of items."""
     items = []
     unit = "line" if where != "records" else "record"
     for k, s in enumerate(seqs):
         n = len(s.seq)
-        if n <= max_residues:
+        if max_residues is None or n <= max_residues:
             items.append((k, 0, s.seq))
             continue
         if long_policy == "error":
             raise FastaError(
                 f"{where}: {unit} {s.line}: sequence {s.ids[0]!r} has {n} residues; the model takes at most "
-                f"{max_residues} (max_position_embeddings minus <cls> and <eos>). Choose long_policy="
+                f"{max_residues} (its maximum length minus {special_names}). Choose long_policy="
                 f"'truncate' or 'split' (--long-policy)"
             )
         if long_policy == "truncate":
@@ -118,9 +149,9 @@ def _plan(seqs, max_residues, long_policy, max_tokens, where):
         group = by_len[n]
         if len(group) > 1:
             group.sort(key=_SEQUENCE_CHUNK)
-        t = n + 2
+        t = n + specials
         if t > max_tokens:
-            raise bad_value("max_tokens", f"at least {t} (the longest sequence plus <cls> and <eos>)", max_tokens)
+            raise bad_value("max_tokens", f"at least {t} (the longest sequence plus {special_names})", max_tokens)
         for it in group:
             if cur and used + t > max_tokens:
                 batches.append(cur)

@@ -20,7 +20,9 @@ import torch
 from .. import layout  # layout.host_to_device looked up per call (benchmarks/embed_h2d_probe.py patches it)
 from ..errors import AnyAttnError
 from ..layout import SeqInfo
-from .model import _DTYPES, _compile, _config, _encoder, _load_model, _model_identity, _tokenizer
+from .formats import InputFormat
+from .model import _DTYPES, _compile, _config, _encoder, _load_model, _model_identity
+from .pooling import pool_device, pool_host
 from .store import SQLiteStore, _np
 
 
@@ -29,46 +31,53 @@ class EmbedError(AnyAttnError, RuntimeError):
     before it stay in the store, and running the same job again resumes."""
 
 
-_LUTS: dict = {}
+_FORMATS: dict = {}
 
 
-def _lut(tok):
-    """A 256-entry byte -> token id table of the tokenizer's one-letter tokens (-1 elsewhere),
-    equal to ``tok.encode`` on the validated (ASCII letter) sequences, ~100x faster than a Python
-    loop per residue: tokenizing stays off the critical path of a GPU batch."""
+def _as_format(fmt_or_tok):
+    """An :class:`~anyattn.embed.formats.InputFormat`, or one built from a ProteinTokenizer
+    (``<cls> residues <eos>``; benchmarks call ``_batch_tokens`` with a tokenizer)."""
+    if isinstance(fmt_or_tok, InputFormat):
+        return fmt_or_tok
+    tok = fmt_or_tok
+    key = (id(tok), getattr(tok, "vocab", None))
+    fmt = _FORMATS.get(key)
+    if fmt is None:
+        from .formats import _letters_of
+
+        fmt = InputFormat(
+            "esm2", (tok.cls_token_id,), (tok.eos_token_id,), (tok.cls_token,), (tok.eos_token,),
+            _letters_of(tok.token_to_id), tok.pad_token_id, None,
+        )  # fmt: skip
+        _FORMATS.clear()
+        _FORMATS[key] = fmt
+    return fmt
+
+
+def _batch_tokens(fmt, batch):
+    """Flat int64 token ids of a batch (``prefix residues suffix`` per item, the family's
+    format) and the tokens per item. The residues of the whole batch go through the format's
+    lookup table in one call (equal to the tokenizer's encoding of the validated sequences, ~100x
+    faster than a Python loop per residue); the specials are written at computed offsets."""
     np = _np()
-    key = (id(tok), tok.vocab)
-    lut = _LUTS.get(key)
-    if lut is None:
-        lut = np.full(256, -1, dtype=np.int64)
-        for t, i in tok.token_to_id.items():
-            if len(t) == 1 and t.isascii():
-                lut[ord(t)] = i
-        _LUTS.clear()
-        _LUTS[key] = lut
-    return lut
-
-
-def _batch_tokens(tok, batch):
-    """Flat int64 token ids of a batch (``<cls> residues <eos>`` per item) and the lengths: the
-    residues of the whole batch go through the lookup table in one call, and <cls>/<eos> are
-    written at computed offsets (no per-item Python work besides the lengths)."""
-    np = _np()
-    lut = _lut(tok)
+    fmt = _as_format(fmt)
+    P, Q = len(fmt.prefix), len(fmt.suffix)
     res = [r for _, _, r in batch]
-    lengths = [len(r) + 2 for r in res]
-    codes = lut[np.frombuffer("".join(res).encode("ascii"), dtype=np.uint8)]
+    lengths = [len(r) + P + Q for r in res]
+    codes = fmt.lut()[np.frombuffer("".join(res).encode("ascii"), dtype=np.uint8)]
     if (codes < 0).any():  # the reader validated every residue against this alphabet
         raise RuntimeError("anyattn.embed: a residue outside the tokenizer's one-letter tokens reached the model")
     n = np.asarray(lengths, dtype=np.int64)
-    ends = np.cumsum(n)  # one past each item's <eos>
-    starts = ends - n  # each item's <cls>
+    ends = np.cumsum(n)  # one past each item's last token
+    starts = ends - n  # each item's first token
     out = np.empty(int(ends[-1]) if len(ends) else 0, dtype=np.int64)
-    out[starts] = tok.cls_token_id
-    out[ends - 1] = tok.eos_token_id
     body = np.ones(out.size, dtype=bool)
-    body[starts] = False
-    body[ends - 1] = False
+    for j, t in enumerate(fmt.prefix):
+        out[starts + j] = t
+        body[starts + j] = False
+    for j, t in enumerate(fmt.suffix):
+        out[ends - Q + j] = t
+        body[ends - Q + j] = False
     out[body] = codes
     return out, lengths
 
@@ -76,27 +85,38 @@ def _batch_tokens(tok, batch):
 # ---------------------------------------------------------------------------------- the runner
 class _Runner:
     """Runs packed batches on one device and pools on it. ``submit`` only launches work (no host
-    sync on CUDA); ``collect`` waits for one batch and returns one array per item, shaped
-    (L, C) (pooled, float32) or (L, n, C) (per residue, store dtype)."""
+    sync on CUDA); ``collect`` waits for one batch and returns one array per item: (L, P*C)
+    pooled float32, or (L, n, C) residue vectors (per-residue output in the store dtype; the
+    chunks of split sequences, ``raw``, in float32 for pooling on the host)."""
 
-    def __init__(self, model, device, pooling, layers, store_dtype, pad_to):
+    def __init__(self, model, device, poolers, layers, store_dtype, pad_to, prefix, suffix, pad_id):
         self.enc = _encoder(model)
         self.device = torch.device(device)
-        self.pooling, self.layers, self.pad_to = pooling, layers, pad_to
+        self.poolers, self.layers, self.pad_to = tuple(poolers), list(layers), pad_to
+        self.prefix, self.suffix, self.pad_id = int(prefix), int(suffix), int(pad_id)
+        self.per_residue = self.poolers == ("none",)
         self.store_dtype = getattr(torch, store_dtype)
         self.L = _config(model).num_hidden_layers
         self.need_hidden = any(layer != self.L for layer in layers)
         self.cuda = self.device.type == "cuda"
 
-    def submit(self, toks_T, lengths):
-        """toks_T: flat int64 host tensor of the batch's tokens; lengths: tokens per sequence."""
+    def submit(self, toks_T, lengths, raw=None):
+        """toks_T: flat int64 host tensor of the batch's tokens; lengths: tokens per sequence;
+        raw: per item, True to get its residue vectors back instead of pooled ones."""
         if self.cuda:  # the event and the copies must live on this device's stream, not cuda:0's
             with torch.cuda.device(self.device):
-                return self._submit(toks_T, lengths)
-        return self._submit(toks_T, lengths)
+                return self._submit(toks_T, lengths, raw)
+        return self._submit(toks_T, lengths, raw)
+
+    def _residues(self, hs, starts, n_res, sel, dtype):
+        """(L, sum n, C) residue vectors of the items ``sel``."""
+        dev = self.device
+        idx = torch.cat([torch.arange(starts[d] + self.prefix, starts[d] + self.prefix + n_res[d]) for d in sel])
+        idx = layout.host_to_device(idx, dev)
+        return torch.stack([h[idx].to(dtype) for h in hs])
 
     @torch.inference_mode()
-    def _submit(self, toks_T, lengths):
+    def _submit(self, toks_T, lengths, raw):
         dev = self.device
         T = int(toks_T.numel())
         S = max(T, self.pad_to or 0)
@@ -109,45 +129,57 @@ class _Runner:
             hs = [out.hidden_states[layer][0, :T] for layer in self.layers]
         else:
             hs = [out.last_hidden_state[0, :T]]
-        h_LTC = torch.stack(hs)
-        n_res = [n - 2 for n in lengths]
+        n_res = [n - self.prefix - self.suffix for n in lengths]
         starts = [0]
         for n in lengths[:-1]:
             starts.append(starts[-1] + n)
-        if self.pooling == "none":
-            idx = layout.host_to_device(torch.cat([torch.arange(s + 1, s + 1 + n) for s, n in zip(starts, n_res)]), dev)
-            res = h_LTC[:, idx].to(self.store_dtype)
-        elif self.pooling == "cls":
-            res = h_LTC[:, layout.host_to_device(torch.tensor(starts), dev)].float()
+        D = len(lengths)
+        results = []
+        if self.per_residue:
+            results.append(self._residues(hs, starts, n_res, range(D), self.store_dtype))
+            kinds = None
         else:
-            M = max(n_res)
-            ar = torch.arange(M)
-            idx_DM = layout.host_to_device((torch.tensor(starts)[:, None] + 1 + ar[None]).clamp_max(T - 1), dev)
-            valid_DM = layout.host_to_device(ar[None] < torch.tensor(n_res)[:, None], dev)
-            g = h_LTC[:, idx_DM].float()  # (L, D, M, C)
-            if self.pooling == "mean":
-                cnt = layout.host_to_device(torch.tensor(n_res, dtype=torch.float32), dev)
-                res = (g * valid_DM[None, :, :, None]).sum(2) / cnt[None, :, None]
-            else:
-                res = g.masked_fill(~valid_DM[None, :, :, None], float("-inf")).amax(2)
+            raw = [bool(r) for r in raw] if raw is not None else [False] * D
+            pooled = [d for d in range(D) if not raw[d]]
+            if pooled:
+                st = layout.host_to_device(torch.tensor([starts[d] for d in pooled], dtype=torch.long), dev)
+                nr = layout.host_to_device(torch.tensor([n_res[d] for d in pooled], dtype=torch.long), dev)
+                M = max(n_res[d] for d in pooled)
+                results.append(torch.stack([pool_device(h, st, nr, self.prefix, self.suffix, self.poolers, M) for h in hs]))
+            chunks = [d for d in range(D) if raw[d]]
+            if chunks:
+                results.append(self._residues(hs, starts, n_res, chunks, torch.float32))
+            kinds = raw
         if self.cuda:
-            host = torch.empty(res.shape, dtype=res.dtype, pin_memory=True)
-            host.copy_(res, non_blocking=True)
+            hosts = []
+            for r in results:
+                host = torch.empty(r.shape, dtype=r.dtype, pin_memory=True)
+                host.copy_(r, non_blocking=True)
+                hosts.append(host)
             ev = torch.cuda.Event()
             ev.record(torch.cuda.current_stream(dev))
         else:
-            host, ev = res, None
-        return host, ev, n_res
+            hosts, ev = results, None
+        return hosts, ev, n_res, kinds
 
     def collect(self, pending):
-        host, ev, n_res = pending
+        hosts, ev, n_res, kinds = pending
         if ev is not None:
             ev.synchronize()
-        a = host.numpy()
-        if self.pooling != "none":
-            return [a[:, d] for d in range(a.shape[1])]
         np = _np()
-        return np.split(a, np.cumsum(n_res)[:-1], axis=1)
+        arrays = [h.numpy() for h in hosts]
+        if kinds is None:  # per residue
+            return np.split(arrays[0], np.cumsum(n_res)[:-1], axis=1)
+        out, k = [], 0
+        pooled = arrays.pop(0) if not all(kinds) else None
+        raw_parts = iter(np.split(arrays[0], np.cumsum([n for n, r in zip(n_res, kinds) if r])[:-1], axis=1)) if any(kinds) else None
+        for d, r in enumerate(kinds):
+            if r:
+                out.append(next(raw_parts))
+            else:
+                out.append(pooled[:, k])
+                k += 1
+        return out
 
 
 # ------------------------------------------------------------------------------ progress
@@ -240,14 +272,22 @@ class _Writer:
 
 
 class _Assembler:
-    """Item results -> rows. Chunks of a split sequence are combined once all have arrived (mean
-    weighted by chunk length, max of maxima, per-residue concatenated)."""
+    """Item results -> rows. The chunks of a split sequence come back as residue vectors and are
+    combined once all have arrived: concatenated (per-residue output), or pooled on the host over
+    all the sequence's residues (every pooler exact, the median included)."""
 
-    def __init__(self, seqs, pooling, layer_axis, store_dtype):
-        self.seqs, self.pooling, self.layer_axis = seqs, pooling, layer_axis
+    def __init__(self, seqs, poolers, layer_axis, store_dtype):
+        self.seqs, self.poolers, self.layer_axis = seqs, tuple(poolers), layer_axis
         self.store_dtype = store_dtype
         self.partial: dict = {}
         self.seen: set = set()  # sequences without ids to write, already counted
+
+    def raw_flags(self, items):
+        """Per item: True when the runner must return its residue vectors (a chunk of a split
+        sequence, pooled on the host)."""
+        if self.poolers == ("none",):
+            return None
+        return [self.seqs[k].chunks > 1 for k, _, _ in items]
 
     def rows(self, items, arrays):
         """Rows of the items whose sequence still needs one. A sequence whose ids are all stored
@@ -265,18 +305,14 @@ class _Assembler:
                 continue
             if s.chunks > 1:
                 parts = self.partial.setdefault(k, {})
-                parts[c] = (a, len(res))
+                parts[c] = a
                 if len(parts) < s.chunks:
                     continue
                 chunks = [parts[i] for i in range(s.chunks)]
                 del self.partial[k]
-                if self.pooling == "mean":
-                    tot = sum(n for _, n in chunks)
-                    a = sum(x.astype(np.float64) * n for x, n in chunks) / tot
-                elif self.pooling == "max":
-                    a = np.maximum.reduce([x for x, _ in chunks])
-                else:  # none (cls is refused with split)
-                    a = np.concatenate([x for x, _ in chunks], axis=1)
+                a = np.concatenate(chunks, axis=1)  # (L, n, C): every residue of the sequence
+                if self.poolers != ("none",):
+                    a = pool_host(a, self.poolers)
             with np.errstate(over="ignore", invalid="ignore"):  # checked right below, with the reason
                 stored = np.ascontiguousarray(a.astype(self.store_dtype, copy=False))
             if not np.isfinite(stored).all():
@@ -313,7 +349,6 @@ def _worker(rank, device, source, dtype_name, backend, runner_kw, compile_, task
         if compile_:
             _compile(model)
         runner = _Runner(model, device, **runner_kw)
-        runner.pad_id = _tokenizer(model, source).pad_token_id
         results.put(("ready", rank, _model_identity(model)))
         pending = None
         while True:
@@ -325,8 +360,8 @@ def _worker(rank, device, source, dtype_name, backend, runner_kw, compile_, task
                 continue
             if task is None:
                 break
-            bi, toks, lengths = task
-            p = runner.submit(torch.from_numpy(toks), lengths)
+            bi, toks, lengths, raw = task
+            p = runner.submit(torch.from_numpy(toks), lengths, raw)
             if pending is not None:
                 results.put(("batch", pending[0], runner.collect(pending[1])))
             pending = (bi, p)
@@ -337,12 +372,11 @@ def _worker(rank, device, source, dtype_name, backend, runner_kw, compile_, task
         results.put(("error", rank, traceback.format_exc()))
 
 
-def _run_local(model, device, tok, runner_kw, todo, asm, store, prog, phases):
+def _run_local(model, device, fmt, runner_kw, todo, asm, store, prog, phases):
     """One device, in this process. Batch n+1 is submitted (launched) before batch n's results are
     collected and written, so the host work of one batch overlaps the device work of the next.
     ``phases`` (a dict) receives where the time went (see :class:`EmbedSummary`)."""
     runner = _Runner(model, device, **runner_kw)
-    runner.pad_id = tok.pad_token_id
     writer = _Writer(store)
     written = 0
     pending = None
@@ -365,9 +399,9 @@ def _run_local(model, device, tok, runner_kw, todo, asm, store, prog, phases):
     try:
         for _, batch in todo:
             t0 = clock()
-            toks, lengths = _batch_tokens(tok, batch)
+            toks, lengths = _batch_tokens(fmt, batch)
             t1 = clock()
-            handle = runner.submit(torch.from_numpy(toks), lengths)
+            handle = runner.submit(torch.from_numpy(toks), lengths, asm.raw_flags(batch))
             t["tokenize"] += t1 - t0
             t["submit"] += clock() - t1
             if pending is not None:  # the previous batch's host work overlaps this one's compute
@@ -381,7 +415,7 @@ def _run_local(model, device, tok, runner_kw, todo, asm, store, prog, phases):
     return written
 
 
-def _run_workers(source, devs, dtype, backend, compile_, runner_kw, tok, todo, asm, store, prog, identity):
+def _run_workers(source, devs, dtype, backend, compile_, runner_kw, fmt, todo, asm, store, prog, identity):
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -398,14 +432,15 @@ def _run_workers(source, devs, dtype, backend, compile_, runner_kw, tok, todo, a
     for p in procs:
         p.start()
     by_index = dict(todo)
-    ntok = {bi: sum(len(r) + 2 for _, _, r in b) for bi, b in todo}
+    specials = len(fmt.prefix) + len(fmt.suffix)
+    ntok = {bi: sum(len(r) + specials for _, _, r in b) for bi, b in todo}
     feed = iter(todo)
 
     def put_next():
         """Keep a bounded number of batches in flight (memory stays flat for millions of sequences)."""
         for bi, batch in feed:
-            toks, lengths = _batch_tokens(tok, batch)
-            tasks.put((bi, toks, lengths))
+            toks, lengths = _batch_tokens(fmt, batch)
+            tasks.put((bi, toks, lengths, asm.raw_flags(batch)))
             return
         for _ in procs:  # exhausted: one stop marker per worker
             tasks.put(None)

@@ -1,9 +1,12 @@
 """Embedding stores: the SQLite work store (resumable), safetensors/npz exports, one reader.
 
-SQLite schema (``FORMAT = "anyattn.embed/1"``)::
+SQLite schema (``FORMAT = "anyattn.embed/2"``)::
 
-    meta(key TEXT PRIMARY KEY, value TEXT)            format, model identity, pooling, layers,
-                                                      dtypes, policies, anyattn version
+    meta(key TEXT PRIMARY KEY, value TEXT)            format, model identity, input identity,
+                                                      input format, pooling, layers, dtypes,
+                                                      policies, layout, anyattn version
+    inputs(pos INTEGER PRIMARY KEY, id TEXT)          the input's records in order (one row per
+                                                      record: an id given twice is listed twice)
     embeddings(id TEXT PRIMARY KEY,                   the FASTA id
                seq_sha1 TEXT NOT NULL,                sha1 of the embedded sequence (after policies)
                length INTEGER NOT NULL,               residues of that sequence
@@ -12,15 +15,19 @@ SQLite schema (``FORMAT = "anyattn.embed/1"``)::
                shape TEXT NOT NULL,                   JSON list, e.g. [1280] or [412, 1280]
                data BLOB NOT NULL)                    C-order little-endian array bytes
 
+Rows are written in batch order (length-sorted); readers return them in input order
+(``ids()``: each id once, at its first record; ``records()``: one per input record, duplicates
+repeated; ``stack()``: the rows of ``records()`` as one array).
+
 Crash safety: WAL journal, one transaction per batch (``put_many``), plain ``INSERT`` on the
 primary key (a second row for an id is an error, never a silent replace). A process killed at
 any moment (SIGKILL included) leaves the store at the last committed batch; SQLite rolls the
 unfinished transaction back on the next open. ``synchronous=NORMAL`` keeps that guarantee for
 process crashes (an OS crash or power loss may lose the last batches, never corrupt the file).
 
-The metadata is written in the transaction that creates the tables and checked on every open for
-writing: a store of another model, pooling, layers, dtype or policy is refused, naming each key
-that differs.
+The metadata and the input order are written in the transaction that creates the tables; the
+metadata is checked on every open for writing: a store of another model, input, tokenizer,
+pooling, layers, dtype or policy is refused, naming each key that differs.
 
 One writer: a job holds an exclusive lock (``flock`` on ``<store>.lock``, released by the kernel
 when the process dies, even by SIGKILL) from before it reads what is stored until it is done; a
@@ -29,34 +36,55 @@ rows it could not write. Readers take no lock. A failed write (a full disk, an I
 :class:`StoreError` naming the store and SQLite's reason; the rows committed before it stay.
 Paths are handed to SQLite as quoted ``file:`` URIs (a ``#``, ``?`` or ``%`` in a path is part of
 the file name, and ``:memory:`` is a file, never an in-memory database).
+
+Exports (:func:`export`), written at the end of a job from the work store, in input order:
+``.npz`` (one member per id), ``.safetensors`` (one tensor per id, streamed to disk: memory stays
+flat) and, when the rows exceed ``shard_size`` bytes, sharded safetensors as transformers shards
+weights: ``name-00001-of-00003.safetensors`` ... and ``name.safetensors.index.json`` (``metadata``,
+``weight_map`` id -> shard file, ``records`` the input order), written last: its presence marks a
+complete export.
 """
 
 from __future__ import annotations
 
 import errno
+import glob
+import hashlib
 import json
 import os
+import re
 import socket
 import sqlite3
+import struct
 import time
 import urllib.parse
 import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
+from typing import NamedTuple
 
 from ..errors import AnyAttnError, bad_value
 
-__all__ = ["FORMAT", "StoreMismatchError", "StoreError", "StoreBusyError", "SQLiteStore", "open_store", "export", "EXPORT_FORMATS"]
+__all__ = [
+    "FORMAT", "StoreMismatchError", "StoreError", "StoreBusyError", "SQLiteStore", "EmbeddingStore", "Column",
+    "open_store", "export", "EXPORT_FORMATS", "parse_size",
+]  # fmt: skip
 
-FORMAT = "anyattn.embed/1"
+FORMAT = "anyattn.embed/2"
+READ_FORMATS = ("anyattn.embed/1", FORMAT)  # /1: no input order, no layout (read in write order)
 EXPORT_FORMATS = (".safetensors", ".npz")
+DEFAULT_SHARD_SIZE = 2 * 1024**3  # bytes of tensor data per safetensors shard
+# a safetensors header must stay under 100 MB (the reader's limit): shards also split on it
+_HEADER_BUDGET = 50 * 1024**2
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 # meta keys that must be equal for two runs to share a store; the rest (model_source,
 # anyattn_version, created) are recorded for the reader only
 IDENTITY_KEYS = (
-    "format", "model_type", "model_config_sha1", "model_weights_sha1", "pooling", "layers", "dtype", "store_dtype",
-    "long_policy", "unknown", "max_residues",
+    "format", "model_type", "model_config_sha1", "model_weights_sha1", "input_format", "tokenizer_sha1",
+    "input_records", "input_sha1", "pooling", "layers", "dtype", "store_dtype", "long_policy", "unknown",
+    "max_residues",
 )  # fmt: skip
+_INPUT_KEYS = ("input_records", "input_sha1")
 
 
 class StoreMismatchError(AnyAttnError, ValueError):
@@ -207,10 +235,14 @@ def _array(blob: bytes, dtype: str, shape):
 
 
 class SQLiteStore:
-    """The work store. ``SQLiteStore(path, meta)`` opens for writing (creating it, or checking
-    ``meta`` against the stored metadata); ``SQLiteStore(path)`` opens read-only."""
+    """The work store. ``SQLiteStore(path, meta, inputs)`` opens for writing: it creates the store
+    with the metadata and the input's records ``inputs`` ((id, sha1 of its sequence) per record,
+    in order), or checks ``meta`` against the stored metadata and ``inputs`` against the stored
+    records. ``append=True`` adds the records of ids the store has not seen at the end of its
+    records (another input may extend a store; an id with another sequence is refused always).
+    ``SQLiteStore(path)`` opens read-only."""
 
-    def __init__(self, path, meta: dict | None = None):
+    def __init__(self, path, meta: dict | None = None, inputs=None, *, append: bool = False):
         self.path = os.fspath(path)
         self.writable = meta is not None
         if not self.writable:
@@ -225,6 +257,7 @@ class SQLiteStore:
             if self.metadata is None:
                 self.con.close()
                 raise StoreMismatchError(f"{self.path}: not an anyattn embedding store (no metadata table)")
+            self._ordered = None
             return
         check_out_path(self.path)
         exists = os.path.exists(self.path) and os.path.getsize(self.path) > 0
@@ -252,12 +285,19 @@ class SQLiteStore:
                     "CREATE TABLE embeddings(id TEXT PRIMARY KEY, seq_sha1 TEXT NOT NULL, length INTEGER NOT NULL, "
                     "policy TEXT NOT NULL, dtype TEXT NOT NULL, shape TEXT NOT NULL, data BLOB NOT NULL)"
                 )
+                self.con.execute("CREATE TABLE inputs(pos INTEGER PRIMARY KEY, id TEXT NOT NULL, seq_sha1 TEXT NOT NULL)")
+                self.con.execute("CREATE INDEX inputs_id ON inputs(id)")
+                if inputs is not None:
+                    self.con.executemany("INSERT INTO inputs VALUES (?, ?, ?)", ((p, i, h) for p, (i, h) in enumerate(inputs)))
+                    meta = {**meta, **input_identity(inputs)}
                 self.con.executemany("INSERT INTO meta VALUES (?, ?)", [(k, str(v)) for k, v in meta.items()])
                 stored = {k: str(v) for k, v in meta.items()}
             else:
-                check_meta(stored, meta, self.path)
+                check_meta(stored, meta, self.path, skip=_INPUT_KEYS)
                 if self.con.execute("SELECT name FROM sqlite_master WHERE type='table' AND name='embeddings'").fetchone() is None:
                     raise StoreMismatchError(f"out: {self.path!r} has anyattn metadata but no embeddings table (damaged); move it away")
+                if inputs is not None:
+                    stored = self._check_inputs(stored, inputs, append)
             self.con.execute("COMMIT")
         except BaseException as e:
             self._rollback()
@@ -266,6 +306,49 @@ class SQLiteStore:
                 raise _sqlite_failure(e, self.path, "creating the store") from None
             raise
         self.metadata = stored
+        self._ordered = None
+
+    def _check_inputs(self, stored: dict, inputs, append: bool) -> dict:
+        """Inside the opening transaction: this run's records against the stored ones. The same
+        records: nothing to do. An id whose sequence differs: refused. Other records (added,
+        missing, reordered): refused, or with ``append`` the new ids' records are added at the
+        end and the input identity updated. Returns the metadata."""
+        want = input_identity(inputs)
+        if all(stored.get(k) == str(v) for k, v in want.items()):
+            return stored
+        have = self.con.execute("SELECT id, seq_sha1 FROM inputs ORDER BY pos").fetchall()
+        known = dict(have)
+        if not known:  # rows written without their input (a store of an older anyattn is refused by format)
+            known = dict(self.con.execute("SELECT id, seq_sha1 FROM embeddings"))
+        for i, h in inputs:
+            if known.get(i, h) != h:
+                raise StoreMismatchError(
+                    f"out: {self.path!r} holds id {i!r} with another sequence than this input's; refusing to mix "
+                    "inputs (use another --out)"
+                )
+        new = [(i, h) for i, h in inputs if i not in known]
+        if not append:
+            ids = {i for i, _ in inputs}
+            missing = sum(1 for i in known if i not in ids)
+            raise StoreMismatchError(
+                f"out: {self.path!r} was made from another input: it has {stored.get('input_records')} record(s) "
+                f"(sha1 {str(stored.get('input_sha1'))[:12]}), this input {want['input_records']} (sha1 "
+                f"{want['input_sha1'][:12]}): {len({i for i, _ in new})} id(s) not in the store"
+                + (f" (e.g. {new[0][0]!r})" if new else "") + f", {missing} of the store's not in this input"
+                + (", or the same ids in another order" if not new and not missing else "")
+                + "; to add new records to this store use append=True (--append), else another --out"
+            )
+        if new:
+            start = len(have)
+            self.con.executemany("INSERT INTO inputs VALUES (?, ?, ?)", ((start + p, i, h) for p, (i, h) in enumerate(new)))
+        combined = have + new if have else list(inputs)
+        ident = input_identity(combined)
+        self.con.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", [(k, str(v)) for k, v in ident.items()])
+        return {**stored, **{k: str(v) for k, v in ident.items()}}
+
+    def input_records(self) -> list:
+        """(id, sha1 of its sequence) of every record, in input order."""
+        return self.con.execute("SELECT id, seq_sha1 FROM inputs ORDER BY pos").fetchall()
 
     def _read_meta(self) -> dict | None:
         row = self.con.execute("SELECT name FROM sqlite_master WHERE type='table' AND name='meta'").fetchone()
@@ -309,6 +392,18 @@ class SQLiteStore:
                 pass
 
     # ----------------------------------------------------------------- reading
+    def _has_inputs(self) -> bool:
+        if self._ordered is None:
+            row = self.con.execute("SELECT name FROM sqlite_master WHERE type='table' AND name='inputs'").fetchone()
+            self._ordered = row is not None and self.con.execute("SELECT 1 FROM inputs LIMIT 1").fetchone() is not None
+        return self._ordered
+
+    # stored rows in input order (each id at its first record), rows not in the input last
+    _ORDER = (
+        "FROM embeddings e LEFT JOIN (SELECT id, MIN(pos) AS p FROM inputs GROUP BY id) i ON i.id = e.id "
+        "ORDER BY i.p IS NULL, i.p, e.rowid"
+    )
+
     def get(self, id: str):
         row = self.con.execute("SELECT dtype, shape, data FROM embeddings WHERE id = ?", (id,)).fetchone()
         if row is None:
@@ -316,11 +411,35 @@ class SQLiteStore:
         return _array(row[2], row[0], json.loads(row[1]))
 
     def ids(self) -> list:
-        return [r[0] for r in self.con.execute("SELECT id FROM embeddings ORDER BY rowid")]
+        """Stored ids in input order (write order for a store without an input order)."""
+        if not self._has_inputs():
+            return [r[0] for r in self.con.execute("SELECT id FROM embeddings ORDER BY rowid")]
+        return [r[0] for r in self.con.execute("SELECT e.id " + self._ORDER)]
+
+    def records(self) -> list:
+        """One id per input record, in input order (an id given twice is listed twice); only ids
+        that are stored."""
+        if not self._has_inputs():
+            return self.ids()
+        return [r[0] for r in self.con.execute("SELECT i.id FROM inputs i JOIN embeddings e ON e.id = i.id ORDER BY i.pos")]
 
     def items(self) -> Iterator:
-        for i, dt, shape, blob in self.con.execute("SELECT id, dtype, shape, data FROM embeddings ORDER BY rowid"):
+        q = "SELECT id, dtype, shape, data FROM embeddings ORDER BY rowid" if not self._has_inputs() else (
+            "SELECT e.id, e.dtype, e.shape, e.data " + self._ORDER)
+        for i, dt, shape, blob in self.con.execute(q):
             yield i, _array(blob, dt, json.loads(shape))
+
+    def entries(self) -> list:
+        """(id, dtype, shape, nbytes) of every row, in :meth:`ids` order, without the data."""
+        q = "SELECT id, dtype, shape, length(data) FROM embeddings ORDER BY rowid" if not self._has_inputs() else (
+            "SELECT e.id, e.dtype, e.shape, length(e.data) " + self._ORDER)
+        return [(i, dt, json.loads(shape), n) for i, dt, shape, n in self.con.execute(q)]
+
+    def blobs(self) -> Iterator:
+        """The raw little-endian bytes of every row, in :meth:`ids` order."""
+        q = "SELECT data FROM embeddings ORDER BY rowid" if not self._has_inputs() else "SELECT e.data " + self._ORDER
+        for (blob,) in self.con.execute(q):
+            yield blob
 
     def __len__(self) -> int:
         return self.con.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0]
@@ -337,56 +456,206 @@ def _le_bytes(a) -> bytes:
     return a.tobytes()
 
 
-def check_meta(stored: dict, wanted: dict, path: str) -> None:
-    diffs = [
-        f"{k}: store has {stored.get(k)!r}, this run {str(wanted.get(k))!r}"
-        for k in IDENTITY_KEYS
-        if stored.get(k) != (None if wanted.get(k) is None else str(wanted.get(k)))
-    ]
+def input_identity(records) -> dict:
+    """``input_records`` and ``input_sha1`` (of every record's id and sequence sha1, in order)."""
+    h = hashlib.sha1()
+    n = 0
+    for n, (i, s) in enumerate(records, 1):
+        h.update(f"{i}\0{s}\n".encode("utf-8", "surrogateescape"))
+    return {"input_records": n, "input_sha1": h.hexdigest()}
+
+
+def check_meta(stored: dict, wanted: dict, path: str, skip=()) -> None:
+    """Refuse to mix runs: every identity key that differs is named, with both values."""
+    diffs = []
+    for k in IDENTITY_KEYS:
+        have, want = stored.get(k), (None if wanted.get(k) is None else str(wanted.get(k)))
+        if k in skip or have == want or k == "input_sha1" and "input_records" in [d[0] for d in diffs]:
+            continue
+        if k in _INPUT_KEYS:
+            diffs.append((k, (
+                f"input: the store was made from {stored.get('input_records')} record(s) (sha1 of ids and "
+                f"sequences {str(stored.get('input_sha1'))[:12]}), this run has {wanted.get('input_records')} "
+                f"(sha1 {str(wanted.get('input_sha1'))[:12]}): another input file, or records added, removed, "
+                "reordered or changed"
+            )))
+        elif k == "format" and have in READ_FORMATS:
+            diffs.append((k, f"format: store has {have!r} (written by an older anyattn; open_store still reads it), this run {want!r}"))
+        else:
+            diffs.append((k, f"{k}: store has {have!r}, this run {want!r}"))
     if diffs:
         raise StoreMismatchError(
             f"out: {path!r} holds embeddings made with different settings; refusing to mix them "
-            f"(use another --out, or the same settings): " + "; ".join(diffs)
+            f"(use another --out, or the same settings): " + "; ".join(d for _, d in diffs)
         )
 
 
+def parse_size(value, name: str = "shard_size") -> int:
+    """Bytes from an int or a string like ``"2GB"``, ``"500MB"``, ``"1.5GiB"``, ``"1000000"``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    elif isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kKmMgGtT]i?[bB]?|[bB])?\s*", value)
+        if m is None:
+            raise bad_value(name, "a size such as 2GB, 500MB, 1.5GiB or a number of bytes", repr(value))
+        unit = (m.group(2) or "b").lower().rstrip("b")
+        mult = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4, "ki": 1024, "mi": 1024**2, "gi": 1024**3, "ti": 1024**4}[unit]
+        n = int(float(m.group(1)) * mult)
+    else:
+        raise bad_value(name, "a size such as 2GB, 500MB or a number of bytes", repr(value))
+    if n < 1:
+        raise bad_value(name, "a positive size", repr(value))
+    return n
+
+
 # --------------------------------------------------------------------------------- exports
-def export(work: SQLiteStore, path: str) -> None:
-    """Write ``work``'s rows to ``path`` (.safetensors or .npz) atomically: a temporary file in
-    the same directory, then ``os.replace``. Every array is read into memory first (these
-    formats are meant for small sets). A failed write (a full disk) leaves ``path`` as it was and
-    the work store complete: it is a :class:`StoreError` saying so."""
+_ST_DTYPES = {"float16": "F16", "float32": "F32"}
+
+
+def _index_path(path: str) -> str:
+    """``emb.safetensors`` -> ``emb.safetensors.index.json`` (transformers' name)."""
+    return path + ".index.json"
+
+
+def _shard_name(path: str, k: int, n: int) -> str:
+    """``emb.safetensors`` -> ``emb-00001-of-00003.safetensors`` (in the same directory)."""
+    stem = os.path.basename(path)[: -len(".safetensors")]
+    return f"{stem}-{k:05d}-of-{n:05d}.safetensors"
+
+
+def _shard_glob(path: str) -> list:
+    stem = os.path.basename(path)[: -len(".safetensors")]
+    pat = os.path.join(glob.escape(os.path.dirname(os.path.abspath(path))), glob.escape(stem) + "-[0-9]*-of-[0-9]*.safetensors")
+    rx = re.compile(re.escape(stem) + r"-\d{5}-of-\d{5}\.safetensors")
+    return [f for f in glob.glob(pat) if rx.fullmatch(os.path.basename(f))]
+
+
+def remove_stale(path: str) -> None:
+    """Temporary files of an export that was killed: ``path.tmp-<pid>``, its index's and its
+    shards' (the caller holds the store's lock, so no other export is running)."""
+    d = os.path.dirname(os.path.abspath(path))
+    base = os.path.basename(path)
+    rx = re.compile(re.escape(base) + r"(\.index\.json)?\.tmp-\d+")
+    if base.endswith(".safetensors"):
+        stem = re.escape(base[: -len(".safetensors")])
+        rx = re.compile(rf"(?:{rx.pattern})|{stem}-\d{{5}}-of-\d{{5}}\.safetensors\.tmp-\d+")
+    for f in os.listdir(d):
+        if rx.fullmatch(f):
+            _remove(os.path.join(d, f))
+
+
+def export(work: SQLiteStore, path: str, shard_size=None) -> None:
+    """Write ``work``'s rows to ``path`` (.safetensors or .npz) atomically and in input order:
+    temporary files in the same directory, then ``os.replace``. ``.safetensors`` is streamed
+    (one row in memory at a time) and sharded when the rows exceed ``shard_size`` bytes (default
+    2 GiB) or one header would grow past 50 MB: shards ``name-0000k-of-0000n.safetensors`` and,
+    renamed last, ``name.safetensors.index.json``. A failed write (a full disk) leaves ``path`` as
+    it was and the work store complete: it is a :class:`StoreError` saying so."""
     path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
     meta = dict(work.metadata)
+    tmps = []
     try:
         if path.endswith(".safetensors"):
-            try:
-                from safetensors.numpy import save_file
-            except ImportError as e:
-                raise ImportError("anyattn embed --out *.safetensors needs safetensors: pip install 'anyattn[embed]'") from e
-            save_file({i: _np().ascontiguousarray(a) for i, a in work.items()}, tmp, metadata=meta)
+            _export_safetensors(work, path, meta, parse_size(shard_size) if shard_size is not None else DEFAULT_SHARD_SIZE, tmps)
         elif path.endswith(".npz"):
+            tmp = f"{path}.tmp-{os.getpid()}"
+            tmps.append(tmp)
+            meta["records"] = json.dumps(work.records())
             _save_npz(tmp, work.items(), meta)
+            os.replace(tmp, path)
         else:
             raise bad_value("out", f"a path ending in .sqlite/.db or one of {EXPORT_FORMATS}", path)
-        os.replace(tmp, path)
     except OSError as e:
         raise StoreError(
             f"out: {path!r}: writing the export failed: {e.strerror or e}"
             + (" (the disk is full: free space)" if e.errno == errno.ENOSPC else "")
             + f"; every row is in the work store {work.path!r}: run the same command again to export"
         ) from None
-    except Exception as e:  # safetensors reports a full disk as its own error type
-        if "No space left" in str(e):
-            raise StoreError(
-                f"out: {path!r}: writing the export failed: no space left on the device; every row is in the work "
-                f"store {work.path!r}: free space, then run the same command again to export"
-            ) from None
-        raise
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for tmp in tmps:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def _export_safetensors(work: SQLiteStore, path: str, meta: dict, shard_size: int, tmps: list) -> None:
+    entries = work.entries()  # (id, dtype, shape, nbytes) in input order
+    records = work.records()
+    shards, cur, size, head = [], [], 0, 0
+    for e in entries:
+        h = len(json.dumps(e[0])) + len(json.dumps(e[2])) + 64  # this tensor's share of the header
+        if cur and (size + e[3] > shard_size or head + h > _HEADER_BUDGET):
+            shards.append(cur)
+            cur, size, head = [], 0, 0
+        cur.append(e)
+        size += e[3]
+        head += h
+    if cur or not shards:
+        shards.append(cur)
+    records_json = json.dumps(records)
+    single = len(shards) == 1 and head + len(records_json) < _HEADER_BUDGET
+    blobs = work.blobs()
+    if single:
+        tmp = f"{path}.tmp-{os.getpid()}"
+        tmps.append(tmp)
+        _write_safetensors(tmp, shards[0], {**meta, "records": records_json}, blobs)
+        os.replace(tmp, path)
+        _remove(_index_path(path), *_shard_glob(path))  # a sharded export of an earlier run
+        return
+    n = len(shards)
+    names, weight_map = [], {}
+    d = os.path.dirname(os.path.abspath(path))
+    for k, shard in enumerate(shards, 1):
+        name = _shard_name(path, k, n)
+        tmp = os.path.join(d, f"{name}.tmp-{os.getpid()}")
+        tmps.append(tmp)
+        _write_safetensors(tmp, shard, {**meta, "shard": f"{k}/{n}"}, blobs)
+        os.replace(tmp, os.path.join(d, name))
+        names.append(name)
+        weight_map.update((e[0], name) for e in shard)
+    index = {
+        "metadata": {**meta, "total_size": sum(e[3] for e in entries), "shards": n},
+        "weight_map": weight_map,
+        "records": records,
+    }
+    tmp = f"{_index_path(path)}.tmp-{os.getpid()}"
+    tmps.append(tmp)
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(index, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, _index_path(path))  # the export is complete from here on
+    _remove(path, *(f for f in _shard_glob(path) if os.path.basename(f) not in names))
+
+
+def _remove(*files) -> None:
+    for f in files:
+        try:
+            os.remove(f)
+        except FileNotFoundError:
+            pass
+
+
+def _write_safetensors(path: str, entries: list, meta: dict, blobs) -> None:
+    """A safetensors file written row by row: an 8-byte little-endian header length, the JSON
+    header (tensor names, dtypes, shapes, byte offsets; metadata strings), padded with spaces to
+    8 bytes, then each tensor's bytes. ``blobs`` yields the rows' bytes in ``entries`` order."""
+    header: dict = {"__metadata__": {k: str(v) for k, v in meta.items()}}
+    off = 0
+    for i, dt, shape, nb in entries:
+        header[i] = {"dtype": _ST_DTYPES[dt], "shape": list(shape), "data_offsets": [off, off + nb]}
+        off += nb
+    h = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    h += b" " * (-len(h) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)))
+        f.write(h)
+        for i, _, _, nb in entries:
+            blob = next(blobs)
+            if len(blob) != nb:  # pragma: no cover - the store changed under the export
+                raise StoreError(f"out: {path!r}: row {i!r} changed while it was exported")
+            f.write(blob)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _save_npz(path: str, items, meta: dict) -> None:
@@ -405,16 +674,20 @@ def _save_npz(path: str, items, meta: dict) -> None:
 
 
 class _MemoryStore:
-    """Reader over a safetensors or npz export (loaded whole: these are the small-set formats)."""
+    """Reader over an npz export (loaded whole: the small-set format)."""
 
-    def __init__(self, path: str, arrays: dict, metadata: dict):
+    def __init__(self, path: str, arrays: dict, metadata: dict, records=None):
         self.path, self._arrays, self.metadata = path, arrays, metadata
+        self._records = records
 
     def get(self, id: str):
         return self._arrays[id]
 
     def ids(self) -> list:
         return list(self._arrays)
+
+    def records(self) -> list:
+        return list(self._records) if self._records is not None else self.ids()
 
     def items(self):
         return iter(self._arrays.items())
@@ -426,9 +699,63 @@ class _MemoryStore:
         pass
 
 
+class _SafetensorsStore:
+    """Reader over a safetensors export, one file or shards with their index. Lazy: a row is read
+    from its file when asked for (memory-mapped by safetensors), so sets larger than memory open
+    at once."""
+
+    def __init__(self, path: str, files: dict, order: list, records: list, metadata: dict):
+        self.path, self.metadata = path, metadata
+        self._files, self._order, self._records = files, order, records  # id -> file, ids, records
+        self._handles: dict = {}
+
+    def _handle(self, file: str):
+        f = self._handles.get(file)
+        if f is None:
+            from safetensors import safe_open
+
+            try:
+                f = self._handles[file] = safe_open(file, framework="numpy")
+            except Exception as e:  # noqa: BLE001 - safetensors' errors: name the shard
+                raise StoreMismatchError(f"{file}: a damaged or truncated .safetensors shard ({type(e).__name__}: {e})") from None
+        return f
+
+    def get(self, id: str):
+        file = self._files[id]  # KeyError for an unknown id
+        return self._handle(file).get_tensor(id)
+
+    def ids(self) -> list:
+        return list(self._order)
+
+    def records(self) -> list:
+        return list(self._records)
+
+    def items(self):
+        for i in self._order:
+            yield i, self.get(i)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+class Column(NamedTuple):
+    """Which columns of a pooled row (flattened: ``row.reshape(-1)``) come from which layer
+    (hidden-state index) and pooler."""
+
+    layer: int
+    pooler: str
+    start: int
+    stop: int
+
+
 class EmbeddingStore(Mapping):
-    """Read access to any store: ``get(id)`` / ``store[id]`` -> numpy array, ``ids()``,
-    ``len(store)``, ``iter(store)`` (ids, in write order), ``items()``, ``metadata`` (dict)."""
+    """Read access to any store: ``get(id)`` / ``store[id]`` -> numpy array, ``ids()`` (input
+    order, each id once), ``records()`` (one id per input record, duplicates repeated),
+    ``stack()`` (the rows of ``records()`` as one array), ``len(store)``, ``iter(store)``,
+    ``items()``, ``metadata`` (dict), ``layout`` and ``columns`` (what the columns hold)."""
 
     def __init__(self, backend):
         self._b = backend
@@ -446,6 +773,39 @@ class EmbeddingStore(Mapping):
 
     def ids(self) -> list:
         return self._b.ids()
+
+    def records(self) -> list:
+        """One id per input record in input order (an id given twice appears twice); ids not
+        stored (a job still running) are left out."""
+        return self._b.records()
+
+    def stack(self, ids=None):
+        """The rows of ``ids`` (default: :meth:`records`, input order with duplicates) stacked into
+        one array (N, ...). Per-residue rows have different lengths: iterate instead."""
+        np = _np()
+        ids = self.records() if ids is None else list(ids)
+        if not ids:
+            raise bad_value("ids", "at least one stored id", "none")
+        rows = [self._b.get(i) for i in ids]
+        shapes = {r.shape for r in rows}
+        if len(shapes) > 1:
+            raise bad_value(
+                "stack", "rows of one shape (pooled embeddings)",
+                f"{len(shapes)} shapes, e.g. {sorted(shapes)[:2]} (per-residue rows: iterate items() or get(id))",
+            )  # fmt: skip
+        return np.stack(rows)
+
+    @property
+    def layout(self) -> dict:
+        """What a row holds: ``axes`` (e.g. ``["layer", "column"]``), ``layers`` (hidden-state
+        indices), ``poolers``, ``hidden_size``, ``columns``; {} for stores before anyattn.embed/2."""
+        raw = self.metadata.get("layout")
+        return json.loads(raw) if raw else {}
+
+    @property
+    def columns(self) -> list:
+        """:class:`Column` s of a flattened pooled row ([] for per-residue stores)."""
+        return [Column(**c) for c in self.layout.get("columns", [])]
 
     def items(self):
         return self._b.items()
@@ -471,12 +831,16 @@ class EmbeddingStore(Mapping):
 
 
 def open_store(path) -> EmbeddingStore:
-    """Open an embedding store written by ``anyattn embed`` (SQLite, safetensors or npz; the
-    format is read from the file's first bytes) for reading. A file that is none of these, or
-    that is damaged, is a :class:`StoreMismatchError` naming it."""
+    """Open an embedding store written by ``anyattn embed`` for reading: SQLite, ``.npz``,
+    ``.safetensors``, or sharded safetensors (``name.safetensors.index.json``, or
+    ``name.safetensors`` when only its index and shards exist); the format is read from the
+    file's first bytes. A file that is none of these, or that is damaged, is a
+    :class:`StoreMismatchError` naming it."""
     if not isinstance(path, (str, os.PathLike)):
         raise bad_value("path", "a store path (str or os.PathLike)", type(path).__name__)
     path = os.fspath(path)
+    if not os.path.exists(path) and path.endswith(".safetensors") and os.path.isfile(_index_path(path)):
+        path = _index_path(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"open_store: no such file {path!r}")
     if os.path.isdir(path):
@@ -489,10 +853,19 @@ def open_store(path) -> EmbeddingStore:
         return EmbeddingStore(_open_npz(path))
     if len(head) >= 9 and head[8:9] == b"{":  # safetensors: an 8-byte header length, then JSON
         return EmbeddingStore(_open_safetensors(path))
+    if path.endswith(".index.json") and head.lstrip()[:1] == b"{":
+        return EmbeddingStore(_open_index(path))
     what = "an empty file" if not head else f"first bytes {head[:8]!r}"
     raise StoreMismatchError(
         f"{path}: not an anyattn embedding store (expected an SQLite, .safetensors or .npz file written by anyattn embed, got {what})"
     )
+
+
+def _records_of(meta: dict, ids: list) -> list:
+    raw = meta.pop("records", None)
+    if raw is None:
+        return list(ids)
+    return json.loads(raw) if isinstance(raw, str) else list(raw)
 
 
 def _open_npz(path: str) -> _MemoryStore:
@@ -507,22 +880,53 @@ def _open_npz(path: str) -> _MemoryStore:
         if isinstance(e, StoreMismatchError):
             raise
         raise StoreMismatchError(f"{path}: a damaged or truncated .npz ({type(e).__name__}: {e})") from None
-    return _MemoryStore(path, arrays, meta)
+    records = _records_of(meta, list(arrays))
+    return _MemoryStore(path, arrays, meta, records)
 
 
-def _open_safetensors(path: str) -> _MemoryStore:
+def _open_safetensors(path: str) -> _SafetensorsStore:
     try:
         from safetensors import safe_open
     except ImportError as e:
         raise ImportError("open_store: reading a .safetensors store needs safetensors: pip install 'anyattn[embed]'") from e
     try:
-        with safe_open(path, framework="numpy") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise StoreMismatchError(f"{path}: not an anyattn embedding store (format {meta.get('format')!r})")
-            arrays = {k: f.get_tensor(k) for k in f.keys()}
-    except StoreMismatchError:
-        raise
+        f = safe_open(path, framework="numpy")
+        meta = dict(f.metadata() or {})
+        keys = list(f.keys())
     except Exception as e:  # noqa: BLE001 - safetensors' errors (SafetensorError, OSError): name the file
         raise StoreMismatchError(f"{path}: a damaged or truncated .safetensors file ({type(e).__name__}: {e})") from None
-    return _MemoryStore(path, arrays, meta)
+    if meta.get("format") not in READ_FORMATS:
+        raise StoreMismatchError(f"{path}: not an anyattn embedding store (format {meta.get('format')!r})")
+    if "shard" in meta:
+        raise StoreMismatchError(f"{path}: one shard ({meta['shard']}) of a sharded export: open its .safetensors.index.json")
+    records = _records_of(meta, keys)
+    have = set(keys)
+    order = [r for r in dict.fromkeys(records) if r in have]
+    seen = set(order)
+    order += [k for k in keys if k not in seen]
+    st = _SafetensorsStore(path, dict.fromkeys(keys, path), order, records, meta)
+    st._handles[path] = f
+    return st
+
+
+def _open_index(path: str) -> _SafetensorsStore:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            index = json.load(fh)
+        meta = dict(index["metadata"])
+        weight_map = dict(index["weight_map"])
+        records = list(index.get("records") or weight_map)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise StoreMismatchError(f"{path}: a damaged safetensors index ({type(e).__name__}: {e})") from None
+    if meta.get("format") not in READ_FORMATS:
+        raise StoreMismatchError(f"{path}: not the index of an anyattn embedding export (format {meta.get('format')!r})")
+    d = os.path.dirname(os.path.abspath(path))
+    missing = sorted({f for f in weight_map.values() if not os.path.isfile(os.path.join(d, f))})
+    if missing:
+        raise StoreMismatchError(f"{path}: shard file(s) {missing[:3]} of this index are missing")
+    meta = {k: str(v) for k, v in meta.items()}
+    files = {i: os.path.join(d, f) for i, f in weight_map.items()}
+    order = [r for r in dict.fromkeys(records) if r in files]
+    seen = set(order)
+    order += [k for k in weight_map if k not in seen]
+    return _SafetensorsStore(path, files, order, records, meta)
