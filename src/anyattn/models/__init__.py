@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 
-from .tokenizer import ProteinTokenizer, load_tokenizer
+from .tokenizer import ProteinTokenizer
 
 # name -> submodule; imported on first attribute access (these need transformers)
 _LAZY = {
@@ -31,6 +31,7 @@ _LAZY = {
     "is_esm2_config": "hub",
     "register_auto": "esm2",
     "load": "hub",
+    "load_tokenizer": "hub",
     "FAMILIES": "hub",
     "Family": "hub",
     "register_family": "hub",
@@ -74,7 +75,7 @@ _LAZY = {
     "is_ankh_config": "hub",
 }
 
-__all__ = ["ProteinTokenizer", "load_tokenizer", *_LAZY]
+__all__ = ["ProteinTokenizer", *_LAZY]
 
 
 def __getattr__(name: str):

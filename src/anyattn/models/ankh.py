@@ -56,7 +56,7 @@ from ..spec import relative_bias
 from ..packing import BatchPlan, plan_batch
 from ._esmc_ankh_batch import check_backend_value, norm_bound
 from ._inputs import check_input_ids, keep_mask
-from .hub import check_state_dict, is_ankh_config, read_weights, resolve_dtype, resolve_saved_backend
+from .checkpoints import check_state_dict, is_ankh_config, read_weights, resolve_dtype, resolve_saved_backend
 
 __all__ = [
     "ANKH_PRESETS",
@@ -492,7 +492,7 @@ def load_ankh(path, *, attn_backend=None, dtype=None, device=None, config: dict 
         raise bad_type("path", "a local directory or a hub id", type(path).__name__)
     path = os.fspath(path)
     if not os.path.isdir(path):
-        from .hub import download
+        from .checkpoints import download
 
         path = download(path)
     if config is None:

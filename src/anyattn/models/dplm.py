@@ -41,7 +41,7 @@ import torch
 
 from ..errors import bad_type, bad_value
 from ..layout import SeqInfo
-from .hub import Family, read_weights, resolve_saved_backend
+from .checkpoints import Family, read_weights, resolve_saved_backend
 from .tokenizer import ProteinTokenizer
 
 # The model classes subclass ESM2ForMaskedLM (a transformers PreTrainedModel): they are built on
@@ -496,7 +496,7 @@ def _resolve(path, *, what: str) -> str:
         return path
     if os.path.exists(path):
         raise bad_value(what, "a checkpoint directory (config.json + weights) or a hub id", repr(path))
-    from .hub import download
+    from .checkpoints import download
 
     return download(path)
 

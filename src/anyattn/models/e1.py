@@ -72,7 +72,7 @@ from ..resolve import check_backend
 from ._inputs import check_input_ids, keep_mask
 from .e1_batch import E1Batch, _s_max, e1_batch_structure, runs_packed
 from .e1_tokenizer import _ORIGINAL_MODEL_TYPES, E1_DEFAULT_VOCAB, MODEL_TYPE, E1Tokenizer, is_e1_config
-from .hub import check_state_dict, read_weights, resolve_saved_backend
+from .checkpoints import check_state_dict, read_weights, resolve_saved_backend
 
 __all__ = [
     "E1Config",

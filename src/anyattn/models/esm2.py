@@ -83,7 +83,7 @@ from .esm2_layers import (  # noqa: E402, F401  (the layer functions are part of
     _Rotary,
     _s_max,
 )
-from .hub import check_state_dict, is_esm2_config, read_weights, resolve_saved_backend  # noqa: E402
+from .checkpoints import check_state_dict, is_esm2_config, read_weights, resolve_saved_backend  # noqa: E402
 
 __all__ = [
     "ESM2Config",
@@ -532,7 +532,7 @@ def load_esm2(path: str, *, attn_backend=None, dtype=None, device=None) -> ESM2F
         raise bad_type("path", "a local directory or a hub id", type(path).__name__)
     path = os.fspath(path)
     if not os.path.isdir(path):
-        from .hub import download
+        from .checkpoints import download
 
         path = download(path)
     cfg_file = os.path.join(path, "config.json")

@@ -54,7 +54,7 @@ from ..layout import SeqInfo
 from ..packing import BatchPlan, plan_batch
 from ._esmc_ankh_batch import check_backend_value, norm_bound
 from ._inputs import check_input_ids, keep_mask
-from .hub import is_esmc_config
+from .checkpoints import is_esmc_config
 from .tokenizer import ProteinTokenizer
 
 __all__ = [

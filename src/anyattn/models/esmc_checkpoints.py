@@ -21,7 +21,7 @@ import torch
 
 from ..errors import bad_type, bad_value
 from .esmc import MODEL_TYPE, ESMCConfig, ESMCForMaskedLM, ESMCModel, check_backend_value
-from .hub import check_state_dict, read_weights, resolve_dtype, resolve_saved_backend
+from .checkpoints import check_state_dict, read_weights, resolve_dtype, resolve_saved_backend
 
 __all__ = ["build_esmc", "load_esmc", "load_esmc_state_dict", "map_esmc_keys"]
 
@@ -181,7 +181,7 @@ def load_esmc(path, *, attn_backend=None, dtype=None, device=None, config: dict 
         cfg.attn_backend = check_backend_value(attn_backend or "auto")
         return build_esmc(cfg, sd, dtype=dtype, device=device)
     if not os.path.isdir(path):
-        from .hub import download
+        from .checkpoints import download
 
         path = download(path)
     if config is None:

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 
 import torch
 
 from ..errors import bad_type, bad_value
 from ..layout import SeqInfo
 
-__all__ = ["ProteinTokenizer", "load_tokenizer"]
+__all__ = ["ProteinTokenizer"]
 
 
 def _read_text(file: str) -> str:
@@ -255,80 +254,3 @@ class ProteinTokenizer:
                 continue
             out.append(self.vocab[i])
         return "".join(out)
-
-
-def _family_tokenizer(path_or_model):
-    """E1's and DPLM-2's own tokenizers (their vocabularies and input formats are not the ESM
-    alphabet's), or None for the ESM family."""
-    from .dplm import is_dplm2_config, load_dplm_tokenizer
-    from .e1_tokenizer import E1Tokenizer, is_e1_config
-
-    config = getattr(path_or_model, "config", None)
-    path = None
-    if isinstance(path_or_model, (str, os.PathLike)):
-        path = os.fspath(path_or_model)
-        f = os.path.join(path, "config.json")
-        if not os.path.isfile(f):
-            return None
-        cfg = read_json(f)  # a damaged config.json is an error, not a silent fall back to the ESM alphabet
-    elif config is not None and hasattr(config, "to_dict"):
-        cfg = config.to_dict()
-        src = getattr(config, "_name_or_path", "") or ""
-        path = src if src and os.path.isdir(src) else None
-    else:
-        return None
-    if not isinstance(cfg, dict):
-        return None
-    if is_e1_config(cfg):
-        if path is not None and any(os.path.isfile(os.path.join(path, n)) for n in ("tokenizer.json", "vocab.json")):
-            return E1Tokenizer.from_pretrained(path)
-        if path is not None:  # a checkpoint without its token ids: the default order is not the released one
-            warnings.warn(
-                f"{path} has no tokenizer.json or vocab.json: using anyattn's default E1 vocabulary, whose ids "
-                "0-2 (<pad>, <bos>, <eos>) match the released checkpoints but whose order of ids 3-33 is not "
-                "verified against theirs. With released weights, put the checkpoint's tokenizer.json in that "
-                "directory (or build E1Tokenizer.from_pretrained(dir) from a directory that has it).",
-                UserWarning,
-                stacklevel=3,
-            )
-        return E1Tokenizer()
-    if is_dplm2_config(cfg):
-        return load_dplm_tokenizer(path_or_model)
-    return None
-
-
-def load_tokenizer(path_or_model):
-    """The tokenizer of a model. E1 checkpoints get :class:`~anyattn.models.e1_tokenizer.E1Tokenizer`
-    and DPLM-2 ones :class:`~anyattn.models.dplm.DPLM2Tokenizer`; the ESM family gets a
-    :class:`ProteinTokenizer` from a directory with ``vocab.txt`` (a saved model or tokenizer), a
-    hub id (downloaded with huggingface_hub), or a model object of anyattn.models (its
-    ``config.vocab_list`` when set, else its checkpoint directory ``config._name_or_path``, else
-    the ESM alphabet for a 33-token ESM-family model)."""
-    if isinstance(path_or_model, (str, os.PathLike)) and not os.path.exists(os.fspath(path_or_model)):
-        from .hub import TOKENIZER_FILES, download  # a hub id: its config.json (the family) and tokenizer files
-
-        path_or_model = download(os.fspath(path_or_model), allow_patterns=TOKENIZER_FILES)
-    other = _family_tokenizer(path_or_model)
-    if other is not None:
-        return other
-    if isinstance(path_or_model, (str, os.PathLike)):
-        path = os.fspath(path_or_model)
-        if os.path.isdir(path):
-            return ProteinTokenizer.from_pretrained(path)
-        raise bad_value("path_or_model", "a directory containing vocab.txt, a hub id or a model", repr(path))
-    config = getattr(path_or_model, "config", None)
-    if config is None:
-        raise bad_type("path_or_model", "a directory, a hub id or a model with a .config", type(path_or_model).__name__)
-    vocab_list = getattr(config, "vocab_list", None)
-    if vocab_list:
-        return ProteinTokenizer(vocab_list)
-    src = getattr(config, "_name_or_path", "") or ""
-    if src and os.path.isfile(os.path.join(src, "vocab.txt")):
-        return ProteinTokenizer.from_pretrained(src)
-    if getattr(config, "vocab_size", None) == len(_ESM_VOCAB) and "esm" in str(getattr(config, "model_type", "")):
-        return ProteinTokenizer.esm()
-    raise bad_value(
-        "path_or_model",
-        "a model whose config names its vocabulary (vocab_list), its checkpoint directory, or a 33-token ESM model",
-        f"{type(path_or_model).__name__} with model_type {getattr(config, 'model_type', None)!r}, vocab_size {getattr(config, 'vocab_size', None)}",
-    )

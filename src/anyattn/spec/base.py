@@ -27,18 +27,50 @@ from ..errors import bad_type, bad_value
 
 
 class Geometry(NamedTuple):
-    """The shape of one call as terms see it."""
+    """The shape of one call as terms see it.
+
+    ``align``: the key position i' of every query, (Bd, Sq) int64 (Bd = 1 or B), when the mask
+    has packed query and key layouts (``documents(q, kv=k)``, ``padding(..., kv=...)``): the
+    bottom-right alignment then holds per document (per row) instead of for the whole row. None:
+    ``i' = i + (Sk - Sq)``. Terms read it through :func:`aligner`."""
 
     B: int
     H: int
     Sq: int
     Sk: int
     device: torch.device
+    align: torch.Tensor | None = None
 
     @property
     def offset(self) -> int:
-        """Sk - Sq: add it to a query index to get its key position (bottom-right alignment)."""
+        """Sk - Sq: add it to a query index to get its key position (bottom-right alignment of
+        the whole row; see ``align`` for packed layouts)."""
         return self.Sk - self.Sq
+
+
+def aligner(geo: Geometry):
+    """(fn(b, q) -> i', uses_b): the key position of query index ``q`` of row ``b``, for index
+    grids and for FlexAttention's scalar indices alike. ``uses_b``: it depends on the row."""
+    a = geo.align
+    if a is None:
+        off = geo.offset
+
+        def shifted(b, q):
+            return q + off
+
+        return shifted, False
+    if a.shape[0] == 1:
+        a1 = a[0]
+
+        def shared(b, q):
+            return a1[q]
+
+        return shared, False
+
+    def per_row(b, q):
+        return a[b, q]
+
+    return per_row, True
 
 
 class BoundMask(NamedTuple):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 
 from ..errors import bad_type, bad_value
-from .base import BoundMask, Geometry, Term
+from .base import BoundMask, Geometry, Term, aligner
 
 class MaskTerm(Term):
     """Base of all mask terms. Combine with ``&`` (both visible), ``|`` (either), ``~`` (not)."""
@@ -40,6 +40,19 @@ class MaskTerm(Term):
 
     def check(self, geo: Geometry) -> None:
         """Validate against a concrete call (shapes, lengths); raise ArgumentError."""
+
+    # Packed query and key layouts (documents(q, kv=k), padding(..., kv=...)) define where each
+    # query sits among the keys; every other term of the mask (windows, chunks, ALiBi) measures
+    # from there. Terms without such a layout answer None.
+    @property
+    def packed_layout(self) -> bool:
+        """Whether this term (or one inside it) has separate query and key layouts (structure)."""
+        return False
+
+    def alignment(self, geo: Geometry):
+        """(Bd, Sq) int64 key position of every query, when this mask has packed query and key
+        layouts; else None (bottom-right alignment of the whole row)."""
+        return None
 
 
 def _check_mask_operand(other, op: str) -> None:
@@ -74,10 +87,11 @@ class Window(MaskTerm):
         return self.left is None and self.right == 0
 
     def bind(self, geo: Geometry) -> BoundMask:
-        off, left, right = geo.offset, self.left, self.right
+        pos, uses_b = aligner(geo)
+        left, right = self.left, self.right
 
         def pred(b, h, q, kv):
-            d = (q + off) - kv  # how far the key lies behind the query's position
+            d = pos(b, q) - kv  # how far the key lies behind the query's position
             if left is None and right is None:
                 return d == d  # every pair (a bool tensor of the grid's shape)
             if left is None:
@@ -86,7 +100,7 @@ class Window(MaskTerm):
                 return d <= left
             return (d <= left) & (d >= -right)
 
-        return BoundMask(pred, False, False)
+        return BoundMask(pred, uses_b, False)
 
 
 class _Combine(MaskTerm):
@@ -99,8 +113,6 @@ class _Combine(MaskTerm):
         super().__post_init__()
         # the canonical form, computed once here rather than on every call that passes this
         # object (set at construction: a compiled graph never sees the attribute appear later)
-        from .canonical import canonical_combination
-
         object.__setattr__(self, "_canonical", (canonical_combination(self),))
 
     def __repr__(self) -> str:
@@ -109,6 +121,18 @@ class _Combine(MaskTerm):
     def check(self, geo: Geometry) -> None:
         for t in self.terms:  # type: ignore[attr-defined]
             t.check(geo)
+        check_layouts(self)
+
+    @property
+    def packed_layout(self) -> bool:
+        return any(t.packed_layout for t in self.terms)  # type: ignore[attr-defined]
+
+    def alignment(self, geo: Geometry):
+        for t in self.terms:  # type: ignore[attr-defined]
+            a = t.alignment(geo)
+            if a is not None:
+                return a
+        return None
 
     def bind(self, geo: Geometry) -> BoundMask:
         bs = [t.bind(geo) for t in self.terms]  # type: ignore[attr-defined]
@@ -147,6 +171,13 @@ class Not(MaskTerm):
     def check(self, geo: Geometry) -> None:
         self.term.check(geo)
 
+    @property
+    def packed_layout(self) -> bool:
+        return self.term.packed_layout
+
+    def alignment(self, geo: Geometry):
+        return self.term.alignment(geo)
+
     def bind(self, geo: Geometry) -> BoundMask:
         inner = self.term.bind(geo)
         p = inner.pred
@@ -158,6 +189,28 @@ class Not(MaskTerm):
 
 
 _CAUSAL = Window(None, 0)
+
+
+def _leaves(term) -> list:
+    if isinstance(term, (And, Or)):
+        return [x for t in term.terms for x in _leaves(t)]
+    if isinstance(term, Not):
+        return _leaves(term.term)
+    return [term]
+
+
+def check_layouts(mask) -> None:
+    """A mask with a packed query/key layout has exactly one batch-structure term: the one that
+    defines where queries sit among the keys (two would disagree)."""
+    leaves = _leaves(mask)
+    if not any(t.packed_layout for t in leaves):
+        return
+    seq = [t for t in leaves if getattr(t, "is_sequence_structure", False)]
+    if len(seq) > 1:
+        raise bad_value(
+            "mask", "one documents(...) or padding(...) term when queries and keys have separate layouts (kv=...)",
+            " & ".join(repr(t) for t in seq),
+        )  # fmt: skip
 
 
 def _paren(t: MaskTerm) -> str:
@@ -200,3 +253,97 @@ def sliding_window(left: int | None, right: int | None = 0) -> MaskTerm:
     if type(left) is int and type(right) is int and left >= 0 and right >= 0:
         return _window(left, right)
     return _window(_check_window_side("sliding_window(left)", left), _check_window_side("sliding_window(right)", right))
+
+
+# --------------------------------------------------------------------------------------------
+# canonical form of & / | (here, beside the classes: computed when a combination is built)
+
+
+def canonical_part(t):
+    """The canonical form of a mask term (anyattn.spec.canonical.canonical_mask checks the type)."""
+    if type(t) is Window:
+        return None if t.left is None and t.right is None else t
+    if isinstance(t, (And, Or)):
+        return t.__dict__["_canonical"][0]
+    if isinstance(t, Not):
+        inner = canonical_part(t.term)
+        if isinstance(inner, Not):
+            return inner.term
+        if inner is None:
+            return Not(Window(None, None))
+        return t if inner is t.term else Not(inner)
+    return t
+
+
+def _flatten(cls, terms) -> list:
+    out = []
+    for t in terms:
+        if isinstance(t, cls):
+            out.extend(_flatten(cls, t.terms))
+        else:
+            out.append(t)
+    return out
+
+
+def _min_side(a, b):
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return min(a, b)
+
+
+def _max_side(a, b):
+    return None if a is None or b is None else max(a, b)
+
+
+def canonical_combination(mask):
+    """The canonical form of an ``&`` / ``|`` (computed once, when it is built)."""
+    cls = type(mask)
+    windows = 0
+    for t in mask.terms:  # the common case: leaves and at most one window, already canonical
+        tt = type(t)
+        if tt is Window:
+            windows += 1
+            if t.left is None and t.right is None:
+                break
+        elif tt in (And, Or, Not):
+            break
+    else:
+        if windows <= 1:
+            return mask
+    if True:
+        parts = [canonical_part(t) for t in _flatten(cls, mask.terms)]
+        out: list = []
+        win_at = None
+        for p in parts:
+            if p is None:
+                if cls is Or:
+                    return None  # x | everything == everything
+                continue
+            if isinstance(p, cls):
+                out.extend(p.terms)
+                continue
+            if isinstance(p, Window):
+                if win_at is None:
+                    win_at = len(out)
+                    out.append(p)
+                else:
+                    w = out[win_at]
+                    if cls is And:
+                        out[win_at] = Window(_min_side(w.left, p.left), _min_side(w.right, p.right))
+                    else:
+                        out[win_at] = Window(_max_side(w.left, p.left), _max_side(w.right, p.right))
+                continue
+            out.append(p)
+        out = [canonical_part(t) if isinstance(t, Window) else t for t in out]
+        out = [t for t in out if t is not None] if cls is And else out
+        if any(t is None for t in out):  # an Or that merged into "everything"
+            return None
+        if not out:
+            return None
+        if len(out) == 1:
+            return out[0]
+        if len(out) == len(mask.terms) and all(a is b for a, b in zip(out, mask.terms)):
+            return mask  # already canonical: no new object (and no new keys to compute)
+        return cls(tuple(out))

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import bad_type, bad_value
-from .base import BoundMask, Geometry, check_broadcast, check_positional, fmt_arg, int_tensor, to_device
+from .base import BoundMask, Geometry, aligner, check_broadcast, check_positional, fmt_arg, int_tensor, to_device
 from .masks import MaskTerm
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -31,25 +31,25 @@ class PrefixLM(MaskTerm):
             raise bad_value("prefix_lm(prefix_lengths)", f"an int or shape ({geo.B},)", f"shape {tuple(self.prefix.shape)}")
 
     def bind(self, geo: Geometry) -> BoundMask:
-        off = geo.offset
+        pos, ub = aligner(geo)
         if isinstance(self.prefix, int):
             p = self.prefix
 
             def pred_i(b, h, q, kv):
-                return (kv < p) | (kv <= q + off)
+                return (kv < p) | (kv <= pos(b, q))
 
-            return BoundMask(pred_i, False, False)
+            return BoundMask(pred_i, ub, False)
         prefix = to_device(self.prefix, geo.device)
         if prefix.shape[0] == 1:
             p1 = prefix[0]
 
             def pred1(b, h, q, kv):
-                return (kv < p1) | (kv <= q + off)
+                return (kv < p1) | (kv <= pos(b, q))
 
-            return BoundMask(pred1, False, False)
+            return BoundMask(pred1, ub, False)
 
         def pred(b, h, q, kv):
-            return (kv < prefix[b]) | (kv <= q + off)
+            return (kv < prefix[b]) | (kv <= pos(b, q))
 
         return BoundMask(pred, True, False)
 
@@ -71,9 +71,31 @@ class _IdsTerm(MaskTerm):
             raise bad_value(arg, f"shape (Sk,) or (B={geo.B}, Sk)", f"shape {tuple(self.ids.shape)}")
 
     def _bind_ids(self, geo: Geometry, rule) -> BoundMask:
-        ids, off = to_device(self.ids, geo.device), geo.offset
+        ids = to_device(self.ids, geo.device)
         if ids.dim() == 2 and ids.shape[0] == 1:
             ids = ids[0]
+        if geo.align is not None:  # packed layouts: i' may fall outside the keys (no id there: nothing visible)
+            pos, ub = aligner(geo)
+            last = geo.Sk - 1
+
+            def at(b, q):
+                p = pos(b, q)
+                return p.clamp(0, last), (p >= 0) & (p <= last)
+
+            if ids.dim() == 1:
+
+                def pred_a(b, h, q, kv):
+                    p, ok = at(b, q)
+                    return rule(ids[p], ids[kv]) & ok
+
+                return BoundMask(pred_a, ub, False)
+
+            def pred_ab(b, h, q, kv):
+                p, ok = at(b, q)
+                return rule(ids[b, p], ids[b, kv]) & ok
+
+            return BoundMask(pred_ab, True, False)
+        off = geo.offset
         if ids.dim() == 1:
 
             def pred(b, h, q, kv):
@@ -119,12 +141,13 @@ class Chunked(MaskTerm):
         return f"chunked({self.size})"
 
     def bind(self, geo: Geometry) -> BoundMask:
-        off, size = geo.offset, self.size
+        pos, ub = aligner(geo)
+        size = self.size
 
         def pred(b, h, q, kv):
-            return torch.div(q + off, size, rounding_mode="floor") == torch.div(kv, size, rounding_mode="floor")
+            return torch.div(pos(b, q), size, rounding_mode="floor") == torch.div(kv, size, rounding_mode="floor")
 
-        return BoundMask(pred, False, False)
+        return BoundMask(pred, ub, False)
 
 
 @dataclass(frozen=True, eq=False, repr=False)

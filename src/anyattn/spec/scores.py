@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import bad_type, bad_value
-from .base import BoundScore, Geometry, Term, check_broadcast, float_tensor, to_device
+from .base import BoundScore, Geometry, Term, aligner, check_broadcast, float_tensor, to_device
 
 class ScoreTerm(Term):
     """Base of score terms; ``score=`` takes one or a sequence applied in order."""
@@ -58,18 +58,20 @@ class Alibi(ScoreTerm):
             raise bad_value("alibi(slopes)", f"one slope per query head, shape ({geo.H},)", f"shape {tuple(self.slopes.shape)}")
 
     def bind(self, geo: Geometry) -> BoundScore:
-        slopes, off = to_device(self.slopes, geo.device).float(), geo.offset
+        slopes = to_device(self.slopes, geo.device).float()
+        pos, ub = aligner(geo)
 
         def mod(s, b, h, q, kv):
-            return s - slopes[h] * (q + off - kv).abs()
+            return s - slopes[h] * (pos(b, q) - kv).abs()
 
         def dense_bias():
+            bb = torch.arange(geo.B if ub else 1, device=geo.device).view(-1, 1, 1, 1)
             hh = torch.arange(geo.H, device=geo.device).view(1, -1, 1, 1)
             qq = torch.arange(geo.Sq, device=geo.device).view(1, 1, -1, 1)
             kk = torch.arange(geo.Sk, device=geo.device).view(1, 1, 1, -1)
-            return mod(torch.zeros((), device=geo.device), None, hh, qq, kk)
+            return mod(torch.zeros((), device=geo.device), bb, hh, qq, kk)
 
-        return BoundScore(mod, True, False, True, dense_bias)
+        return BoundScore(mod, True, ub, True, dense_bias)
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -140,19 +142,22 @@ class RelativeBias(ScoreTerm):
             raise bad_value("relative_bias(table)", f"shape (H={geo.H}, num_buckets)", f"shape {tuple(self.table.shape)}")
 
     def bind(self, geo: Geometry) -> BoundScore:
-        table, off = to_device(self.table, geo.device), geo.offset
+        table = to_device(self.table, geo.device)
+        pos, ub = aligner(geo)
         nb, md, bi = self.num_buckets, self.max_distance, self.bidirectional
 
         def mod(s, b, h, q, kv):
-            return s + table[h, t5_bucket(kv - (q + off), nb, md, bi)]
+            return s + table[h, t5_bucket(kv - pos(b, q), nb, md, bi)]
 
         def dense_bias():
-            qq = torch.arange(geo.Sq, device=geo.device).view(-1, 1)
-            kk = torch.arange(geo.Sk, device=geo.device).view(1, -1)
-            bucket = t5_bucket(kk - (qq + off), nb, md, bi)  # (Sq, Sk)
-            return table.float()[:, bucket].unsqueeze(0)  # (1, H, Sq, Sk)
+            bb = torch.arange(geo.B if ub else 1, device=geo.device).view(-1, 1, 1, 1)
+            hh = torch.arange(geo.H, device=geo.device).view(1, -1, 1, 1)
+            qq = torch.arange(geo.Sq, device=geo.device).view(1, 1, -1, 1)
+            kk = torch.arange(geo.Sk, device=geo.device).view(1, 1, 1, -1)
+            bucket = t5_bucket(kk - pos(bb, qq), nb, md, bi)  # (Bd, 1, Sq, Sk)
+            return table.float()[hh, bucket]  # (Bd, H, Sq, Sk)
 
-        return BoundScore(mod, True, False, True, dense_bias)
+        return BoundScore(mod, True, ub, True, dense_bias)
 
 
 @dataclass(frozen=True, eq=False, repr=False)
