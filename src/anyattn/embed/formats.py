@@ -152,7 +152,13 @@ def _esm(model, source, cfg) -> InputFormat:
     from ..models import ProteinTokenizer
     from .model import _tokenizer
 
-    tok = _tokenizer(model, source)
+    try:
+        tok = _tokenizer(model, source)
+    except ValueError as e:  # no tokenizer for this model: say what the job takes
+        raise bad_value(
+            "model", "a model of a family the embed job knows (ESM2, DPLM, DPLM-2, ESM C, E1, ANKH), or tokenizer=",
+            f"{type(model).__name__} ({e})",
+        ) from None
     if not isinstance(tok, ProteinTokenizer):
         raise bad_value(
             "model", "a model of a family the embed job knows (ESM2, DPLM, DPLM-2, ESM C, E1, ANKH)",

@@ -827,7 +827,11 @@ class EmbeddingStore(Mapping):
 
     def __repr__(self) -> str:
         m = self.metadata
-        return f"EmbeddingStore({self.path!r}, {len(self)} rows, pooling={m.get('pooling')}, layers={m.get('layers')}, store_dtype={m.get('store_dtype')})"
+        try:
+            rows = f"{len(self)} rows"
+        except Exception:  # noqa: BLE001 - a closed store still has a repr
+            rows = "closed"
+        return f"EmbeddingStore({self.path!r}, {rows}, pooling={m.get('pooling')}, layers={m.get('layers')}, store_dtype={m.get('store_dtype')})"
 
 
 def open_store(path) -> EmbeddingStore:
