@@ -91,6 +91,12 @@ class Signature:
         return self.Hq != self.Hkv
 
     @property
+    def packed_layout(self) -> bool:
+        """The mask gives queries and keys separate layouts (``documents(q, kv=k)``,
+        ``padding(..., kv=...)``): queries sit bottom-right per document / row, not per call."""
+        return self.mask is not None and self.mask.packed_layout
+
+    @property
     def sink(self) -> Sink | None:
         """The ``sink(...)`` score term (structure only), or None."""
         return _sink_of(self.scores)
@@ -212,12 +218,23 @@ class Call(NamedTuple):
         return self.sig.need_weights
 
     # -- bound terms (device tensors, predicates); shared by the backends of this call -------
+    def aligned_geo(self) -> Geometry:
+        """The geometry terms are bound to: the call's, plus the key position of every query
+        when the mask has packed query and key layouts (see ``spec.base.Geometry.align``)."""
+        g = self.bound.get("geo")
+        if g is None:
+            g = self.sig.geo
+            if self.sig.packed_layout:
+                g = g._replace(align=self.mask.alignment(g))
+            self.bound["geo"] = g
+        return g
+
     def bound_mask(self) -> BoundMask | None:
         if self.mask is None:
             return None
         b = self.bound.get("mask")
         if b is None:
-            b = self.bound["mask"] = self.mask.bind(self.geo)
+            b = self.bound["mask"] = self.mask.bind(self.aligned_geo())
         return b
 
     @property
@@ -230,7 +247,7 @@ class Call(NamedTuple):
         logit: backends read it from :attr:`sink`)."""
         b = self.bound.get("scores")
         if b is None:
-            b = self.bound["scores"] = tuple(s.bind(self.geo) for s in _logit_scores(self.scores))
+            b = self.bound["scores"] = tuple(s.bind(self.aligned_geo()) for s in _logit_scores(self.scores))
         return b
 
     def describe(self) -> str:

@@ -43,7 +43,18 @@ import torch
 
 from .._cache import LRU
 from ..spec import Alibi, Documents, Sink, Softcap
-from ._varlen import lse_out, lse_to_TH, map_window, packing_for, positional_refusal, split_mask, tokens_in, tokens_out
+from ._varlen import (
+    PairPacking,
+    lse_out,
+    lse_to_TH,
+    map_window,
+    packing_for,
+    pair_packing_for,
+    positional_refusal,
+    split_mask,
+    tokens_in,
+    tokens_out,
+)
 from .base import AttentionBackend, Facts
 
 MAX_HEAD_DIM = 256
@@ -163,8 +174,8 @@ def plan(call, impl: Impl) -> FlashPlan | str:
     else:
         route, params = "varlen", impl.varlen_params
         kind = "documents" if isinstance(parts.seq, Documents) else "padding"
-        if geo.Sq != geo.Sk:
-            return f"{kind} on flash-attn needs Sq == Sk, got Sq={geo.Sq}, Sk={geo.Sk}; use flex or sdpa"
+        if geo.Sq != geo.Sk and not parts.seq.packed_layout:
+            return f"{kind} on flash-attn needs Sq == Sk, got Sq={geo.Sq}, Sk={geo.Sk}; give the keys their own layout (kv=...), or use flex or sdpa"
         why = positional_refusal(parts.seq, positional)
         if why is not None:
             return why
@@ -327,9 +338,13 @@ class FlashPackageBackend(AttentionBackend):
             return out, lse
         pk = self.packings.get(call.key) if call.cacheable else None
         if pk is None:
-            pk = packing_for(call, p.seq, p.positional)
+            if p.seq.packed_layout:  # separate query and key layouts: cu_seqlens_q != cu_seqlens_k
+                pk = pair_packing_for(call, p.seq, p.positional, p.kwargs.get("window_size", (-1, -1))[1] > 0)
+            else:
+                pk = packing_for(call, p.seq, p.positional)
             if call.cacheable:
                 self.packings.put(call.key, pk, call.tokens)
+        pq, pkv = (pk.q, pk.k) if isinstance(pk, PairPacking) else (pk, pk)
         if pk.route == "empty":
             out = call.q.new_zeros(B, Hq, Sq, call.Dv)
             if call.requires_grad:
@@ -337,13 +352,13 @@ class FlashPackageBackend(AttentionBackend):
             lse = torch.full((B, Hq, Sq), float("-inf"), device=call.device) if want_lse else None
             return out, lse
         r = impl.varlen_func(
-            tokens_in(pk, q_BSHD), tokens_in(pk, k_BSHD), tokens_in(pk, v_BSHD), pk.cu, pk.cu, pk.max_seqlen,
-            pk.max_seqlen, **p.kwargs,
+            tokens_in(pq, q_BSHD), tokens_in(pkv, k_BSHD), tokens_in(pkv, v_BSHD), pq.cu, pkv.cu, pq.max_seqlen,
+            pkv.max_seqlen, **p.kwargs,
         )  # fmt: skip
         out_THD, lse = _split_result(r, want_lse)
-        out = tokens_out(pk, out_THD, B, Sq).transpose(1, 2)
+        out = tokens_out(pq, out_THD, B, Sq).transpose(1, 2)
         if lse is not None:
-            lse = lse_out(pk, lse_to_TH(lse, pk.total, Hq).detach(), B, Sq, Hq)
+            lse = lse_out(pq, lse_to_TH(lse, pq.total, Hq).detach(), B, Sq, Hq)
         return out, lse
 
 

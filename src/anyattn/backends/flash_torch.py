@@ -20,6 +20,8 @@ Routes (``plan``, from the signature alone)::
     sliding_window(l, r)          varlen   (l, r)        one per row
     documents(...) [& window]     varlen   (l, r)|none   one per document (see _varlen.Packing)
     padding(...)   [& window]     varlen   (l, r)|none   one per row's real tokens
+    documents(q, kv=k) / padding(..., kv=...)            one per document / row with queries and
+                                  varlen   (l, r)|none   keys: cu_seqlens_q != cu_seqlens_k, Sq != Sk
 
 Window convention: our ``sliding_window(left, right)`` counts keys beside the query itself, which
 is exactly FlashAttention's ``window_size=(left, right)``; None maps to -1 (unbounded). See
@@ -34,7 +36,7 @@ tensor)`` (the lengths).
 
 Limits (refused by ``supports``, with the reason): CUDA fp16/bf16 only, head dim <= 256 and a
 multiple of 8, D == Dv, no dropout, no score terms, a positive scale, no masks beyond the table
-above, Sq == Sk for documents/padding. The returned lse is detached: varlen's backward ignores a
+above, Sq == Sk for documents/padding without a key layout of their own (``kv=``). The returned lse is detached: varlen's backward ignores a
 gradient on the lse, so gradients flow through ``out`` only (use eager or flex for that).
 """
 
@@ -51,7 +53,19 @@ import torch.nn.functional as F
 from .._cache import LRU
 from ..spec import Documents
 from ._sdp_switch import run_only
-from ._varlen import Packing, lse_out, lse_to_TH, map_window, packing_for, positional_refusal, split_mask, tokens_in, tokens_out
+from ._varlen import (
+    Packing,
+    PairPacking,
+    lse_out,
+    lse_to_TH,
+    map_window,
+    packing_for,
+    pair_packing_for,
+    positional_refusal,
+    split_mask,
+    tokens_in,
+    tokens_out,
+)
 from .base import AttentionBackend, Facts
 
 MAX_HEAD_DIM = 256
@@ -117,8 +131,11 @@ def plan(sig) -> Plan | str:
             )
         return Plan("varlen", "window", window, False, None)
     kind = "documents" if isinstance(parts.seq, Documents) else "padding"
-    if sig.Sq != sig.Sk:
-        return f"{kind} on FlashAttention needs Sq == Sk, got Sq={sig.Sq}, Sk={sig.Sk}; use flex or sdpa"
+    if sig.Sq != sig.Sk and not parts.seq.packed_layout:
+        return (
+            f"{kind} on FlashAttention needs Sq == Sk, got Sq={sig.Sq}, Sk={sig.Sk}; give the keys their own layout "
+            f"({kind}(..., kv=...)), or use flex or sdpa"
+        )
     why = positional_refusal(parts.seq, parts.window is not None)
     if why is not None:
         return why
@@ -236,6 +253,17 @@ class FlashTorchBackend(AttentionBackend):
                 self.packings.put(call.key, pk, call.tokens)
         return pk
 
+    def pair_packing(self, call, seq, window) -> PairPacking:
+        """The varlen metadata of separate query and key layouts, built once per content key."""
+        pk = self.packings.get(call.key) if call.cacheable else None
+        if pk is None:
+            pk = pair_packing_for(call, seq, window != (-1, -1), window[1] > 0)
+            if not torch.compiler.is_compiling():
+                self.stats["packings_built"] += 1
+            if call.cacheable:
+                self.packings.put(call.key, pk, call.tokens)
+        return pk
+
     def _uniform(self, B: int, Sq: int, Sk: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (B, Sq, Sk, device)
         compiling = torch.compiler.is_compiling()  # no cache lookups inside a trace (see _cache)
@@ -319,7 +347,20 @@ class FlashTorchBackend(AttentionBackend):
             if lse is not None:
                 lse = self._lse_TH(lse, B * Sq, Hq, q).view(B, Sq, Hq).transpose(1, 2)
             return out, lse
-        pk = self.packing(call, split_mask(call.mask).seq, p.window != (-1, -1))  # this call's values
+        seq = split_mask(call.mask).seq
+        if seq.packed_layout:  # queries and keys packed differently: cu_seqlens_q != cu_seqlens_k
+            pp = self.pair_packing(call, seq, p.window)
+            if pp.route == "empty":
+                return _zeros(call, want_lse)
+            out_THD, lse = self._call_varlen(
+                tokens_in(pp.q, q_BSHD), tokens_in(pp.k, k_BSHD), tokens_in(pp.k, v_BSHD), pp.q.cu, pp.k.cu,
+                pp.q.max_seqlen, pp.k.max_seqlen, p.window, call.scale, call.gqa, want_lse,
+            )  # fmt: skip
+            out = tokens_out(pp.q, out_THD, B, Sq).transpose(1, 2)
+            if lse is not None:
+                lse = lse_out(pp.q, self._lse_TH(lse, pp.q.total, Hq, q), B, Sq, Hq)
+            return out, lse
+        pk = self.packing(call, seq, p.window != (-1, -1))  # this call's values
         if pk.route == "empty":
             return _zeros(call, want_lse)
         out_THD, lse = self._call_varlen(

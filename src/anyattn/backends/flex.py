@@ -162,19 +162,31 @@ def _ranges(ids: torch.Tensor, n: int, length: int):
     return lo, hi, real.any(-1), real.all(-1)
 
 
+def _aligned_ranges(align: torch.Tensor, nq: int, Sq: int):
+    """Per tile of BLOCK queries: (lowest, highest) key position i' of its queries, each (R, nq, 1)."""
+    pad = nq * BLOCK - Sq
+    lo = torch.nn.functional.pad(align, (0, pad), value=torch.iinfo(torch.int64).max // 4).view(-1, nq, BLOCK)
+    hi = torch.nn.functional.pad(align, (0, pad), value=torch.iinfo(torch.int64).min // 4).view(-1, nq, BLOCK)
+    return lo.amin(-1)[..., None], hi.amax(-1)[..., None]
+
+
 def _term_blocks(t, geo, nq: int, nk: int):
     """(any, all) bool (R, nq, nk) for one term: any = some pair of the tile may be visible, all =
-    every pair is. None when the term has no block-level rule here."""
+    every pair is. None when the term has no block-level rule here. ``geo`` is the aligned
+    geometry (``Call.aligned_geo``): with packed query/key layouts, i' comes from ``geo.align``."""
     off = geo.offset
     if isinstance(t, Window):
         dev = geo.device
-        qlo = torch.arange(nq, device=dev) * BLOCK + off
-        qhi = torch.clamp(qlo - off + BLOCK, max=geo.Sq) - 1 + off
         klo = torch.arange(nk, device=dev) * BLOCK
         khi = torch.clamp(klo + BLOCK, max=geo.Sk) - 1
-        dmin = qlo[:, None] - khi[None, :]  # i' - j over the tile
-        dmax = qhi[:, None] - klo[None, :]
-        any_ = torch.ones(nq, nk, dtype=torch.bool, device=dev)
+        if geo.align is None:
+            qlo = (torch.arange(nq, device=dev) * BLOCK + off)[:, None]
+            qhi = torch.clamp(qlo - off + BLOCK, max=geo.Sq) - 1 + off
+        else:  # (R, nq, 1): per row, the range of i' over each tile's queries
+            qlo, qhi = _aligned_ranges(geo.align, nq, geo.Sq)
+        dmin = qlo - khi[None, :]  # i' - j over the tile
+        dmax = qhi - klo[None, :]
+        any_ = torch.ones(dmin.shape, dtype=torch.bool, device=dev)
         all_ = any_.clone()
         if t.left is not None:
             any_ &= dmin <= t.left
@@ -182,16 +194,20 @@ def _term_blocks(t, geo, nq: int, nk: int):
         if t.right is not None:
             any_ &= dmax >= -t.right
             all_ &= dmin >= -t.right
-        inside = ((qlo - off + BLOCK) <= geo.Sq)[:, None] & ((klo + BLOCK) <= geo.Sk)[None, :]
-        return any_[None], (all_ & inside)[None]
+        inside = ((torch.arange(nq, device=dev) * BLOCK + BLOCK) <= geo.Sq)[:, None] & ((klo + BLOCK) <= geo.Sk)[None, :]
+        all_ = all_ & inside
+        return (any_, all_) if any_.dim() == 3 else (any_[None], all_[None])
     if isinstance(t, Documents):
         ids = t.doc_ids(geo).to(torch.int64)  # (Bd, Sk)
-    elif isinstance(t, Padding):
-        keep = t.keep_mask(geo)  # (B, Sk): one "document" per row, -1 at padding
-        ids = torch.where(keep, 0, -1)
+        qids = t.q_doc_ids(geo).to(torch.int64)  # (Bd, Sq)
+    elif isinstance(t, Padding):  # one "document" per row, -1 at padding
+        ids = torch.where(t.keep_mask(geo), 0, -1)
+        qids = torch.where(t.q_keep(geo), 0, -1)
     else:
         return None
-    qlo, qhi, qany, qall = _ranges(ids[:, off:], nq, geo.Sq)
+    R = max(ids.shape[0], qids.shape[0])
+    ids, qids = ids.expand(R, -1), qids.expand(R, -1)
+    qlo, qhi, qany, qall = _ranges(qids, nq, geo.Sq)
     klo, khi, kany, kall = _ranges(ids, nk, geo.Sk)
     any_ = qany[:, :, None] & kany[:, None, :] & (qlo[:, :, None] <= khi[:, None, :]) & (klo[:, None, :] <= qhi[:, :, None])
     all_ = qall[:, :, None] & kall[:, None, :] & (qlo == qhi)[:, :, None] & (klo == khi)[:, None, :] & (qlo[:, :, None] == klo[:, None, :])
@@ -201,7 +217,7 @@ def _term_blocks(t, geo, nq: int, nk: int):
 def structured_block_mask(call, mask_mod):
     """A BlockMask for a mask of documents / padding / windows built from the terms, or None when
     the mask has another term (then ``create_block_mask`` evaluates the predicate)."""
-    geo = call.geo
+    geo = call.aligned_geo()
     parts = call.mask.terms if isinstance(call.mask, And) else (call.mask,)
     nq, nk = -(-geo.Sq // BLOCK), -(-geo.Sk // BLOCK)
     any_ = all_ = None
@@ -230,6 +246,8 @@ def may_have_empty_rows(call) -> bool:
     geo, m = call.geo, call.mask
     if m is None:
         return False
+    if call.sig.packed_layout:  # a document with more queries than keys has queries before its first key
+        return True
     parts = m.terms if isinstance(m, And) else (m,)
     for t in parts:
         if isinstance(t, Window):
@@ -249,7 +267,7 @@ def rows_seen(call) -> torch.Tensor:
 
     geo, m = call.geo, call.mask
     parts = m.terms if isinstance(m, And) else (m,)
-    if geo.Sq <= geo.Sk and all(isinstance(t, (Window, Documents, Padding)) for t in parts):
+    if geo.Sq <= geo.Sk and not call.sig.packed_layout and all(isinstance(t, (Window, Documents, Padding)) for t in parts):
         seen = torch.ones(1, geo.Sq, dtype=torch.bool, device=geo.device)
         for t in parts:
             if isinstance(t, Documents):
@@ -257,7 +275,7 @@ def rows_seen(call) -> torch.Tensor:
             elif isinstance(t, Padding):
                 seen = seen & t.keep_mask(geo)[:, geo.offset :]
         return seen[:, None, :, None]
-    return materialize_mask(call.bound_mask(), geo).any(-1, keepdim=True)
+    return materialize_mask(call.bound_mask(), call.aligned_geo()).any(-1, keepdim=True)
 
 
 # --------------------------------------------------------------------------------------------

@@ -67,7 +67,7 @@ def lower(call) -> Lowered:
         keep = mask.keep_mask(geo)  # (B, Sk)
         any_key = keep.any(-1)  # (B,)
         keys = keep | ~any_key[:, None]  # a row with no real key attends everywhere, then is zeroed
-        q_ok = keep[:, geo.offset :] & any_key[:, None]  # (B, Sq)
+        q_ok = mask.q_keep(geo) & any_key[:, None]  # (B, Sq)
         return Lowered(keys[:, None, None, :], False, q_ok[:, None, :, None], kind)
     m = materialize_mask(call.bound_mask(), geo) if mask is not None else None
     biases = [bs.dense() for bs in call.bound_scores()]
