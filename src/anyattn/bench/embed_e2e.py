@@ -363,6 +363,10 @@ def main(argv=None) -> int:
         "model": {}, "check": {}, "rows": [], "notes": [], "complete": False, "interrupted": None, "elapsed_s": 0.0,
     }  # fmt: skip
     rows: list[EmbedRow] = []
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        doc["notes"].append(f"TORCHINDUCTOR_CACHE_DIR={os.environ['TORCHINDUCTOR_CACHE_DIR']}: compiled kernels that earlier "
+                            "runs wrote there are reused (the cli row is then a first job on a machine that compiled these "
+                            "shapes before)")  # fmt: skip
 
     def flush():
         doc["rows"] = [dataclasses.asdict(r) for r in rows]
