@@ -1,5 +1,6 @@
 """anyattn embed on CUDA (quick): bf16 packed job vs the float32 model on each sequence alone,
-per-residue output, compile_layers + bucketed rows, and two GPUs equal one (multigpu).
+per-residue output, compile_layers + bucketed rows, every family and every pooler (the pooling
+runs on the GPU), and two GPUs equal one (multigpu).
 
     PYTHONPATH=src python3 -m pytest -q -m "cuda or multigpu" tests/test_cuda_embed.py
 """
@@ -95,3 +96,45 @@ def test_two_gpus_equal_one(ckpt, tmp_path):
     assert sorted(a.ids()) == sorted(b.ids())
     worst = max(float(np.abs(a[i].astype(np.float32) - b[i].astype(np.float32)).max()) for i in recs)
     assert worst == 0.0, f"same batches on two identical GPUs should be bitwise equal, got {worst}"
+
+
+# ------------------------------------------------------------------------------ every family, every pooler
+from .test_embed_support import FAMILIES, MAX_RESIDUES, alone, load_ref, make_ckpt, pool_ref, seqs  # noqa: E402
+
+POOLERS = ["mean", "max", "min", "norm", "median", "std", "var", "eos"]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_and_pooler_bf16_on_cuda_within_tolerance(family, tmp_path):
+    """The bf16 job on the GPU (pooling on the GPU, float32) vs the family's float32 forward on
+    each sequence alone: per column block, err(job) <= 2 x err(the bf16 model alone) + 1e-3
+    (float16 storage adds up to ~5e-4 at these magnitudes)."""
+    path = make_ckpt(family, tmp_path / family)
+    recs = seqs(24, seed=4, hi=MAX_RESIDUES[family] or 200)
+    out = tmp_path / "o.sqlite"
+    embed(recs, model=path, out=out, pooling=POOLERS, layers=[-1], dtype="bf16", devices="cuda", max_tokens=2048, progress=False)
+    ref32 = load_ref(path).to("cuda")
+    ref16 = copy.deepcopy(ref32).to(torch.bfloat16)
+    st = open_store(out)
+    job = bf = 0.0
+    for i, seq in recs.items():
+        h32, h16 = alone(family, ref32, path, seq)[-1], alone(family, ref16, path, seq)[-1]
+        flat = st[i].astype(np.float64).reshape(-1)
+        for c in st.columns:
+            want = pool_ref(family, h32, c.pooler)
+            job = max(job, float(np.abs(flat[c.start : c.stop] - want).max()))
+            bf = max(bf, float(np.abs(pool_ref(family, h16, c.pooler) - want).max()))
+    assert job <= 2 * bf + 1e-3, (family, job, bf)
+
+
+@pytest.mark.cuda
+def test_every_pooler_fp32_on_cuda_equals_cpu(tmp_path):
+    path = make_ckpt("esm2", tmp_path / "esm2")
+    recs = seqs(30, seed=5)
+    kw = dict(pooling=POOLERS + ["cls"], layers=[0, -1], dtype="fp32", max_tokens=1024, progress=False)
+    embed(recs, model=path, out=tmp_path / "g.sqlite", devices="cuda", **kw)
+    embed(recs, model=path, out=tmp_path / "c.sqlite", devices="cpu", **kw)
+    g, c = open_store(tmp_path / "g.sqlite").stack(), open_store(tmp_path / "c.sqlite").stack()
+    worst = float(np.abs(g - c).max())
+    assert worst <= 1e-3, worst  # TF32 may be on for CUDA matmuls

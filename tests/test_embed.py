@@ -430,13 +430,18 @@ def test_plain_progress_lines_when_not_a_tty(ckpt, tmp_path, capsys):
 
 # ------------------------------------------------------------------------------ devices, CLI
 def test_two_cpu_workers_equal_single_device(ckpt, tmp_path):
+    """Two worker processes (each its own model copy) equal one device: several poolers, split
+    sequences (their chunks come back as residue vectors from whichever worker ran them and are
+    pooled by the parent), rows in input order."""
     recs = _seqs(40, seed=8)
+    recs.update(long1="".join(random.Random(1).choices(AA, k=70)), long2="".join(random.Random(2).choices(AA, k=95)))
     fa = _write_fasta(tmp_path / "in.fasta", recs)
-    embed(fa, model=ckpt, out=tmp_path / "one.sqlite", max_tokens=80, progress=False)
-    s = embed(fa, model=ckpt, out=tmp_path / "two.sqlite", max_tokens=80, devices="cpu,cpu", progress=False)
-    assert s.devices == ("cpu", "cpu") and s.embedded == 40
+    kw = dict(max_tokens=80, pooling=["mean", "median", "std"], long_policy="split", progress=False)
+    embed(fa, model=ckpt, out=tmp_path / "one.sqlite", **kw)
+    s = embed(fa, model=ckpt, out=tmp_path / "two.sqlite", devices="cpu,cpu", **kw)
+    assert s.devices == ("cpu", "cpu") and s.embedded == 42 and s.split == 2
     a, b = _rows(tmp_path / "one.sqlite"), _rows(tmp_path / "two.sqlite")
-    assert sorted(a) == sorted(b)
+    assert list(a) == list(b) == list(recs)
     assert max(_maxdiff(a[i], b[i]) for i in a) <= 1e-6
 
 

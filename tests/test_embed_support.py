@@ -150,20 +150,21 @@ def alone(family: str, model, path, seq: str):
     family's public forward, tokenized by the family's own tokenizer."""
     import anyattn.models as am
 
+    dev = next(model.parameters()).device
     if family == "ankh":
         from transformers import AutoTokenizer
 
         ids = torch.tensor([AutoTokenizer.from_pretrained(str(path))(list(seq), is_split_into_words=True)["input_ids"]])
-        out = model(ids, output_hidden_states=True)
+        out = model(ids.to(dev), output_hidden_states=True)
     elif family == "e1":
         b = am.load_tokenizer(model).batch([seq])
-        out = model(b["input_ids"], b["attention_mask"], output_hidden_states=True)
+        out = model(b["input_ids"].to(dev), b["attention_mask"].to(dev), output_hidden_states=True)
     elif family == "dplm2":
-        out = model(am.load_tokenizer(model)([seq])["input_ids"], output_hidden_states=True)
+        out = model(am.load_tokenizer(model)([seq])["input_ids"].to(dev), output_hidden_states=True)
     else:
         tok = am.load_tokenizer(model)
-        out = model(torch.tensor([tok.encode(seq)]), output_hidden_states=True)
-    return [h[0].double().numpy() for h in out.hidden_states]
+        out = model(torch.tensor([tok.encode(seq)], device=dev), output_hidden_states=True)
+    return [h[0].double().cpu().numpy() for h in out.hidden_states]
 
 
 def residues(family: str, h):

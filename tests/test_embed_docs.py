@@ -1,0 +1,47 @@
+"""The examples of docs/embed.md run as written (CPU): the end-to-end example, then every block
+marked ``# runs as is`` (Python and the command line), in order, in one directory standing in for
+/tmp; their printed results are the ones the comments show."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+from .test_embed_support import cli_env  # noqa: E402
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "embed.md"
+
+
+def _blocks():
+    text = DOC.read_text()
+    first = text.split("A runnable end-to-end example", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    marked = re.findall(r"```(python|bash)\n# runs as is\n(.*?)```", text, flags=re.S)
+    return [("python", first), *marked]
+
+
+def test_the_marked_examples_run_and_print_what_their_comments_say(tmp_path):
+    blocks = _blocks()
+    assert [k for k, _ in blocks].count("python") >= 3 and ("bash" in [k for k, _ in blocks])
+    outs = []
+    for kind, code in blocks:
+        code = code.replace("/tmp/", f"{tmp_path}/")
+        if kind == "python":
+            p = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        else:
+            code = re.sub(r"^anyattn ", f"{sys.executable} -m anyattn ", code, flags=re.M)
+            p = subprocess.run(["bash", "-ec", code], env=cli_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert p.returncode == 0, (kind, code, p.stderr[-3000:])
+        outs.append(p.stdout)
+    assert "(32,)" in outs[0]
+    assert "['p1', 'p2', 'p1', 'p3'] ['p1', 'p2', 'p3']" in outs[1] and "(4, 2, 96) ['layer', 'column']" in outs[1]
+    assert "Column(layer=0, pooler='mean', start=0, stop=32)" in outs[1]
+    assert "['res-00001-of-00009.safetensors', 'res-00002-of-00009.safetensors']" in outs[2] and "(7, 32)" in outs[2]
+    assert os.path.exists(tmp_path / "cli.npz") and "records" in outs[3]
