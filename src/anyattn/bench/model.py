@@ -159,8 +159,8 @@ def run(opts: dict, *, command: str = "", out_dir: str | None = None, log=print)
         "weights": f"HF EsmModel initializer, seed {opts['seed']}, one state dict for every row",
     }  # fmt: skip
     doc = {
-        "schema": SCHEMA, "command": command, "meta": {**environment(device), "transformers": version("transformers")},
-        "workload": workload, "reference": {}, "results": [], "goal": {}, "notes": notes, "complete": False,
+        "schema": SCHEMA, "family": "esm2", "command": command,
+        "meta": {**environment(device), "transformers": version("transformers")}, "workload": workload, "reference": {}, "results": [], "goal": {}, "notes": notes, "complete": False,
         "interrupted": None, "elapsed_s": 0.0,
     }  # fmt: skip
     rows: list[Row] = []
