@@ -45,3 +45,14 @@ def test_the_marked_examples_run_and_print_what_their_comments_say(tmp_path):
     assert "Column(layer=0, pooler='mean', start=0, stop=32)" in outs[1]
     assert "['res-00001-of-00009.safetensors', 'res-00002-of-00009.safetensors']" in outs[2] and "(7, 32)" in outs[2]
     assert os.path.exists(tmp_path / "cli.npz") and "records" in outs[3]
+
+
+def test_every_test_the_cli_and_store_catalogue_names_exists():
+    """docs/reliability.md's CLI / embedding-store catalogue points at tests by name: each one
+    exists (a name ending in '...' is a prefix)."""
+    text = (DOC.parent / "reliability.md").read_text().split("## The CLI and the embedding store", 1)[1]
+    sources = "\n".join(p.read_text() for p in Path(__file__).resolve().parent.glob("test_*.py"))
+    names = re.findall(r"(?<![/\w])(test_\w+)(?!\w)(\.\.\.)?(?!\.py)", text)  # not the file names
+    assert len(names) > 40
+    missing = [n + d for n, d in names if (f"def {n}" not in sources if d else not re.search(rf"def {n}\(", sources))]
+    assert not missing, missing
