@@ -147,10 +147,13 @@ class _Check:
             self.ref = _pooled(ref(self.x).float(), tokens, fam.residues)
         del ref
         self.base, self.base_name = float("nan"), ""
-        for impl in [*hf_impls, None]:
+        for impl in [*hf_impls, None, "anyattn"]:  # None: the port
             try:
                 with torch.inference_mode():
-                    if impl is None:
+                    if impl == "anyattn":
+                        m = fam.anyattn(cfg, sd, device, dtype, attn_backend="eager")
+                        self.base_name, h = "anyattn eager", fam.output(fam.call_anyattn(m)(self.x))
+                    elif impl is None:
                         p = fam.port(cfg, sd, device, dtype)
                         self.base_name, h = "the sdpa port", p(*self.x)
                     else:
