@@ -187,13 +187,9 @@ def _dplm2(model, cfg) -> InputFormat:
 
 def _e1(model, cfg) -> InputFormat:
     """E1: one sequence per sample, no context: ``<bos> 1 residues 2 <eos>``."""
-    import warnings
-
     from ..models import load_tokenizer
 
-    with warnings.catch_warnings():  # E1's own warning about an unverified default vocabulary stays visible once
-        warnings.simplefilter("default")
-        tok = load_tokenizer(model)
+    tok = load_tokenizer(model)  # warns when the checkpoint has no tokenizer file (an unverified id order)
     v = tok.vocab
     return InputFormat(
         "e1", (v["<bos>"], v["1"]), (v["2"], v["<eos>"]), ("<bos>", "1"), ("2", "<eos>"),

@@ -250,7 +250,7 @@ def embed(
         if not out.endswith(".safetensors"):
             raise bad_value("shard_size", "None unless out is a *.safetensors path (only safetensors output is sharded)", repr(shard_size))
         parse_size(shard_size)
-    if tokenizer is not None and isinstance(tokenizer, (bytes, int, float)):
+    if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)) and not hasattr(tokenizer, "convert_ids_to_tokens"):
         raise bad_type("tokenizer", "None, a tokenizer directory / hub id, or a transformers tokenizer", type(tokenizer).__name__)
     _check_layers_arg(layers)
     devs = _parse_devices(devices)
@@ -269,8 +269,6 @@ def embed(
     source = model if isinstance(model, (str, os.PathLike)) else None
     if source is None and len(devs) > 1:
         raise bad_value("model", "a checkpoint directory or hub id when devices has several entries (each process loads its own copy)", type(model).__name__)
-    if len(devs) > 1 and tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
-        raise bad_value("tokenizer", "a directory or hub id when devices has several entries", type(tokenizer).__name__)
     _check_input(fasta_or_records)
     export_to = out if out.endswith(EXPORT_FORMATS) else None
     work_path = out + ".work.sqlite" if export_to else out
@@ -290,7 +288,7 @@ def embed(
 
 def _check_layers_arg(layers) -> None:
     """The type of ``layers`` (its range needs the model: checked once it is loaded)."""
-    ok = layers is None or layers == "all" or _is_int(layers) or (
+    ok = layers is None or (isinstance(layers, str) and layers == "all") or _is_int(layers) or (
         isinstance(layers, (list, tuple)) and len(layers) > 0 and all(_is_int(x) for x in layers))
     if not ok:
         raise bad_value("layers", "None, 'all', an int or a non-empty list of ints (hidden-state indices)", repr(layers))
@@ -302,7 +300,7 @@ def _is_int(x) -> bool:
 
 def _resolve_layers(layers, L: int):
     """(hidden-state indices in 0..L, layer axis?) from ``layers``."""
-    if layers == "all":
+    if isinstance(layers, str):  # "all" (_check_layers_arg refused other strings)
         return list(range(L + 1)), True
     layer_axis = isinstance(layers, (list, tuple))
     raw = list(layers) if layer_axis else [L if layers is None else layers]

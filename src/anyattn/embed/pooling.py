@@ -22,6 +22,8 @@ P*C); :func:`columns` says which columns of the flattened row come from which la
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ..errors import bad_value
@@ -62,49 +64,71 @@ def columns(poolers, layers, layer_axis: bool, hidden: int) -> list:
 
 
 # ------------------------------------------------------------------------------ device
-def pool_device(h_TC, tok_start_D, n_D, prefix: int, suffix: int, poolers, M: int):
-    """Pool one layer's packed hidden states. ``h_TC`` (T, C) (the batch's tokens); per sequence
-    d: its first token at ``tok_start_D[d]`` (int64 tensor on the device), then ``prefix``
-    specials, ``n_D[d]`` residues (int64 tensor) and ``suffix`` specials; ``M`` the longest n.
-    Returns (D, P*C) float32."""
-    T = h_TC.shape[0]
-    dev = h_TC.device
+class PoolPlan(NamedTuple):
+    """Index tensors of one batch, on the device, shared by every layer: sequence d's residues are
+    tokens ``idx_DM[d, :n_D[d]]`` of the packed row (the rest of the row repeats a valid index and
+    is masked out)."""
+
+    idx_DM: torch.Tensor | None  # (D, M) int64 token index of each residue slot (None: no residue pooler)
+    valid_DM1: torch.Tensor | None  # (D, M, 1) bool, slot holds a residue
+    cnt_D1: torch.Tensor | None  # (D, 1) float32 residues per sequence
+    lo_D11: torch.Tensor | None  # (D, 1, 1) int64 lower middle slot (median)
+    hi_D11: torch.Tensor | None  # (D, 1, 1) int64 upper middle slot (median)
+    first_D: torch.Tensor  # (D,) int64 the sequence's first token (cls)
+    last_D: torch.Tensor  # (D,) int64 the sequence's last token (eos)
+
+
+def pool_plan(tok_start_D, n_D, prefix: int, suffix: int, poolers, M: int, T: int) -> PoolPlan:
+    """``tok_start_D`` (D,) int64 first token of each sequence, ``n_D`` (D,) int64 its residues
+    (after ``prefix`` specials, followed by ``suffix``), ``M`` the longest n, ``T`` the row's tokens;
+    all on the device."""
     res_start = tok_start_D + prefix
+    last = res_start + n_D + (suffix - 1)
+    if all(p in _TOKEN_POOLERS for p in poolers):
+        return PoolPlan(None, None, None, None, None, tok_start_D, last)
+    ar = torch.arange(M, device=tok_start_D.device)
+    idx = (res_start[:, None] + ar[None]).clamp_max(T - 1)
+    valid = (ar[None] < n_D[:, None])[:, :, None]
+    lo = hi = None
+    if "median" in poolers:
+        lo, hi = ((n_D - 1) // 2)[:, None, None], (n_D // 2)[:, None, None]
+    return PoolPlan(idx, valid, n_D.to(torch.float32)[:, None], lo, hi, tok_start_D, last)
+
+
+def pool_device(h_TC, plan: PoolPlan, poolers):
+    """Pool one layer's packed hidden states ``h_TC`` (T, C) with ``plan``; returns (D, P*C)
+    float32, the poolers concatenated in order."""
     out = []
-    need_res = any(p not in _TOKEN_POOLERS for p in poolers)
-    if need_res:
-        ar = torch.arange(M, device=dev)
-        idx_DM = (res_start[:, None] + ar[None]).clamp_max(T - 1)
-        valid_DM1 = (ar[None] < n_D[:, None])[:, :, None]
-        g = h_TC[idx_DM].float()  # (D, M, C)
-        cnt = n_D.to(torch.float32)[:, None]
-        zeros = g * valid_DM1
+    if plan.idx_DM is not None:
+        g = h_TC[plan.idx_DM].float()  # (D, M, C)
+        v = plan.valid_DM1
+        zeroed = g * v
         mean = None
     for p in poolers:
         if p == "cls":
-            out.append(h_TC[tok_start_D].float())
+            out.append(h_TC[plan.first_D].float())
         elif p == "eos":
-            out.append(h_TC[res_start + n_D + (suffix - 1)].float())
+            out.append(h_TC[plan.last_D].float())
         elif p in ("mean", "var", "std"):
             if mean is None:
-                mean = zeros.sum(1) / cnt
+                mean = zeroed.sum(1) / plan.cnt_D1
             if p == "mean":
                 out.append(mean)
             else:
-                var = ((g - mean[:, None]) * valid_DM1).square().sum(1) / cnt
+                var = ((g - mean[:, None]) * v).square().sum(1) / plan.cnt_D1
                 out.append(var if p == "var" else var.sqrt())
         elif p == "max":
-            out.append(g.masked_fill(~valid_DM1, float("-inf")).amax(1))
+            out.append(g.masked_fill(~v, float("-inf")).amax(1))
         elif p == "min":
-            out.append(g.masked_fill(~valid_DM1, float("inf")).amin(1))
+            out.append(g.masked_fill(~v, float("inf")).amin(1))
         elif p == "norm":
-            out.append(zeros.square().sum(1).sqrt())
+            out.append(zeroed.square().sum(1).sqrt())
         elif p == "median":
-            s = g.masked_fill(~valid_DM1, float("inf")).sort(1).values  # valid values first, ascending
-            C = s.shape[-1]
-            lo = ((n_D - 1) // 2)[:, None, None].expand(-1, 1, C)
-            hi = (n_D // 2)[:, None, None].expand(-1, 1, C)
-            out.append((s.gather(1, lo) + s.gather(1, hi)).squeeze(1) / 2)
+            srt = g.masked_fill(~v, float("inf")).sort(1).values  # the residues first, ascending
+            C = srt.shape[-1]
+            lo = srt.gather(1, plan.lo_D11.expand(-1, 1, C))
+            hi = srt.gather(1, plan.hi_D11.expand(-1, 1, C))
+            out.append(((lo + hi) / 2).squeeze(1))
         else:  # pragma: no cover - parse_pooling refuses the rest
             raise AssertionError(p)
     return torch.cat(out, dim=-1)

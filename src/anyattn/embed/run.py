@@ -22,7 +22,7 @@ from ..errors import AnyAttnError
 from ..layout import SeqInfo
 from .formats import InputFormat
 from .model import _DTYPES, _compile, _config, _encoder, _load_model, _model_identity
-from .pooling import pool_device, pool_host
+from .pooling import pool_device, pool_host, pool_plan
 from .store import SQLiteStore, _np
 
 
@@ -144,8 +144,8 @@ class _Runner:
             if pooled:
                 st = layout.host_to_device(torch.tensor([starts[d] for d in pooled], dtype=torch.long), dev)
                 nr = layout.host_to_device(torch.tensor([n_res[d] for d in pooled], dtype=torch.long), dev)
-                M = max(n_res[d] for d in pooled)
-                results.append(torch.stack([pool_device(h, st, nr, self.prefix, self.suffix, self.poolers, M) for h in hs]))
+                plan = pool_plan(st, nr, self.prefix, self.suffix, self.poolers, max(n_res[d] for d in pooled), T)
+                results.append(torch.stack([pool_device(h, plan, self.poolers) for h in hs]))
             chunks = [d for d in range(D) if raw[d]]
             if chunks:
                 results.append(self._residues(hs, starts, n_res, chunks, torch.float32))
