@@ -23,7 +23,7 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "embed.md"
 def _blocks():
     text = DOC.read_text()
     first = text.split("A runnable end-to-end example", 1)[1].split("```python", 1)[1].split("```", 1)[0]
-    marked = re.findall(r"```(python|bash)\n# runs as is\n(.*?)```", text, flags=re.S)
+    marked = re.findall(r"```(python|bash)\n# runs as is\n(.*?)```", text, flags=re.DOTALL)
     return [("python", first), *marked]
 
 
@@ -36,7 +36,7 @@ def test_the_marked_examples_run_and_print_what_their_comments_say(tmp_path):
         if kind == "python":
             p = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
         else:
-            code = re.sub(r"^anyattn ", f"{sys.executable} -m anyattn ", code, flags=re.M)
+            code = re.sub(r"^anyattn ", f"{sys.executable} -m anyattn ", code, flags=re.MULTILINE)
             p = subprocess.run(["bash", "-ec", code], env=cli_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert p.returncode == 0, (kind, code, p.stderr[-3000:])
         outs.append(p.stdout)

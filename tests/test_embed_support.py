@@ -40,8 +40,7 @@ def write_fasta(path, records, width=17):
     with open(path, "w") as f:
         for rid, s in (records.items() if isinstance(records, dict) else records):
             f.write(f">{rid} some description\n")
-            for j in range(0, len(s), width):
-                f.write(s[j : j + width] + "\n")
+            f.writelines(s[j : j + width] + "\n" for j in range(0, len(s), width))
     return str(path)
 
 

@@ -51,7 +51,7 @@ from .plan import _RESIDUES, _SEQ_INDEX, _collect, _collect_input, _plan, _read_
 from .pooling import POOLERS, columns, parse_pooling
 from .run import EmbedError, _Assembler, _batch_tokens, _Progress, _run_local, _run_workers  # noqa: F401 - _batch_tokens: benchmarks
 from .store import (
-    EXPORT_FORMATS, FORMAT, SQLiteStore, StoreMismatchError, _JobLock, _index_path, check_meta, check_out_path, export,
+    EXPORT_FORMATS, FORMAT, SQLiteStore, StoreMismatchError, _index_path, _JobLock, check_meta, check_out_path, export,
     input_identity, open_store, parse_size, remove_stale,
 )  # fmt: skip
 
