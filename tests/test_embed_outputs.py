@@ -297,3 +297,11 @@ def test_progress_bar_on_a_terminal(ckpt, tmp_path, monkeypatch):
     embed(seqs(5, seed=1), model=ckpt, out=tmp_path / "o.sqlite", progress=True)
     text = err.getvalue()
     assert "embed: 100%" in text and "5/5" in text and "seq/s" in text
+
+
+def test_embed_help_lists_the_poolers_and_the_new_options(capsys):
+    rc, _, out = _cli(capsys, "embed", "--help")
+    text = " ".join(out.split())
+    assert rc == 0
+    for word in ("mean, max, min, norm, median, std, var, cls, eos, none", "--layers", "'all'", "--tokenizer", "--shard-size", "--append"):
+        assert word in text, word
