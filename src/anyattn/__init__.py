@@ -10,6 +10,7 @@ from .backends import Backend
 from .errors import AnyAttnError, ArgumentError, ArgumentTypeError, UnsupportedError
 from .layout import SeqInfo, pad, unpad
 from .resolve import Decision
+from .spec.kv import ContiguousKVCache, KVStep, KVView, PagedKVCache
 from .spec import (
     MaskTerm,
     ScoreTerm,
@@ -49,6 +50,10 @@ __all__ = [
     "ArgumentTypeError",
     "UnsupportedError",
     "SeqInfo",
+    "ContiguousKVCache",
+    "PagedKVCache",
+    "KVStep",
+    "KVView",
     "pad",
     "unpad",
     "MaskTerm",

@@ -27,12 +27,13 @@ from typing import NamedTuple
 
 import torch
 
-from ._cache import LRU
+from ._cache import LRU, obj_key
 from .backends import REGISTRY, Refusal
 from .call import Call, Signature
 from .errors import UnsupportedError, bad_type, bad_value
 from .resolve import Decision, availability, check_backend, resolve
-from .spec import canonical_mask, canonical_scores
+from .spec import And, Window, canonical_mask, canonical_scores
+from .spec.kv import KVView
 
 __all__ = ["attention", "explain", "use", "backends", "AttentionOutput", "BackendInfo", "clear_caches"]
 
@@ -105,7 +106,7 @@ def clear_caches() -> None:
 # validation (on a decision-cache miss: a key seen before was validated then)
 
 
-def _check_qkv(q, k, v) -> None:
+def _check_qkv(q, k, v, same_device: bool = True) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise bad_type(name, "a torch.Tensor", type(t).__name__)
@@ -117,7 +118,7 @@ def _check_qkv(q, k, v) -> None:
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             raise bad_type(name, f"the same dtype as q ({q.dtype})", f"dtype {t.dtype}")
-        if t.device != q.device:
+        if same_device and t.device != q.device:
             raise bad_value(name, f"the same device as q ({q.device})", f"device {t.device}")
     B, Hq, Sq, D = q.shape
     if k.shape[0] != B or v.shape[0] != B:
@@ -184,10 +185,11 @@ _INTERNED = LRU(4096)  # decision key -> a number never reused (itertools.count)
 _KEY_IDS = itertools.count()
 
 
-def _prepare(q, k, v, mask, score, scale, dropout_p, return_lse, need_weights, backend, full=None):
+def _prepare(q, k, v, mask, score, scale, dropout_p, return_lse, need_weights, backend, full=None, kv=None):
     """(call, backend, decision, requested) for the arguments; ``full`` (explain) re-resolves
     uncached. The hot path (a decision seen before): one hash of the decision key, interned to a
-    number that the decision, value-check and lowering caches are keyed by."""
+    number that the decision, value-check and lowering caches are keyed by. ``kv``: a paged KV
+    view (k/v are then meta placeholders of the logical keys, see ``_attention_kv``)."""
     compiling = torch.compiler.is_compiling()
     if not compiling and not (type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor):
         if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)):
@@ -216,7 +218,7 @@ def _prepare(q, k, v, mask, score, scale, dropout_p, return_lse, need_weights, b
     dkey = (
         None if cmask is None else cmask.structure, tuple([x.structure for x in scores]) if scores else (),
         q.shape, k.shape, v.shape, strides, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, grad, scale,
-        dropout_p, return_lse, need_weights,
+        dropout_p, return_lse, need_weights, None if kv is None else kv.structure(),
     )  # fmt: skip
     if compiling:
         dk = dkey
@@ -233,21 +235,23 @@ def _prepare(q, k, v, mask, score, scale, dropout_p, return_lse, need_weights, b
         impl, decision, sig = hit
     else:
         if not compiling:
-            _check_qkv(q, k, v)
+            _check_qkv(q, k, v, same_device=kv is None)
             scale = _check_options(scale, dropout_p, return_lse)
         if scale is None:
             scale = 1.0 / math.sqrt(q.shape[-1])
         sig = Signature.build(
             (tuple(q.shape), tuple(k.shape), tuple(v.shape)), q.dtype, q.device, cmask, scores, float(scale),
-            float(dropout_p), return_lse, grad, need_weights, strides, dkey,
+            float(dropout_p), return_lse, grad, need_weights, strides, dkey, None if kv is None else kv.structure(),
         )  # fmt: skip
     if not valued:  # the structure is the content: lowered forms are keyed by the decision key
         key, tokens = ("dk", dk), ()
     else:
         toks: list = []
         key = (dk, cmask.content_key(toks) if cmask is not None else None, tuple(s.content_key(toks) for s in scores))
+        if kv is not None:  # the page table of this step (a native backend's lowering depends on it)
+            key = key + (obj_key(kv.step, toks),)
         tokens = tuple(toks)
-    call = Call(sig, q, k, v, cmask, scores, key, tokens, not (term_grad or compiling), {})
+    call = Call(sig, q, k, v, cmask, scores, key, tokens, not (term_grad or compiling), {}, kv)
     if valued or hit is None:  # term values against this call: once per content, before any decision
         _check_values(call)
     if hit is None:
@@ -289,9 +293,10 @@ def _empty_result(call: Call):
 
 def attention(
     q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
     *,
+    kv=None,
     mask=None,
     score=None,
     scale: float | None = None,
@@ -304,6 +309,9 @@ def attention(
 
     Args:
         q: (B, Hq, Sq, D). k: (B, Hkv, Sk, D). v: (B, Hkv, Sk, Dv). Any strides; Hq % Hkv == 0.
+        kv: instead of k and v, a KV cache view (``step.write(layer, k_new, v_new)`` of a
+            :class:`ContiguousKVCache` or :class:`PagedKVCache`): the keys are the cache's, each
+            sequence's queries sit bottom-right among its cached keys (docs/serving.md).
         mask: a mask term (``causal()``, ``documents(...)``, ... combined with ``& | ~``) or None.
         score: a score term or a sequence of them, applied in order before the mask.
         scale: logit scale, default ``1/sqrt(D)``. Models that pre-scale q pass 1.0.
@@ -316,6 +324,10 @@ def attention(
         out (B, Hq, Sq, Dv), or ``AttentionOutput(out, lse)`` when ``return_lse=True``.
         Rows with no visible key are exactly 0 (lse -inf), forward and backward.
     """
+    if kv is not None:
+        return _attention_kv(q, k, v, kv, mask, score, scale, backend, dropout_p, return_lse)
+    if k is None or v is None:
+        raise bad_value("k/v", "key and value tensors (or kv=, a KV cache view)", "None")
     call, impl, _, requested = _prepare(q, k, v, mask, score, scale, dropout_p, return_lse, False, backend)
     if call.sig.Sq == 0 or call.sig.Sk == 0:
         out, lse = _empty_result(call)
@@ -324,6 +336,79 @@ def attention(
     if return_lse:
         return AttentionOutput(out, lse)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# calls on a KV cache
+
+
+def _kv_mask(view, mask):
+    """The cache's key layout AND the caller's mask; a windowed cache needs a window at least as
+    narrow as what it keeps (an evicted key would otherwise be silently missing)."""
+    m = canonical_mask(mask)
+    if view.window is not None:
+        parts = m.terms if isinstance(m, And) else (m,)
+        w = next((t for t in parts if isinstance(t, Window)), None)
+        if w is None or w.left is None or w.left > view.window - 1:
+            raise bad_value(
+                "mask", f"a window of at most sliding_window({view.window - 1}) (the cache was built with window={view.window} "
+                f"and keeps only the last {view.window - 1} keys before each query)", repr(m),
+            )  # fmt: skip
+    term = view.term()
+    return term if m is None else term & m
+
+
+def _check_kv_query(q, view, dropout_p) -> None:
+    if not isinstance(view, KVView):
+        raise bad_type("kv", "a KV cache view (step.write(layer, k_new, v_new) or step.view(layer))", type(view).__name__)
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        raise bad_value("q", "a (rows, Hq, Sq, D) tensor", getattr(q, "shape", type(q).__name__))
+    c, (rows, Sq) = view.cache, view.step.q_shape
+    if (q.shape[0], q.shape[2]) != (rows, Sq):
+        raise bad_value("q", f"(rows, Sq) = {(rows, Sq)}, the step's query layout ({view.step.layout})", f"shape {tuple(q.shape)}")
+    if q.shape[3] != c.head_dim or q.shape[1] % c.kv_heads:
+        raise bad_value("q", f"head dim {c.head_dim} and a multiple of the cache's {c.kv_heads} kv heads", f"shape {tuple(q.shape)}")
+    if q.dtype != c.dtype or q.device != c.device:
+        raise bad_value("q", f"the cache's dtype {c.dtype} and device {c.device}", f"{q.dtype} on {q.device}")
+    if torch.is_grad_enabled() and q.requires_grad:
+        raise bad_value("q", "no autograd through a KV cache call (caches are inference-only)", "q.requires_grad=True")
+    if dropout_p:
+        raise bad_value("dropout_p", "0 with a KV cache (inference)", dropout_p)
+
+
+def _attention_kv(q, k, v, view, mask, score, scale, backend, dropout_p, return_lse):
+    if k is not None or v is not None:
+        raise bad_value("k/v", "None when kv= is given (the keys come from the cache)", "tensors")
+    _check_kv_query(q, view, dropout_p)
+    full = _kv_mask(view, mask)
+    if not view.paged:  # views of the cache's rows: an ordinary call
+        k, v = view.logical()
+        return attention(q, k, v, mask=full, score=score, scale=scale, backend=backend, dropout_p=dropout_p, return_lse=return_lse)
+    (ks, vs), (kst, vst) = view.logical_shapes(), view.logical_strides()
+    km = torch.empty_strided(ks, kst, dtype=q.dtype, device="meta")
+    vm = torch.empty_strided(vs, vst, dtype=q.dtype, device="meta")
+    call, impl, _, requested = _prepare(q, km, vm, full, score, scale, dropout_p, return_lse, False, backend, kv=view)
+    gathered = None
+    refused: list = []
+    while True:
+        native = impl.reads_pages(call.sig)
+        if not native and gathered is None:  # pages -> contiguous keys, once, for backends without a page table
+            lk, lv = view.logical()
+            gathered = call._replace(k=lk, v=lv, kv=None)
+        this = call if native else gathered
+        if _OBSERVERS:
+            for fn in _OBSERVERS:
+                fn(this, impl.name)
+        try:
+            out, lse = impl.run(this)
+            break
+        except Refusal as e:
+            refused.append((impl.name, str(e)))
+            try:
+                impl, _ = resolve(call.sig, requested, exclude=tuple(refused), describe=call.describe())
+            except UnsupportedError as u:
+                raise UnsupportedError(str(u), u.decision) from None
+    return AttentionOutput(out, lse) if return_lse else out
 
 
 def attention_with_weights(q, k, v, *, mask=None, score=None, scale=None, dropout_p=0.0):

@@ -52,6 +52,10 @@ class Signature:
     strides: tuple | None = None  # (q, k, v) strides; None: contiguous (B, H, S, D)
     key: tuple = ()  # decision key: everything above, terms by structure
     geo: Geometry = field(default=None)  # type: ignore[assignment]
+    # the keys live in a paged KV cache (``attention(q, kv=view)``): the view's structure (kind,
+    # query layout, page size, pages); shapes above are the *logical* keys. Backends that read
+    # pages through the table say so (``reads_pages``); the others get the pages gathered.
+    paged: tuple | None = None
 
     @classmethod
     def of(
@@ -72,14 +76,20 @@ class Signature:
         return cls.build(shapes, dtype, device, m, sc, scale, float(dropout_p), return_lse, requires_grad, False, strides, key)
 
     @classmethod
-    def build(cls, shapes, dtype, device, mask, scores, scale, dropout_p, return_lse, requires_grad, need_weights, strides, key):
+    def build(cls, shapes, dtype, device, mask, scores, scale, dropout_p, return_lse, requires_grad, need_weights, strides, key,
+              paged=None):  # fmt: skip
         (B, Hq, Sq, D), (_, Hkv, Sk, _), (_, _, _, Dv) = shapes
         geo = Geometry(B, Hq, Sq, Sk, device)
         mask, scores = structure_only(mask), tuple(structure_only(s) for s in scores)
         return cls(
             B, Hq, Hkv, Sq, Sk, D, Dv, dtype, device, mask, scores, scale, dropout_p, return_lse, requires_grad,
-            need_weights, strides, key, geo,
+            need_weights, strides, key, geo, paged,
         )  # fmt: skip
+
+    @property
+    def page_size(self) -> int | None:
+        """The page size of a paged-KV call, else None."""
+        return None if self.paged is None else self.paged[3]
 
     # the names backends read (shared with Call)
     @property
@@ -122,6 +132,8 @@ class Signature:
             parts.append("return_lse")
         if self.requires_grad:
             parts.append("grad")
+        if self.paged is not None:
+            parts.append(f"kv=paged({self.paged[2]}, page_size={self.paged[3]})")
         return " ".join(parts)
 
 
@@ -163,6 +175,9 @@ class Call(NamedTuple):
     tokens: tuple
     cacheable: bool  # False while tracing, or when a term tensor requires grad
     bound: dict  # a fresh {} per call: bound terms (see bound_mask)
+    # a paged KV cache view (``anyattn.spec.kv.KVView``) when a backend reads the keys through its
+    # page table: k/v are then meta placeholders of the logical shapes; None otherwise
+    kv: object = None
 
     # -- the static facts, read through the signature -----------------------------------------
     @property

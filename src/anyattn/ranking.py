@@ -17,6 +17,11 @@ SDPA 24 | 25; padding (B=8, 25% padded) flex 338 | 329, flash_torch 165 | 169 (u
 dominates), SDPA 204 | 193; prefix-LM flex 336 | 328, SDPA 180 | 160; ALiBi flex 287 | 296,
 SDPA 146 | 142; softcap flex only. The ``decode`` row (at most 16 queries, more keys) is not
 from that matrix: it orders backends by whether they run a new KV length without compiling.
+The ``+paged`` rows (calls on a ``PagedKVCache``) are NOT measured yet either: they put first
+the backends that read pages through the table instead of gathering them (a copy of every
+cached key per layer and step). ``anyattn bench serving`` (src/anyattn/bench/serving.py)
+measures decode tokens/s per backend and cache kind; its table is what these rows should be
+re-ordered from, with its command line noted here.
 The CPU row comes from ``anyattn bench kernels --quick`` on a 2-core CPU: SDPA's CPU kernels beat the eager reference, and compiled Flex costs seconds of
 compilation per new variant and shape, so it is last.
 """
@@ -38,6 +43,13 @@ RANKING: dict[str, dict[str, tuple[str, ...]]] = {
         # a few queries against a longer KV cache (generation): the KV length changes every step,
         # so backends compiled per shape come last; SDPA takes any mask as a small (Sq, Sk) tensor
         "decode": ("sdpa", "cudnn", "flash_torch", "flash", "kernels_flash", "eager", "flex"),
+        # the same from a paged KV cache (attention(q, kv=paged_view)): flex reads the pages through
+        # the page table with a pool of fixed shape (one compiled kernel per batch shape, no copy);
+        # flash_torch reads them where torch's varlen_attn has block_table (2.13), else both it and
+        # the SDPA family run on the pages gathered into contiguous keys (a copy per layer)
+        "decode+paged": ("flex", "flash_torch", "flash", "kernels_flash", "cudnn", "sdpa", "eager"),
+        "documents+paged": ("flex", "flash_torch", "flash", "kernels_flash", "cudnn", "sdpa", "eager"),
+        "padding+paged": ("flex", "flash_torch", "flash", "kernels_flash", "cudnn", "sdpa", "eager"),
     },
     "cpu": {
         "*": ("sdpa", "eager", "flex"),
@@ -70,6 +82,8 @@ def variant_class(call) -> str:
 def ranking_for(call) -> tuple[str, ...]:
     rows = RANKING.get(call.device.type, RANKING["cpu"])
     cls = variant_class(call)
+    if getattr(call, "paged", None) is not None and cls + "+paged" in rows:  # a paged KV cache
+        return rows[cls + "+paged"]
     if call.requires_grad and cls + "+grad" in rows:
         return rows[cls + "+grad"]
     return rows.get(cls) or rows.get("*") or ()

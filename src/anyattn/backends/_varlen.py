@@ -172,7 +172,7 @@ def packing_for(call, seq, positional: bool) -> Packing:
     return _packing_padding(seq, geo.B, geo.Sk, geo.device, positional)
 
 
-def _side(counts: list, starts: list, B: int, S: int, device) -> Packing:
+def side_packing(counts: list, starts: list, B: int, S: int, device) -> Packing:
     """One side (queries or keys) of a pair packing: the kept sequences' tokens, given per
     sequence (in kernel order) its token count and its first flat position in the (B*S) stream."""
     cu, mx = _cu(counts, device)
@@ -256,7 +256,7 @@ def pair_packing_for(call, seq, positional: bool, right_window: bool) -> PairPac
             "a window that looks ahead (right > 0) with a sequence of more queries than keys: FlashAttention's "
             "local window differs from the bottom-right definition on queries before the first key; use flex or sdpa"
         )
-    return PairPacking(_side(qc, qs, B, Sq, dev), _side(kc, ks, B, Sk, dev))
+    return PairPacking(side_packing(qc, qs, B, Sq, dev), side_packing(kc, ks, B, Sk, dev))
 
 
 def _first_real(info, B: int, S: int) -> list:

@@ -5,6 +5,7 @@
         facts: Facts                                # what it can do, known without a call
         available() -> None | reason                # can it run on this machine at all
         supports(signature) -> None | reason        # can it compute this call exactly
+        reads_pages(signature) -> bool              # paged KV: reads the page table itself?
         run(call) -> (out, lse | None)              # compute (may refuse on values: Refusal)
         clear() -> None                             # drop every cache it owns
 
@@ -63,6 +64,12 @@ class AttentionBackend:
 
     def supports(self, sig) -> str | None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def reads_pages(self, sig) -> bool:
+        """For a paged-KV call (``sig.paged``): whether ``run`` reads the keys through the page
+        table (``call.kv``) itself. False: the caller gathers the pages into contiguous keys and
+        runs an ordinary call (what every backend can do)."""
+        return False
 
     def run(self, call):  # pragma: no cover - abstract
         raise NotImplementedError

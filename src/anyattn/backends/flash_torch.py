@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from .._cache import LRU
+from ..layout import host_to_device
 from ..spec import Documents
 from ._sdp_switch import run_only
 from ._varlen import (
@@ -62,6 +63,7 @@ from ._varlen import (
     packing_for,
     pair_packing_for,
     positional_refusal,
+    side_packing,
     split_mask,
     tokens_in,
     tokens_out,
@@ -241,6 +243,62 @@ class FlashTorchBackend(AttentionBackend):
         self.packings.clear()
         self._uniform_cu.clear()
 
+    def reads_pages(self, sig) -> bool:
+        """A paged KV cache is read through varlen_attn's block table where this torch has one
+        (torch 2.13: ``block_table`` + ``seqused_k``, inference only); else the pages are gathered."""
+        if sig.paged is None or self._bind() is not None:
+            return False
+        return "block_table" in self._params and "seqused_k" in self._params
+
+    def _run_paged(self, call, p, want_lse: bool):
+        """varlen_attn over the pool with the step's block table: one sequence per sequence of
+        the step that has new tokens and cached keys; bottom-right per sequence (the cache's)."""
+        step = call.kv.step
+        B, Hq, Sq, _ = call.q.shape
+        pk = self.packings.get(call.key) if call.cacheable else None
+        if pk is None:
+            live = step.live()
+            keep = [i for i, (n, (m, _)) in enumerate(zip(step.new, live)) if n > 0 and m > 0]
+            if not keep:
+                pk = ("empty",)
+            else:
+                starts, t = [], 0
+                for i, n in enumerate(step.new):  # first flat position of each sequence's queries
+                    starts.append(i * Sq if step.layout == "rows" else t)
+                    t += n
+                qpk = side_packing([step.new[i] for i in keep], [starts[i] for i in keep], B, Sq, call.device)
+                bt, used = step.block_table()
+                idx = torch.tensor(keep, dtype=torch.int64).to(bt.device)
+                used_k = [live[i][0] for i in keep]
+                cu = [0]
+                for m in used_k:
+                    cu.append(cu[-1] + m)
+                cu_k = host_to_device(torch.tensor(cu, dtype=torch.int32), call.device)
+                pk = (qpk, bt.index_select(0, idx), used.index_select(0, idx), cu_k, max(used_k))
+            if call.cacheable:
+                self.packings.put(call.key, pk, call.tokens)
+        if pk[0] == "empty":
+            return _zeros(call, want_lse)
+        qpk, bt, used, cu_k, max_k = pk
+        c = call.kv.cache
+        kpool, vpool = c.k[call.kv.layer], c.v[call.kv.layer]  # (P + 1, ps, Hkv, D)
+        q = call.q if call.q.stride(-1) == 1 else call.q.contiguous()
+        kw = {"block_table": bt, "seqused_k": used}
+        if p.window != (-1, -1):
+            kw["window_size"] = p.window
+        if "scale" in self._params:
+            kw["scale"] = call.scale
+        if call.gqa and "enable_gqa" in self._params:
+            kw["enable_gqa"] = True
+        if want_lse:
+            kw["return_aux"] = self._aux_request()(lse=True)
+        r = self._varlen(tokens_in(qpk, q.transpose(1, 2)), kpool, vpool, qpk.cu, cu_k, qpk.max_seqlen, max_k, **kw)
+        out_THD, lse = (r[0], r[1]) if want_lse else (r, None)
+        out = tokens_out(qpk, out_THD, B, Sq).transpose(1, 2)
+        if lse is not None:
+            lse = lse_out(qpk, self._lse_TH(lse, qpk.total, Hq, q), B, Sq, Hq)
+        return out, lse
+
     # -- running --------------------------------------------------------------------------
     def packing(self, call, seq, positional: bool) -> Packing:
         """The call's varlen metadata, built once per content key."""
@@ -334,6 +392,8 @@ class FlashTorchBackend(AttentionBackend):
             return out, None
         if self._varlen is None:  # bound by available() (at trace time under torch.compile)
             self._bind()
+        if call.kv is not None:  # a paged KV cache, read through the block table
+            return self._run_paged(call, p, want_lse)
         B, Hq, Sq, D = q.shape
         Sk, Hkv, Dv = k.shape[2], call.Hkv, call.Dv
         q_BSHD, k_BSHD, v_BSHD = (t.transpose(1, 2) for t in (q, k, v))

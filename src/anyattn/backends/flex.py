@@ -146,15 +146,15 @@ def _is_recompile_limit(e: BaseException) -> bool:
 # block structure from the terms (documents, padding, windows)
 
 
-def _ranges(ids: torch.Tensor, n: int, length: int):
-    """Per block of BLOCK positions of ``ids`` (R, length) (-1 = no document): (first id, last id,
-    any real, all real) over the real positions, each (R, n). Positions past ``length`` are not
-    real (a block that sticks out is never full)."""
+def _ranges(ids: torch.Tensor, n: int, length: int, block: int = BLOCK):
+    """Per block of ``block`` positions of ``ids`` (R, length) (-1 = no document): (first id, last
+    id, any real, all real) over the real positions, each (R, n). Positions past ``length`` are
+    not real (a block that sticks out is never full)."""
     R = ids.shape[0]
-    pad = n * BLOCK - length
+    pad = n * block - length
     if pad:
         ids = torch.nn.functional.pad(ids, (0, pad), value=-1)
-    ids = ids.view(R, n, BLOCK)
+    ids = ids.view(R, n, block)
     real = ids >= 0
     big = torch.iinfo(ids.dtype).max
     lo = torch.where(real, ids, big).amin(-1)
@@ -162,28 +162,28 @@ def _ranges(ids: torch.Tensor, n: int, length: int):
     return lo, hi, real.any(-1), real.all(-1)
 
 
-def _aligned_ranges(align: torch.Tensor, nq: int, Sq: int):
-    """Per tile of BLOCK queries: (lowest, highest) key position i' of its queries, each (R, nq, 1)."""
-    pad = nq * BLOCK - Sq
-    lo = torch.nn.functional.pad(align, (0, pad), value=torch.iinfo(torch.int64).max // 4).view(-1, nq, BLOCK)
-    hi = torch.nn.functional.pad(align, (0, pad), value=torch.iinfo(torch.int64).min // 4).view(-1, nq, BLOCK)
+def _aligned_ranges(align: torch.Tensor, nq: int, Sq: int, qb: int = BLOCK):
+    """Per tile of ``qb`` queries: (lowest, highest) key position i' of its queries, each (R, nq, 1)."""
+    pad = nq * qb - Sq
+    lo = torch.nn.functional.pad(align, (0, pad), value=torch.iinfo(torch.int64).max // 4).view(-1, nq, qb)
+    hi = torch.nn.functional.pad(align, (0, pad), value=torch.iinfo(torch.int64).min // 4).view(-1, nq, qb)
     return lo.amin(-1)[..., None], hi.amax(-1)[..., None]
 
 
-def _term_blocks(t, geo, nq: int, nk: int):
+def _term_blocks(t, geo, nq: int, nk: int, qb: int = BLOCK, kb: int = BLOCK):
     """(any, all) bool (R, nq, nk) for one term: any = some pair of the tile may be visible, all =
     every pair is. None when the term has no block-level rule here. ``geo`` is the aligned
     geometry (``Call.aligned_geo``): with packed query/key layouts, i' comes from ``geo.align``."""
     off = geo.offset
     if isinstance(t, Window):
         dev = geo.device
-        klo = torch.arange(nk, device=dev) * BLOCK
-        khi = torch.clamp(klo + BLOCK, max=geo.Sk) - 1
+        klo = torch.arange(nk, device=dev) * kb
+        khi = torch.clamp(klo + kb, max=geo.Sk) - 1
         if geo.align is None:
-            qlo = (torch.arange(nq, device=dev) * BLOCK + off)[:, None]
-            qhi = torch.clamp(qlo - off + BLOCK, max=geo.Sq) - 1 + off
+            qlo = (torch.arange(nq, device=dev) * qb + off)[:, None]
+            qhi = torch.clamp(qlo - off + qb, max=geo.Sq) - 1 + off
         else:  # (R, nq, 1): per row, the range of i' over each tile's queries
-            qlo, qhi = _aligned_ranges(geo.align, nq, geo.Sq)
+            qlo, qhi = _aligned_ranges(geo.align, nq, geo.Sq, qb)
         dmin = qlo - khi[None, :]  # i' - j over the tile
         dmax = qhi - klo[None, :]
         any_ = torch.ones(dmin.shape, dtype=torch.bool, device=dev)
@@ -194,7 +194,7 @@ def _term_blocks(t, geo, nq: int, nk: int):
         if t.right is not None:
             any_ &= dmax >= -t.right
             all_ &= dmin >= -t.right
-        inside = ((torch.arange(nq, device=dev) * BLOCK + BLOCK) <= geo.Sq)[:, None] & ((klo + BLOCK) <= geo.Sk)[None, :]
+        inside = ((torch.arange(nq, device=dev) * qb + qb) <= geo.Sq)[:, None] & ((klo + kb) <= geo.Sk)[None, :]
         all_ = all_ & inside
         return (any_, all_) if any_.dim() == 3 else (any_[None], all_[None])
     if isinstance(t, Documents):
@@ -207,22 +207,22 @@ def _term_blocks(t, geo, nq: int, nk: int):
         return None
     R = max(ids.shape[0], qids.shape[0])
     ids, qids = ids.expand(R, -1), qids.expand(R, -1)
-    qlo, qhi, qany, qall = _ranges(qids, nq, geo.Sq)
-    klo, khi, kany, kall = _ranges(ids, nk, geo.Sk)
+    qlo, qhi, qany, qall = _ranges(qids, nq, geo.Sq, qb)
+    klo, khi, kany, kall = _ranges(ids, nk, geo.Sk, kb)
     any_ = qany[:, :, None] & kany[:, None, :] & (qlo[:, :, None] <= khi[:, None, :]) & (klo[:, None, :] <= qhi[:, :, None])
     all_ = qall[:, :, None] & kall[:, None, :] & (qlo == qhi)[:, :, None] & (klo == khi)[:, None, :] & (qlo[:, :, None] == klo[:, None, :])
     return any_, all_
 
 
-def structured_block_mask(call, mask_mod):
-    """A BlockMask for a mask of documents / padding / windows built from the terms, or None when
-    the mask has another term (then ``create_block_mask`` evaluates the predicate)."""
+def structured_blocks(call, qb: int = BLOCK, kb: int = BLOCK):
+    """(kv_num, kv_idx, full_num, full_idx) int32 (R, 1, nq, nk) of a mask of documents / padding /
+    windows, from the terms; None when the mask has another term."""
     geo = call.aligned_geo()
     parts = call.mask.terms if isinstance(call.mask, And) else (call.mask,)
-    nq, nk = -(-geo.Sq // BLOCK), -(-geo.Sk // BLOCK)
+    nq, nk = -(-geo.Sq // qb), -(-geo.Sk // kb)
     any_ = all_ = None
     for t in parts:
-        r = _term_blocks(t, geo, nq, nk)
+        r = _term_blocks(t, geo, nq, nk, qb, kb)
         if r is None:
             return None
         a, f = r
@@ -237,8 +237,18 @@ def structured_block_mask(call, mask_mod):
 
     kv_num, kv_idx = ordered(partial)
     full_num, full_idx = ordered(full)
+    return kv_num, kv_idx, full_num, full_idx
+
+
+def structured_block_mask(call, mask_mod, need_q_blocks: bool = True):
+    """A BlockMask for a mask of documents / padding / windows built from the terms, or None when
+    the mask has another term (then ``create_block_mask`` evaluates the predicate)."""
+    blocks = structured_blocks(call)
+    if blocks is None:
+        return None
     fa = _FA if _FA is not None else _flex_api()[0]
-    return fa.BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK, mask_mod, (geo.Sq, geo.Sk))
+    geo = call.geo
+    return fa.BlockMask.from_kv_blocks(*blocks, BLOCK, mask_mod, (geo.Sq, geo.Sk))
 
 
 def may_have_empty_rows(call) -> bool:
@@ -286,7 +296,10 @@ class FlexBackend(AttentionBackend):
     name = "flex"
     facts = Facts(packed_documents=True, score_fn=True, static_shapes=True)
 
-    def __init__(self):
+    def __init__(self, *, unfused_max_sq: int = UNFUSED_MAX_SQ):
+        # calls of at most this many queries against more keys run FlexAttention unfused (exact,
+        # no compilation per shape); 0: always the compiled kernel (a test seam)
+        self.unfused_max_sq = unfused_max_sq
         self.block_masks = LRU(64)  # content key -> BlockMask
         self._by_call = LRU(256)  # content key -> (entry, score_mod, expand_kv, BlockMask, zero_empty)
         self._entries: dict = {}
@@ -330,6 +343,9 @@ class FlexBackend(AttentionBackend):
         self.block_masks.clear()
         self._by_call.clear()
 
+    def reads_pages(self, sig) -> bool:
+        return True  # a BlockMask over the pool, through the page table (see _paged)
+
     # -- lowering -------------------------------------------------------------------------
     def _entry(self, key):
         """The compiled entry point for ``key``: a fresh code object (its own dynamo cache) of
@@ -370,7 +386,7 @@ class FlexBackend(AttentionBackend):
             return pred(b, h, q_idx, kv_idx)
 
         mask_mod.__name__ = f"anyattn_mask:{call.mask!r}"
-        bm = None if torch.compiler.is_compiling() else structured_block_mask(call, mask_mod)
+        bm = None if torch.compiler.is_compiling() else structured_block_mask(call, mask_mod, call.requires_grad)
         counting = not torch.compiler.is_compiling()  # a counter read while tracing becomes a guard
         if bm is None:
             bm = fa.create_block_mask(
@@ -398,10 +414,107 @@ class FlexBackend(AttentionBackend):
 
         return score_mod
 
+    # -- paged KV caches ------------------------------------------------------------------
+    def _paged(self, call):
+        """(BlockMask over the whole pool, score_mod) of a paged-KV call: the logical block
+        structure (key blocks of one page) with each logical block replaced by its physical page,
+        and mask_mod / score_mod that map a pool position back to its logical key (positions of
+        pages that are not the row's are invisible: the unfused path evaluates every pair)."""
+        fa = _FA if _FA is not None else _flex_api()[0]
+        view = call.kv
+        step, ps, n_phys = view.step, view.page_size, view.cache.pages + 1
+        geo = call.geo  # logical
+        p2l = step.physical_to_logical()  # (R, P + 1)
+        R = p2l.shape[0]
+        pred = call.bound_mask().pred
+        mods = [bs.mod for bs in call.bound_scores()]
+
+        def logical(b, kv_idx):
+            lb = p2l[b, kv_idx // ps] if R > 1 else p2l[0, kv_idx // ps]
+            return (lb * ps + kv_idx % ps).clamp(min=0), lb >= 0
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            kvl, ok = logical(b, kv_idx)
+            return ok & pred(b, h, q_idx, kvl)
+
+        mask_mod.__name__ = f"anyattn_paged_mask:{call.mask!r}"
+        score_mod = None
+        if mods:
+
+            def score_mod(score, b, h, q_idx, kv_idx):
+                kvl, _ = logical(b, kv_idx)
+                for m in mods:
+                    score = m(score, b, h, q_idx, kvl)
+                return score
+
+        blocks = structured_blocks(call, BLOCK, ps)
+        if blocks is None:  # another term: evaluate the logical predicate per page-sized tile
+            bound = call.bound_mask()
+
+            def logical_mod(b, h, q_idx, kv_idx):
+                return pred(b, h, q_idx, kv_idx)
+
+            lm = fa.create_block_mask(logical_mod, geo.B if bound.uses_b else None, geo.H if bound.uses_h else None,
+                                      geo.Sq, geo.Sk, device=geo.device, BLOCK_SIZE=(BLOCK, ps))  # fmt: skip
+            blocks = (lm.kv_num_blocks, lm.kv_indices, lm.full_kv_num_blocks, lm.full_kv_indices)
+        else:
+            self.stats["structured_block_masks"] += 1
+        self.stats["block_mask_builds"] += 1
+        lp = step.logical_pages()  # (R, nk): the physical page of each logical block
+        cols = max(n_phys, lp.shape[1])
+
+        def physical(num, idx):
+            if num is None:
+                return None, None
+            Rb, Hb, nq, nk = idx.shape
+            if Rb != R:
+                num, idx = num.expand(R, *num.shape[1:]), idx.expand(R, Hb, nq, nk)
+            phys = torch.gather(lp[:, None, None, :].expand(R, Hb, nq, nk), -1, idx.long()).to(torch.int32)
+            return num.contiguous(), torch.nn.functional.pad(phys, (0, cols - nk))
+
+        kv_num, kv_idx = physical(blocks[0], blocks[1])
+        full_num, full_idx = physical(blocks[2], blocks[3])
+        bm = fa.BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, (BLOCK, ps), mask_mod, (geo.Sq, n_phys * ps))
+        return bm, score_mod
+
+    def _run_paged(self, call):
+        hit = self._by_call.get(call.key) if call.cacheable else None
+        geo = call.geo
+        kp, vp = call.kv.pool()
+        N = kp.shape[2]
+        unfused = geo.Sq <= self.unfused_max_sq and geo.B * geo.H * geo.Sq * N <= UNFUSED_MAX_SCORES
+        if hit is None:
+            bm, sm = self._paged(call)
+            zero = may_have_empty_rows(call)
+            if zero and geo.device.type == "cpu" and not unfused:  # compiled CPU flex returns no lse
+                zero = rows_seen(call)
+            want_lse = call.return_lse or call.sink is not None or zero is True
+            fn = None
+            if not unfused:
+                sig = call.sig
+                fn = self._entry((
+                    "paged", sig.mask.structure, tuple(x.structure for x in sig.scores), _code_ids(call.mask),
+                    tuple(_code_ids(x) for x in call.scores), sig.device.type, tuple(call.q.shape), tuple(kp.shape),
+                    tuple(vp.shape), sig.dtype, want_lse,
+                ))  # fmt: skip
+            hit = (fn, sm, bm, zero, want_lse)
+            if call.cacheable:
+                self._by_call.put(call.key, hit, call.tokens)
+        fn, sm, bm, zero, want_lse = hit
+        if fn is None:  # few queries against a small pool: the unfused path, exact, no compilation
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*flex_attention.*")
+                out, lse = _call_flex(call.q, kp, vp, sm, bm, call.scale, call.gqa, want_lse or geo.device.type == "cpu")
+        else:
+            out, lse = fn(call.q, kp, vp, sm, bm, call.scale, call.gqa, want_lse)
+        return _finish(call, out, lse, zero)
+
     # -- running --------------------------------------------------------------------------
     def run(self, call):
         if _FA is None:
             _flex_api()
+        if call.kv is not None:
+            return self._run_paged(call)
         q, k, v = call.q, call.k, call.v
         if torch.compiler.is_compiling():  # inside the caller's compiled graph
             sink = call.sink
@@ -413,7 +526,7 @@ class FlexBackend(AttentionBackend):
                 out, lse = sink.combine(out, lse)
             return out, (lse if call.return_lse else None)
         geo = call.geo
-        if geo.Sq <= UNFUSED_MAX_SQ < geo.Sk and geo.B * geo.H * geo.Sq * geo.Sk <= UNFUSED_MAX_SCORES:
+        if geo.Sq <= self.unfused_max_sq < geo.Sk and geo.B * geo.H * geo.Sq * geo.Sk <= UNFUSED_MAX_SCORES:
             # Decode-sized calls (a few queries against a KV cache that grows every step): the kernel
             # is compiled per shape, so each step would compile again. FlexAttention's unfused path
             # computes the same scores, mask and score_mod exactly, at O(Sq * Sk) like the kernel.

@@ -1,0 +1,543 @@
+"""KV caches: where the keys of an attention call live between generation steps.
+
+Two caches, one protocol, one call::
+
+    cache = ContiguousKVCache(batch=8, capacity=4096, kv_heads=8, head_dim=128, layers=16, ...)
+    cache = PagedKVCache(pages=4096, page_size=128, kv_heads=8, head_dim=128, layers=16, ...)
+
+    step = cache.step(...)                       # once per forward: who gets how many new tokens
+    for layer in range(L):
+        kv = step.write(layer, k_new, v_new)     # the layer's new keys/values, in the queries' layout
+        out = anyattn.attention(q, kv=kv, mask=causal())
+
+A cache is a *key layout* plus storage. ``attention(q, kv=view)`` ANDs the layout's term to the
+mask and runs one call: each sequence's queries sit bottom-right among its cached keys (the
+last new token at the last key), so ``causal()`` and ``sliding_window(...)`` mean what they mean
+without a cache. Picture (docs/serving.md draws more)::
+
+    contiguous, rows = sequences                   paged: pool of pages, a table per sequence
+      row 0  [k k k k k k . . . .]  m=6              pool   [0: null][1][2][3][4][5]...
+      row 1  [k k k . . . . . . .]  m=3              seq 7  table [3, 1, 4]   -> keys 0..(3*ps)
+             ^ buffer index 0 = absolute position    seq 9  table [2]         evicted pages -> 0
+               `offset` (after a window compaction)
+
+Query layouts of a step: ``"rows"`` (q (B, Hq, Sq, D); row r is sequence ``seqs[r]``, its n_r
+new tokens first, right-padded to Sq) or ``"packed"`` (paged only; q (1, Hq, T, D); the new
+tokens of every sequence back to back: chunked prefill and decode in one call, continuous
+batching). The implied terms are ``padding(q_lengths, kv=cached_lengths)`` (rows) and
+``documents(new_tokens, kv=cached_lengths)`` (packed); see ``anyattn.spec.sequences``.
+
+Sliding-window eviction (``window=W``: a query sees itself and W - 1 keys before it, HF's
+``sliding_window=W``): keys no query can see again are dropped. The contiguous cache moves the
+last W - 1 keys of a full row to its start (one copy per ``capacity - W + 1`` tokens); the
+paged cache frees pages that lie wholly before the window (their table entries point at the
+null page 0, never read). Calls on a windowed cache must carry a window of at most
+``sliding_window(W - 1)`` (checked: an evicted key would be silently missing otherwise).
+
+Storage is zero-initialized (a masked key is multiplied by 0 on some backends; NaN garbage
+would leak). Caches are inference-only: ``attention(..., kv=...)`` refuses autograd.
+
+Shape legend: L layers, B rows, P pages (+1: the null page), ps page size, Hkv kv heads, D/Dv
+head dims, n new tokens of a sequence this step, m its cached keys after the step.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+
+from ..errors import bad_type, bad_value
+from ..layout import host_to_device
+
+__all__ = ["ContiguousKVCache", "PagedKVCache", "KVStep", "KVView", "kv_bucket"]
+
+_STEPS = itertools.count(1)
+
+
+def kv_bucket(n: int) -> int:
+    """A key length (or page count) rounded up to the next of 4, 5, 6, 7 x 2^k (at most 25% more;
+    at least 4): a growing cache changes shapes, and with them decisions and compiled kernels,
+    about 4 times per doubling instead of every step."""
+    if n <= 4:
+        return max(n, 1)
+    k = (n - 1).bit_length() - 3
+    return next(m << k for m in (4, 5, 6, 7, 8) if (m << k) >= n)
+
+
+def _pos_int(name: str, v, low: int = 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise bad_type(name, "an int", type(v).__name__)
+    if v < low:
+        raise bad_value(name, f"an int >= {low}", v)
+    return v
+
+
+class _Cache:
+    """Storage shared by both caches: per layer a K and a V tensor, zero-initialized."""
+
+    kind = ""
+
+    def __init__(self, shape, *, kv_heads, head_dim, layers, value_dim, dtype, device, window):
+        self.layers = _pos_int("layers", layers)
+        self.kv_heads = _pos_int("kv_heads", kv_heads)
+        self.head_dim = _pos_int("head_dim", head_dim)
+        self.value_dim = self.head_dim if value_dim is None else _pos_int("value_dim", value_dim)
+        if window is not None:
+            window = _pos_int("window", window)
+        self.window = window  # keys a query sees, itself included (HF sliding_window)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise bad_type("dtype", "a floating-point torch.dtype", repr(dtype))
+        self.dtype, self.device = dtype, torch.device(device)
+        self.k = [torch.zeros(*shape, self.kv_heads, self.head_dim, dtype=dtype, device=self.device) for _ in range(self.layers)]
+        self.v = [torch.zeros(*shape, self.kv_heads, self.value_dim, dtype=dtype, device=self.device) for _ in range(self.layers)]
+
+    @property
+    def keep(self) -> int | None:
+        """Keys kept before a query (window - 1), None without a window."""
+        return None if self.window is None else self.window - 1
+
+    def memory_bytes(self) -> int:
+        """Bytes of K and V storage over all layers (what the cache allocated)."""
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def _new_counts(self, new_tokens, count: int) -> list[int]:
+        if isinstance(new_tokens, int) and not isinstance(new_tokens, bool):
+            counts = [new_tokens] * count
+        elif isinstance(new_tokens, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in new_tokens):
+            counts = list(new_tokens)
+        else:
+            raise bad_type("new_tokens", "an int or a list of ints (new tokens per sequence)", repr(new_tokens)[:60])
+        if len(counts) != count:
+            raise bad_value("new_tokens", f"one count per sequence ({count})", f"{len(counts)} counts")
+        if any(x < 0 for x in counts):
+            raise bad_value("new_tokens", "non-negative counts", min(counts))
+        return counts
+
+
+# --------------------------------------------------------------------------------------------
+# the contiguous cache
+
+
+class ContiguousKVCache(_Cache):
+    """``batch`` rows of ``capacity`` key/value slots per layer, (batch, capacity, Hkv, D) each.
+
+    Row b holds sequence b. ``window=W`` keeps the last W - 1 keys when a row fills up (moved
+    to the row's start; ``offsets[b]`` is then the absolute position of slot 0). Steps are
+    row-layout: q (batch, Hq, Sq, D)."""
+
+    kind = "contiguous"
+
+    def __init__(self, batch: int, capacity: int, kv_heads: int, head_dim: int, *, layers: int = 1, value_dim=None,
+                 dtype=torch.float32, device="cpu", window: int | None = None):  # fmt: skip
+        self.batch = _pos_int("batch", batch)
+        self.capacity = _pos_int("capacity", capacity)
+        super().__init__((self.batch, self.capacity), kv_heads=kv_heads, head_dim=head_dim, layers=layers,
+                         value_dim=value_dim, dtype=dtype, device=device, window=window)  # fmt: skip
+        self.lengths = [0] * self.batch  # keys stored per row (slot index space)
+        self.offsets = [0] * self.batch  # absolute position of slot 0
+
+    def reset(self, rows=None) -> None:
+        """Empty the given rows (all by default): a new sequence starts there."""
+        for b in range(self.batch) if rows is None else rows:
+            self.lengths[b] = self.offsets[b] = 0
+
+    def step(self, new_tokens) -> KVStep:
+        """Reserve ``new_tokens`` slots per row (an int: every row; a list: per row, 0 = idle this
+        step). Compacts windowed rows that would overflow, for every layer, before any writes."""
+        n = self._new_counts(new_tokens, self.batch)
+        before = list(self.lengths)
+        for b, nb in enumerate(n):
+            if nb == 0 or before[b] + nb <= self.capacity:
+                continue
+            if self.window is None:
+                raise bad_value(
+                    "new_tokens", f"at most {self.capacity - before[b]} more tokens in row {b} (capacity {self.capacity}, "
+                    f"{before[b]} cached; a windowed cache evicts, this one has no window)", nb,
+                )  # fmt: skip
+            keep = min(before[b], self.keep)
+            if keep + nb > self.capacity:
+                raise bad_value("new_tokens", f"at most capacity - (window - 1) = {self.capacity - self.keep} in one step", nb)
+            shift = before[b] - keep
+            for t in self.k + self.v:  # the keys the window still needs move to the row's start
+                t[b, :keep] = t[b, shift : before[b]].clone()
+            self.offsets[b] += shift
+            before[b] = keep
+        after = [a + x for a, x in zip(before, n)]
+        self.lengths = list(after)
+        Sq = max(n)
+        slots = [b * self.capacity + before[b] + t for b in range(self.batch) for t in range(n[b])]
+        src = None if all(x == Sq for x in n) else [b * Sq + t for b in range(self.batch) for t in range(n[b])]
+        positions = [[self.offsets[b] + before[b] + t if t < n[b] else 0 for t in range(Sq)] for b in range(self.batch)]
+        Sk = min(self.capacity, max(128, kv_bucket(max(after))))  # at least one 128-key tile
+        return KVStep(self, "rows", tuple(range(self.batch)), tuple(n), tuple(after), Sq, slots, src, positions, Sk=Sk)
+
+
+# --------------------------------------------------------------------------------------------
+# the paged cache
+
+
+class PagedKVCache(_Cache):
+    """A pool of ``pages`` pages of ``page_size`` key/value slots per layer, (pages + 1,
+    page_size, Hkv, D) each (page 0 is the null page: never handed out, always zero). A sequence
+    owns a table of pages in logical order (vLLM's block table, FlexAttention's page table);
+    pages come from a free list as it grows and go back when it is released or when a window
+    has passed them."""
+
+    kind = "paged"
+
+    def __init__(self, pages: int, page_size: int, kv_heads: int, head_dim: int, *, layers: int = 1, value_dim=None,
+                 dtype=torch.float32, device="cpu", window: int | None = None):  # fmt: skip
+        self.pages = _pos_int("pages", pages)
+        self.page_size = _pos_int("page_size", page_size)
+        if self.page_size % 16:
+            raise bad_value("page_size", "a multiple of 16 (the smallest key block of the kernels)", page_size)
+        super().__init__((self.pages + 1, self.page_size), kv_heads=kv_heads, head_dim=head_dim, layers=layers,
+                         value_dim=value_dim, dtype=dtype, device=device, window=window)  # fmt: skip
+        self._free = list(range(self.pages, 0, -1))
+        self._tables: dict[int, list[int]] = {}
+        self._lengths: dict[int, int] = {}
+        self._ids = itertools.count()
+
+    # -- sequences ------------------------------------------------------------------------
+    def add_sequence(self) -> int:
+        """A new, empty sequence; returns its id."""
+        s = next(self._ids)
+        self._tables[s], self._lengths[s] = [], 0
+        return s
+
+    def release(self, seq: int) -> None:
+        """Free a sequence's pages (it is finished)."""
+        self._check_seq(seq)
+        self._free.extend(p for p in reversed(self._tables.pop(seq)) if p)
+        del self._lengths[seq]
+
+    def length(self, seq: int) -> int:
+        """Tokens the sequence has had (absolute: evicted ones included)."""
+        self._check_seq(seq)
+        return self._lengths[seq]
+
+    @property
+    def free_pages(self) -> int:
+        return len(self._free)
+
+    @property
+    def sequences(self) -> tuple:
+        return tuple(self._tables)
+
+    def _check_seq(self, seq) -> None:
+        if seq not in self._tables:
+            raise bad_value("seq", f"a live sequence id of this cache ({sorted(self._tables)[:8]}...)", repr(seq))
+
+    def pages_of(self, seq: int) -> list[int]:
+        """The sequence's page table (0 = evicted)."""
+        self._check_seq(seq)
+        return list(self._tables[seq])
+
+    # -- a step ---------------------------------------------------------------------------
+    def step(self, seqs, new_tokens, *, layout: str | None = None, q_len: int | None = None) -> KVStep:
+        """Reserve slots for ``new_tokens`` (an int, or one per sequence) of the sequences ``seqs``
+        (their order is the order of q's rows or documents). ``layout``: "rows" (q (len(seqs),
+        Hq, max n, D)) or "packed" (q (1, Hq, T, D), T = sum n); default rows when every count
+        is equal, else packed. ``q_len``: pad the packed query length to it (bucketed lengths
+        keep compiled kernels from recompiling; the tail queries are padding)."""
+        seqs = list(seqs)
+        if not seqs:
+            raise bad_value("seqs", "at least one sequence id", "none")
+        if len(set(seqs)) != len(seqs):
+            raise bad_value("seqs", "distinct sequence ids", seqs)
+        for s in seqs:
+            self._check_seq(s)
+        n = self._new_counts(new_tokens, len(seqs))
+        if layout is None:
+            layout = "rows" if len(set(n)) == 1 else "packed"
+        if layout not in ("rows", "packed"):
+            raise bad_value("layout", "'rows' or 'packed'", repr(layout))
+        ps = self.page_size
+        need = 0
+        for s, ns in zip(seqs, n):
+            need += max(0, -(-(self._lengths[s] + ns) // ps) - len(self._tables[s]))
+        freed = self._evict(seqs)
+        if need > len(self._free):
+            raise bad_value("new_tokens", f"at most the free pages ({len(self._free)} of {self.pages}, {freed} just evicted)",
+                            f"{need} more pages")  # fmt: skip
+        before = []
+        for s, ns in zip(seqs, n):
+            before.append(self._lengths[s])
+            table = self._tables[s]
+            while len(table) * ps < self._lengths[s] + ns:
+                table.append(self._free.pop())
+            self._lengths[s] += ns
+        slots = []
+        for s, b0, ns in zip(seqs, before, n):
+            table = self._tables[s]
+            slots.extend(table[p // ps] * ps + p % ps for p in range(b0, b0 + ns))
+        if layout == "rows":
+            Sq = max(n)
+            src = None if all(x == Sq for x in n) else [r * Sq + t for r in range(len(seqs)) for t in range(n[r])]
+            positions = [[b0 + t if t < nr else 0 for t in range(Sq)] for b0, nr in zip(before, n)]
+        else:
+            T = sum(n)
+            Sq = T if q_len is None else _pos_int("q_len", q_len)
+            if Sq < T:
+                raise bad_value("q_len", f"at least the {T} new tokens", Sq)
+            src = None
+            positions = [[b0 + t for b0, nr in zip(before, n) for t in range(nr)] + [0] * (Sq - T)]
+        after = tuple(self._lengths[s] for s in seqs)
+        tables = [list(self._tables[s]) for s in seqs]
+        return KVStep(self, layout, tuple(seqs), tuple(n), after, Sq, slots, src, positions, tables=tables)
+
+    def _evict(self, seqs) -> int:
+        """Free the pages of ``seqs`` that lie wholly before every window this step can reach."""
+        if self.window is None:
+            return 0
+        ps, freed = self.page_size, 0
+        for s in seqs:
+            first_needed = self._lengths[s] - self.keep  # the first new query sits at the current length
+            table = self._tables[s]
+            for j in range(min(len(table), max(0, first_needed) // ps)):
+                if table[j]:
+                    self._free.append(table[j])
+                    table[j] = 0
+                    freed += 1
+        return freed
+
+
+# --------------------------------------------------------------------------------------------
+# a step, and a layer's view of it
+
+
+class KVStep:
+    """One forward's cache bookkeeping, shared by every layer: which sequences get how many new
+    tokens, where those go, and the key layout the calls see. Built by ``cache.step(...)``.
+
+    ``positions``: (rows, Sq) or (1, T) int64 absolute position of every new token in q's layout
+    (0 at padding): what rotary embeddings take. ``q_shape``: (rows, Sq) of the queries."""
+
+    def __init__(self, cache, layout, seqs, new, lengths, Sq, slots, src, positions, *, Sk=None, tables=None):
+        self.cache, self.layout, self.seqs, self.new, self.lengths = cache, layout, seqs, new, lengths
+        self.Sq = Sq
+        self.id = next(_STEPS)
+        dev = cache.device
+        self.positions = host_to_device(torch.tensor(positions, dtype=torch.int64), dev)
+        self._slots = host_to_device(torch.tensor(slots, dtype=torch.int64), dev)
+        self._src = None if src is None else host_to_device(torch.tensor(src, dtype=torch.int64), dev)
+        self._Sk, self._tables = Sk, tables
+        self._memo: dict = {}
+
+    @property
+    def rows(self) -> int:
+        return len(self.seqs) if self.layout == "rows" else 1
+
+    @property
+    def q_shape(self) -> tuple:
+        return (self.rows, self.Sq)
+
+    def __repr__(self) -> str:
+        return f"KVStep({self.cache.kind}, {self.layout}, seqs={list(self.seqs)[:8]}, new={list(self.new)[:8]}, q_len={self.Sq})"
+
+    def write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor) -> KVView:
+        """Store this step's new keys/values of ``layer`` and return the layer's view for
+        ``attention(q, kv=view)``. ``k_new`` (rows, Hkv, Sq, D) in the queries' layout (any
+        strides); positions beyond a row's new tokens (padding) are not stored."""
+        c = self.cache
+        if not isinstance(layer, int) or not 0 <= layer < c.layers:
+            raise bad_value("layer", f"a layer index in [0, {c.layers})", repr(layer))
+        for name, x, d in (("k_new", k_new, c.head_dim), ("v_new", v_new, c.value_dim)):
+            want = (self.rows, c.kv_heads, self.Sq, d)
+            if not isinstance(x, torch.Tensor):
+                raise bad_type(name, "a torch.Tensor", type(x).__name__)
+            if tuple(x.shape) != want:
+                raise bad_value(name, f"shape (rows, Hkv, Sq, D) = {want} (the step's query layout)", f"shape {tuple(x.shape)}")
+            if x.device != c.device:
+                raise bad_value(name, f"the cache's device {c.device}", f"device {x.device}")
+        with torch.no_grad():
+            for store, x in ((c.k[layer], k_new), (c.v[layer], v_new)):
+                tok = x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3])  # (rows * Sq, Hkv, D)
+                if self._src is not None:
+                    tok = tok.index_select(0, self._src)
+                elif tok.shape[0] != self._slots.numel():  # a packed step padded to q_len: the tail is padding
+                    tok = tok[: self._slots.numel()]
+                store.view(-1, store.shape[-2], store.shape[-1]).index_copy_(0, self._slots, tok.to(store.dtype))
+        return KVView(self, layer)
+
+    def view(self, layer: int) -> KVView:
+        """The layer's view without writing (its keys were written by another call)."""
+        if not isinstance(layer, int) or not 0 <= layer < self.cache.layers:
+            raise bad_value("layer", f"a layer index in [0, {self.cache.layers})", repr(layer))
+        return KVView(self, layer)
+
+    # -- the key layout (memoized: shared by every layer) ---------------------------------
+    def layout_terms(self):
+        """(query lengths or None, key lengths, gap lengths or None), per the layout."""
+        return self._memo_get("terms", self._layout_terms)
+
+    def _memo_get(self, name, fn):
+        hit = self._memo.get(name)
+        if hit is None:
+            hit = self._memo[name] = fn()
+        return hit
+
+    def _layout_terms(self):
+        from .sequences import documents, padding
+
+        if self.cache.kind == "contiguous":
+            q = None if all(x == self.Sq for x in self.new) else torch.tensor(self.new)
+            return padding(q, kv=torch.tensor(self.lengths))
+        live = self.live()
+        if self.layout == "rows":
+            q = None if all(x == self.Sq for x in self.new) else torch.tensor(self.new)
+            return padding(q, kv=torch.tensor([m for m, _ in live]))
+        ps = self.cache.page_size
+        qd, kd = [], []
+        for n, (m, pages) in zip(self.new, live):
+            qd += [n, 0]
+            kd += [m, len(pages) * ps - m]  # the rest of the sequence's last page: a document of no query
+        return documents(qd, kv=kd)
+
+    def live(self) -> list:
+        """Paged: per sequence (cached keys counted from its first live page, the live pages)."""
+        def build():
+            ps, out = self.cache.page_size, []
+            for m, table in zip(self.lengths, self._tables):
+                first = 0
+                while first < len(table) and table[first] == 0:
+                    first += 1
+                out.append((m - first * ps, table[first:]))
+            return out
+
+        return self._memo_get("live", build)
+
+    def logical_pages(self) -> torch.Tensor:
+        """Paged: (rows, nk) int64 page of every logical key block (0 = none), on the device; the
+        logical key length is nk * page_size (nk bucketed, see :func:`kv_bucket`)."""
+        def build():
+            live = self.live()
+            if self.layout == "rows":
+                nk = kv_bucket(max(len(p) for _, p in live) or 1)
+                rows = [p + [0] * (nk - len(p)) for _, p in live]
+            else:
+                flat = [x for _, p in live for x in p]
+                nk = kv_bucket(len(flat) or 1)
+                rows = [flat + [0] * (nk - len(flat))]
+            return host_to_device(torch.tensor(rows, dtype=torch.int64), self.cache.device)
+
+        return self._memo_get("lpages", build)
+
+    def physical_to_logical(self) -> torch.Tensor:
+        """Paged: (rows, P + 1) int64 logical block of every physical page in each row, -1 where
+        the page is not this row's (always for the null page 0)."""
+        def build():
+            lp = self.logical_pages()
+            R, nk = lp.shape
+            out = torch.full((R, self.cache.pages + 1), -1, dtype=torch.int64, device=lp.device)
+            out.scatter_(1, lp, torch.arange(nk, device=lp.device).expand(R, nk).contiguous())
+            out[:, 0] = -1
+            return out
+
+        return self._memo_get("p2l", build)
+
+    def block_table(self):
+        """Paged, for varlen kernels: (block_table (N, max pages) int32, seqused_k (N,) int32) over
+        the live pages of every sequence of the step, on the device."""
+        def build():
+            live = self.live()
+            width = max(len(p) for _, p in live) or 1
+            bt = [p + [0] * (width - len(p)) for _, p in live]
+            dev = self.cache.device
+            return (host_to_device(torch.tensor(bt, dtype=torch.int32), dev),
+                    host_to_device(torch.tensor([m for m, _ in live], dtype=torch.int32), dev))  # fmt: skip
+
+        return self._memo_get("block_table", build)
+
+    @property
+    def Sk(self) -> int:
+        """The logical key length of a view."""
+        if self._Sk is not None:
+            return self._Sk
+        return self.logical_pages().shape[1] * self.cache.page_size
+
+
+class KVView:
+    """One layer of a step, as ``attention(q, kv=view)`` takes it: the storage, the key layout
+    (:meth:`term`) and, for a paged cache, the page mapping native backends read."""
+
+    def __init__(self, step: KVStep, layer: int):
+        self.step, self.layer = step, layer
+        self.cache = step.cache
+
+    @property
+    def kind(self) -> str:
+        return self.cache.kind
+
+    @property
+    def paged(self) -> bool:
+        return self.cache.kind == "paged"
+
+    @property
+    def window(self) -> int | None:
+        return self.cache.window
+
+    @property
+    def page_size(self) -> int | None:
+        return self.cache.page_size if self.paged else None
+
+    def __repr__(self) -> str:
+        return f"KVView(layer={self.layer}, {self.step!r})"
+
+    def term(self):
+        """The mask term of the key layout: ``padding(q, kv=m)`` or ``documents(n, kv=m)``."""
+        return self.step.layout_terms()
+
+    def structure(self) -> tuple:
+        """What decisions depend on: the cache kind, the query layout, the page size."""
+        return ("kv", self.cache.kind, self.step.layout, self.page_size, self.cache.pages + 1 if self.paged else None)
+
+    def logical_shapes(self) -> tuple:
+        """((rows, Hkv, Sk, D), (rows, Hkv, Sk, Dv)) of the keys the call attends to."""
+        c, s = self.cache, self.step
+        return (s.rows, c.kv_heads, s.Sk, c.head_dim), (s.rows, c.kv_heads, s.Sk, c.value_dim)
+
+    def logical(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k, v) (rows, Hkv, Sk, D): views of a contiguous cache; gathered pages of a paged one
+        (a copy of the step's keys, per layer: what backends without a page table run on)."""
+        c, s = self.cache, self.step
+        if not self.paged:
+            return c.k[self.layer][:, : s.Sk].transpose(1, 2), c.v[self.layer][:, : s.Sk].transpose(1, 2)
+        lp = s.logical_pages()  # (rows, nk)
+        out = []
+        for store in (c.k[self.layer], c.v[self.layer]):
+            g = store.index_select(0, lp.reshape(-1))  # (rows * nk, ps, Hkv, D)
+            out.append(g.view(lp.shape[0], lp.shape[1] * c.page_size, store.shape[-2], store.shape[-1]).transpose(1, 2))
+        return out[0], out[1]
+
+    def logical_strides(self) -> tuple:
+        """The strides :meth:`logical` gives (the signature's, without building anything)."""
+        c = self.cache
+        (R, H, Sk, D), (_, _, _, Dv) = self.logical_shapes()
+        if self.paged:
+            return ((Sk * H * D, D, H * D, 1), (Sk * H * Dv, Dv, H * Dv, 1))
+        cap = c.capacity
+        return ((cap * H * D, D, H * D, 1), (cap * H * Dv, Dv, H * Dv, 1))
+
+    def pool(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Paged: the layer's whole pool as one key row, (1, Hkv, (P + 1) * ps, D) views (no copy)."""
+        c = self.cache
+        out = []
+        for store in (c.k[self.layer], c.v[self.layer]):
+            out.append(store.view(1, -1, store.shape[-2], store.shape[-1]).transpose(1, 2))
+        return out[0], out[1]
+
+    def memory_bytes(self) -> int:
+        return self.cache.memory_bytes()
+
+
+def page_bytes(kv_heads: int, head_dim: int, page_size: int, dtype, layers: int = 1, value_dim: int | None = None) -> int:
+    """Bytes one page takes over all layers (K and V): for sizing a pool."""
+    el = torch.empty((), dtype=dtype).element_size()
+    return layers * page_size * kv_heads * (head_dim + (value_dim or head_dim)) * el
+
+
+def pages_for(tokens: int, page_size: int) -> int:
+    return math.ceil(tokens / page_size)
