@@ -154,3 +154,22 @@ def test_identity_tokens_are_never_reused():
         assert tok not in seen
         seen.add(tok)
         del t
+
+
+def test_first_sight_of_term_values_uses_the_first_sight_row(monkeypatch):
+    """auto ranks a call whose term values it has not seen with ranking.FIRST_SIGHT (per-call
+    cost, lowering included) and the same values again with RANKING (kernel speed): a one-off
+    packing avoids a backend that builds an index per mask, a model's layers reuse it."""
+    from anyattn import ranking
+    from anyattn.testing import record_calls
+
+    aa.clear_caches()
+    monkeypatch.setitem(ranking.FIRST_SIGHT, "cpu", {"documents": ("eager", "sdpa", "flex")})
+    q, k, v = generate_qkv(1, 2, 2, 16, 16, 16)
+    with record_calls() as calls:
+        aa.attention(q, k, v, mask=aa.documents([5, 11]))  # first sight: eager
+        aa.attention(q, k, v, mask=aa.documents([5, 11]))  # seen: the regular CPU row (sdpa)
+        aa.attention(q, k, v, mask=aa.documents([7, 9]))  # new values: first sight again
+    assert [c.backend for c in calls] == ["eager", "sdpa", "eager"]
+    d = aa.explain(q, k, v, mask=aa.documents([5, 11]))
+    assert d.chosen == "sdpa"

@@ -43,6 +43,7 @@ _DEFAULT = contextvars.ContextVar("anyattn_backend", default=("auto",))
 # while another thread is inside ``use`` sees that thread's default.
 _TRACED_DEFAULT: list = [("auto",)]
 _DECISIONS = LRU(1024)  # (decision key, requested, deterministic) -> (backend, Decision, Signature)
+_SEEN = LRU(4096)  # content keys of auto calls seen before (see FIRST_SIGHT in ranking.py)
 _VALIDATED = LRU(4096)  # content key -> True: the term values of this content were checked
 _OBSERVERS: list = []  # anyattn.testing.record_calls: callables (call, backend name)
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -97,6 +98,7 @@ def clear_caches() -> None:
     varlen metadata)."""
     _DECISIONS.clear()
     _VALIDATED.clear()
+    _SEEN.clear()
     _INTERNED.clear()
     for impl in REGISTRY.values():
         impl.clear()
@@ -227,9 +229,23 @@ def _prepare(q, k, v, mask, score, scale, dropout_p, return_lse, need_weights, b
         if dk is None:
             dk = next(_KEY_IDS)
             _INTERNED.put(dkey, dk)
+    if not valued:  # the structure is the content: lowered forms are keyed by the decision key
+        key, tokens = ("dk", dk), ()
+    else:
+        toks: list = []
+        key = (dk, cmask.content_key(toks) if cmask is not None else None, tuple(s.content_key(toks) for s in scores))
+        if kv is not None:  # the page table of this step (a native backend's lowering depends on it)
+            key = key + (obj_key(kv.step, toks),)
+        tokens = tuple(toks)
+    # First sight of a content (auto only): a backend whose lowering is built per content (flex's
+    # BlockMask) loses to one whose lowering is cheap when the content is used once (a new packing
+    # every call), and wins when it is reused (a model's layers): ranking.FIRST_SIGHT decides.
+    first = valued and not compiling and requested == ("auto",) and _SEEN._d.get(key) is None
+    if first:
+        _SEEN.put(key, True, tokens)
     # torch.use_deterministic_algorithms changes what a backend may run (cuDNN refuses), so a
     # decision taken in the other mode must not be reused.
-    ck = (dk, requested, torch.are_deterministic_algorithms_enabled())
+    ck = (dk, requested, torch.are_deterministic_algorithms_enabled(), first)
     hit = None if (compiling or full is not None) else _DECISIONS.get(ck)
     if hit is not None:
         impl, decision, sig = hit
@@ -243,14 +259,6 @@ def _prepare(q, k, v, mask, score, scale, dropout_p, return_lse, need_weights, b
             (tuple(q.shape), tuple(k.shape), tuple(v.shape)), q.dtype, q.device, cmask, scores, float(scale),
             float(dropout_p), return_lse, grad, need_weights, strides, dkey, None if kv is None else kv.structure(),
         )  # fmt: skip
-    if not valued:  # the structure is the content: lowered forms are keyed by the decision key
-        key, tokens = ("dk", dk), ()
-    else:
-        toks: list = []
-        key = (dk, cmask.content_key(toks) if cmask is not None else None, tuple(s.content_key(toks) for s in scores))
-        if kv is not None:  # the page table of this step (a native backend's lowering depends on it)
-            key = key + (obj_key(kv.step, toks),)
-        tokens = tuple(toks)
     call = Call(sig, q, k, v, cmask, scores, key, tokens, not (term_grad or compiling), {}, kv)
     if valued or hit is None:  # term values against this call: once per content, before any decision
         _check_values(call)
@@ -258,7 +266,9 @@ def _prepare(q, k, v, mask, score, scale, dropout_p, return_lse, need_weights, b
         if need_weights and full is None:  # attention_with_weights: always eager
             impl, decision = REGISTRY["eager"], None
         else:
-            impl, decision = resolve(sig, requested, full=bool(full), describe=None if compiling else call.describe())
+            impl, decision = resolve(
+                sig, requested, full=bool(full), describe=None if compiling else call.describe(), first_sight=first
+            )
         if not compiling and full is None:
             _DECISIONS.put(ck, (impl, decision, sig))
     return call, impl, decision, requested

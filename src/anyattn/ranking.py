@@ -79,11 +79,33 @@ def variant_class(call) -> str:
     return "masked"
 
 
-def ranking_for(call) -> tuple[str, ...]:
+# Rows used the first time a call's term values are seen (a new packing, new padding). A backend
+# that builds its lowered form per content (flex's BlockMask: a few small kernels and a host-side
+# index per new mask) wins when the content is reused (the layers of a model share one mask) and
+# loses when it is used once. Measured with `anyattn bench kernels --mode new-packing` (H100,
+# torch 2.11, bf16, 16 heads, D=128; benchmarks/results/round5/bench_h100 and final_h100): one
+# 16k-token doc-causal row with new lengths each step, fwd+bwd: flash_torch 1.54 ms, raw
+# varlen_attn 1.87-2.01, flex 3.4-5.3; 8 x 2048 with new padding each step, fwd: sdpa 0.80 ms,
+# flash_torch 0.94-1.47, flex 2.2-4.1; fwd+bwd: sdpa 3.01-3.02, flash_torch 2.40-3.15 (the two runs
+# disagree), flex 3.3-5.0. A content seen before uses RANKING.
+FIRST_SIGHT: dict[str, dict[str, tuple[str, ...]]] = {
+    "cuda": {
+        "documents+grad": ("flash_torch", "flex", "flash", "kernels_flash", "cudnn", "sdpa", "eager"),
+        "padding": ("sdpa", "cudnn", "flash_torch", "flex", "flash", "kernels_flash", "eager"),
+    },
+}
+
+
+def ranking_for(call, first_sight: bool = False) -> tuple[str, ...]:
     rows = RANKING.get(call.device.type, RANKING["cpu"])
     cls = variant_class(call)
     if getattr(call, "paged", None) is not None and cls + "+paged" in rows:  # a paged KV cache
         return rows[cls + "+paged"]
+    first = FIRST_SIGHT.get(call.device.type, {}) if first_sight else {}
+    if call.requires_grad and cls + "+grad" in first:
+        return first[cls + "+grad"]
+    if cls in first and not (call.requires_grad and cls + "+grad" in rows):
+        return first[cls]
     if call.requires_grad and cls + "+grad" in rows:
         return rows[cls + "+grad"]
     return rows.get(cls) or rows.get("*") or ()

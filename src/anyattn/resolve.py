@@ -116,7 +116,10 @@ def _normalize(backend) -> tuple[str, ...]:
     return names
 
 
-def resolve(sig, requested: tuple[str, ...], *, full: bool = False, exclude: tuple = (), describe: str | None = None):
+def resolve(
+    sig, requested: tuple[str, ...], *, full: bool = False, exclude: tuple = (), describe: str | None = None,
+    first_sight: bool = False,
+):
     """Pick the backend for calls of signature ``sig``. Returns (backend, Decision).
 
     ``requested == ("auto",)``: walk the ranking for this device and variant; the first backend
@@ -124,10 +127,11 @@ def resolve(sig, requested: tuple[str, ...], *, full: bool = False, exclude: tup
     is checked; otherwise the ones ranked below the winner are listed as "not checked".
     Explicit names are tried in the order given; none is ever replaced by another. ``exclude``:
     backends that refused this call's values (see ``backends.base.Refusal``), with their reason.
+    ``first_sight``: the call's term values were not seen before (auto's FIRST_SIGHT rows).
     """
     auto = requested == ("auto",)
     if auto:
-        order = list(ranking_for(sig))
+        order = list(ranking_for(sig, first_sight=first_sight))
         order = [n for n in order if n in REGISTRY] + [n for n in REGISTRY if n not in order]
     else:
         order = list(requested)
@@ -150,7 +154,10 @@ def resolve(sig, requested: tuple[str, ...], *, full: bool = False, exclude: tup
             continue
         if chosen is None:
             chosen = name
-            decision.rows.append(Row(name, "chosen", "ranked first among the backends that can serve it" if auto else "requested"))
+            why_first = "ranked first among the backends that can serve it"
+            if auto and first_sight:
+                why_first += " (first sight of these term values: ranked by per-call cost, lowering included)"
+            decision.rows.append(Row(name, "chosen", why_first if auto else "requested"))
         else:
             decision.rows.append(Row(name, "accepted", "can serve it; ranked lower" if auto else "can serve it; requested later"))
     decision.chosen = chosen
