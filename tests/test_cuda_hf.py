@@ -42,8 +42,9 @@ IMPLS = ["anyattn", "anyattn:sdp", "anyattn:cudnn", "anyattn:fa_torch", "anyattn
 # (model, backend) pairs that cannot be exact: Gemma2's logit softcap is not an additive bias, and
 # PyTorch's FlashAttention has no softcap. A forced name must raise for these, not fall back.
 UNSUPPORTED = {("gemma2", "anyattn:sdp"), ("gemma2", "anyattn:cudnn"), ("gemma2", "anyattn:fa_torch")}
-# flash_torch takes padding only with Sq == Sk: left-padded decode steps (Sq=1 < Sk) are refused
-GENERATION_UNSUPPORTED = UNSUPPORTED | {("llama", "anyattn:fa_torch"), ("qwen2", "anyattn:fa_torch")}
+# Left-padded decode steps (Sq=1 < Sk) come as the KV-cache key layout (padding(kv=...)), which
+# flash_torch packs per row (cu_seqlens_q != cu_seqlens_k): no longer refused (issue 17)
+GENERATION_UNSUPPORTED = UNSUPPORTED
 
 
 def _tiny(name: str):

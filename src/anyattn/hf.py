@@ -16,7 +16,9 @@
   ``sdpa_mask``, and passed on as ``dense(...)``: slower, never wrong.
 * an *attention function* (``AttentionInterface``) that calls :func:`anyattn.attention` with
   those terms plus what the model passes as keywords: ``scaling``, ``dropout``, ``softcap``,
-  ``s_aux`` (attention sinks: the ``sink(...)`` score term), ``cu_seq_lens_q/k``, ``position_bias``.
+  ``s_aux`` (attention sinks: the ``sink(...)`` score term), ``cu_seq_lens_q/k``, ``position_bias``,
+  and ``anyattn_kv`` (an :class:`anyattn.KVStep`: the layer's keys go into that KV cache and the
+  queries attend to it, for continuous batching on an HF model; see docs/serving.md).
 
 Names. transformers reads meaning into substrings of the implementation name: "flash" means
 FlashAttention (it tries to load a hub kernel), "sdpa" runs its own SDPA support check (Gemma2
@@ -236,7 +238,12 @@ def _structured(batch_size, q_length, kv_length, q_offset, kv_offset, mask_funct
             # reads; it would be wrong for cross-attention, so models with cross-attention keep HF's
             # keys-only meaning through a broadcast (B, 1, 1, Sk) mask.
             cross = bool(getattr(config, "is_encoder_decoder", False) or getattr(config, "add_cross_attention", False))
-            if aligned and not cross:
+            if aligned and not cross and q_length < kv_length and bool(keep[:, kv_length - q_length :].all()):
+                # a decode (or chunked-prefill) step on a cache: the new tokens are real, the cached
+                # keys keep their padding: the key layout of a KV cache (anyattn.spec.kv), which every
+                # backend serves (flash_torch packs each row's real keys: cu_seqlens_q != _k)
+                terms.append(_spec.padding(kv=SeqInfo.from_padding_mask(keep)))
+            elif aligned and not cross:
                 terms.append(_spec.padding(SeqInfo.from_padding_mask(keep)))
             else:
                 terms.append(_spec.dense(keep[:, None, None, :]))
@@ -383,10 +390,40 @@ def _mask_term(module, query, key, attention_mask, kwargs):
     return _spec.canonical_mask(term), None
 
 
+def _window_of(attention_mask, module, kwargs):
+    """The window of a layer whose keys come from an anyattn KV cache: from HF's mask for this
+    layer type (full or sliding), else from the ``sliding_window`` keyword; causal otherwise."""
+    term = attention_mask.term if isinstance(attention_mask, HFMask) else None
+    parts = term.terms if isinstance(term, _spec.And) else (term,)
+    for t in parts:
+        if isinstance(t, _spec.Window):
+            return t
+    w = kwargs.get("sliding_window")
+    return _spec.sliding_window(int(w) - 1) if isinstance(w, int) and w > 0 else _spec.causal()
+
+
+def _cache_forward(module, query, key, value, attention_mask, step, score, scaling, backend, kwargs):
+    """``model(..., anyattn_kv=step)``: this layer's new keys/values go into the step's KV cache
+    and the queries attend to the cache (one call per layer; examples/continuous_batching.py)."""
+    layer = getattr(module, "layer_idx", None)
+    if not isinstance(layer, int):
+        raise bad_value("anyattn_kv", "attention modules with an integer layer_idx (decoder LMs)", f"{type(module).__name__}")
+    view = step.write(layer, key, value)
+    window = _window_of(attention_mask, module, kwargs)
+    if view.window is not None and (window.left is None or window.left > view.window - 1):
+        window = _spec.sliding_window(view.window - 1)  # a full-attention layer on a windowed cache: what it keeps
+    out = _api.attention(query, kv=view, mask=window, score=score or None, scale=scaling, backend=backend)
+    return out.transpose(1, 2), None
+
+
 def _make_forward(backend: str):
     def anyattn_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        mask, bias4 = _mask_term(module, query, key, attention_mask, kwargs)
         score = []
+        step = kwargs.get("anyattn_kv")
+        if step is not None:
+            mask, bias4 = None, None
+        else:
+            mask, bias4 = _mask_term(module, query, key, attention_mask, kwargs)
         softcap = kwargs.get("softcap")
         if softcap is not None and softcap != 0:  # HF uses 0 / None for "no soft-capping"
             score.append(_spec.softcap(float(softcap)))
@@ -405,6 +442,8 @@ def _make_forward(backend: str):
             score.append(_spec.sink(sinks))
         if isinstance(scaling, torch.Tensor):
             scaling = float(scaling)
+        if step is not None:
+            return _cache_forward(module, query, key, value, attention_mask, step, score, scaling, backend, kwargs)
         if kwargs.get("output_attentions"):
             out, weights = _api.attention_with_weights(
                 query, key, value, mask=mask, score=score or None, scale=scaling, dropout_p=float(dropout)
