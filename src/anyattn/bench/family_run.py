@@ -131,11 +131,12 @@ def _check_batch(fam, tokens, ids, n: int = 4):
     return x, am
 
 
-def run(opts: dict, *, command: str = "", out_dir: str | None = None, log=print) -> dict:
+def run(opts: dict, *, command: str = "", out_dir: str | None = None, log=print, write=None) -> dict:
+    """``write(out_dir, doc, plot_it=...)``: how results are saved (bench/model.py passes its own)."""
     import transformers
 
     from .env import environment, version
-    from .model import _PEAK_BF16, _fresh, write
+    from .model_rows import _PEAK_BF16, _fresh
 
     fam = get(opts["family"])
     device, dtype, cfg = opts["device"], opts["dtype"], opts["config"]
@@ -179,7 +180,8 @@ def run(opts: dict, *, command: str = "", out_dir: str | None = None, log=print)
         doc["goal"] = ratio_line(doc["results"])
         doc["elapsed_s"] = round(time.perf_counter() - t_run, 1)
         if out_dir:
-            write(out_dir, doc, plot_it=final)
+            if write is not None:
+                write(out_dir, doc, plot_it=final)
 
     def add(row: Row) -> None:
         rows.append(row)
@@ -362,13 +364,13 @@ def ratio_line(res) -> dict:
 
 
 def _line(r: Row) -> str:
-    from .model import _line as esm2_line
+    from .model_rows import _line as esm2_line
 
     return esm2_line(r)
 
 
 def table(doc: dict) -> str:
-    from .model import _f
+    from .model_rows import _f
 
     res = doc["results"]
     hf_name, hf = _hf_best(res)
@@ -407,7 +409,7 @@ _ESM2_ONLY_DEFAULTS = {"backends": None, "compile": "off", "compile_mode": None,
 
 def opts_from_args(a) -> dict:
     """The options of a ``--family`` run (not esm2); refuses the ESM2-only ones."""
-    from .model import ROWS
+    from .model_rows import ROWS
     from .workload import fasta_lengths, make_lengths
 
     fam = get(a.family)

@@ -61,7 +61,7 @@ import time
 import torch
 
 from . import UsageError
-from .model_rows import Reference, Row, anyattn_model, fail, hf_model, template_state_dict, time_row
+from .model_rows import _PEAK_BF16, ROWS, Reference, Row, _f, _fresh, _line, anyattn_model, fail, hf_model, template_state_dict, time_row
 from .workload import PAD, fasta_lengths, make_batches, make_lengths, padded_inputs, token_ids
 
 __all__ = ["HELP", "ROWS", "add_arguments", "make_batches", "make_lengths", "run", "run_from_args", "table"]
@@ -69,13 +69,12 @@ __all__ = ["HELP", "ROWS", "add_arguments", "make_batches", "make_lengths", "run
 SCHEMA = "anyattn.bench.model/1"
 HELP = ("end-to-end protein-model throughput (tokens/s, MFU): anyattn's plain/compiled model vs HF transformers and an SDPA "
         "port (ESM2 by default; --family esmc, ankh, e1, dplm)")
-ROWS = ("plain", "compiled", "uncompiled", "port")
 FAMILY_NAMES = ("esm2", "esmc", "ankh", "e1", "dplm")  # families.FAMILIES (kept here: --help imports no transformers)
 _PRESETS_HELP = ("esm2: esm2_t6_8M, esm2_t12_35M, esm2_t30_150M, esm2_t33_650M (default), esm2_t36_3B, esm2_t48_15B; "
                  "esmc: esmc_300m (default), esmc_600m, esmc_6b; ankh: ankh_base (default), ankh_large, ankh2_large; "
                  "e1: E1-300m (default), E1-600m; dplm: dplm_150m (default), dplm_650m, dplm_3b")
 GOAL = 2.0  # issue 15: the plain call >= 2x HF sdpa warm
-_PEAK_BF16 = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.0, "L4": 121.0}  # dense TFLOP/s
+
 _MISSING = "anyattn bench model needs transformers (the ESM2 model and the HF baseline): pip install 'anyattn[models]'"
 
 _token_ids, _padded_inputs = token_ids, padded_inputs  # the names benchmarks/*.py import
@@ -102,16 +101,6 @@ def _check_batch(tokens, ids, n: int = 4):
         x[1, 1] = 32  # <mask> (ESM alphabet)
     return x, am
 
-
-def _fresh(device) -> None:
-    """A row starts as a new process would, but for inductor's caches (see the docstring)."""
-    import anyattn
-
-    if hasattr(torch, "compiler") and hasattr(torch.compiler, "reset"):
-        torch.compiler.reset()
-    anyattn.clear_caches()
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def run(opts: dict, *, command: str = "", out_dir: str | None = None, log=print) -> dict:
@@ -361,17 +350,6 @@ def _variant(opts, compiled: bool, inputs: str) -> str:
 # output
 
 
-def _f(x, fmt):
-    return "-" if x is None or (isinstance(x, float) and x != x) else format(x, fmt)
-
-
-def _line(r: Row) -> str:
-    if r.status != "ok":
-        return f"  {r.name:<26} {r.status}: {r.error}"
-    return (
-        f"  {r.name:<26} {r.tokens_per_s / 1e3:9.1f}k tokens/s  (first pass {r.cold_pass_tokens_per_s / 1e3:.1f}k, "
-        f"{r.time_s:.2f} s a pass, compile {r.compile_s:.1f} s, check {r.check} {r.check_rel_l2:.2g})"
-    )
 
 
 def _hf_sdpa(res) -> float:
@@ -570,7 +548,7 @@ def run_from_args(args, command: str = "anyattn bench model") -> int:
     if family == "esm2":
         doc, show = run(opts, command=command, out_dir=args.out), table
     else:
-        doc, show = family_run.run(opts, command=command, out_dir=args.out), family_run.table
+        doc, show = family_run.run(opts, command=command, out_dir=args.out, write=write), family_run.table
     if args.out:
         print(f"\nwrote {os.path.join(args.out, 'model.json')}" + (" and model.png" if os.path.exists(os.path.join(args.out, "model.png")) else ""))
     for n in doc["notes"]:

@@ -235,3 +235,34 @@ class Reference:
         row.check = "FAIL"
         fail(row, RuntimeError(f"wrong output: relative L2 {rel:.3g} vs the float32 reference > bound {self.bound:.3g}"), self.ids.device)
         return False
+
+
+# shared by the ESM2 rows (model.py) and the other families (family_run.py)
+_PEAK_BF16 = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.0, "L4": 121.0}  # dense TFLOP/s
+
+
+def _fresh(device) -> None:
+    """A row starts as a new process would, but for inductor's caches (see the docstring)."""
+    import anyattn
+
+    if hasattr(torch, "compiler") and hasattr(torch.compiler, "reset"):
+        torch.compiler.reset()
+    anyattn.clear_caches()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _f(x, fmt):
+    return "-" if x is None or (isinstance(x, float) and x != x) else format(x, fmt)
+
+
+def _line(r: Row) -> str:
+    if r.status != "ok":
+        return f"  {r.name:<26} {r.status}: {r.error}"
+    return (
+        f"  {r.name:<26} {r.tokens_per_s / 1e3:9.1f}k tokens/s  (first pass {r.cold_pass_tokens_per_s / 1e3:.1f}k, "
+        f"{r.time_s:.2f} s a pass, compile {r.compile_s:.1f} s, check {r.check} {r.check_rel_l2:.2g})"
+    )
+
+
+ROWS = ("plain", "compiled", "uncompiled", "port")  # the anyattn-side rows of bench model
