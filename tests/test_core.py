@@ -390,7 +390,7 @@ def test_lowered_mask_cache_is_bounded_in_bytes_not_only_in_entries():
     """A stream of new packings must not pin memory: each new documents() mask lowers to a dense
     (B, 1, S, S) mask for SDPA (1 GiB for a 32k-token row). On the H200 a count-bounded cache
     held 75 GiB of them during the ESM2 benchmark."""
-    from anyattn._lru import LRU
+    from anyattn._cache import LRU
 
     c = LRU(100, max_bytes=1000, nbytes=len)
     for i in range(10):
