@@ -14,16 +14,6 @@ from ..layout import SeqInfo, host_to_device
 from .base import BoundMask, Geometry, check_positional, int_tensor, to_device
 from .masks import MaskTerm
 
-def _doc_ids_from_host(rows, Sk: int, device) -> torch.Tensor:
-    """(Bd, Sk) int32 document index per position from host lengths, -1 past the last document;
-    built on the CPU and copied through pinned memory (no host sync)."""
-    out = []
-    for row in rows:
-        ids = torch.repeat_interleave(torch.arange(len(row), dtype=torch.int32), torch.tensor(row, dtype=torch.int64))[:Sk]
-        out.append(torch.cat((ids, torch.full((Sk - ids.numel(),), -1, dtype=torch.int32))))
-    return host_to_device(torch.stack(out), device)
-
-
 def _lengths_repr(h, t) -> str:
     if h is not None and len(h) == 1 and len(h[0]) <= 8:
         return repr(list(h[0]))
@@ -138,9 +128,13 @@ class Documents(MaskTerm):
         info = self.info
         if info is not None and info.S == S and info.B == self.rows and info.B == 1:
             return to_device(info.doc_ids, device)  # one row: the global index is the row's index
-        if self.host_lengths is not None and not torch.compiler.is_compiling():
-            return _doc_ids_from_host(self.host_lengths, S, device)
-        lengths = to_device(self.lengths_tensor(), device).to(torch.int64)
+        lengths = self.lengths_tensor()
+        if lengths.device.type == "cpu" and not torch.compiler.is_compiling():
+            # a (Bd, N) host tensor through pinned memory, the (Bd, S) ids on the device: no sync,
+            # and no per-position work on the host (repeat_interleave of 16k positions on the CPU
+            # cost milliseconds per new packing)
+            lengths = host_to_device(lengths, device)
+        lengths = to_device(lengths, device).to(torch.int64)
         cu = torch.cumsum(lengths, dim=-1)
         pos = torch.arange(S, device=device).expand(lengths.shape[0], S).contiguous()
         ids = torch.searchsorted(cu, pos, right=True)
