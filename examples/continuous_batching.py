@@ -88,8 +88,11 @@ def serve(model, requests, *, pages: int = 256, page_size: int = 16, chunk: int 
                 counts.append(n)
                 ids += r.prompt[r.fed : r.fed + n] if r.prefilling else [r.out[-1]]
                 room -= n
-            step = cache.step([r.seq for r in seqs], counts, layout="packed")
-            x = torch.tensor([ids], device=dev)
+            # the packed row is padded to a power of two (at least 16): compiled kernels (flex on a
+            # GPU) see a handful of shapes instead of one per step; the tail is padding
+            q_len = max(16, 1 << (len(ids) - 1).bit_length())
+            step = cache.step([r.seq for r in seqs], counts, layout="packed", q_len=q_len)
+            x = torch.tensor([ids + [0] * (q_len - len(ids))], device=dev)
             logits = model(x, position_ids=step.positions, anyattn_kv=step, use_cache=False).logits[0]
             stats["steps"] += 1
             stats["tokens"] += len(ids)

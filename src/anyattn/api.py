@@ -435,7 +435,8 @@ def attention_with_weights(q, k, v, *, mask=None, score=None, scale=None, dropou
     return out, weights
 
 
-def explain(q, k, v, *, mask=None, score=None, scale=None, backend="auto", dropout_p=0.0, return_lse=False, full: bool = True) -> Decision:
+def explain(q, k=None, v=None, *, kv=None, mask=None, score=None, scale=None, backend="auto", dropout_p=0.0, return_lse=False,
+            full: bool = True) -> Decision:  # fmt: skip
     """The decision ``attention`` would take for these arguments, with every backend's answer.
 
     Prints as a table: backend, chosen/accepted/rejected/unavailable, reason. Raises the same
@@ -443,11 +444,27 @@ def explain(q, k, v, *, mask=None, score=None, scale=None, backend="auto", dropo
     ``chosen=None`` instead of raising. ``full=False`` stops at the winner, as ``attention``
     does (backends ranked below it are listed as "not checked"). No backend builds a mask to
     answer: capability checks read the call's shapes, options and term structure only.
+    ``kv=``: a KV cache view instead of k and v, as in :func:`attention`.
     """
-    _check_qkv(q, k, v)
+    paged = None
+    if kv is not None:
+        if k is not None or v is not None:
+            raise bad_value("k/v", "None when kv= is given (the keys come from the cache)", "tensors")
+        _check_kv_query(q, kv, dropout_p)
+        mask = _kv_mask(kv, mask)
+        if kv.paged:
+            paged = kv
+            (ks, vs), (kst, vst) = kv.logical_shapes(), kv.logical_strides()
+            k = torch.empty_strided(ks, kst, dtype=q.dtype, device="meta")
+            v = torch.empty_strided(vs, vst, dtype=q.dtype, device="meta")
+        else:
+            k, v = kv.logical()
+    _check_qkv(q, k, v, same_device=paged is None)
     _check_options(scale, dropout_p, return_lse)
     try:
-        call, _, decision, _ = _prepare(q, k, v, mask, score, scale, dropout_p, return_lse, False, backend, full=bool(full))
+        call, _, decision, _ = _prepare(
+            q, k, v, mask, score, scale, dropout_p, return_lse, False, backend, full=bool(full), kv=paged
+        )
     except UnsupportedError as e:
         return e.decision
     return decision

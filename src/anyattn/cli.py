@@ -30,7 +30,7 @@ import traceback
 
 __all__ = ["main"]
 
-_BENCH = ("kernels", "model")
+_BENCH = ("kernels", "model", "serving")
 # optional package (import name) -> the extra that installs it (pyproject.toml)
 _EXTRA_OF = {
     "transformers": "models", "safetensors": "models", "huggingface_hub": "models", "numpy": "embed",

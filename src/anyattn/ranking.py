@@ -49,7 +49,7 @@ RANKING: dict[str, dict[str, tuple[str, ...]]] = {
         # the SDPA family run on the pages gathered into contiguous keys (a copy per layer)
         "decode+paged": ("flex", "flash_torch", "flash", "kernels_flash", "cudnn", "sdpa", "eager"),
         "documents+paged": ("flex", "flash_torch", "flash", "kernels_flash", "cudnn", "sdpa", "eager"),
-        "padding+paged": ("flex", "flash_torch", "flash", "kernels_flash", "cudnn", "sdpa", "eager"),
+        "masked+paged": ("flex", "flash_torch", "flash", "kernels_flash", "cudnn", "sdpa", "eager"),  # padding(kv=) & causal
     },
     "cpu": {
         "*": ("sdpa", "eager", "flex"),

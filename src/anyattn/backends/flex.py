@@ -482,7 +482,12 @@ class FlexBackend(AttentionBackend):
         geo = call.geo
         kp, vp = call.kv.pool()
         N = kp.shape[2]
-        unfused = geo.Sq <= self.unfused_max_sq and geo.B * geo.H * geo.Sq * N <= UNFUSED_MAX_SCORES
+        # The pool has a fixed shape, so the compiled kernel (FlexDecoding for few queries) is built
+        # once per batch shape and reads only the listed pages; the unfused path would score every
+        # slot of the pool. Unfused only on a CPU (compiling there costs ~20 s) and a small pool.
+        unfused = (
+            geo.device.type == "cpu" and geo.Sq <= self.unfused_max_sq and geo.B * geo.H * geo.Sq * N <= UNFUSED_MAX_SCORES
+        )
         if hit is None:
             bm, sm = self._paged(call)
             zero = may_have_empty_rows(call)

@@ -1,0 +1,43 @@
+"""``anyattn bench serving`` end to end on the CPU with the tiny model (a smoke run: the module
+imports, every row kind runs, results are written); the GPU numbers come from the lead's run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from anyattn.cli import main  # noqa: E402
+
+
+def test_bench_serving_decode_rows_and_outputs(tmp_path, capsys):
+    code = main(["bench", "serving", "--quick", "--batches", "2", "--contexts", "48", "--steps", "2", "--warmup", "1",
+                 "--impls", "anyattn/paged,anyattn/contiguous,hf/sdpa", "--backends", "auto,eager", "--out", str(tmp_path)])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0, out
+    data = json.loads((tmp_path / "serving.json").read_text())
+    rows = data["rows"]
+    assert {(r["impl"], r["backend"]) for r in rows} == {
+        ("anyattn/paged", "auto"), ("anyattn/paged", "eager"), ("anyattn/contiguous", "auto"),
+        ("anyattn/contiguous", "eager"), ("hf/sdpa", "-"),
+    }  # fmt: skip
+    assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in rows), rows
+    assert [r["chosen"] for r in rows if r["backend"] == "eager"] == ["eager", "eager"]
+    assert all(r["cache_bytes"] > 0 for r in rows)
+    assert data["command"].startswith("anyattn bench serving --quick")
+    assert "| decode | anyattn/paged | auto |" in (tmp_path / "serving.md").read_text()
+
+
+def test_bench_serving_prefill_packed_vs_padded(tmp_path, capsys):
+    code = main(["bench", "serving", "--quick", "--mode", "prefill", "--prompts", "3", "--steps", "2", "--warmup", "1",
+                 "--out", str(tmp_path)])  # fmt: skip
+    assert code == 0, capsys.readouterr().out
+    rows = json.loads((tmp_path / "serving.json").read_text())["rows"]
+    assert [r["impl"] for r in rows if r["status"] == "ok"] == ["anyattn/paged/mixed-packed", "anyattn/padded", "hf/sdpa/padded"]
+
+
+def test_bench_serving_names_a_bad_option(capsys):
+    assert main(["bench", "serving", "--quick", "--impls", "nope"]) == 2
+    assert "--impls: unknown ['nope']" in capsys.readouterr().err
