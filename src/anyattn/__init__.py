@@ -76,3 +76,13 @@ __all__ = [
     "sink",
     "__version__",
 ]
+
+
+def __getattr__(name: str):
+    # ``anyattn.embed(...)``: the embedding job lives in the subpackage anyattn.embed (the `embed`
+    # extra); importing it on first use keeps ``import anyattn`` light
+    if name == "embed":
+        import importlib
+
+        return importlib.import_module(".embed", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -22,7 +22,10 @@ __all__ = [
 
 # The tokenizer files of every family: ESM/DPLM vocab.txt, E1's tokenizer.json (ids of its
 # 34-token alphabet), a saved anyattn E1 vocab.json; config.json names the family.
-TOKENIZER_FILES = ["config.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "vocab.json"]
+TOKENIZER_FILES = [
+    "config.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "vocab.json",
+    "spiece.model",  # ANKH's sentencepiece vocabulary (T5 tokenizers; read with the sentencepiece package)
+]  # fmt: skip
 # What a model directory needs; weights in either format, whichever the repository has.
 MODEL_FILES = ["*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json", *TOKENIZER_FILES]
 
