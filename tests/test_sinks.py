@@ -168,7 +168,7 @@ def test_a_new_sink_value_reuses_the_decision():
     from anyattn import api
 
     q, k, v = generate_qkv(1, 2, 2, 8, 8, 16)
-    aa.attention(q, k, v, mask=aa.causal(), score=aa.sink(torch.zeros(2)))
+    aa.attention(q, k, v, mask=aa.causal(), score=aa.sink(torch.tensor([0.125, -0.5])))  # values not seen before
     n = len(api._DECISIONS)
-    aa.attention(q, k, v, mask=aa.causal(), score=aa.sink(torch.ones(2)))
+    aa.attention(q, k, v, mask=aa.causal(), score=aa.sink(torch.tensor([0.75, 0.0625])))  # new values again
     assert len(api._DECISIONS) == n
