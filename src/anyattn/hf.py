@@ -47,6 +47,7 @@ import torch
 
 from . import api as _api
 from . import spec as _spec
+from ._cache import LRU, tensor_key
 from .errors import bad_type, bad_value
 from .layout import SeqInfo
 
@@ -285,10 +286,11 @@ def _mask_interface(batch_size=None, q_length=None, kv_length=None, q_offset=0, 
 # The attention function
 
 
-_CU_CHECKED: dict = {}  # (id(cu_q), version, id(cu_k)) -> (cu_q, SeqInfo): documents from cu_seq_lens
-
-
-_POS_CHECKED: dict = {}  # (id(position_ids), version) -> (position_ids, SeqInfo | None)
+# The same position_ids / cu_seq_lens tensors reach every layer of a forward: their SeqInfo is
+# read once. Keyed like anyattn's own caches (anyattn._cache.tensor_key: an identity token that is
+# never reused, plus the version counter), bounded, and dropped when the tensor is freed.
+_CU_CHECKED = LRU(64)  # (key of cu_q, key of cu_k) -> SeqInfo: documents from cu_seq_lens
+_POS_CHECKED = LRU(64)  # key of position_ids -> SeqInfo | None
 
 
 def _docs_from_position_ids(pos, B: int, S: int):
@@ -297,17 +299,17 @@ def _docs_from_position_ids(pos, B: int, S: int):
     The same tensor reaches every layer, so the host read happens once per forward."""
     if not isinstance(pos, torch.Tensor) or pos.dim() != 2 or pos.shape[1] != S or pos.shape[0] not in (1, B):
         return None
-    key = (id(pos), pos._version)
-    hit = _POS_CHECKED.get(key)
-    if hit is not None and hit[0] is pos:
-        return hit[1]
+    toks: list = []
+    key = None if torch.compiler.is_compiling() else (tensor_key(pos, toks), B)  # no cache inside a trace
+    hit = None if key is None else _POS_CHECKED.get(key)
+    if hit is not None:
+        return hit[0]
     restarts = S > 1 and bool((pos[:, 1:] != pos[:, :-1] + 1).any())
     info = None
     if restarts:
         info = SeqInfo.from_position_ids(pos.expand(B, S))  # raises if the ids are not 0,1,..,0,1,.. rows
-    if len(_POS_CHECKED) > 64:
-        _POS_CHECKED.clear()
-    _POS_CHECKED[key] = (pos, info)
+    if key is not None:
+        _POS_CHECKED.put(key, (info,), toks)
     return info
 
 
@@ -316,16 +318,16 @@ def _docs_from_cu(cu_q, cu_k, Sq: int, Sk: int, B: int):
         raise bad_type("cu_seq_lens_q/k", "1-D integer tensors", f"{type(cu_q).__name__}/{type(cu_k).__name__}")
     if B != 1 or Sq != Sk:
         raise bad_value("cu_seq_lens_q", "packed self-attention with one batch row and Sq == Sk", f"B={B}, Sq={Sq}, Sk={Sk}")
-    key = (id(cu_q), cu_q._version, id(cu_k))
-    hit = _CU_CHECKED.get(key)
-    if hit is not None and hit[0] is cu_q:
-        return hit[1]
+    toks: list = []
+    key = None if torch.compiler.is_compiling() else (tensor_key(cu_q, toks), None if cu_k is None else tensor_key(cu_k, toks), Sq)
+    hit = None if key is None else _CU_CHECKED.get(key)
+    if hit is not None:
+        return hit
     if cu_k is not None and cu_k is not cu_q and not torch.equal(cu_q.to(cu_k.device), cu_k):
         raise bad_value("cu_seq_lens_k", "the same boundaries as cu_seq_lens_q (self-attention)", "different boundaries")
     info = SeqInfo.from_cu_seqlens(cu_q.to(torch.int32), total_length=Sq)
-    if len(_CU_CHECKED) > 64:
-        _CU_CHECKED.clear()
-    _CU_CHECKED[key] = (cu_q, info)
+    if key is not None:
+        _CU_CHECKED.put(key, info, toks)
     return info
 
 
