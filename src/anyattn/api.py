@@ -354,7 +354,19 @@ def attention(
 
 def _kv_mask(view, mask):
     """The cache's key layout AND the caller's mask; a windowed cache needs a window at least as
-    narrow as what it keeps (an evicted key would otherwise be silently missing)."""
+    narrow as what it keeps (an evicted key would otherwise be silently missing). Memoized per
+    step and mask object (every layer of a step passes the same ``causal()``): one ``&`` per step."""
+    memo = view.step._memo
+    try:
+        hit = memo.get(("mask", mask))  # keyed by the mask object itself (kept alive by the memo)
+    except TypeError:  # not a term (unhashable): the uncached path names the argument
+        return _kv_mask_uncached(view, mask)
+    if hit is None:
+        hit = memo[("mask", mask)] = _kv_mask_uncached(view, mask)
+    return hit
+
+
+def _kv_mask_uncached(view, mask):
     m = canonical_mask(mask)
     if view.window is not None:
         parts = m.terms if isinstance(m, And) else (m,)

@@ -474,7 +474,11 @@ class FlexBackend(AttentionBackend):
 
         kv_num, kv_idx = physical(blocks[0], blocks[1])
         full_num, full_idx = physical(blocks[2], blocks[3])
-        bm = fa.BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, (BLOCK, ps), mask_mod, (geo.Sq, n_phys * ps))
+        args = (kv_num, kv_idx, full_num, full_idx, (BLOCK, ps), mask_mod, (geo.Sq, n_phys * ps))
+        try:  # no backward through a cache: the q-major index is not needed
+            bm = fa.BlockMask.from_kv_blocks(*args, compute_q_blocks=False)
+        except TypeError:  # a torch without compute_q_blocks (the index columns cover the pool: valid)
+            bm = fa.BlockMask.from_kv_blocks(*args)
         return bm, score_mod
 
     def _run_paged(self, call):
