@@ -317,3 +317,21 @@ def test_flex_paged_decode_compiles_one_kernel_for_a_growing_context():
         got, n = _replay_rows(cache, q, k, v, "flex", None, seqs, schedule=(16, 1, 1, 1, 1, 1))
     assert be.stats["compiled_entries"] == 2  # one for Sq=16, one for Sq=1: not one per context length
     assert _err(got, _full(q, k, v, aa.causal())[:, :, :n]) < 2e-6
+
+
+def test_flex_refuses_small_pages_where_its_main_kernel_would_run():
+    """On CUDA, FlexDecoding (few queries, a power-of-2 GQA group) takes key blocks of any page
+    size; the main kernel's key blocks must divide the page: pages of a multiple of 128 there."""
+    from anyattn.backends.flex import FlexBackend
+    from anyattn.call import Signature
+
+    def sig(Sq, Hq, ps):
+        shapes = ((1, Hq, Sq, 64), (1, 2, 1024, 64), (1, 2, 1024, 64))
+        return Signature.build(shapes, torch.bfloat16, torch.device("cuda"), None, (), 0.125, 0.0, False, False, False, None,
+                               (), ("kv", "paged", "packed", ps, 65))  # fmt: skip
+
+    flex = FlexBackend()
+    assert flex.supports(sig(1, 8, 16)) is None  # decoding, group 4
+    assert flex.supports(sig(256, 8, 128)) is None
+    assert "multiple of 128 tokens" in flex.supports(sig(256, 8, 16))
+    assert "not a power of 2" in flex.supports(sig(1, 6, 16))

@@ -337,6 +337,15 @@ class FlexBackend(AttentionBackend):
             return f"FlexAttention needs head dims >= 16, got D={sig.D}, Dv={sig.Dv}"
         if sig.need_weights:
             return "FlexAttention does not return attention weights"
+        if sig.paged is not None and dev == "cuda":
+            g = sig.Hq // sig.Hkv
+            decoding = sig.Sq < 128 and g & (g - 1) == 0  # FlexDecoding: key blocks of any page size
+            if not decoding and sig.page_size % 128:
+                return (
+                    f"a paged KV cache with {sig.page_size}-token pages: FlexAttention's main kernel (used for "
+                    f"Sq={sig.Sq} >= 128 or {g} query heads per kv head, not a power of 2) needs pages of a multiple "
+                    "of 128 tokens; use page_size=128, or another backend (the pages are gathered for it)"
+                )
         return None
 
     def clear(self) -> None:
