@@ -143,7 +143,8 @@ def _seqs(seed=0):
 
 def _make(kind, window):
     if kind == "contiguous":
-        return aa.ContiguousKVCache(B, 160 if window else L, HKV, D, dtype=BF16, device="cuda", window=window), None
+        # with a window: 140 slots for 154 tokens, so the 16-token step compacts every row first
+        return aa.ContiguousKVCache(B, 140 if window else L, HKV, D, dtype=BF16, device="cuda", window=window), None
     cache = aa.PagedKVCache(64, 128, HKV, D, dtype=BF16, device="cuda", window=window)
     return cache, [cache.add_sequence() for _ in range(B)]
 
