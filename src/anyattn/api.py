@@ -410,6 +410,9 @@ def _attention_kv(q, k, v, view, mask, score, scale, backend, dropout_p, return_
     km = torch.empty_strided(ks, kst, dtype=q.dtype, device="meta")
     vm = torch.empty_strided(vs, vst, dtype=q.dtype, device="meta")
     call, impl, _, requested = _prepare(q, km, vm, full, score, scale, dropout_p, return_lse, False, backend, kv=view)
+    if call.sig.Sq == 0:  # a step without new tokens
+        out, lse = _empty_result(call)
+        return AttentionOutput(out, lse) if return_lse else out
     gathered = None
     refused: list = []
     while True:
