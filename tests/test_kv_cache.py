@@ -306,17 +306,30 @@ def _paged_sig():
 
 @pytest.mark.slow
 def test_flex_paged_decode_compiles_one_kernel_for_a_growing_context():
-    """A pool of fixed shape: the compiled FlexAttention kernel (CPU here, ~20 s) is reused by
-    every decode step while the context grows (no recompile per length)."""
+    """A pool of fixed shape and a mask in pool coordinates: the compiled FlexAttention kernel
+    (CPU here) built for the first decode step serves every later one while the context grows
+    across several logical key lengths, without a single recompile (dynamo would raise at its
+    recompile limit, set to 1 here: anyattn refuses to fall back to the unfused path)."""
     from anyattn.backends.flex import FlexBackend
 
-    q, k, v = _seq(seed=9, length=48)
-    cache = aa.PagedKVCache(64, 16, HKV, D)
+    q, k, v = _seq(seed=9, length=96)
+    cache = aa.PagedKVCache(32, 16, HKV, D)
     seqs = [cache.add_sequence() for _ in range(B)]
+    outs = []
     with use_backend(FlexBackend(unfused_max_sq=0)) as be:  # the compiled kernel even for decode-sized calls
-        got, n = _replay_rows(cache, q, k, v, "flex", None, seqs, schedule=(16, 1, 1, 1, 1, 1))
-    assert be.stats["compiled_entries"] == 2  # one for Sq=16, one for Sq=1: not one per context length
-    assert _err(got, _full(q, k, v, aa.causal())[:, :, :n]) < 2e-6
+        kv = cache.step(seqs, 16).write(0, k[:, :, :16], v[:, :, :16])
+        outs.append(aa.attention(q[:, :, :16], kv=kv, mask=aa.causal(), backend="flex"))
+        kv = cache.step(seqs, 1).write(0, k[:, :, 16:17], v[:, :, 16:17])
+        outs.append(aa.attention(q[:, :, 16:17], kv=kv, mask=aa.causal(), backend="flex"))
+        lengths = set()
+        with torch._dynamo.config.patch(recompile_limit=1):
+            for t in range(17, 96):
+                kv = cache.step(seqs, 1).write(0, k[:, :, t : t + 1], v[:, :, t : t + 1])
+                lengths.add(kv.logical_shapes()[0][2])
+                outs.append(aa.attention(q[:, :, t : t + 1], kv=kv, mask=aa.causal(), backend="flex"))
+    assert len(lengths) >= 4, lengths  # the logical key length changed several times
+    assert be.stats["compiled_entries"] == 2  # Sq=16 and Sq=1: not one per context length
+    assert _err(torch.cat(outs, 2), _full(q, k, v, aa.causal())) < 2e-6
 
 
 def test_flex_refuses_small_pages_where_its_main_kernel_would_run():

@@ -446,6 +446,9 @@ class FlexBackend(AttentionBackend):
             kvl, ok = logical(b, kv_idx)
             return ok & pred(b, h, q_idx, kvl)
 
+        fast = _pool_mask_mod(call)
+        if fast is not None:
+            mask_mod = fast
         mask_mod.__name__ = f"anyattn_paged_mask:{call.mask!r}"
         score_mod = None
         if mods:
@@ -488,7 +491,7 @@ class FlexBackend(AttentionBackend):
             bm = fa.BlockMask.from_kv_blocks(*args, compute_q_blocks=False)
         except TypeError:  # a torch without compute_q_blocks (the index columns cover the pool: valid)
             bm = fa.BlockMask.from_kv_blocks(*args)
-        return bm, score_mod
+        return bm, score_mod, fast is not None
 
     def _run_paged(self, call):
         hit = self._by_call.get(call.key) if call.cacheable else None
@@ -502,7 +505,7 @@ class FlexBackend(AttentionBackend):
             geo.device.type == "cpu" and geo.Sq <= self.unfused_max_sq and geo.B * geo.H * geo.Sq * N <= UNFUSED_MAX_SCORES
         )
         if hit is None:
-            bm, sm = self._paged(call)
+            bm, sm, pooled = self._paged(call)
             zero = may_have_empty_rows(call)
             if zero and geo.device.type == "cpu" and not unfused:  # compiled CPU flex returns no lse
                 zero = rows_seen(call)
@@ -510,10 +513,12 @@ class FlexBackend(AttentionBackend):
             fn = None
             if not unfused:
                 sig = call.sig
+                # the pool-coordinate mask captures tensors of fixed shapes: one kernel for every step;
+                # a logical-coordinate mask captures tensors of the logical key length: one per bucket
                 fn = self._entry((
                     "paged", sig.mask.structure, tuple(x.structure for x in sig.scores), _code_ids(call.mask),
                     tuple(_code_ids(x) for x in call.scores), sig.device.type, tuple(call.q.shape), tuple(kp.shape),
-                    tuple(vp.shape), sig.dtype, want_lse,
+                    tuple(vp.shape), sig.dtype, want_lse, None if pooled else geo.Sk,
                 ))  # fmt: skip
             hit = (fn, sm, bm, zero, want_lse)
             if call.cacheable:
@@ -591,6 +596,36 @@ class FlexBackend(AttentionBackend):
             k, v = _expand_kv(call)
             out, lse = fn(q, k, v, sm, bm, call.scale, False, want_lse)
         return _finish(call, out, lse, zero)
+
+
+def _pool_mask_mod(call):
+    """For a paged-KV call whose mask is the cache's layout and at most one window (what decoding
+    runs): the mask_mod in pool coordinates, from the step's page maps (``KVStep.page_maps``:
+    tensors whose shapes depend on the pool and the query layout only, so one compiled kernel
+    serves every step of a growing context). None for other masks."""
+    view = call.kv
+    layout = view.term()
+    parts = call.mask.terms if isinstance(call.mask, And) else (call.mask,)
+    rest = [t for t in parts if t is not layout]
+    if len(rest) == len(parts) or len(rest) > 1 or (rest and not isinstance(rest[0], Window)):
+        return None
+    left, right = (rest[0].left, rest[0].right) if rest else (None, None)
+    owner, start, valid, q_owner, q_pos = view.step.page_maps()
+    ps, shared = view.page_size, q_owner.shape[0] == 1
+    qo1, qp1 = q_owner[0], q_pos[0]
+
+    def pool_mask(b, h, q_idx, kv_idx):
+        page, off = kv_idx // ps, kv_idx % ps
+        qo = qo1[q_idx] if shared else q_owner[b, q_idx]
+        d = (qp1[q_idx] if shared else q_pos[b, q_idx]) - (start[page] + off)  # keys behind the query
+        ok = (owner[page] == qo) & (qo >= 0) & (off < valid[page])
+        if left is not None:
+            ok = ok & (d <= left)
+        if right is not None:
+            ok = ok & (d >= -right)
+        return ok
+
+    return pool_mask
 
 
 def _finish(call, out, lse, zero):

@@ -438,6 +438,43 @@ class KVStep:
 
         return self._memo_get("p2l", build)
 
+    def page_maps(self):
+        """Paged: the step's layout in pool coordinates, every tensor of a shape fixed by the pool
+        and the query layout (so a kernel compiled for one step serves the next, see the flex
+        backend): ``page_owner`` (P + 1,) the step-row / document index owning each page (-1: none),
+        ``page_start`` (P + 1,) the live-relative position of its first key, ``page_valid`` (P + 1,)
+        its valid keys, ``q_owner`` (rows, Sq) each query's row / document (-1: padding), ``q_pos``
+        (rows, Sq) its live-relative key position (bottom-right: the last new token at the last key)."""
+        def build():
+            live, ps, P1 = self.live(), self.cache.page_size, self.cache.pages + 1
+            counts = torch.tensor([len(p) for _, p in live], dtype=torch.int64)
+            pages = torch.tensor([x for _, p in live for x in p], dtype=torch.int64)
+            m = torch.tensor([x for x, _ in live], dtype=torch.int64)
+            doc = torch.repeat_interleave(torch.arange(len(live)), counts, output_size=pages.numel())
+            j = torch.arange(pages.numel()) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts, output_size=pages.numel())
+            owner = torch.full((P1,), -1, dtype=torch.int64)
+            start = torch.zeros(P1, dtype=torch.int64)
+            valid = torch.zeros(P1, dtype=torch.int64)
+            owner[pages], start[pages], valid[pages] = doc, j * ps, (m[doc] - j * ps).clamp(0, ps)
+            n = torch.tensor(self.new, dtype=torch.int64)
+            t = torch.arange(self.Sq)
+            if self.layout == "rows":
+                real = t[None, :] < n[:, None]
+                q_owner = torch.where(real, torch.arange(len(live))[:, None], -1)
+                q_pos = torch.where(real, (m - n)[:, None] + t[None, :], 0)
+            else:
+                T = int(n.sum())
+                qd = torch.repeat_interleave(torch.arange(len(live)), n, output_size=T)
+                tt = torch.arange(T) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n, output_size=T)
+                pad = self.Sq - T
+                q_owner = torch.nn.functional.pad(qd, (0, pad), value=-1)[None]
+                q_pos = torch.nn.functional.pad((m - n)[qd] + tt, (0, pad))[None]
+            dev = self.cache.device
+            owner[0] = -1  # the null page is nobody's
+            return tuple(host_to_device(x, dev) for x in (owner, start, valid, q_owner, q_pos))
+
+        return self._memo_get("page_maps", build)
+
     def block_table(self):
         """Paged, for varlen kernels: (block_table (N, max pages) int32, seqused_k (N,) int32) over
         the live pages of every sequence of the step, on the device."""
