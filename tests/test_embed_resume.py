@@ -145,7 +145,7 @@ def test_killed_during_the_export_between_shards_then_resumed_is_byte_identical(
     argv = ["embed", fa, "--model", ckpt, "--out", str(out), "--pooling", "mean", "max", "--shard-size", "4KB", "--no-progress"]
     slow = (
         "import sys, time\n"
-        "import anyattn.embed.store as s\n"
+        "import anyattn.embed.exports as s\n"
         "orig = s._write_safetensors\n"
         "def slow(*a, **k):\n"
         "    orig(*a, **k)\n"

@@ -22,7 +22,8 @@ from .formats import InputFormat
 from .job import LONG_POLICIES, POOLINGS, EmbedSummary, embed
 from .pooling import POOLERS
 from .run import EmbedError
-from .store import Column, EmbeddingStore, StoreBusyError, StoreError, StoreMismatchError, open_store
+from .readers import Column, EmbeddingStore, open_store
+from .store import StoreBusyError, StoreError, StoreMismatchError
 
 __all__ = [
     "embed",

@@ -50,9 +50,10 @@ from .model import _DTYPES, _compile, _config, _load_model, _model_identity
 from .plan import _RESIDUES, _SEQ_INDEX, _collect, _collect_input, _plan, _read_input  # noqa: F401 - _collect: benchmarks
 from .pooling import POOLERS, columns, parse_pooling
 from .run import EmbedError, _Assembler, _batch_tokens, _Progress, _run_local, _run_workers  # noqa: F401 - _batch_tokens: benchmarks
+from .exports import _index_path, export, remove_stale
+from .readers import open_store
 from .store import (
-    EXPORT_FORMATS, FORMAT, SQLiteStore, StoreMismatchError, _index_path, _JobLock, check_meta, check_out_path, export,
-    input_identity, open_store, parse_size, remove_stale,
+    EXPORT_FORMATS, FORMAT, SQLiteStore, StoreMismatchError, _JobLock, check_meta, check_out_path, input_identity, parse_size,
 )  # fmt: skip
 
 __all__ = ["embed", "EmbedSummary", "POOLINGS", "LONG_POLICIES"]
