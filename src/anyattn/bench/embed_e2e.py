@@ -134,7 +134,7 @@ class _Check:
     """The pooled float32 reference of a few sequences and the bound (module docstring)."""
 
     def __init__(self, fam, cfg, sd, picks, ids, device, dtype, hf_impls=("sdpa",)):
-        from .families import Unavailable, _tf32_off
+        from .family_base import Unavailable, _tf32_off
         from .workload import padded_inputs
 
         self.picks = picks

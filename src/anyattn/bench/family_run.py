@@ -44,7 +44,8 @@ import time
 import torch
 
 from . import UsageError
-from .families import Unavailable, _tf32_off, get
+from .families import get
+from .family_base import Unavailable, _tf32_off
 from .model_rows import Reference, Row, fail, time_row
 from .workload import make_batches, padded_inputs, sequences
 
