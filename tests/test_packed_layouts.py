@@ -55,7 +55,7 @@ LAYOUTS = [
 
 
 @pytest.mark.parametrize("window", WINDOWS, ids=repr)
-@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"q{l[0]}-k{l[1]}")
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda lay: f"q{lay[0]}-k{lay[1]}")
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])
 def test_documents_with_key_layout_equal_each_document_alone(backend, layout, window):
     ql, kl, tq, tk = layout
