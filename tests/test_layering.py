@@ -28,7 +28,10 @@ LAYERS = [
     ("anyattn.packing", 7), ("anyattn.testing", 7), ("anyattn.nn", 7), ("anyattn.models", 8), ("anyattn.hf", 8),
     ("anyattn.embed", 9), ("anyattn.bench", 9), ("anyattn.cli", 10), ("anyattn.__main__", 10), ("anyattn", 11),
 ]  # fmt: skip
-SHARED_BACKEND_HELPERS = {"anyattn.backends", "anyattn.backends.base", "anyattn.backends._varlen", "anyattn.backends._sdp_switch"}
+SHARED_BACKEND_HELPERS = {
+    "anyattn.backends", "anyattn.backends.base", "anyattn.backends._varlen", "anyattn.backends._sdp_switch",
+    "anyattn.backends.flex_blocks",  # flex's own block structure, split out of flex.py for size
+}  # fmt: skip
 FAMILIES = {"esm2", "esm2_config", "esm2_layers", "e1", "e1_batch", "e1_tokenizer", "dplm", "esmc", "esmc_checkpoints", "ankh", "_esmc_ankh_batch"}
 
 

@@ -1,0 +1,170 @@
+"""flex's block structure: the BlockMask of a mask made of documents, padding and windows,
+computed per 128x128 tile from the terms (the range of document ids and positions each tile
+covers: a few small tensor ops, no host sync, the same tiles as ``create_block_mask``, which
+evaluates the predicate on every pair instead), and which rows may see no key."""
+
+from __future__ import annotations
+
+import torch
+
+from ..spec import And, Documents, Padding, Window
+
+BLOCK = 128  # FlexAttention's default sparse block size (q and kv)
+
+# --------------------------------------------------------------------------------------------
+# block structure from the terms (documents, padding, windows)
+
+
+def _ranges(ids: torch.Tensor, n: int, length: int, block: int = BLOCK):
+    """Per block of ``block`` positions of ``ids`` (R, length) (-1 = no document): (first id, last
+    id, any real, all real) over the real positions, each (R, n). Positions past ``length`` are
+    not real (a block that sticks out is never full)."""
+    R = ids.shape[0]
+    pad = n * block - length
+    if pad:
+        ids = torch.nn.functional.pad(ids, (0, pad), value=-1)
+    ids = ids.view(R, n, block)
+    real = ids >= 0
+    big = torch.iinfo(ids.dtype).max
+    lo = torch.where(real, ids, big).amin(-1)
+    hi = torch.where(real, ids, -1).amax(-1)
+    return lo, hi, real.any(-1), real.all(-1)
+
+
+def _aligned_ranges(align: torch.Tensor, nq: int, Sq: int, qb: int = BLOCK):
+    """Per tile of ``qb`` queries: (lowest, highest) key position i' of its queries, each (R, nq, 1)."""
+    pad = nq * qb - Sq
+    lo = torch.nn.functional.pad(align, (0, pad), value=torch.iinfo(torch.int64).max // 4).view(-1, nq, qb)
+    hi = torch.nn.functional.pad(align, (0, pad), value=torch.iinfo(torch.int64).min // 4).view(-1, nq, qb)
+    return lo.amin(-1)[..., None], hi.amax(-1)[..., None]
+
+
+def _term_blocks(t, geo, nq: int, nk: int, qb: int = BLOCK, kb: int = BLOCK):
+    """(any, all) bool (R, nq, nk) for one term: any = some pair of the tile may be visible, all =
+    every pair is. None when the term has no block-level rule here. ``geo`` is the aligned
+    geometry (``Call.aligned_geo``): with packed query/key layouts, i' comes from ``geo.align``."""
+    off = geo.offset
+    if isinstance(t, Window):
+        dev = geo.device
+        klo = torch.arange(nk, device=dev) * kb
+        khi = torch.clamp(klo + kb, max=geo.Sk) - 1
+        if geo.align is None:
+            qlo = (torch.arange(nq, device=dev) * qb + off)[:, None]
+            qhi = torch.clamp(qlo - off + qb, max=geo.Sq) - 1 + off
+        else:  # (R, nq, 1): per row, the range of i' over each tile's queries
+            qlo, qhi = _aligned_ranges(geo.align, nq, geo.Sq, qb)
+        dmin = qlo - khi[None, :]  # i' - j over the tile
+        dmax = qhi - klo[None, :]
+        any_ = torch.ones(dmin.shape, dtype=torch.bool, device=dev)
+        all_ = any_.clone()
+        if t.left is not None:
+            any_ &= dmin <= t.left
+            all_ &= dmax <= t.left
+        if t.right is not None:
+            any_ &= dmax >= -t.right
+            all_ &= dmin >= -t.right
+        inside = ((torch.arange(nq, device=dev) * qb + qb) <= geo.Sq)[:, None] & ((klo + kb) <= geo.Sk)[None, :]
+        all_ = all_ & inside
+        return (any_, all_) if any_.dim() == 3 else (any_[None], all_[None])
+    if isinstance(t, Documents):
+        ids = t.doc_ids(geo).to(torch.int64)  # (Bd, Sk)
+        qids = t.q_doc_ids(geo).to(torch.int64)  # (Bd, Sq)
+    elif isinstance(t, Padding):  # one "document" per row, -1 at padding
+        ids = torch.where(t.keep_mask(geo), 0, -1)
+        qids = torch.where(t.q_keep(geo), 0, -1)
+    else:
+        return None
+    R = max(ids.shape[0], qids.shape[0])
+    ids, qids = ids.expand(R, -1), qids.expand(R, -1)
+    qlo, qhi, qany, qall = _ranges(qids, nq, geo.Sq, qb)
+    klo, khi, kany, kall = _ranges(ids, nk, geo.Sk, kb)
+    any_ = qany[:, :, None] & kany[:, None, :] & (qlo[:, :, None] <= khi[:, None, :]) & (klo[:, None, :] <= qhi[:, :, None])
+    all_ = qall[:, :, None] & kall[:, None, :] & (qlo == qhi)[:, :, None] & (klo == khi)[:, None, :] & (qlo[:, :, None] == klo[:, None, :])
+    return any_, all_
+
+
+def structured_blocks(call, qb: int = BLOCK, kb: int = BLOCK, q_major: bool = False):
+    """(kv_num, kv_idx, full_num, full_idx) int32 (R, 1, nq, nk) of a mask of documents / padding /
+    windows, from the terms; None when the mask has another term. ``q_major``: also the same four
+    for the transposed tiles (what the backward reads), built from the dense tiles here rather than
+    by BlockMask.from_kv_blocks, which rebuilds them from the index through vmap (~1 ms of host
+    time per new mask)."""
+    geo = call.aligned_geo()
+    parts = call.mask.terms if isinstance(call.mask, And) else (call.mask,)
+    nq, nk = -(-geo.Sq // qb), -(-geo.Sk // kb)
+    any_ = all_ = None
+    for t in parts:
+        r = _term_blocks(t, geo, nq, nk, qb, kb)
+        if r is None:
+            return None
+        a, f = r
+        any_ = a if any_ is None else any_ & a
+        all_ = f if all_ is None else all_ & f
+    partial = (any_ & ~all_)[:, None]  # (R, 1, nq, nk): one row shared by every head
+    full = all_[:, None]
+
+    def ordered(dense):
+        d = dense.to(torch.int32)
+        return d.sum(-1).to(torch.int32), torch.argsort(d, dim=-1, descending=True, stable=True).to(torch.int32)
+
+    kv_num, kv_idx = ordered(partial)
+    full_num, full_idx = ordered(full)
+    if q_major:
+        return kv_num, kv_idx, full_num, full_idx, *ordered(partial.transpose(-2, -1)), *ordered(full.transpose(-2, -1))
+    return kv_num, kv_idx, full_num, full_idx
+
+
+def structured_block_mask(call, mask_mod, need_q_blocks: bool = True):
+    """A BlockMask for a mask of documents / padding / windows built from the terms, or None when
+    the mask has another term (then ``create_block_mask`` evaluates the predicate). The q-major
+    index (backward only) is built when ``need_q_blocks``."""
+    blocks = structured_blocks(call, q_major=need_q_blocks)
+    if blocks is None:
+        return None
+    from torch.nn.attention import flex_attention as fa
+
+    geo = call.geo
+    try:
+        bm = fa.BlockMask.from_kv_blocks(*blocks[:4], BLOCK, mask_mod, (geo.Sq, geo.Sk), compute_q_blocks=False)
+    except TypeError:  # a torch without compute_q_blocks: it builds the q-major index itself
+        return fa.BlockMask.from_kv_blocks(*blocks[:4], BLOCK, mask_mod, (geo.Sq, geo.Sk))
+    if need_q_blocks:
+        bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices = blocks[4:]
+    return bm
+
+
+def may_have_empty_rows(call) -> bool:
+    """Whether some query row may see no key (then its output is zeroed from the lse)."""
+    geo, m = call.geo, call.mask
+    if m is None:
+        return False
+    if call.sig.packed_layout:  # a document with more queries than keys has queries before its first key
+        return True
+    parts = m.terms if isinstance(m, And) else (m,)
+    for t in parts:
+        if isinstance(t, Window):
+            continue  # every window contains the query's own position i'
+        if isinstance(t, Documents) and t.host_lengths is not None and all(sum(r) == geo.Sk for r in t.host_lengths):
+            continue  # no tail: every position is in a document, with itself
+        return True
+    return geo.Sq > geo.Sk  # queries before the first key
+
+
+def rows_seen(call) -> torch.Tensor:
+    """(B or 1, H or 1, Sq, 1) bool: rows that see at least one key, without the lse (CPU
+    FlexAttention returns none). For documents / padding / windows a row sees a key iff its own
+    position is a real token of a document (every window contains the diagonal); other masks are
+    evaluated on the index grid."""
+    from ..spec import materialize_mask
+
+    geo, m = call.geo, call.mask
+    parts = m.terms if isinstance(m, And) else (m,)
+    if geo.Sq <= geo.Sk and not call.sig.packed_layout and all(isinstance(t, (Window, Documents, Padding)) for t in parts):
+        seen = torch.ones(1, geo.Sq, dtype=torch.bool, device=geo.device)
+        for t in parts:
+            if isinstance(t, Documents):
+                seen = seen & (t.doc_ids(geo)[:, geo.offset :] >= 0)
+            elif isinstance(t, Padding):
+                seen = seen & t.keep_mask(geo)[:, geo.offset :]
+        return seen[:, None, :, None]
+    return materialize_mask(call.bound_mask(), call.aligned_geo()).any(-1, keepdim=True)
