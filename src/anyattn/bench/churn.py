@@ -59,6 +59,7 @@ from . import churn_steps as cs
 from .cases import DTYPES
 from .env import environment
 from .matrix import err_text, free
+from .report import _f, _tf
 
 __all__ = ["CASES", "FORMS", "SCHEMA", "Options", "Row", "quick", "run", "table"]
 
@@ -388,16 +389,6 @@ def _name(r) -> str:
     if g("impl") == "anyattn" and g("backend") == "auto" and g("chosen"):
         n = f"auto>{g('chosen')}"
     return n + (f" [{g('form')}]" if g("form") else "")
-
-
-def _f(x, fmt: str) -> str:
-    return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
-
-
-def _tf(x) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "nan"
-    return f"{x:.1f}" if x >= 10 else f"{x:.3g}"
 
 
 def _line(r: Row) -> str:

@@ -1,5 +1,4 @@
-"""Helpers shared by the ESM C and ANKH models: the ``attn_backend`` check and the
-``output_s_max`` bound. Their batches are planned by ``anyattn.packing.plan_batch``, like every
+"""The ``output_s_max`` bound shared by the ESM C and ANKH models. Their batches are planned by ``anyattn.packing.plan_batch``, like every
 model's (the one packing policy).
 """
 
@@ -7,21 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..api import backends
-from ..errors import bad_value
 from ..layout import SeqInfo
-
-
-def check_backend_value(value):
-    """``attn_backend``: "auto", a registered backend name, or a list of names (kept as a tuple,
-    what a JSON round trip of the config gives back)."""
-    if isinstance(value, list):
-        value = tuple(value)
-    names = {b.name for b in backends()}
-    items = value if isinstance(value, tuple) else (value,)
-    if not items or not all(isinstance(v, str) and (v in names or v == "auto") for v in items):
-        raise bad_value("attn_backend", f"'auto', one of {sorted(names)} or a list of them", repr(value))
-    return value
 
 
 def norm_bound(q_BSHD: torch.Tensor, k_BSHD: torch.Tensor, info: SeqInfo | None, scale: float) -> torch.Tensor:

@@ -54,7 +54,8 @@ from ..errors import bad_type, bad_value
 from ..layout import SeqInfo
 from ..spec import relative_bias
 from ..packing import BatchPlan, plan_batch
-from ._esmc_ankh_batch import check_backend_value, norm_bound
+from ._esmc_ankh_batch import norm_bound
+from ._switches import AttnBackendSwitch, PackPaddedSwitch, backend_value
 from ._inputs import check_input_ids, keep_mask
 from .checkpoints import check_state_dict, is_ankh_config, read_weights, resolve_dtype, resolve_saved_backend
 
@@ -135,7 +136,7 @@ class AnkhConfig(PretrainedConfig):
         self.dense_act_fn = dense_act_fn
         self.dropout_rate = float(dropout_rate or 0.0)
         self.initializer_factor = initializer_factor
-        self.attn_backend = check_backend_value(attn_backend)
+        self.attn_backend = backend_value(attn_backend)
         self.pack_padded = pack_padded
         super().__init__(pad_token_id=pad_token_id, eos_token_id=eos_token_id, is_encoder_decoder=False, **kwargs)
 
@@ -294,7 +295,7 @@ class AnkhOutput(NamedTuple):
     s_max: torch.Tensor | None
 
 
-class AnkhModel(PreTrainedModel):
+class AnkhModel(AttnBackendSwitch, PackPaddedSwitch, PreTrainedModel):
     """ANKH's encoder (transformers' ``T5EncoderModel``) on anyattn. ``attn_backend`` switches
     every block at the next call."""
 
@@ -335,24 +336,6 @@ class AnkhModel(PreTrainedModel):
 
     def set_input_embeddings(self, value):
         self.shared = value
-
-    @property
-    def attn_backend(self):
-        return self.config.attn_backend
-
-    @attn_backend.setter
-    def attn_backend(self, value) -> None:
-        self.config.attn_backend = check_backend_value(value)
-
-    @property
-    def pack_padded(self):
-        return self.config.pack_padded
-
-    @pack_padded.setter
-    def pack_padded(self, value) -> None:
-        if value not in ("auto", True, False):
-            raise bad_value("pack_padded", "'auto', True or False", repr(value))
-        self.config.pack_padded = value
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):

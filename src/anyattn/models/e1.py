@@ -70,6 +70,7 @@ from ..errors import bad_type, bad_value
 from ..layout import SeqInfo
 from ..resolve import check_backend
 from ._inputs import check_input_ids, keep_mask
+from ._switches import AttnBackendSwitch
 from .e1_batch import E1Batch, _s_max, e1_batch_structure, runs_packed
 from .e1_tokenizer import _ORIGINAL_MODEL_TYPES, E1_DEFAULT_VOCAB, MODEL_TYPE, E1Tokenizer, is_e1_config
 from .checkpoints import check_state_dict, read_weights, resolve_saved_backend
@@ -340,7 +341,7 @@ class E1Output(NamedTuple):
     s_max: torch.Tensor | None  # (L, H) float32: per layer, per head max of scale*||q_i||*||k_j||
 
 
-class E1PreTrainedModel(PreTrainedModel):
+class E1PreTrainedModel(AttnBackendSwitch, PreTrainedModel):
     config_class = E1Config
     base_model_prefix = "model"
     _no_split_modules = ["E1Layer"]
@@ -361,17 +362,6 @@ class E1PreTrainedModel(PreTrainedModel):
             module.weight.fill_(1.0)
             if getattr(module, "bias", None) is not None:
                 module.bias.zero_()
-
-    @property
-    def attn_backend(self):
-        return self.config.attn_backend
-
-    @attn_backend.setter
-    def attn_backend(self, value) -> None:
-        if isinstance(value, list):
-            value = tuple(value)
-        check_backend(value)  # raises listing the valid names
-        self.config.attn_backend = value  # every layer reads it at each call; save_pretrained keeps it
 
 
 class E1Model(E1PreTrainedModel):

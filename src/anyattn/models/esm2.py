@@ -65,8 +65,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PreTrained
 from ..errors import bad_type, bad_value  # noqa: E402
 from ..layout import SeqInfo  # noqa: E402
 from ..packing import BatchPlan, plan_batch  # noqa: E402
-from ..resolve import check_backend  # noqa: E402
 from ._inputs import check_input_ids, keep_mask  # noqa: E402
+from ._switches import AttnBackendSwitch, PackPaddedSwitch  # noqa: E402
 from .esm2_config import ESM2_PRESETS, MODEL_TYPE, ESM2Config, esm2_flops  # noqa: E402
 from .esm2_layers import (  # noqa: E402, F401  (the layer functions are part of this module's namespace)
     ESM2Layer,
@@ -128,7 +128,7 @@ class ESM2Output(NamedTuple):
     s_max: torch.Tensor | None  # (L, H) float32: max over the batch's visible pairs of ||q_i|| * ||k_j||
 
 
-class ESM2PreTrainedModel(PreTrainedModel):
+class ESM2PreTrainedModel(AttnBackendSwitch, PackPaddedSwitch, PreTrainedModel):
     config_class = ESM2Config
     base_model_prefix = "esm"
     _no_split_modules = ["ESM2Layer"]
@@ -159,27 +159,6 @@ class ESM2PreTrainedModel(PreTrainedModel):
             module.bias.zero_()
         elif isinstance(module, _Rotary):
             module.inv_freq.copy_(module.compute_inv_freq(module.inv_freq.device))
-
-    @property
-    def attn_backend(self):
-        return self.config.attn_backend
-
-    @attn_backend.setter
-    def attn_backend(self, value) -> None:
-        if isinstance(value, list):
-            value = tuple(value)
-        check_backend(value)  # raises listing the valid names
-        self.config.attn_backend = value  # every layer reads it at each call; save_pretrained keeps it
-
-    @property
-    def pack_padded(self):
-        return self.config.pack_padded
-
-    @pack_padded.setter
-    def pack_padded(self, value) -> None:
-        if value not in ("auto", True, False):
-            raise bad_value("pack_padded", "'auto', True or False", repr(value))
-        self.config.pack_padded = value
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):

@@ -52,7 +52,8 @@ from ..api import attention, attention_with_weights
 from ..errors import bad_value
 from ..layout import SeqInfo
 from ..packing import BatchPlan, plan_batch
-from ._esmc_ankh_batch import check_backend_value, norm_bound
+from ._esmc_ankh_batch import norm_bound
+from ._switches import AttnBackendSwitch, PackPaddedSwitch, backend_value
 from ._inputs import check_input_ids, keep_mask
 from .checkpoints import is_esmc_config
 from .tokenizer import ProteinTokenizer
@@ -131,7 +132,7 @@ class ESMCConfig(PretrainedConfig):
         self.mask_token_id = mask_token_id
         self.dropout = float(dropout or 0.0)
         self.initializer_range = initializer_range
-        self.attn_backend = check_backend_value(attn_backend)
+        self.attn_backend = backend_value(attn_backend)
         self.pack_padded = pack_padded
         self.vocab_list = list(vocab_list) if vocab_list is not None else list(ESMC_VOCAB)
         super().__init__(pad_token_id=pad_token_id, **kwargs)
@@ -315,7 +316,7 @@ class ESMCOutput(NamedTuple):
     s_max: torch.Tensor | None  # (L, H) float32: max over visible pairs of D**-0.5 * ||q_i|| * ||k_j||
 
 
-class ESMCPreTrainedModel(PreTrainedModel):
+class ESMCPreTrainedModel(AttnBackendSwitch, PackPaddedSwitch, PreTrainedModel):
     config_class = ESMCConfig
     base_model_prefix = "esmc"  # no submodule has this name: the encoder's keys sit at the top level
     _no_split_modules = ["ESMCBlock"]
@@ -332,24 +333,6 @@ class ESMCPreTrainedModel(PreTrainedModel):
             module.weight.fill_(1.0)
             if module.bias is not None:
                 module.bias.zero_()
-
-    @property
-    def attn_backend(self):
-        return self.config.attn_backend
-
-    @attn_backend.setter
-    def attn_backend(self, value) -> None:
-        self.config.attn_backend = check_backend_value(value)  # every block reads it at each call
-
-    @property
-    def pack_padded(self):
-        return self.config.pack_padded
-
-    @pack_padded.setter
-    def pack_padded(self, value) -> None:
-        if value not in ("auto", True, False):
-            raise bad_value("pack_padded", "'auto', True or False", repr(value))
-        self.config.pack_padded = value
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):

@@ -20,7 +20,8 @@ import os
 import torch
 
 from ..errors import bad_type, bad_value
-from .esmc import MODEL_TYPE, ESMCConfig, ESMCForMaskedLM, ESMCModel, check_backend_value
+from ._switches import backend_value
+from .esmc import MODEL_TYPE, ESMCConfig, ESMCForMaskedLM, ESMCModel
 from .checkpoints import check_state_dict, read_weights, resolve_dtype, resolve_saved_backend
 
 __all__ = ["build_esmc", "load_esmc", "load_esmc_state_dict", "map_esmc_keys"]
@@ -178,7 +179,7 @@ def load_esmc(path, *, attn_backend=None, dtype=None, device=None, config: dict 
     if pth is not None:
         sd = torch.load(pth, map_location="cpu", weights_only=True)
         cfg = _config_from_weights(sd)
-        cfg.attn_backend = check_backend_value(attn_backend or "auto")
+        cfg.attn_backend = backend_value(attn_backend or "auto")
         return build_esmc(cfg, sd, dtype=dtype, device=device)
     if not os.path.isdir(path):
         from .checkpoints import download
