@@ -22,6 +22,10 @@ the backends that read pages through the table instead of gathering them (a copy
 cached key per layer and step). ``anyattn bench serving`` (src/anyattn/bench/serving.py)
 measures decode tokens/s per backend and cache kind; its table is what these rows should be
 re-ordered from, with its command line noted here.
+The ``fa4`` entries (FlashAttention-4, ``backends/fa4.py``) are NOT measured yet, in any row:
+they are placed where FA4 is expected (near cuDNN on dense/causal, first where only it and flex
+serve: windows, documents, softcap); ``benchmarks/device_round6_fa4.sh`` measures them next to
+cuDNN and flex, and these rows are to be re-ordered from its table.
 The CPU row comes from ``anyattn bench kernels --quick`` on a 2-core CPU: SDPA's CPU kernels beat the eager reference, and compiled Flex costs seconds of
 compilation per new variant and shape, so it is last.
 """
@@ -32,24 +36,24 @@ DECODE_MAX_SQ = 16  # at most this many queries against a longer key sequence: t
 
 RANKING: dict[str, dict[str, tuple[str, ...]]] = {
     "cuda": {
-        "dense": ("cudnn", "sdpa", "flex", "flash_torch", "flash", "kernels_flash", "eager"),
-        "causal": ("cudnn", "sdpa", "flex", "flash_torch", "flash", "kernels_flash", "eager"),
-        "window": ("flex", "flash_torch", "flash", "kernels_flash", "cudnn", "sdpa", "eager"),
-        "documents": ("flash_torch", "flex", "flash", "kernels_flash", "cudnn", "sdpa", "eager"),
-        "documents+grad": ("flex", "flash_torch", "flash", "kernels_flash", "cudnn", "sdpa", "eager"),
-        "padding": ("flex", "cudnn", "sdpa", "flash_torch", "flash", "kernels_flash", "eager"),
+        "dense": ("cudnn", "fa4", "sdpa", "flex", "flash_torch", "flash", "kernels_flash", "eager"),
+        "causal": ("cudnn", "fa4", "sdpa", "flex", "flash_torch", "flash", "kernels_flash", "eager"),
+        "window": ("fa4", "flex", "flash_torch", "flash", "kernels_flash", "cudnn", "sdpa", "eager"),
+        "documents": ("fa4", "flash_torch", "flex", "flash", "kernels_flash", "cudnn", "sdpa", "eager"),
+        "documents+grad": ("fa4", "flex", "flash_torch", "flash", "kernels_flash", "cudnn", "sdpa", "eager"),
+        "padding": ("flex", "fa4", "cudnn", "sdpa", "flash_torch", "flash", "kernels_flash", "eager"),
         "masked": ("flex", "cudnn", "sdpa", "eager"),
-        "scored": ("flex", "flash", "kernels_flash", "cudnn", "sdpa", "eager"),
+        "scored": ("fa4", "flex", "flash", "kernels_flash", "cudnn", "sdpa", "eager"),
         # a few queries against a longer KV cache (generation): the KV length changes every step,
         # so backends compiled per shape come last; SDPA takes any mask as a small (Sq, Sk) tensor
-        "decode": ("sdpa", "cudnn", "flash_torch", "flash", "kernels_flash", "eager", "flex"),
+        "decode": ("sdpa", "cudnn", "flash_torch", "fa4", "flash", "kernels_flash", "eager", "flex"),
         # the same from a paged KV cache (attention(q, kv=paged_view)): flex reads the pages through
         # the page table with a pool of fixed shape (one compiled kernel per batch shape, no copy);
         # flash_torch reads them where torch's varlen_attn has block_table (2.13), else both it and
         # the SDPA family run on the pages gathered into contiguous keys (a copy per layer)
-        "decode+paged": ("flex", "flash_torch", "flash", "kernels_flash", "cudnn", "sdpa", "eager"),
-        "documents+paged": ("flex", "flash_torch", "flash", "kernels_flash", "cudnn", "sdpa", "eager"),
-        "masked+paged": ("flex", "flash_torch", "flash", "kernels_flash", "cudnn", "sdpa", "eager"),  # padding(kv=) & causal
+        "decode+paged": ("flex", "flash_torch", "flash", "kernels_flash", "fa4", "cudnn", "sdpa", "eager"),
+        "documents+paged": ("flex", "flash_torch", "flash", "kernels_flash", "fa4", "cudnn", "sdpa", "eager"),
+        "masked+paged": ("flex", "flash_torch", "flash", "kernels_flash", "fa4", "cudnn", "sdpa", "eager"),  # padding(kv=) & causal
     },
     "cpu": {
         "*": ("sdpa", "eager", "flex"),

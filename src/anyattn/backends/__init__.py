@@ -12,6 +12,7 @@ from enum import Enum
 
 from .base import AttentionBackend, Facts, Refusal
 from .eager import EagerBackend
+from .fa4 import Fa4Backend
 from .flash import flash_backend, kernels_flash_backend
 from .flash_torch import FlashTorchBackend
 from .flex import FlexBackend
@@ -31,6 +32,7 @@ class Backend(str, Enum):
     FLASH_TORCH = "flash_torch"
     FLASH = "flash"
     KERNELS_FLASH = "kernels_flash"
+    FA4 = "fa4"
 
 
 REGISTRY: dict[str, AttentionBackend] = {
@@ -41,6 +43,7 @@ REGISTRY: dict[str, AttentionBackend] = {
     "flash_torch": FlashTorchBackend(),
     "flash": flash_backend(),
     "kernels_flash": kernels_flash_backend(),
+    "fa4": Fa4Backend(),
 }
 
 
