@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import sys
 
-ORDER = ["any", "eager", "sdpa", "cudnn", "flex", "flash_torch", "flash", "kernels_flash"]
+ORDER = ["any", "eager", "sdpa", "cudnn", "flex", "flash_torch", "flash", "kernels_flash", "fa4"]
 
 
 def _cell(s: str, width: int = 70) -> str:

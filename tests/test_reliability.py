@@ -31,8 +31,8 @@ from anyattn.backends.sdpa import SdpaBackend
 from anyattn.testing import compare_to_oracle, generate_qkv, oracle, record_calls, use_backend
 
 BACKENDS = list(REGISTRY)
-CUDA_ONLY = ("cudnn", "flash_torch", "flash", "kernels_flash")
-FLASH = ("flash_torch", "flash", "kernels_flash")
+CUDA_ONLY = ("cudnn", "flash_torch", "flash", "kernels_flash", "fa4")
+FLASH = ("flash_torch", "flash", "kernels_flash", "fa4")
 FULL = bool(os.environ.get("ANYATTN_CATALOGUE_OUT") or os.environ.get("ANYATTN_CATALOGUE_FULL"))
 FLEX_CPU_ITEMS = {"Sq != Sk with causal", "fully masked rows"}
 
@@ -458,7 +458,7 @@ def test_windows_larger_than_the_sequence_equal_no_window(backend, device, catal
 
 def test_unknown_backend_names_list_the_valid_ones_and_leave_state_unchanged(catalogue):
     q, k, v = generate_qkv(1, 2, 2, 8, 8, 32)
-    valid = r"backend: expected one of \['auto', 'eager', 'sdpa', 'cudnn', 'flex', 'flash_torch', 'flash', 'kernels_flash'\]"
+    valid = r"backend: expected one of \['auto', 'eager', 'sdpa', 'cudnn', 'flex', 'flash_torch', 'flash', 'kernels_flash', 'fa4'\]"
     for bad in ("flash9", "SDPA", ["sdpa", "nope"], ["auto", "eager"], 3, None, []):
         with pytest.raises(aa.ArgumentError, match=r"backend: expected"):
             aa.attention(q, k, v, backend=bad)
@@ -575,7 +575,7 @@ def test_attention_with_weights_is_the_only_detour_to_eager():
             assert [c.backend for c in calls] == ["sdpa"]
         calls.clear()
         # every explicitly named backend that cannot serve a call refuses; none detours to eager
-        for be in ("sdpa", "flex", "cudnn", "flash_torch", "flash", "kernels_flash"):
+        for be in ("sdpa", "flex", "cudnn", "flash_torch", "flash", "kernels_flash", "fa4"):
             with pytest.raises(aa.UnsupportedError):
                 aa.attention(q, k, v, score=aa.score_fn(lambda s, b, h, i, j: s), backend=be, return_lse=True)
         assert calls == []
