@@ -157,13 +157,21 @@ def resolve(
             why_first = "ranked first among the backends that can serve it"
             if auto and first_sight:
                 why_first += " (first sight of these term values: ranked by per-call cost, lowering included)"
-            decision.rows.append(Row(name, "chosen", why_first if auto else "requested"))
+            decision.rows.append(Row(name, "chosen", _noted(name, sig, why_first if auto else "requested")))
         else:
-            decision.rows.append(Row(name, "accepted", "can serve it; ranked lower" if auto else "can serve it; requested later"))
+            why = "can serve it; ranked lower" if auto else "can serve it; requested later"
+            decision.rows.append(Row(name, "accepted", _noted(name, sig, why)))
     decision.chosen = chosen
     if chosen is None:
         raise UnsupportedError(_unsupported_message(decision), decision)
     return REGISTRY[chosen], decision
+
+
+def _noted(name: str, sig, reason: str) -> str:
+    """``reason`` plus the backend's own note on how it runs the call (flex: which lowering)."""
+    note = getattr(REGISTRY[name], "note", None)
+    text = note(sig) if note is not None and not torch.compiler.is_compiling() else ""
+    return f"{reason}; {text}" if text else reason
 
 
 def choose(sig, backend="auto") -> str | None:

@@ -21,7 +21,14 @@
 * Rows that see no key are zeroed (from the lse) when the mask can produce them: the kernel
   multiplies whole tiles, so a NaN in a value such a row cannot see would reach it (0 * NaN).
 * Inside a caller's ``torch.compile`` region, ``flex_attention`` is called directly and becomes
-  part of the caller's graph.
+  part of the caller's graph (with torch's default, Triton, lowering).
+* Two lowerings of the same kernel (an internal option, shown by ``explain``): torch's Triton
+  templates, or FlashAttention-4 CuTe kernels (``kernel_options={"BACKEND": "FLASH"}``, torch >=
+  2.11 with ``flash_attn.cute`` installed, Hopper/Blackwell). FLASH is used where it is available
+  and exact (``flash_refusal`` says why not), else Triton; a FLASH compile failure in ``auto`` falls
+  back to Triton for that variant. ``ANYATTN_FLEX_LOWERING=auto|flash|triton`` (or
+  ``FlexBackend(lowering=...)``): ``flash`` refuses the calls FLASH cannot serve, ``triton`` never
+  uses FLASH. See docs/fa4.md.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from ..errors import AnyAttnError
 from ..spec import And, Window
 from .base import AttentionBackend, Facts
 from .flex_blocks import BLOCK, may_have_empty_rows, rows_seen, structured_block_mask, structured_blocks
+from .flex_lowering import _FLASH_OPTS, LOWERINGS, _flash_probe, _lowering_from_env, flash_refusal
 
 # Static shapes, one compiled entry point per (variant structure, shapes, dtype, grad mode).
 # Dynamic-shape FlexAttention fails to lower on the torch versions we test (torch 2.11 CUDA:
@@ -63,7 +71,6 @@ UNFUSED_MAX_SCORES = 2**26
 # and that form is compiled instead; the call stays on flex and stays exact.
 _GQA_COMPILE_FAILURE = "NoValidChoicesError"
 
-
 class FlexFallbackError(AnyAttnError, RuntimeError):
     """The compiled FlexAttention kernel could not be used and the unfused path was refused."""
 
@@ -85,7 +92,7 @@ def _flex_api():
 # compiled entry points
 
 
-def _entry_template(q, k, v, score_mod, block_mask, scale, enable_gqa, return_lse):
+def _entry_template(q, k, v, score_mod, block_mask, scale, enable_gqa, return_lse, opts=None):
     if not torch.compiler.is_compiling():
         # Traced by dynamo this branch is dead code. Executed, it means dynamo fell back to
         # running this function eagerly, which would run the unfused O(S^2) path.
@@ -95,22 +102,25 @@ def _entry_template(q, k, v, score_mod, block_mask, scale, enable_gqa, return_ls
             "FlexAttention's unfused path. Raise torch._dynamo.config.recompile_limit, or keep the "
             "number of distinct variants, dtypes and grad modes per process bounded."
         )
-    return _call_flex(q, k, v, score_mod, block_mask, scale, enable_gqa, return_lse)
+    return _call_flex(q, k, v, score_mod, block_mask, scale, enable_gqa, return_lse, opts)
 
 
-def _call_flex(q, k, v, score_mod, block_mask, scale, enable_gqa, return_lse):
+def _call_flex(q, k, v, score_mod, block_mask, scale, enable_gqa, return_lse, opts=None):
     fa, has_aux = _FA, _HAS_AUX  # plain globals: traced code must not call the lru_cache'd probe
     if return_lse and has_aux:
         out, aux = fa.flex_attention(
             q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa,
-            return_aux=fa.AuxRequest(lse=True),
+            return_aux=fa.AuxRequest(lse=True), kernel_options=opts,
         )  # fmt: skip
         return out, aux.lse
     if return_lse:
         return fa.flex_attention(
-            q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, return_lse=True
+            q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, return_lse=True,
+            kernel_options=opts,
         )
-    out = fa.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+    out = fa.flex_attention(
+        q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, kernel_options=opts
+    )
     return out, None
 
 
@@ -150,14 +160,20 @@ class FlexBackend(AttentionBackend):
     name = "flex"
     facts = Facts(packed_documents=True, score_fn=True, static_shapes=True)
 
-    def __init__(self, *, unfused_max_sq: int = UNFUSED_MAX_SQ):
+    def __init__(self, *, unfused_max_sq: int = UNFUSED_MAX_SQ, lowering: str | None = None, flash_probe=_flash_probe):
         # calls of at most this many queries against more keys run FlexAttention unfused (exact,
         # no compilation per shape); 0: always the compiled kernel (a test seam)
         self.unfused_max_sq = unfused_max_sq
+        self._flash_probe = flash_probe  # () -> (arch, None | why FLASH cannot run here)
         self.block_masks = LRU(64)  # content key -> BlockMask
-        self._by_call = LRU(256)  # content key -> (entry, score_mod, expand_kv, BlockMask, zero_empty)
+        self._by_call = LRU(256)  # content key -> (entry, score_mod, expand_kv, BlockMask, zero_empty, lowering)
+        # "auto" | "flash" | "triton"; None: ANYATTN_FLEX_LOWERING (read when a call is first seen)
+        self.lowering = lowering
         self._entries: dict = {}
-        self.stats = {"block_mask_builds": 0, "structured_block_masks": 0, "compiled_entries": 0, "gqa_expanded": 0}
+        self.flash_failed: dict = {}  # variant key -> why FLASH failed to compile (auto uses Triton for it)
+        self._ran: set = set()  # ids of entry points that have run once (compiled)
+        self.stats = {"block_mask_builds": 0, "structured_block_masks": 0, "compiled_entries": 0, "gqa_expanded": 0,
+                      "flash_calls": 0, "triton_calls": 0, "flash_fallbacks": 0}  # fmt: skip
 
     def available(self) -> str | None:
         try:
@@ -191,6 +207,10 @@ class FlexBackend(AttentionBackend):
             return f"FlexAttention needs head dims >= 16, got D={sig.D}, Dv={sig.Dv}"
         if sig.need_weights:
             return "FlexAttention does not return attention weights"
+        if self.lowering == "flash" and not torch.compiler.is_compiling():
+            why = self.flash_refusal(sig)
+            if why is not None:
+                return f"the FLASH lowering is forced (ANYATTN_FLEX_LOWERING=flash) and cannot serve this call: {why}"
         if sig.paged is not None and dev == "cuda":
             g = sig.Hq // sig.Hkv
             decoding = sig.Sq < 128 and g & (g - 1) == 0  # FlexDecoding: key blocks of any page size
@@ -202,9 +222,51 @@ class FlexBackend(AttentionBackend):
                 )
         return None
 
+    @property
+    def lowering(self) -> str:
+        return _lowering_from_env() if self._lowering is None else self._lowering
+
+    @lowering.setter
+    def lowering(self, value: str | None) -> None:
+        """Force a lowering (None: the environment's); callers then drop cached decisions
+        (``anyattn.clear_caches()``), which were taken under the previous one."""
+        if value is not None and value not in LOWERINGS:
+            raise ValueError(f"lowering: expected one of {list(LOWERINGS)} or None, got {value!r}")
+        self._lowering = value
+        self._by_call.clear()
+
     def clear(self) -> None:
         self.block_masks.clear()
         self._by_call.clear()
+        self.flash_failed.clear()
+
+    # -- lowering choice (FLASH / Triton) ---------------------------------------------------
+    def flash_refusal(self, sig) -> str | None:
+        """Why the FLASH lowering cannot compute calls of ``sig`` exactly (None: it can)."""
+        return flash_refusal(sig, self._flash_probe, self.unfused_max_sq, _DYNAMIC)
+
+    def _variant(self, sig) -> tuple:
+        return (sig.mask.structure if sig.mask is not None else None, tuple(s.structure for s in sig.scores),
+                sig.D, sig.Dv, sig.dtype, sig.requires_grad)  # fmt: skip
+
+    def lowering_for(self, sig) -> tuple[str, str]:
+        """("flash" | "triton", why) for calls of ``sig``."""
+        if self.lowering == "triton":
+            return "triton", "ANYATTN_FLEX_LOWERING=triton"
+        why = self.flash_refusal(sig)
+        if why is None:
+            failed = self.flash_failed.get(self._variant(sig)) if self.lowering == "auto" else None
+            return ("triton", f"FLASH failed to compile this variant: {failed}") if failed else ("flash", "")
+        return "triton", why
+
+    def note(self, sig) -> str:
+        """For ``explain``: which lowering flex uses for calls of ``sig``."""
+        if sig.device.type != "cuda":
+            return ""
+        if sig.Sq <= self.unfused_max_sq < sig.Sk:
+            return "lowering: unfused (decode-sized call)"
+        low, why = self.lowering_for(sig)
+        return "lowering: FLASH (FlashAttention-4 CuTe kernel)" if low == "flash" else f"lowering: Triton ({why})"
 
     def reads_pages(self, sig) -> bool:
         return True  # a BlockMask over the pool, through the page table (see _paged)
@@ -222,13 +284,13 @@ class FlexBackend(AttentionBackend):
             self.stats["compiled_entries"] += 1
         return fn
 
-    def entry_for(self, call, return_lse: bool):
+    def entry_for(self, call, return_lse: bool, lowering: str = "triton"):
         sig = call.sig
         key = (
             sig.mask.structure if sig.mask is not None else None, tuple(s.structure for s in sig.scores),
             _code_ids(call.mask), tuple(_code_ids(s) for s in call.scores), sig.device.type,
             None if _DYNAMIC else (tuple(call.q.shape), tuple(call.k.shape), tuple(call.v.shape)),
-            sig.dtype, sig.requires_grad, return_lse,
+            sig.dtype, sig.requires_grad, return_lse, lowering,
         )  # fmt: skip
         return self._entry(key)
 
@@ -415,25 +477,28 @@ class FlexBackend(AttentionBackend):
                     call.return_lse or call.sink is not None or (zero and geo.device.type != "cpu"),
                 )  # fmt: skip
             return _finish(call, out, lse, zero)
-        # one lookup on the hot path: the call key determines entry, score_mod and BlockMask
+        # one lookup on the hot path: the call key determines entry, score_mod, BlockMask, lowering
         hit = self._by_call.get(call.key) if call.cacheable else None
         if hit is None:
             zero = may_have_empty_rows(call)
             if zero and geo.device.type == "cpu":  # no lse on CPU: the rows come from the mask
                 zero = rows_seen(call)
             want_lse = call.return_lse or call.sink is not None or zero is True
-            hit = (self.entry_for(call, want_lse), self.score_mod_for(call), False, self.block_mask_for(call), zero)
+            low = self.lowering_for(call.sig)[0]
+            hit = (self.entry_for(call, want_lse, low), self.score_mod_for(call), False, self.block_mask_for(call), zero, low)
             if call.cacheable:
                 self._by_call.put(call.key, hit, call.tokens)
-        fn, sm, expand, bm, zero = hit
+        fn, sm, expand, bm, zero, low = hit
         want_lse = call.return_lse or call.sink is not None or zero is True
+        opts = _FLASH_OPTS if low == "flash" else None
         if expand:
             k, v = _expand_kv(call)
-            out, lse = fn(q, k, v, sm, bm, call.scale, False, want_lse)
+            out, lse = fn(q, k, v, sm, bm, call.scale, False, want_lse, opts)
+            self.stats[f"{low}_calls"] += 1
             return _finish(call, out, lse, zero)
         try:
-            out, lse = fn(q, k, v, sm, bm, call.scale, call.gqa, want_lse)
-        except Exception as e:  # noqa: BLE001 - re-raised below unless it is one of two known cases
+            out, lse = fn(q, k, v, sm, bm, call.scale, call.gqa, want_lse, opts)
+        except Exception as e:  # noqa: BLE001 - re-raised below unless it is one of three known cases
             if _is_recompile_limit(e):
                 # fullgraph=True: dynamo raises at its recompile limit; say what it means
                 raise FlexFallbackError(
@@ -441,14 +506,28 @@ class FlexBackend(AttentionBackend):
                     f"this variant; refusing to run FlexAttention's unfused path. Raise "
                     "torch._dynamo.config.recompile_limit or keep the number of input layouts per geometry bounded."
                 ) from e
-            if not (call.gqa and _GQA_COMPILE_FAILURE in str(e)):
+            if low == "flash" and self.lowering == "auto" and id(fn) not in self._ran:
+                # FLASH failed to compile this variant (an op its CuTe codegen lacks, a constraint
+                # of this torch/FA4 pair): the Triton lowering computes the same, exactly
+                lines = [ln for ln in str(e).splitlines() if ln.strip()]
+                self.flash_failed[self._variant(call.sig)] = f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
+                self.stats["flash_fallbacks"] += 1
+                low, opts = "triton", None
+                fn = self.entry_for(call, want_lse, low)
+                if call.cacheable:
+                    self._by_call.put(call.key, (fn, sm, False, bm, zero, low), call.tokens)
+                out, lse = fn(q, k, v, sm, bm, call.scale, call.gqa, want_lse, opts)
+            elif call.gqa and _GQA_COMPILE_FAILURE in str(e):
+                self.stats["gqa_expanded"] += 1
+                fn = self._entry(("expanded-kv", id(fn)))
+                if call.cacheable:
+                    self._by_call.put(call.key, (fn, sm, True, bm, zero, low), call.tokens)
+                k, v = _expand_kv(call)
+                out, lse = fn(q, k, v, sm, bm, call.scale, False, want_lse, opts)
+            else:
                 raise
-            self.stats["gqa_expanded"] += 1
-            fn = self._entry(("expanded-kv", id(fn)))
-            if call.cacheable:
-                self._by_call.put(call.key, (fn, sm, True, bm, zero), call.tokens)
-            k, v = _expand_kv(call)
-            out, lse = fn(q, k, v, sm, bm, call.scale, False, want_lse)
+        self._ran.add(id(fn))
+        self.stats[f"{low}_calls"] += 1
         return _finish(call, out, lse, zero)
 
 

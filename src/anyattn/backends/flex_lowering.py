@@ -1,0 +1,121 @@
+"""flex's choice of lowering: torch's Triton templates, or FlashAttention-4 CuTe kernels through
+FlexAttention's ``kernel_options={"BACKEND": "FLASH"}`` (torch >= 2.11 with ``flash_attn.cute``).
+
+Both compute the same ``score_mod`` / ``mask_mod`` / BlockMask; the choice is an internal option of
+the ``flex`` backend, shown by ``explain`` ("lowering: FLASH" / "lowering: Triton (why)"). Torch
+never falls back silently from an explicit ``BACKEND="FLASH"``: it raises at compile time, so a
+call that ran with FLASH requested ran the FA4 kernel.
+
+What the FLASH lowering cannot take, read from torch's ``_inductor/kernel/flex/`` (2.11 and 2.13)
+and flash-attn-4 4.0.0b40 (``flash_attn/cute/interface.py``, ``config.py``); a call with any of
+these uses Triton (``flash_refusal`` returns the reason):
+
+* not CUDA, not Hopper (sm90) / Blackwell (sm100); dtype not fp16/bf16; head dims FA4 lacks
+  (sm90: [8, 256]; sm100: [8, 128], (192, 128), (256, 256); multiples of 8);
+* gradients through the lse (torch: "FLASH backend backward does not support differentiating
+  through logsumexp"): sinks (combined through the lse) and ``return_lse`` with grad;
+* score-term tensors that require grad (torch: "Input buffers require gradients");
+* captured dynamic scalars (``ANYATTN_FLEX_DYNAMIC=1``);
+* deterministic backward with a block mask below sm100;
+* paged KV caches and decode-sized calls (they keep FlexDecoding / the unfused path).
+
+``ANYATTN_FLEX_LOWERING``: ``auto`` (default: FLASH where the above allows, and Triton for a
+variant whose FLASH compile failed), ``flash`` (flex refuses calls FLASH cannot serve, never
+Triton), ``triton`` (never FLASH).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+LOWERINGS = ("auto", "flash", "triton")
+_FLASH_OPTS = {"BACKEND": "FLASH"}
+FA4_INSTALL = 'the FLASH lowering needs flash-attn-4 (flash_attn.cute): pip install --pre "anyattn[fa4]"'
+
+
+def _lowering_from_env() -> str:
+    v = os.environ.get("ANYATTN_FLEX_LOWERING", "auto").strip().lower() or "auto"
+    if v not in LOWERINGS:
+        raise ValueError(f"ANYATTN_FLEX_LOWERING: expected one of {list(LOWERINGS)}, got {v!r}")
+    return v
+
+
+@functools.lru_cache(maxsize=None)
+def _flash_probe() -> tuple[int, str | None]:
+    """(compute capability major, None) where FlexAttention's FLASH lowering can run, else (0, why)."""
+    from torch.nn.attention import flex_attention as fa
+
+    opts = getattr(fa, "FlexKernelOptions", None)
+    if opts is None or "BACKEND" not in getattr(opts, "__annotations__", {}):
+        return 0, f"torch {torch.__version__} has no FlexAttention BACKEND option (FLASH needs torch >= 2.11)"
+    try:
+        found = importlib.util.find_spec("flash_attn.cute") is not None
+    except (ImportError, ValueError):  # no flash_attn package at all
+        found = False
+    if not found:
+        return 0, FA4_INSTALL
+    if not torch.cuda.is_available():
+        return 0, "the FLASH lowering needs a CUDA GPU"
+    major, minor = torch.cuda.get_device_capability()
+    if major not in (9, 10):
+        return 0, f"the FLASH lowering runs on Hopper (sm90) and Blackwell (sm100), found compute capability {major}.{minor}"
+    return major, None
+
+
+def _flash_head_dims(D: int, Dv: int, arch: int) -> str | None:
+    """FA4 4.0.0b40's head dims (bf16/fp16): sm90 [8, 256], sm100 [8, 128] or (192, 128) or (256, 256)."""
+    if D % 8 or Dv % 8:
+        return f"FA4 needs head dims that are multiples of 8, got D={D}, Dv={Dv}"
+    if arch == 9:
+        ok = 8 <= D <= 256 and 8 <= Dv <= 256
+    else:
+        ok = (D <= 128 and Dv <= 128) or (D, Dv) in ((192, 128), (256, 256))
+    return None if ok else f"FA4 on sm{arch}x has no kernel for D={D}, Dv={Dv}"
+
+
+def _grad_tensors(term) -> bool:
+    """Whether a (structure-only) term holds a tensor that requires grad (a bias, ALiBi slopes)."""
+    for name in getattr(term, "__dataclass_fields__", ()):
+        v = getattr(term, name)
+        if isinstance(v, torch.Tensor):
+            if v.requires_grad:
+                return True
+        elif isinstance(v, tuple):
+            if any(_grad_tensors(x) for x in v if hasattr(x, "__dataclass_fields__")):
+                return True
+        elif hasattr(v, "__dataclass_fields__") and _grad_tensors(v):
+            return True
+    return False
+
+
+def flash_refusal(sig, probe, unfused_max_sq: int, dynamic: bool) -> str | None:
+    """Why the FLASH lowering cannot compute calls of ``sig`` exactly (None: it can). Reads the
+    signature only. ``probe() -> (arch, None | why)``: the machine (``_flash_probe``)."""
+    if sig.device.type != "cuda":
+        return "the FLASH lowering is CUDA-only"
+    arch, why = probe()
+    if why is not None:
+        return why
+    if sig.dtype not in (torch.float16, torch.bfloat16):
+        return f"FA4 takes float16/bfloat16, got {sig.dtype}"
+    why = _flash_head_dims(sig.D, sig.Dv, arch)
+    if why is not None:
+        return why
+    if sig.paged is not None:
+        return "paged KV caches keep the Triton kernels (FlexDecoding reads pages of any size)"
+    if sig.Sq <= unfused_max_sq < sig.Sk:
+        return "decode-sized calls run FlexAttention unfused (no kernel compiled per KV length)"
+    if dynamic:
+        return "ANYATTN_FLEX_DYNAMIC=1: FLASH cannot inline captured dynamic scalars"
+    if sig.requires_grad:
+        if sig.sink is not None or sig.return_lse:
+            return "the FLASH backward does not differentiate through the lse (sinks, return_lse with grad)"
+        if any(_grad_tensors(t) for t in sig.scores):
+            return "the FLASH backward does not differentiate score-term tensors (a bias or slopes that require grad)"
+        if torch.are_deterministic_algorithms_enabled() and sig.mask is not None and arch < 10:
+            return "deterministic FLASH backward with a block mask needs sm100 (torch.use_deterministic_algorithms is on)"
+    return None
