@@ -14,7 +14,7 @@ import torch
 
 from .backends import REGISTRY, Backend
 from .errors import UnsupportedError, bad_value
-from .ranking import ranking_for, variant_class
+from .ranking import is_small, ranking_for, variant_class, work
 
 __all__ = ["Decision", "resolve", "choose", "backend_names", "check_backend", "facts_of"]
 
@@ -155,7 +155,9 @@ def resolve(
         if chosen is None:
             chosen = name
             why_first = "ranked first among the backends that can serve it"
-            if auto and first_sight:
+            if auto and is_small(sig):
+                why_first += f" (a small call, {work(sig):.1e} multiply-adds: ranked by host cost)"
+            elif auto and first_sight:
                 why_first += " (first sight of these term values: ranked by per-call cost, lowering included)"
             decision.rows.append(Row(name, "chosen", _noted(name, sig, why_first if auto else "requested")))
         else:
