@@ -43,7 +43,7 @@ __all__ = [
     "visible_pairs",
 ]
 
-VARIANTS = ("dense", "causal", "documents", "window", "gqa", "padding", "prefix_lm", "softcap", "alibi")
+VARIANTS = ("dense", "causal", "documents", "window", "doc_window", "gqa", "padding", "prefix_lm", "softcap", "alibi")
 MODES = ("fwd", "fwd+bwd")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BWD_FACTOR = 2.5  # backward FLOPs / forward FLOPs
@@ -80,9 +80,9 @@ class Config:
         if self.Hkv != self.Hq:
             s += f" Hkv={self.Hkv}"
         s += f" D={self.D}"
-        if self.variant == "window":
+        if self.variant in ("window", "doc_window"):
             s += f" W={self.window}"
-        if self.variant == "documents":
+        if self.variant in ("documents", "doc_window"):
             s += f" docs={self.n_docs}"
         return s
 
@@ -166,6 +166,9 @@ def build_terms(cfg: Config) -> Inputs:
     elif var == "documents":
         inp.doc_lengths = doc_lengths(cfg.S, cfg.n_docs)
         inp.mask = documents(list(inp.doc_lengths))
+    elif var == "doc_window":  # packed documents, each attended through a causal sliding window
+        inp.doc_lengths = doc_lengths(cfg.S, cfg.n_docs)
+        inp.mask = documents(list(inp.doc_lengths)) & sliding_window(cfg.window)
     elif var == "padding":
         inp.pad_lengths = pad_lengths(cfg.B, cfg.S)
         inp.mask = padding(torch.tensor(inp.pad_lengths, dtype=torch.int64))

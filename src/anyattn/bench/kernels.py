@@ -31,7 +31,7 @@ from . import args as args_
 from . import churn, hostcall
 from .cases import DTYPES, MODES, VARIANTS, Config, make_config
 from .env import environment
-from .matrix import Result, State, base_row, err_text, free, host_overhead, run_case
+from .matrix import LOWERED, Result, State, base_row, err_text, free, host_overhead, run_case
 from .verify import check_rows
 
 __all__ = [
@@ -104,7 +104,7 @@ def preset(name: str, device: str | None = None) -> Sweep:
         # Budget: ~7 min on an H200 incl. Flex compiles; rows needing a new compile are skipped
         # (with that reason) past 80% of it, everything past 100%.
         return Sweep(
-            dtypes=("bf16",), shapes=((8, 2048),), variant_shapes=(("documents", 1, 16384), ("window", 1, 16384)),
+            dtypes=("bf16",), shapes=((8, 2048),), variant_shapes=(("documents", 1, 16384), ("window", 1, 16384), ("doc_window", 1, 16384)),
             heads=16, head_dim=128, window=1024, docs=16, cap=50.0, device=device or "cuda", budget_s=420.0,
             preset="h200", eager_max_gib=4.0,
         )  # fmt: skip
@@ -250,7 +250,8 @@ def add_arguments(p) -> None:
     )
     p.add_argument("--quick", action="store_true", help="tiny CPU smoke sizes (< 1 min on a laptop CPU)")
     p.add_argument("--variants", help=f"comma list of {','.join(VARIANTS)} (default: all)")
-    p.add_argument("--backends", help="comma list of anyattn backends and 'auto', 'raw' (all raw calls) or raw:NAME "
+    p.add_argument("--backends", help="comma list of anyattn backends and 'auto', 'raw' (all raw calls) or raw:NAME; "
+                   "flex:flash / flex:triton run flex with that lowering forced (docs/fa4.md) "
                    "(default: every registered backend, auto and every raw call)")  # fmt: skip
     p.add_argument("--modes", help="comma list of fwd,fwd+bwd (default: both)")
     p.add_argument("--dtypes", help=f"comma list of {','.join(DTYPES)} (default: bf16,fp16)")
@@ -349,9 +350,9 @@ def sweep_from_args(args) -> Sweep:
         ch["dtypes"] = _listopt("dtypes", opts["dtypes"], tuple(DTYPES))
     if "backends" in opts:
         registered = _registered()
-        valid = (*registered, "auto", "raw", "anyattn", *raw.RAW_NAMES)
+        valid = (*registered, "auto", "raw", "anyattn", *LOWERED, *raw.RAW_NAMES)
         names = _listopt("backends", opts["backends"], valid)
-        anyattn_names = [n for n in names if n in registered or n == "auto"]
+        anyattn_names = [n for n in names if n in registered or n == "auto" or n in LOWERED]
         if "anyattn" in names:
             anyattn_names = [*registered, "auto"]
         raw_names = [n for n in names if n.startswith("raw:")]

@@ -17,6 +17,7 @@ For every case (a frozen :class:`~anyattn.bench.cases.Config`) :func:`run_case`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -26,7 +27,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import attention, explain
+from .. import attention, clear_caches, explain
+from ..backends import REGISTRY
 from . import raw, verify
 from .cases import Config, attention_flops, build_inputs, build_terms, fmt_tflops, make_config, score_gib, visible_pairs
 from .timing import first_call_ms, host_us_per_call, measure
@@ -159,20 +161,49 @@ def _verdict(row: dict, comps, ref) -> Result | None:
     return None
 
 
+# flex's two lowerings side by side: "flex:flash" / "flex:triton" run the flex backend with
+# its lowering forced (backends/flex_lowering.py); "flex" runs it as users get it (auto).
+LOWERED = ("flex:flash", "flex:triton")
+
+
+@contextlib.contextmanager
+def lowered(name: str):
+    """Yields the registry name to call for a bench backend name, with flex's lowering forced
+    for "flex:flash" / "flex:triton" (decisions and lowered forms are dropped on entry and exit:
+    they were taken under the other lowering)."""
+    if name not in LOWERED:
+        yield name
+        return
+    flex = REGISTRY["flex"]
+    prev = flex._lowering
+    flex.lowering = name.split(":")[1]
+    clear_caches()
+    try:
+        yield "flex"
+    finally:
+        flex.lowering = prev
+        clear_caches()
+
+
 def _run_anyattn(name, cfg, inp, get_ref, base, state, raw_ms) -> Result:
+    with lowered(name) as be_name:
+        return _run_anyattn_as(name, be_name, cfg, inp, get_ref, base, state, raw_ms)
+
+
+def _run_anyattn_as(name, be_name, cfg, inp, get_ref, base, state, raw_ms) -> Result:
     sw = state.sweep
     row = dict(base, impl="anyattn", backend=name)
     why = state.over_budget()
     if why:
         return Result(**dict(row, reason=why))
     try:
-        d = explain(inp.q, inp.k, inp.v, backend=name, **inp.kwargs())
+        d = explain(inp.q, inp.k, inp.v, backend=be_name, **inp.kwargs())
     except Exception as e:  # noqa: BLE001 - a raising case is recorded, the run goes on
         return Result(**dict(row, status="failed", check="error", reason=err_text(e)))
     if d.chosen is None:
         rows = [r for r in d.rows if r.status in ("rejected", "unavailable")]
         if name != "auto":
-            rows = [r for r in rows if r.backend == name] or rows
+            rows = [r for r in rows if r.backend == be_name] or rows
         if name == "auto":
             why = "; ".join(f"{r.backend}: {r.reason}" for r in rows)
         else:
@@ -189,12 +220,12 @@ def _run_anyattn(name, cfg, inp, get_ref, base, state, raw_ms) -> Result:
         return Result(
             **dict(row, reason=f"eager would materialize {gib:.1f} GiB float32 scores (> {sw.eager_max_gib:g})")
         )
-    fn = _anyattn_fn(inp, name, cfg.grad)
+    fn = _anyattn_fn(inp, be_name, cfg.grad)
     try:
         row["first_ms"] = first_call_ms(fn, cfg.device)
         ref = get_ref()
         q, k, v = (t.detach().requires_grad_(cfg.grad) for t in (inp.q, inp.k, inp.v))
-        out = attention(q, k, v, backend=name, **inp.kwargs())
+        out = attention(q, k, v, backend=be_name, **inp.kwargs())
         grads = torch.autograd.grad(out, (q, k, v), ref.full_dout(out)) if cfg.grad else ()
         failed = _verdict(row, ref.check(out.detach(), grads), ref)
         del out, grads
@@ -299,6 +330,8 @@ def host_overhead(state: State) -> list[dict]:
     inp = build_inputs(cfg)
     rows = []
     for name in sw.all_backends():
+        if name in LOWERED:  # host cost does not depend on flex's lowering
+            continue
         rec = {"backend": name, "chosen": "", "raw": "", "n_calls": n, "shape": cfg.shape, "dtype": cfg.dtype,
                "anyattn_us": math.nan, "raw_us": math.nan, "overhead_us": math.nan, "reason": ""}  # fmt: skip
         try:

@@ -88,9 +88,10 @@ def _sdpa_form(cfg: Config, inp: Inputs):
         return None, True
     if var == "window":
         return (j <= i) & (i - j <= cfg.window), False
-    if var == "documents":
+    if var in ("documents", "doc_window"):
         ids = _doc_ids(inp.doc_lengths, S, dev)
-        return (ids[:, None] == ids[None, :]) & (ids[:, None] >= 0), False
+        m = (ids[:, None] == ids[None, :]) & (ids[:, None] >= 0)
+        return (m & (j <= i) & (i - j <= cfg.window) if var == "doc_window" else m), False
     if var == "padding":
         keep = torch.arange(S, device=dev)[None, :] < torch.tensor(inp.pad_lengths, device=dev)[:, None]
         return keep[:, None, None, :], False
@@ -193,6 +194,13 @@ def _flex_mods(cfg: Config, inp: Inputs):
             return (ids[q] == ids[kv]) & (ids[q] >= 0)
 
         return document, None, False
+    if var == "doc_window":
+        ids, w = _doc_ids(inp.doc_lengths, cfg.S, dev), cfg.window
+
+        def document_window(b, h, q, kv):
+            return (ids[q] == ids[kv]) & (ids[q] >= 0) & (q >= kv) & (q - kv <= w)
+
+        return document_window, None, False
     if var == "padding":
         lens = torch.tensor(inp.pad_lengths, device=dev)
 
@@ -272,10 +280,10 @@ def _segments(cfg: Config, inp: Inputs):
     """(token index (T,) into the flattened (B*S) tokens, cu_seqlens, max_len, window_size)."""
     B, S = cfg.B, cfg.S
     var = cfg.variant
-    if var == "documents":
+    if var in ("documents", "doc_window"):
         lens = list(inp.doc_lengths) * B
         starts = [b * S + s for b in range(B) for s in _cumsum0(inp.doc_lengths)]
-        window = (-1, -1)
+        window = (cfg.window, 0) if var == "doc_window" else (-1, -1)
     elif var == "padding":
         lens = list(inp.pad_lengths)
         starts = [b * S for b in range(B)]
