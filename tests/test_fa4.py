@@ -308,3 +308,23 @@ def test_a_flash_compile_failure_falls_back_to_triton_for_that_variant(monkeypat
     monkeypatch.setattr(FlexBackend, "lowering_for", lambda self, sig: ("flash", ""))
     with pytest.raises(RuntimeError, match="CuteDSL template failed"):
         forced.run(make_call(q, k, v, mask=aa.causal()))
+
+
+# --------------------------------------------------------------------------------------------
+# bench kernels: flex's lowerings as bench backend names
+
+
+def test_bench_names_force_flex_lowering_and_restore_it():
+    from anyattn.bench import kernels, matrix
+
+    flex = REGISTRY["flex"]
+    prev = flex._lowering
+    with matrix.lowered("flex:flash") as name:
+        assert name == "flex" and flex.lowering == "flash"
+    assert flex._lowering == prev
+    with matrix.lowered("fa4") as name:
+        assert name == "fa4" and flex._lowering == prev
+    p = __import__("argparse").ArgumentParser()
+    kernels.add_arguments(p)
+    sw = kernels.sweep_from_args(p.parse_args(["--quick", "--backends", "cudnn,flex:triton,flex:flash,fa4", "--variants", "doc_window"]))
+    assert sw.backends == ("cudnn", "flex:triton", "flex:flash", "fa4") and sw.raw == () and sw.variants == ("doc_window",)
