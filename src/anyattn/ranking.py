@@ -96,8 +96,35 @@ FIRST_SIGHT: dict[str, dict[str, tuple[str, ...]]] = {
     "cuda": {
         "documents+grad": ("flash_torch", "flex", "flash", "kernels_flash", "cudnn", "sdpa", "eager"),
         "padding": ("sdpa", "cudnn", "flash_torch", "flex", "flash", "kernels_flash", "eager"),
+        # a dense() / function mask never seen before: flex would build a BlockMask for one use
+        # (create_block_mask over every tile: 4.3 ms for a 64-token call, host-overhead table of
+        # round 5), SDPA reads the boolean tensor as it is
+        "masked": ("sdpa", "cudnn", "flex", "eager"),
     },
 }
+
+
+# Calls so small that the host decides (a few microseconds of kernel): the backend with the
+# cheapest host path comes first, whatever the variant. ``work`` counts the dense problem's
+# multiply-adds, B * Hq * Sq * Sk * (D + Dv). PLACEHOLDER until benchmarks/small_calls.py is run:
+# the host-overhead table (H100, B=1, H=1, S=64, D=64: work 5e5) measured sdpa 23.3 us per call,
+# cudnn 24.8, flash_torch's varlen path 120 for documents(list) & causal() against sdpa's 68.
+SMALL_WORK = 1 << 24
+SMALL: dict[str, tuple[str, ...]] = {
+    "cuda": ("sdpa", "cudnn", "flash_torch", "flex", "flash", "kernels_flash", "eager"),
+}
+
+
+def work(sig) -> int:
+    """Multiply-adds of the dense problem: B * Hq * Sq * Sk * (D + Dv)."""
+    return sig.B * sig.Hq * sig.Sq * sig.Sk * (sig.D + sig.Dv)
+
+
+def is_small(sig, cls: str | None = None) -> bool:
+    """Whether ``auto`` ranks this call by host cost (the SMALL row)."""
+    if sig.device.type not in SMALL or getattr(sig, "paged", None) is not None:
+        return False
+    return (cls or variant_class(sig)) != "decode" and work(sig) <= SMALL_WORK
 
 
 def ranking_for(call, first_sight: bool = False) -> tuple[str, ...]:
@@ -105,6 +132,8 @@ def ranking_for(call, first_sight: bool = False) -> tuple[str, ...]:
     cls = variant_class(call)
     if getattr(call, "paged", None) is not None and cls + "+paged" in rows:  # a paged KV cache
         return rows[cls + "+paged"]
+    if is_small(call, cls):
+        return SMALL[call.device.type]
     first = FIRST_SIGHT.get(call.device.type, {}) if first_sight else {}
     if call.requires_grad and cls + "+grad" in first:
         return first[cls + "+grad"]

@@ -118,6 +118,34 @@ class _Combine(MaskTerm):
     def __repr__(self) -> str:
         return f" {self._sym} ".join(_paren(t) for t in self.terms)  # type: ignore[attr-defined]
 
+    # The generic Term plumbing, written out for the one field (a tuple of terms): a combination
+    # is built on every call that writes its mask inline (documents(list) & causal()).
+    def _structure(self) -> tuple:
+        return (type(self).__name__, tuple([t.structure for t in self.terms]))  # type: ignore[attr-defined]
+
+    def tensors(self) -> tuple:
+        ts = self.__dict__.get("_tensors")
+        if ts is None:
+            ts = ()
+            for t in self.terms:  # type: ignore[attr-defined]
+                ts = ts + t.tensors()
+            object.__setattr__(self, "_tensors", ts)
+        return ts
+
+    def content_key(self, tokens: list | None = None) -> tuple:
+        hit = self.__dict__.get("_key")
+        if hit is not None:
+            if tokens is not None:
+                tokens.extend(hit[1])
+            return hit[0]
+        mine: list = []
+        k = (type(self).__name__, tuple([t.content_key(mine) for t in self.terms]))  # type: ignore[attr-defined]
+        if not self.tensors():
+            object.__setattr__(self, "_key", (k, tuple(mine)))
+        if tokens is not None:
+            tokens.extend(mine)
+        return k
+
     def check(self, geo: Geometry) -> None:
         for t in self.terms:  # type: ignore[attr-defined]
             t.check(geo)

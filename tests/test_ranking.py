@@ -1,0 +1,54 @@
+"""auto's ranking rows (pure data and the rules that pick a row; no kernels run)."""
+
+import torch
+
+import anyattn as aa
+from anyattn import ranking
+from anyattn.call import Signature
+
+CUDA = torch.device("cuda")  # signatures only: nothing is allocated on the device
+
+
+def sig(T, *, H=16, D=128, mask=None, grad=False):
+    return Signature.of(B=1, Hq=H, Sq=T, D=D, dtype=torch.bfloat16, device=CUDA, mask=mask, requires_grad=grad)
+
+
+def test_small_calls_are_ranked_by_host_cost():
+    tiny = sig(64, H=1, D=64, mask=aa.causal())
+    assert ranking.is_small(tiny) and ranking.ranking_for(tiny) == ranking.SMALL["cuda"]
+    docs = sig(64, H=1, D=64, mask=aa.documents([30, 34]) & aa.causal(), grad=True)
+    assert ranking.ranking_for(docs, first_sight=True)[0] == "sdpa"
+
+
+def test_large_calls_keep_their_variant_rows():
+    big = sig(16384, mask=aa.causal())
+    assert not ranking.is_small(big) and ranking.ranking_for(big) == ranking.RANKING["cuda"]["causal"]
+    docs = sig(16384, mask=aa.documents([8000, 8384]) & aa.causal(), grad=True)
+    assert ranking.ranking_for(docs, first_sight=True) == ranking.FIRST_SIGHT["cuda"]["documents+grad"]
+    assert ranking.ranking_for(docs) == ranking.RANKING["cuda"]["documents+grad"]
+
+
+def test_the_threshold_is_the_dense_work():
+    at = sig(64, H=1, D=64)
+    assert ranking.work(at) == 64 * 64 * 128
+    n = ranking.SMALL_WORK // (16 * 2 * 128)  # Sq * Sk at the threshold for H=16, D=128
+    side = int(n**0.5)
+    assert ranking.is_small(sig(side)) and not ranking.is_small(sig(side + 1))
+
+
+def test_decode_keeps_its_row_when_small():
+    d = Signature.of(B=1, Hq=1, Sq=1, Sk=64, D=64, dtype=torch.bfloat16, device=CUDA)
+    assert ranking.variant_class(d) == "decode" and not ranking.is_small(d)
+
+
+def test_a_fresh_dense_mask_is_not_ranked_to_flex_first():
+    m = torch.ones(1, 1, 8192, 8192, dtype=torch.bool, device="meta")
+    s = sig(8192, mask=aa.dense(m))
+    assert ranking.variant_class(s) == "masked"
+    assert ranking.ranking_for(s, first_sight=True)[0] == "sdpa"
+    assert ranking.ranking_for(s)[0] == "flex"  # the same tensor again: its BlockMask is reused
+
+
+def test_cpu_rows_are_unchanged_by_size():
+    s = Signature.of(B=1, Hq=1, Sq=8, D=16, dtype=torch.float32, device=torch.device("cpu"), mask=aa.causal())
+    assert not ranking.is_small(s) and ranking.ranking_for(s) == ranking.RANKING["cpu"]["*"]
