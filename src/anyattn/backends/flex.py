@@ -112,12 +112,16 @@ def _call_flex(q, k, v, score_mod, block_mask, scale, enable_gqa, return_lse, op
             q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa,
             return_aux=fa.AuxRequest(lse=True), kernel_options=opts,
         )  # fmt: skip
-        return out, aux.lse
+        # FLASH (opts) has no lse gradient; it is requested only where none is needed (see
+        # flex_lowering), so the lse leaves here detached: an lse output that required grad would
+        # hand the backward a (zero) lse cotangent, which the FLASH backward refuses
+        return out, (aux.lse.detach() if opts else aux.lse)
     if return_lse:
-        return fa.flex_attention(
+        out, lse = fa.flex_attention(
             q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, return_lse=True,
             kernel_options=opts,
         )
+        return out, (lse.detach() if opts else lse)
     out = fa.flex_attention(
         q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, kernel_options=opts
     )
@@ -278,7 +282,9 @@ class FlexBackend(AttentionBackend):
         fn = self._entries.get(key)
         if fn is None:
             name = f"anyattn_flex_{len(self._entries)}"
-            raw = types.FunctionType(_entry_template.__code__.replace(co_name=name), _entry_template.__globals__, name)
+            raw = types.FunctionType(
+                _entry_template.__code__.replace(co_name=name), _entry_template.__globals__, name, _entry_template.__defaults__
+            )
             fn = torch.compile(raw, dynamic=_DYNAMIC, fullgraph=True)
             self._entries[key] = fn
             self.stats["compiled_entries"] += 1
