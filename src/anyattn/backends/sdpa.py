@@ -100,6 +100,22 @@ def lower(call) -> Lowered:
     return Lowered(bias, False, row_ok, kind)
 
 
+# A cached boolean mask of at most this many elements is stored as the additive mask SDPA would
+# make of it (0 where visible, -inf elsewhere, in the input dtype): SDPA converts a boolean
+# attn_mask on every call (an allocation and a kernel launch, a few microseconds of host time that
+# dominate a small call); the additive form is passed through. The sum with 0 is exact, so the
+# output is the same; the cache holds 2 bytes per element instead of 1, hence the bound.
+ADDITIVE_MASK_MAX = 1 << 22
+
+
+def _additive_if_small(lw: Lowered, dtype: torch.dtype) -> Lowered:
+    m = lw.attn_mask
+    if m is None or m.dtype != torch.bool or m.numel() > ADDITIVE_MASK_MAX or not dtype.is_floating_point:
+        return lw
+    add = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, float("-inf"))
+    return lw._replace(attn_mask=add)
+
+
 def _placeholder_mask(sig) -> torch.Tensor | None:
     """An uninitialized tensor of the shape and dtype :func:`lower` would give ``attn_mask``, for
     torch's cuDNN check: shapes come from evaluating the terms on the meta device (no compute, no
@@ -245,6 +261,8 @@ class SdpaBackend(AttentionBackend):
         lw = self.cache.get(call.key)
         if lw is None:
             lw = lower(call)
+            if self._only is None:
+                lw = _additive_if_small(lw, call.dtype)
             self.cache.put(call.key, lw, call.tokens)
         return lw
 
