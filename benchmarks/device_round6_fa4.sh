@@ -52,7 +52,7 @@ EOF
 echo "setup: $(( $(date +%s) - T0 )) s"
 
 if [ "$FA4" = 1 ]; then
-  timeout -s TERM "${TEST_LIMIT:-150}" python3 -m pytest -m cuda -v -rf -p no:cacheprovider --durations=10 tests/test_cuda_fa4.py \
+  timeout -s TERM "${TEST_LIMIT:-140}" python3 -m pytest -m cuda -v -rf -p no:cacheprovider --durations=10 tests/test_cuda_fa4.py \
     > "$OUT/fa4_tests.log" 2>&1
   echo "tests (rc $?): $(grep -E '(passed|failed|skipped|error)' "$OUT/fa4_tests.log" | tail -1)"
   grep -E "^FAILED|^ERROR" "$OUT/fa4_tests.log" | cut -c1-300 | head -20
@@ -65,9 +65,9 @@ echo "after tests: $(( $(date +%s) - T0 )) s"
 # causal first (cuDNN's causal rate is the yardstick), then the variants only flex serves
 VARIANTS=causal,softcap,alibi,doc_window,documents,window,dense
 for MODE in fwd fwd+bwd; do
-  B=$([ "$MODE" = fwd ] && echo "${FWD_BUDGET:-110}" || echo "${BWD_BUDGET:-130}")
+  B=$([ "$MODE" = fwd ] && echo "${FWD_BUDGET:-100}" || echo "${BWD_BUDGET:-120}")
   DIR="$OUT/bench_${MODE/+/_}"
-  timeout -s TERM $((B + 45)) python3 -m anyattn bench kernels --preset h200 --variants "$VARIANTS" --modes "$MODE" \
+  timeout -s TERM $((B + 30)) python3 -m anyattn bench kernels --preset h200 --variants "$VARIANTS" --modes "$MODE" \
     --backends "$BACKENDS" --budget-s "$B" --no-host-overhead --no-progress --out "$DIR" > "$DIR.log" 2>&1
   echo "bench $MODE (rc $?): $(( $(date +%s) - T0 )) s"
 done
