@@ -305,3 +305,54 @@ def test_training_step_reaches_every_parameter(ckpt):
             n for n, p in m.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all() or not p.grad.any()
         ]
         assert not bad, (backend, bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# compile_layers
+
+
+def _tiny_model(**kw):
+    torch.manual_seed(0)
+    cfg = AnkhConfig(vocab_size=144, d_model=48, d_kv=16, num_heads=2, d_ff=40, num_layers=LAYERS,
+                     relative_attention_num_buckets=16, relative_attention_max_distance=20, **kw)  # fmt: skip
+    m = AnkhModel(cfg).eval()
+    _perturb(m)
+    return m
+
+
+@pytest.mark.slow
+def test_compile_layers_equals_plain_on_padded_and_packed_batches_without_recompiles():
+    """compile_layers() (inductor on this CPU) against the plain blocks: every hidden state, s_max
+    and attention weights; a second token count reuses the two compiled graphs (the relative bias
+    stays in the attention call, outside them)."""
+    from .compile_layers_checks import compiled_equals_plain_without_recompiles
+
+    m = _tiny_model(attn_backend="sdpa", pack_padded=True)
+    ids, mask = _batch()
+    row, _ = _batch([6, 25, 11], left_rows=(), seed=3)
+    row = row[row != 0][None]  # the three sequences side by side (no id 0 inside a sequence)
+    info = anyattn.SeqInfo.from_lengths([6, 25, 11], total_length=row.shape[1])
+    one, _ = _batch([19], left_rows=(), seed=4)
+    runs = [
+        ("padded", lambda m: m(ids, attention_mask=mask, output_hidden_states=True, output_s_max=True)),
+        ("packed", lambda m: m(row, seq_info=info, output_hidden_states=True)),
+        ("attentions", lambda m: m(one, output_attentions=True)),
+    ]
+    compiled_equals_plain_without_recompiles(m, runs)
+
+
+def test_compile_layers_auto_falls_back_once_when_compiling_fails(monkeypatch):
+    from .compile_layers_checks import auto_compiles_nothing_on_cpu, auto_falls_back_once_with_a_warning
+
+    m = _tiny_model(attn_backend="sdpa")
+    ids, mask = _batch()
+    call = lambda m: m(ids, attention_mask=mask).last_hidden_state
+    auto_compiles_nothing_on_cpu(m, call, monkeypatch)
+    auto_falls_back_once_with_a_warning(m, call, monkeypatch)
+
+
+def test_compile_layers_setting_is_validated_and_saved():
+    with pytest.raises(ValueError, match="compile_layers: expected 'auto', True or False"):
+        AnkhConfig(compile_layers="yes")
+    assert AnkhConfig.from_config_dict(AnkhConfig(compile_layers=False).to_dict()).compile_layers is False
+    assert AnkhConfig().compile_layers == "auto"

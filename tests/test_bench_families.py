@@ -192,11 +192,14 @@ def test_family_quick_rows_and_schema(family, tmp_path, capsys):
     if family in ("esmc", "ankh"):
         port = rows["fastplms-sdpa"]
         assert port["status"] == "ok" and port["check"] == "ok" and ref["port_float32_rel_l2"] <= 1e-4
-    if family == "dplm":  # ESM2's network: compile_layers exists (skipped under --quick), uncompiled runs
-        assert "--quick" in rows["anyattn compiled"]["error"] and rows["anyattn uncompiled"]["status"] == "ok"
+    # every family has compile_layers: its row is skipped under --quick only (compile time), and
+    # the uncompiled row (config.compile_layers = False) runs
+    compiled = rows["anyattn compiled"]
+    assert compiled["status"] == "skipped" and "--quick" in compiled["error"], compiled["error"]
+    assert rows["anyattn uncompiled"]["status"] == "ok" and rows["anyattn uncompiled"]["check"] == "ok"
+    assert "config.compile_layers=False" in rows["anyattn uncompiled"]["variant"]
+    if family == "dplm":
         assert ref["output"] == "logits"
-    else:
-        assert rows["anyattn compiled"]["status"] == "skipped" and "has no compile_layers" in rows["anyattn compiled"]["error"]
     out = capsys.readouterr().out
     assert "x HF" in out and "x port" in out and "1st pass" in out
 

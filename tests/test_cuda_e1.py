@@ -107,6 +107,7 @@ CASES = [
 @pytest.fixture(scope="module", params=[2, 8], ids=["gqa_kv2", "mha_kv8"])
 def models(request):
     m32 = _model(request.param)
+    m32.config.compile_layers = False  # the reference: plain layers (m16 runs the default, "auto")
     m16 = _model(request.param).to(torch.bfloat16)
     return m32, m16
 
@@ -141,3 +142,42 @@ def test_cuda_e1_packed_equals_padded_bf16_flex():
         packed = m16(p["input_ids"], seq_info=p["seq_info"]).last_hidden_state
     keep = b["attention_mask"].bool()
     torch.testing.assert_close(packed[0][: int(keep.sum())], padded[keep], rtol=0, atol=0)
+
+
+def test_cuda_e1_default_auto_compiles_and_equals_plain_layers(models):
+    """The plain call with the default compile_layers="auto" (compiled on CUDA) against
+    compile_layers=False, bf16, packed layout (("eager", "flex"): eager serves it, and compiles
+    nothing itself, so that dynamo's graph count is the layers'), both against the float32 plain
+    model: error(auto) <= 2 x error(False) + 1e-5 (relative L2 of the last hidden state, max abs
+    of the logits). A second batch of another token count adds no graph."""
+    from torch._dynamo.utils import counters
+
+    m32, m16 = models
+    m32.attn_backend, m16.attn_backend = "eager", ("eager", "flex")
+    batches = [TOK.batch(_samples(8, 3, seed=4), padding_side="left", device="cuda"),
+               TOK.batch(_samples(5, 2, seed=5), device="cuda")]  # fmt: skip
+    with torch.no_grad():
+        refs = [m32(b["input_ids"], b["attention_mask"]) for b in batches]
+    errs = {}
+    try:
+        for mode in (False, "auto"):
+            m16.config.compile_layers = mode
+            torch._dynamo.reset()
+            counters.clear()
+            graphs, errs[mode] = [], []
+            for b, ref in zip(batches, refs):
+                with torch.no_grad():
+                    got = m16(b["input_ids"], b["attention_mask"])
+                graphs.append(counters["stats"]["unique_graphs"])
+                keep = b["attention_mask"].bool()
+                a, r = got.last_hidden_state.float()[keep], ref.last_hidden_state.float()[keep]
+                errs[mode].append({"rel_l2": ((a - r).norm() / r.norm()).item(),
+                                   "max_abs_logits": (got.logits.float()[keep] - ref.logits[keep]).abs().max().item()})  # fmt: skip
+            assert graphs == ([2, 2] if mode == "auto" else [0, 0]), f"{mode}: graphs after each batch {graphs}"
+    finally:
+        m16.config.compile_layers = "auto"
+        m16.attn_backend = "auto"
+    for i, (got, base) in enumerate(zip(errs["auto"], errs[False])):
+        bounds = {k: 2 * base[k] + 1e-5 for k in got}
+        print(f"E1 compile_layers='auto' batch {i}: {got} (bounds {bounds})")
+        assert all(got[k] <= bounds[k] for k in got), (got, bounds)

@@ -91,6 +91,40 @@ def _unpack(t_1T, seqs, S: int):
     return out
 
 
+def _auto_compiled_vs_plain(name, model, backend, pack, ids, mask, ref, with_logits: bool) -> None:
+    """The plain call with the default compile_layers="auto" (compiled on CUDA) against
+    compile_layers=False, both on a padded batch that runs packed on ``backend``, each against the
+    float64 oracle: error(auto) <= 2 x error(False) + 1e-5 per metric. Then a batch of other token
+    counts (rows 1..5) adds no graph: the two layer functions were traced once, dynamic in T.
+    (``backend`` compiles nothing itself, so that dynamo's graph count is the layers'.)"""
+    from torch._dynamo.utils import counters
+
+    model.attn_backend, model.pack_padded = backend, pack
+    sub = slice(1, 6)
+    sub_ref = {k: [h[sub] for h in v] if isinstance(v, list) else v[sub] for k, v in ref.items()}
+    out = {}
+    try:
+        for mode in (False, "auto"):
+            model.config.compile_layers = mode
+            torch._dynamo.reset()
+            counters.clear()
+            with torch.no_grad():
+                o = model(ids.cuda(), attention_mask=mask.cuda(), output_hidden_states=True)
+                graphs = counters["stats"]["unique_graphs"]
+                s = model(ids[sub].cuda(), attention_mask=mask[sub].cuda(), output_hidden_states=True)
+            assert counters["stats"]["unique_graphs"] == graphs, f"{mode}: {dict(counters['stats'])}"
+            assert graphs == (2 if mode == "auto" else 0), f"{mode}: {graphs} graphs"
+            logit = (lambda x: x.logits) if with_logits else (lambda x: None)
+            out[mode] = (
+                _metrics(o.hidden_states, o.last_hidden_state, logit(o), ref, mask.bool()),
+                _metrics(s.hidden_states, s.last_hidden_state, logit(s), sub_ref, mask[sub].bool()),
+            )
+    finally:
+        model.config.compile_layers = "auto"
+    _check(f"{name} {backend} compile_layers='auto'", out["auto"][0], out[False][0])
+    _check(f"{name} {backend} compile_layers='auto', rows 1..5", out["auto"][1], out[False][1])
+
+
 # ---------------------------------------------------------------------------------------------
 # ESM C
 
@@ -121,8 +155,10 @@ def esmc_setup():
     cfg = ESMCConfig(hidden_size=C, num_hidden_layers=L, num_attention_heads=H, attn_backend="eager", pack_padded=False)
     model = build_esmc(cfg, sd, dtype=torch.bfloat16, device="cuda")
     keep = mask.bool()
+    model.config.compile_layers = False  # the reference: plain blocks (the tests below run the default, "auto")
     with torch.no_grad():
         o = model(ids.cuda(), attention_mask=mask.cuda(), output_hidden_states=True)
+    model.config.compile_layers = "auto"
     base = _metrics(o.hidden_states, o.last_hidden_state, o.logits, ref, keep)
     print(
         "\nESM C bf16 eager, padded (the same-dtype reference): " + ", ".join(f"{k} {v:.3g}" for k, v in base.items())
@@ -146,6 +182,11 @@ def test_esmc_bf16_backends_vs_float64_oracle(esmc_setup, backend, inputs):
             hidden = [_unpack(h, seqs, S) for h in o.hidden_states]
             last, logits = hidden[-1], _unpack(o.logits, seqs, S)
     _check(f"ESM C {backend} {inputs}", _metrics(hidden, last, logits, ref, mask.bool()), base)
+
+
+def test_esmc_default_auto_compiles_and_equals_plain_blocks(esmc_setup):
+    model, _, ids, mask, ref, _ = esmc_setup
+    _auto_compiled_vs_plain("ESM C", model, "flash_torch", "auto", ids, mask, ref, with_logits=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,8 +225,10 @@ def ankh_setup():
     ref = {"hidden": [h.double() for h in r.hidden_states], "last": r.last_hidden_state.double()}
     cfg = AnkhConfig.from_config_dict(tc.to_dict(), attn_backend="eager", pack_padded=False)
     model = build_ankh(cfg, hf.float().state_dict(), dtype=torch.bfloat16, device="cuda")
+    model.config.compile_layers = False  # the reference: plain blocks (the tests below run the default, "auto")
     with torch.no_grad():
         o = model(ids.cuda(), attention_mask=mask.cuda(), output_hidden_states=True)
+    model.config.compile_layers = "auto"
     base = _metrics(o.hidden_states, o.last_hidden_state, None, ref, mask.bool())
     print("\nANKH bf16 eager, padded (the same-dtype reference): " + ", ".join(f"{k} {v:.3g}" for k, v in base.items()))
     return model, seqs, ids, mask, ref, base
@@ -215,3 +258,13 @@ def test_ankh_bf16_backends_vs_float64_oracle(ankh_setup, backend, inputs):
     if backend == "flash_torch":
         pytest.fail("flash_torch accepted a relative_bias score term: check that the bias was applied")
     _check(f"ANKH {backend} {inputs}", _metrics(hidden, last, None, ref, mask.bool()), base)
+
+
+def test_ankh_default_auto_compiles_and_equals_plain_blocks(ankh_setup):
+    """eager on the packed row (pack_padded=True): it takes the relative bias in bf16 and, unlike
+    flex, compiles nothing itself."""
+    model, _, ids, mask, ref, _ = ankh_setup
+    try:
+        _auto_compiled_vs_plain("ANKH", model, "eager", True, ids, mask, ref, with_logits=False)
+    finally:
+        model.pack_padded = "auto"

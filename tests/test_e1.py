@@ -577,3 +577,45 @@ def test_import_anyattn_and_the_e1_detector_do_not_import_transformers():
     )
     env = dict(os.environ)
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+# ---------------------------------------------------------------------------------------------
+# compile_layers
+
+
+@pytest.mark.slow
+def test_compile_layers_equals_plain_on_padded_and_packed_batches_without_recompiles():
+    """compile_layers() (inductor on this CPU) against the plain layers: logits, every hidden
+    state, s_max and attention weights, within-sequence and global layers alike; a second token
+    count reuses the two compiled graphs."""
+    from .compile_layers_checks import compiled_equals_plain_without_recompiles
+
+    model = make_model(attn_backend=("eager", "flex"))  # packed layout, eager serves it on CPU
+    b = TOK.batch(MIXED)
+    p = TOK.pack(["MKTAYIAK", "GSU,ACDEF"], total_length=40)
+    one = TOK.batch(["ACD,EFGHIKL"])
+    runs = [
+        ("padded", lambda m: m(b["input_ids"], b["attention_mask"], output_hidden_states=True, output_s_max=True)),
+        ("packed", lambda m: m(p["input_ids"], seq_info=p["seq_info"], output_hidden_states=True)),
+        ("attentions", lambda m: m(one["input_ids"], output_attentions=True)),
+    ]
+    compiled_equals_plain_without_recompiles(model, runs)
+
+
+def test_compile_layers_auto_falls_back_once_when_compiling_fails(monkeypatch):
+    from .compile_layers_checks import auto_compiles_nothing_on_cpu, auto_falls_back_once_with_a_warning
+
+    b = TOK.batch(MIXED)
+    call = lambda m: m(b["input_ids"], b["attention_mask"]).logits
+    model = make_model(attn_backend="sdpa")
+    auto_compiles_nothing_on_cpu(model, call, monkeypatch)
+    auto_falls_back_once_with_a_warning(model, call, monkeypatch)  # E1ForMaskedLM forwards to E1Model
+    enc = make_model(attn_backend="sdpa").model
+    auto_falls_back_once_with_a_warning(enc, lambda m: m(b["input_ids"], b["attention_mask"]).last_hidden_state, monkeypatch)
+
+
+def test_compile_layers_setting_is_validated_and_saved():
+    with pytest.raises(ValueError, match="compile_layers: expected 'auto', True or False"):
+        tiny_config(compile_layers="yes")
+    assert E1Config.from_original(tiny_config(compile_layers=False).to_dict()).compile_layers is False
+    assert tiny_config().compile_layers == "auto"

@@ -520,3 +520,53 @@ def test_training_step_reaches_every_parameter(setup):
         m(ids, attention_mask=am_, labels=labels).loss.backward()
         bad = [n for n, p in m.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
         assert not bad, (backend, bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# compile_layers
+
+
+def _compile_runs():
+    """A padded batch and a packed row (different token counts in the layers), then one full row
+    with output_attentions (the eager path, outside the compiled functions)."""
+    ids, am_ = _padded(_sequences())
+    packed_seqs = _sequences([5, 9, 17], seed=3)
+    row = torch.full((1, 35), 1, dtype=torch.long)
+    row[0, :31] = torch.cat(packed_seqs)
+    info = anyattn.SeqInfo.from_lengths([5, 9, 17], total_length=35)
+    one = _sequences([11], seed=4)[0][None]
+    return [
+        ("padded", lambda m: m(ids, attention_mask=am_, output_hidden_states=True, output_s_max=True)),
+        ("packed", lambda m: m(row, seq_info=info, output_hidden_states=True)[:4]),
+        ("attentions", lambda m: m(one, output_attentions=True)),
+    ]
+
+
+@pytest.mark.slow
+def test_compile_layers_equals_plain_on_padded_and_packed_batches_without_recompiles(setup):
+    """compile_layers() (inductor on this CPU) against the plain blocks: logits, every hidden
+    state, s_max and attention weights; a second token count reuses the two compiled graphs."""
+    from .compile_layers_checks import compiled_equals_plain_without_recompiles
+
+    m = build_esmc(_cfg(attn_backend="sdpa", pack_padded=True), setup[0])
+    compiled_equals_plain_without_recompiles(m, _compile_runs())
+
+
+def test_compile_layers_auto_falls_back_once_when_compiling_fails(setup, monkeypatch):
+    from .compile_layers_checks import auto_compiles_nothing_on_cpu, auto_falls_back_once_with_a_warning
+
+    m = build_esmc(_cfg(attn_backend="sdpa", pack_padded=True), setup[0])
+    ids, am_ = _padded(_sequences())
+    call = lambda m: m(ids, attention_mask=am_).logits
+    auto_compiles_nothing_on_cpu(m, call, monkeypatch)
+    auto_falls_back_once_with_a_warning(m, call, monkeypatch)
+    enc = build_esmc(_cfg(attn_backend="sdpa"), setup[0], head=False)
+    auto_falls_back_once_with_a_warning(enc, lambda m: m(ids, attention_mask=am_).last_hidden_state, monkeypatch)
+
+
+def test_compile_layers_setting_is_validated_and_saved():
+    with pytest.raises(ValueError, match="compile_layers: expected 'auto', True or False"):
+        _cfg(compile_layers="yes")
+    cfg = _cfg(compile_layers=False)
+    assert ESMCConfig.from_config_dict(cfg.to_dict()).compile_layers is False
+    assert _cfg().compile_layers == "auto"

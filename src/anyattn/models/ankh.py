@@ -54,6 +54,7 @@ from ..errors import bad_type, bad_value
 from ..layout import SeqInfo
 from ..spec import relative_bias
 from ..packing import BatchPlan, plan_batch
+from ._compile import LayerCompiler, check_compile_layers
 from ._esmc_ankh_batch import norm_bound
 from ._switches import AttnBackendSwitch, PackPaddedSwitch, backend_value
 from ._inputs import check_input_ids, keep_mask
@@ -116,12 +117,16 @@ class AnkhConfig(PretrainedConfig):
         # padded / multi-row batches run as one packed row: "auto" (when the chosen backend takes
         # packed documents natively; with the relative bias that is flex), True, False
         pack_padded="auto",
+        # torch.compile the dense compute of every block: "auto" (for inference on CUDA, where it
+        # is safe: plain blocks, triton present; compiled on the first forward), True, False
+        compile_layers="auto",
         **kwargs,
     ):
         if dense_act_fn not in _ACTS:
             raise bad_value("dense_act_fn", f"one of {sorted(_ACTS)}", repr(dense_act_fn))
         if pack_padded not in ("auto", True, False):
             raise bad_value("pack_padded", "'auto', True or False", repr(pack_padded))
+        check_compile_layers(compile_layers)
         kwargs.setdefault("tie_word_embeddings", False)
         kwargs.pop("is_encoder_decoder", None)
         self.vocab_size = vocab_size
@@ -138,6 +143,7 @@ class AnkhConfig(PretrainedConfig):
         self.initializer_factor = initializer_factor
         self.attn_backend = backend_value(attn_backend)
         self.pack_padded = pack_padded
+        self.compile_layers = compile_layers
         super().__init__(pad_token_id=pad_token_id, eos_token_id=eos_token_id, is_encoder_decoder=False, **kwargs)
 
     @property
@@ -166,7 +172,7 @@ class AnkhConfig(PretrainedConfig):
                 "relative_attention_max_distance", "layer_norm_epsilon", "dropout_rate", "initializer_factor", "pad_token_id", "eos_token_id")  # fmt: skip
         kw = {k: raw[k] for k in keys if raw.get(k) is not None}
         if raw["model_type"] == MODEL_TYPE:
-            kw.update({k: raw[k] for k in ("dense_act_fn", "attn_backend", "pack_padded") if k in raw})
+            kw.update({k: raw[k] for k in ("dense_act_fn", "attn_backend", "pack_padded", "compile_layers") if k in raw})
         else:
             proj = raw.get("feed_forward_proj", "relu")
             if not proj.startswith("gated-"):
@@ -198,8 +204,34 @@ ANKH_PRESETS: dict[str, AnkhConfig] = {name: AnkhConfig(**kw) for name, kw in _P
 # compute
 
 
-class _RMSNorm(nn.Module):
+def _rms(x, w, eps: float):
     """T5's LayerNorm: x / rms(x) * w, statistics in float32, no mean, no bias."""
+    var = x.float().pow(2).mean(-1, keepdim=True)
+    y = x * torch.rsqrt(var + eps)  # float32 (promoted), as transformers
+    return w * y.to(w.dtype)
+
+
+# pure functions: the dense compute of one block, parameters passed in (tensors and constants
+# only), so that one torch.compile of each serves every block (see AnkhModel.compile_layers)
+
+
+def _qkv(x_BSC, ln_w, eps: float, wq, wk, wv, H: int, D: int):
+    """Pre-norm and the q, k, v projections (no bias, no scaling). Returns (B, S, H, D) each."""
+    B, S, _ = x_BSC.shape
+    h = _rms(x_BSC, ln_w, eps)
+    return F.linear(h, wq).view(B, S, H, D), F.linear(h, wk).view(B, S, H, D), F.linear(h, wv).view(B, S, H, D)
+
+
+def _out_ffn(o_BSI, x_BSC, w_o, p: float, training: bool, ln_w, eps: float, wi_0, wi_1, wo, act):
+    """Output projection + residual, then pre-norm gated FFN + residual (I = H * D)."""
+    x = x_BSC + F.dropout(F.linear(o_BSI, w_o), p, training)
+    h = _rms(x, ln_w, eps)
+    u = F.dropout(act(F.linear(h, wi_0)) * F.linear(h, wi_1), p, training)
+    return x + F.dropout(F.linear(u.to(wo.dtype), wo), p, training)
+
+
+class _RMSNorm(nn.Module):
+    """T5's LayerNorm (:func:`_rms`)."""
 
     def __init__(self, C: int, eps: float):
         super().__init__()
@@ -207,9 +239,7 @@ class _RMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x):
-        var = x.float().pow(2).mean(-1, keepdim=True)
-        y = x * torch.rsqrt(var + self.variance_epsilon)  # float32 (promoted), as transformers
-        return self.weight * y.to(self.weight.dtype)
+        return _rms(x, self.weight, self.variance_epsilon)
 
 
 class _SelfAttention(nn.Module):
@@ -251,14 +281,31 @@ class AnkhBlock(nn.Module):
         self.num_heads, self.d_kv, self.p = cfg.num_heads, cfg.d_kv, cfg.dropout_rate
         self.act = _ACTS[cfg.dense_act_fn]
 
-    def forward(self, x_BSC, batch: BatchPlan, score, backend, need_weights: bool, need_s_max: bool):
-        """Returns (x, attention weights or None, s_max (H,) or None)."""
+    def _plain(self) -> bool:
+        """True when every projection and norm is the plain module (the layer functions read their
+        weights); PEFT/LoRA and similar wrappers replace them: then the modules are called."""
+        att, ff = self.layer
+        sa, g = att.SelfAttention._modules, ff.DenseReluDense._modules
+        lins = (sa["q"], sa["k"], sa["v"], sa["o"], g["wi_0"], g["wi_1"], g["wo"])
+        return all(type(m) is nn.Linear for m in lins) and type(att.layer_norm) is _RMSNorm and type(ff.layer_norm) is _RMSNorm
+
+    def forward(self, x_BSC, batch: BatchPlan, score, backend, fns, dynamic: bool, need_weights: bool, need_s_max: bool):
+        """Returns (x, attention weights or None, s_max (H,) or None). ``fns``: the layer
+        functions (:func:`_qkv`, :func:`_out_ffn`, plain or compiled); ``dynamic``: mark the token
+        dimension dynamic for them."""
         att, ff = self.layer
         sa, p, train = att.SelfAttention, self.p, self.training
         B, S, _ = x_BSC.shape
         H, D = self.num_heads, self.d_kv
-        h = att.layer_norm(x_BSC)
-        q, k, v = (proj(h).view(B, S, H, D) for proj in (sa.q, sa.k, sa.v))
+        plain = self._plain()
+        if plain:
+            if dynamic:  # compiled: one graph for every token count (packed batches vary)
+                torch._dynamo.maybe_mark_dynamic(x_BSC, 1)
+            ln = att.layer_norm
+            q, k, v = fns[0](x_BSC, ln.weight, ln.variance_epsilon, sa.q.weight, sa.k.weight, sa.v.weight, H, D)
+        else:
+            h = att.layer_norm(x_BSC)
+            q, k, v = (proj(h).view(B, S, H, D) for proj in (sa.q, sa.k, sa.v))
         s = norm_bound(q, k, batch.info, 1.0) if need_s_max else None  # bias not included
         qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D) views
         w = None
@@ -270,8 +317,15 @@ class AnkhBlock(nn.Module):
             o = attention(
                 qh, kh, vh, mask=batch.mask, score=score, scale=1.0, backend=backend, dropout_p=p if train else 0.0
             )
-        x = x_BSC + F.dropout(sa.o(o.transpose(1, 2).reshape(B, S, H * D)), p, train)
+        o_BSI = o.transpose(1, 2).reshape(B, S, H * D)
         g = ff.DenseReluDense
+        if plain:
+            if dynamic:
+                torch._dynamo.maybe_mark_dynamic(o_BSI, 1)
+            ln = ff.layer_norm
+            x = fns[1](o_BSI, x_BSC, sa.o.weight, p, train, ln.weight, ln.variance_epsilon, g.wi_0.weight, g.wi_1.weight, g.wo.weight, self.act)
+            return x, w, s
+        x = x_BSC + F.dropout(sa.o(o_BSI), p, train)
         h = ff.layer_norm(x)
         u = F.dropout(self.act(g.wi_0(h)) * g.wi_1(h), p, train)
         return x + F.dropout(g.wo(u.to(g.wo.weight.dtype)), p, train), w, s
@@ -311,7 +365,22 @@ class AnkhModel(AttnBackendSwitch, PackPaddedSwitch, PreTrainedModel):
         super().__init__(config)
         self.shared = nn.Embedding(config.vocab_size, config.d_model)
         self.encoder = _Encoder(config)
+        # the block functions, plain and compiled (by compile_layers(), explicitly or on first use)
+        self._compiler = LayerCompiler("ANKH", (_qkv, _out_ffn))
         self.post_init()
+
+    def compile_layers(self, **compile_kwargs) -> None:
+        """torch.compile the dense compute of every block (pre-norm + q/k/v projections, and
+        output projection + gated FFN with their residuals), leaving the attention call (with its
+        relative-position bias) and the batch structure outside. ``compile_kwargs`` go to
+        ``torch.compile``.
+
+        The two functions take tensors only, so one compile serves every block; the token
+        dimension is marked dynamic, so packed batches of any token count reuse it. Sets
+        ``config.compile_layers = True``; ``"auto"`` (the default) compiles on the first
+        inference forward on CUDA (anyattn.models._compile)."""
+        self._compiler.compile((_qkv, _out_ffn), compile_kwargs)
+        self.config.compile_layers = True
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -396,11 +465,21 @@ class AnkhModel(AttnBackendSwitch, PackPaddedSwitch, PreTrainedModel):
         x = F.dropout(self.shared(batch.ids), cfg.dropout_rate, self.training)
         hidden = [x] if output_hidden_states else None
         attns, smax = ([] if need_w else None), ([] if output_s_max else None)
-        for block in self.encoder.block:
-            x, w, s = block(x, batch, score, cfg.attn_backend, need_w, bool(output_s_max))
-            for acc, val in ((hidden, x), (attns, w), (smax, s)):
+        x0 = x
+
+        def run_layers(fns, dynamic):  # from scratch: the "auto" fallback may run it twice
+            x = x0
+            for acc in (hidden, attns, smax):
                 if acc is not None:
-                    acc.append(val)
+                    del acc[1 if acc is hidden else 0 :]
+            for block in self.encoder.block:
+                x, w, s = block(x, batch, score, cfg.attn_backend, fns, dynamic, need_w, bool(output_s_max))
+                for acc, val in ((hidden, x), (attns, w), (smax, s)):
+                    if acc is not None:
+                        acc.append(val)
+            return x
+
+        x = self._compiler.run(self, batch.ids.device, torch.is_grad_enabled() and self.training, run_layers, stacklevel=2)
         x = F.dropout(self.encoder.final_layer_norm(x), cfg.dropout_rate, self.training)
         if hidden is not None:
             hidden[-1] = x  # as T5EncoderModel: the last entry is after the final norm

@@ -63,15 +63,16 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PreTrainedModel
 
 from ..api import attention, attention_with_weights
 from ..errors import bad_type, bad_value
 from ..layout import SeqInfo
-from ..resolve import check_backend
+from ._compile import LayerCompiler
 from ._inputs import check_input_ids, keep_mask
 from ._switches import AttnBackendSwitch
 from .e1_batch import E1Batch, _s_max, e1_batch_structure, runs_packed
+from .e1_config import E1_PRESETS, E1Config
 from .e1_tokenizer import _ORIGINAL_MODEL_TYPES, E1_DEFAULT_VOCAB, MODEL_TYPE, E1Tokenizer, is_e1_config
 from .checkpoints import check_state_dict, read_weights, resolve_saved_backend
 
@@ -91,117 +92,9 @@ __all__ = [
 ]
 
 
-
-class E1Config(PretrainedConfig):
-    """E1 hyper-parameters, with the original config.json field names, plus ``attn_backend``.
-
-    Defaults are E1-300m's (Profluent-Bio/E1-300m config.json); presets: :data:`E1_PRESETS`.
-    """
-
-    model_type = MODEL_TYPE
-
-    def __init__(
-        self,
-        vocab_size: int = 34,
-        hidden_size: int = 1024,
-        intermediate_size: int = 3072,
-        gated_mlp: bool = True,  # w2(act(w1 x) * w3 x); False: w2(act(w1 x))
-        num_hidden_layers: int = 20,
-        num_attention_heads: int = 16,
-        num_key_value_heads: int | None = 16,  # GQA when < num_attention_heads (None: = heads)
-        hidden_act: str = "silu",  # the FFN activation (ACT2FN name)
-        rms_norm_eps: float = 1e-5,  # also the eps of the LM head's LayerNorm, as the original
-        initializer_range: float = 0.02,
-        pad_token_id: int = 0,
-        bos_token_id: int = 1,
-        eos_token_id: int = 2,
-        tie_word_embeddings: bool = False,
-        # layer i is global (block-causal across the sample's sequences) iff (i+1) % n == 0;
-        # 0 = every layer within-sequence
-        global_attention_every_n_layers: int = 3,
-        max_num_sequences: int = 512,  # rows of embed_seq_id: sequences per sample
-        max_num_positions_within_seq: int = 8192,  # within-sequence positions must be below this
-        max_num_positions_global: int = 65536,
-        rope_theta_within_seq: float = 10000.0,
-        rope_theta_global: float = 500000.0,
-        clip_qkv: float | None = 8.0,  # clamp q, k, v to [-clip, clip] before rotary; None = off
-        attn_backend="auto",  # anyattn backend name, or a sequence of names
-        **kwargs,
-    ):
-        if num_key_value_heads is None:
-            num_key_value_heads = num_attention_heads
-        if hidden_size % num_attention_heads:
-            raise bad_value("hidden_size", f"a multiple of num_attention_heads={num_attention_heads}", hidden_size)
-        if num_attention_heads % num_key_value_heads:
-            raise bad_value("num_key_value_heads", f"a divisor of num_attention_heads={num_attention_heads}", num_key_value_heads)
-        if clip_qkv is not None and not clip_qkv > 0:
-            raise bad_value("clip_qkv", "None or a positive number", clip_qkv)
-        if global_attention_every_n_layers < 0:
-            raise bad_value("global_attention_every_n_layers", "0 (none) or a positive int", global_attention_every_n_layers)
-        if isinstance(attn_backend, list):
-            attn_backend = tuple(attn_backend)  # JSON round trip gives a list
-        check_backend(attn_backend)
-        self.vocab_size = vocab_size
-        self.hidden_size = hidden_size
-        self.intermediate_size = intermediate_size
-        self.gated_mlp = gated_mlp
-        self.num_hidden_layers = num_hidden_layers
-        self.num_attention_heads = num_attention_heads
-        self.num_key_value_heads = num_key_value_heads
-        self.hidden_act = hidden_act
-        self.rms_norm_eps = rms_norm_eps
-        self.initializer_range = initializer_range
-        self.global_attention_every_n_layers = global_attention_every_n_layers
-        self.max_num_sequences = max_num_sequences
-        self.max_num_positions_within_seq = max_num_positions_within_seq
-        self.max_num_positions_global = max_num_positions_global
-        self.rope_theta_within_seq = float(rope_theta_within_seq)
-        self.rope_theta_global = float(rope_theta_global)
-        self.clip_qkv = clip_qkv
-        self.attn_backend = attn_backend
-        super().__init__(
-            pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
-            tie_word_embeddings=tie_word_embeddings, **kwargs,
-        )  # fmt: skip
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    def is_global_layer(self, i: int) -> bool:
-        n = self.global_attention_every_n_layers
-        return n > 0 and (i + 1) % n == 0
-
-    @classmethod
-    def from_original(cls, config: dict, **overrides) -> E1Config:
-        """From the original E1 config.json dict (``model_type`` "E1"). Unknown extra fields of
-        the original (gradient checkpointing flags, dtype, ...) are kept as attributes."""
-        if not isinstance(config, dict):
-            raise bad_type("config", "a dict (the original E1 config.json)", type(config).__name__)
-        if not is_e1_config(config):
-            types = _ORIGINAL_MODEL_TYPES + (MODEL_TYPE,)
-            raise bad_value("config", f"an E1 config.json (model_type in {types})", repr(config.get("model_type")))
-        d = {k: v for k, v in config.items() if k not in ("model_type", "architectures", "auto_map", "transformers_version")}
-        if "torch_dtype" in d:
-            d.setdefault("dtype", d.pop("torch_dtype"))
-        d.update(overrides)
-        return cls(**d)
-
-
-# Profluent-Bio/E1-300m and E1-600m config.json (via Synthyra's mirrors and the hub commit history;
-# docs/e1.md). E1-150m's config.json was not found: load it from its directory.
-E1_PRESETS: dict[str, dict] = {
-    "E1-300m": dict(
-        hidden_size=1024, intermediate_size=3072, num_hidden_layers=20, num_attention_heads=16, num_key_value_heads=16
-    ),
-    "E1-600m": dict(
-        hidden_size=1280, intermediate_size=3840, num_hidden_layers=30, num_attention_heads=20, num_key_value_heads=20
-    ),
-}
-
-
 # ---------------------------------------------------------------------------------------------
-# pure functions: the compute of one layer, parameters passed in
+# pure functions: the compute of one layer, parameters passed in (tensors and constants only), so
+# that one torch.compile of each serves every layer and every batch (E1Model.compile_layers)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -217,33 +110,38 @@ def _rope_cos_sin(positions_BS: torch.Tensor, theta: float, D: int):
     return angles.cos().unsqueeze(-2), angles.sin().unsqueeze(-2)
 
 
-def _qkv(x_BSC, norm, q_proj, k_proj, v_proj, cos_BS1D, sin_BS1D, H: int, G: int, clip):
-    """Pre-RMSNorm, projections, optional clamp, rotary in float32. Returns q (B,S,H,D), k, v (B,S,G,D).
+def _rms(x, w, eps: float):
+    return F.rms_norm(x, (x.shape[-1],), w, eps).to(x.dtype)
 
-    The projections are called as modules (not read as weights) so that adapters wrapping them
-    (PEFT LoRA) take effect."""
-    B, S, C = x_BSC.shape
-    D = C // H
-    h = norm(x_BSC)
-    q = q_proj(h).view(B, S, H, D)
-    k = k_proj(h).view(B, S, G, D)
-    v = v_proj(h).view(B, S, G, D)
+
+def _clip_rope(q_BSHD, k_BSGD, v_BSGD, cos_BS1D, sin_BS1D, clip, dtype):
+    """Optional clamp of q, k, v, then rotary of q, k in float32, cast back to ``dtype``."""
+    q, k, v = q_BSHD, k_BSGD, v_BSGD
     if clip is not None:
         q, k, v = q.clamp(-clip, clip), k.clamp(-clip, clip), v.clamp(-clip, clip)
     qf, kf = q.float(), k.float()
-    q = (qf * cos_BS1D + _rotate_half(qf) * sin_BS1D).to(x_BSC.dtype)
-    k = (kf * cos_BS1D + _rotate_half(kf) * sin_BS1D).to(x_BSC.dtype)
+    q = (qf * cos_BS1D + _rotate_half(qf) * sin_BS1D).to(dtype)
+    k = (kf * cos_BS1D + _rotate_half(kf) * sin_BS1D).to(dtype)
     return q, k, v
 
 
-def _out_ffn(o_BSC, x_BSC, o_proj, norm, w1, w2, w3, act):
-    """Output projection + residual, then pre-RMSNorm (gated) FFN + residual."""
-    x = x_BSC + o_proj(o_BSC)
-    h = norm(x)
-    a = act(w1(h))
+def _qkv(x_BSC, norm_w, eps: float, wq, wk, wv, cos_BS1D, sin_BS1D, H: int, G: int, clip):
+    """Pre-RMSNorm, projections, optional clamp, rotary in float32. Returns q (B,S,H,D), k, v (B,S,G,D)."""
+    B, S, C = x_BSC.shape
+    D = C // H
+    h = _rms(x_BSC, norm_w, eps)
+    q, k, v = F.linear(h, wq).view(B, S, H, D), F.linear(h, wk).view(B, S, G, D), F.linear(h, wv).view(B, S, G, D)
+    return _clip_rope(q, k, v, cos_BS1D, sin_BS1D, clip, x_BSC.dtype)
+
+
+def _out_ffn(o_BSC, x_BSC, w_o, norm_w, eps: float, w1, w2, w3, act):
+    """Output projection + residual, then pre-RMSNorm (gated; ``w3`` None: not) FFN + residual."""
+    x = x_BSC + F.linear(o_BSC, w_o)
+    h = _rms(x, norm_w, eps)
+    a = act(F.linear(h, w1))
     if w3 is not None:
-        a = a * w3(h)
-    return x + w2(a)
+        a = a * F.linear(h, w3)
+    return x + F.linear(a, w2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,7 +155,7 @@ class _RMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x):
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.variance_epsilon).to(x.dtype)
+        return _rms(x, self.weight, self.variance_epsilon)
 
 
 class _SelfAttn(nn.Module):
@@ -301,21 +199,52 @@ def _act(name: str):
 
 
 class E1Layer(nn.Module):
-    def __init__(self, cfg: E1Config, index: int):
+    def __init__(self, cfg: E1Config, index: int, act: nn.Module | None = None):
         super().__init__()
         self.cfg = cfg
         self.is_global = cfg.is_global_layer(index)
         self.norm_attn_norm = _NormAttnNorm(cfg)
         self.ffn = _FFN(cfg)
-        self._act = _act(cfg.hidden_act)
+        # E1Model gives every layer the same activation object: the compiled layer functions take
+        # it as an argument, and one object keeps them at one graph for all layers
+        self._act = act if act is not None else _act(cfg.hidden_act)
 
-    def forward(self, x_BSC, cos, sin, mask, backend, need_weights: bool = False, need_s_max: bool = False, batch=None):
-        """x (B, S, C): the packed row (1, T, C) or the padded rows; ``mask`` for that layout."""
+    def _plain(self) -> bool:
+        """True when every projection and norm is the plain module (the layer functions read their
+        weights); PEFT/LoRA and similar wrappers replace them: then the modules are called, so
+        that their extra terms apply."""
+        na, mlp = self.norm_attn_norm._modules, self.ffn.mlp._modules
+        sa = na["self_attn"]._modules
+        lins = (sa["q_proj"], sa["k_proj"], sa["v_proj"], sa["o_proj"], mlp["w1"], mlp["w2"]) + ((mlp["w3"],) if mlp["w3"] is not None else ())
+        norms = (na["input_layernorm"], na["post_attention_layernorm"])
+        return all(type(m) is nn.Linear for m in lins) and all(type(m) is _RMSNorm for m in norms)
+
+    def forward(
+        self, x_BSC, cos, sin, mask, backend, need_weights: bool = False, need_s_max: bool = False, batch=None,
+        fns=None, dynamic: bool = False,
+    ):  # fmt: skip
+        """x (B, S, C): the packed row (1, T, C) or the padded rows; ``mask`` for that layout.
+        ``fns``: the layer functions (:func:`_qkv`, :func:`_out_ffn`, plain or compiled; None:
+        plain); ``dynamic``: mark the token dimension dynamic for them."""
         cfg, na = self.cfg, self.norm_attn_norm
         sa = na.self_attn
         H, G, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         B, S, C = x_BSC.shape
-        q, k, v = _qkv(x_BSC, na.input_layernorm, sa.q_proj, sa.k_proj, sa.v_proj, cos, sin, H, G, cfg.clip_qkv)
+        plain = self._plain()
+        fns = fns or (_qkv, _out_ffn)
+        if plain:
+            if dynamic:  # compiled: one graph for every token count (packed batches vary)
+                for t in (x_BSC, cos, sin):
+                    torch._dynamo.maybe_mark_dynamic(t, 1)
+            ln = na.input_layernorm
+            q, k, v = fns[0](
+                x_BSC, ln.weight, ln.variance_epsilon, sa.q_proj.weight, sa.k_proj.weight, sa.v_proj.weight, cos, sin,
+                H, G, cfg.clip_qkv,
+            )  # fmt: skip
+        else:  # modules called (PEFT LoRA and other wrappers take effect)
+            h = na.input_layernorm(x_BSC)
+            q, k, v = sa.q_proj(h).view(B, S, H, D), sa.k_proj(h).view(B, S, G, D), sa.v_proj(h).view(B, S, G, D)
+            q, k, v = _clip_rope(q, k, v, cos, sin, cfg.clip_qkv, x_BSC.dtype)
         # (B, S, H, D) memory, (B, H, S, D) views: the layout anyattn takes (DESIGN.md section 4)
         q4, k4, v4 = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         scale = D**-0.5
@@ -327,8 +256,18 @@ class E1Layer(nn.Module):
         s_max = _s_max(batch.tokens(q), batch.tokens(k), self.is_global, batch, scale) if need_s_max else None
         mlp = self.ffn.mlp
         o_BSC = o.transpose(1, 2).reshape(B, S, C)
-        x = _out_ffn(o_BSC, x_BSC, sa.o_proj, na.post_attention_layernorm, mlp.w1, mlp.w2, mlp.w3, self._act)
-        return x, weights, s_max
+        if plain:
+            if dynamic:
+                torch._dynamo.maybe_mark_dynamic(o_BSC, 1)
+            w3 = mlp.w3.weight if mlp.w3 is not None else None
+            ln = na.post_attention_layernorm
+            x = fns[1](o_BSC, x_BSC, sa.o_proj.weight, ln.weight, ln.variance_epsilon, mlp.w1.weight, mlp.w2.weight, w3, self._act)
+            return x, weights, s_max
+        h = na.post_attention_layernorm(x := x_BSC + sa.o_proj(o_BSC))
+        a = self._act(mlp.w1(h))
+        if mlp.w3 is not None:
+            a = a * mlp.w3(h)
+        return x + mlp.w2(a), weights, s_max
 
 
 class E1Output(NamedTuple):
@@ -372,9 +311,25 @@ class E1Model(E1PreTrainedModel):
         C = config.hidden_size
         self.embed_tokens = nn.Embedding(config.vocab_size, C, padding_idx=config.pad_token_id)
         self.embed_seq_id = nn.Embedding(config.max_num_sequences, C)
-        self.layers = nn.ModuleList(E1Layer(config, i) for i in range(config.num_hidden_layers))
+        act = _act(config.hidden_act)
+        self.layers = nn.ModuleList(E1Layer(config, i, act) for i in range(config.num_hidden_layers))
         self.norm = _RMSNorm(C, config.rms_norm_eps)
+        # the layer functions, plain and compiled (by compile_layers(), explicitly or on first use)
+        self._compiler = LayerCompiler("E1", (_qkv, _out_ffn))
         self.post_init()
+
+    def compile_layers(self, **compile_kwargs) -> None:
+        """torch.compile the dense compute of every layer (pre-RMSNorm + projections + clamp +
+        rotary, and output projection + FFN with their residuals), leaving the attention call and
+        the batch structure (samples, sequences, their masks) outside. ``compile_kwargs`` go to
+        ``torch.compile``.
+
+        The two functions take tensors only, so one compile serves every layer, within-sequence
+        and global alike; the token dimension is marked dynamic, so packed batches of any token
+        count reuse it. Sets ``config.compile_layers = True``; ``"auto"`` (the default) compiles
+        on the first inference forward on CUDA (anyattn.models._compile)."""
+        self._compiler.compile((_qkv, _out_ffn), compile_kwargs)
+        self.config.compile_layers = True
 
     def get_input_embeddings(self):
         return self.embed_tokens
@@ -417,18 +372,24 @@ class E1Model(E1PreTrainedModel):
         hidden = [x] if output_hidden_states else None
         attns = [] if output_attentions else None
         smax = [] if output_s_max else None
-        backend = cfg.attn_backend
-        for layer in self.layers:
-            cos, sin = rope_g if layer.is_global else rope_w
-            mask = b.global_mask if layer.is_global else b.within_mask
-            x, w, s = layer(x, cos, sin, mask, backend, output_attentions, output_s_max, b)
-            if hidden is not None:
-                hidden.append(x)
-            if attns is not None:
-                attns.append(b.weights_to_rows(w))
-            if smax is not None:
-                smax.append(s)
-        x = self.norm(x)
+        backend, x0 = cfg.attn_backend, x
+
+        def run_layers(fns, dynamic):  # from scratch: the "auto" fallback may run it twice
+            x = x0
+            for acc in (hidden, attns, smax):
+                if acc is not None:
+                    del acc[1 if acc is hidden else 0 :]
+            for layer in self.layers:
+                cos, sin = rope_g if layer.is_global else rope_w
+                mask = b.global_mask if layer.is_global else b.within_mask
+                x, w, s = layer(x, cos, sin, mask, backend, output_attentions, output_s_max, b, fns, dynamic)
+                for acc, val in ((hidden, x), (attns, w), (smax, s)):
+                    if acc is not None:
+                        acc.append(b.weights_to_rows(val) if acc is attns else val)
+            return x
+
+        grad = torch.is_grad_enabled() and self.training
+        x = self.norm(self._compiler.run(self, x.device, grad, run_layers, stacklevel=2))
         if hidden is not None:
             hidden[-1] = x  # as the original: the last entry is after the final norm
             hidden = tuple(b.to_rows(h) for h in hidden)
@@ -481,6 +442,10 @@ class E1ForMaskedLM(E1PreTrainedModel):
 
     def set_input_embeddings(self, value):
         self.model.embed_tokens = value
+
+    def compile_layers(self, **kwargs) -> None:
+        """See :meth:`E1Model.compile_layers`."""
+        self.model.compile_layers(**kwargs)
 
     def forward(
         self, input_ids, attention_mask=None, *, seq_info: SeqInfo | None = None, sequence_ids=None,

@@ -65,6 +65,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PreTrained
 from ..errors import bad_type, bad_value  # noqa: E402
 from ..layout import SeqInfo  # noqa: E402
 from ..packing import BatchPlan, plan_batch  # noqa: E402
+from ._compile import LayerCompiler  # noqa: E402
 from ._inputs import check_input_ids, keep_mask  # noqa: E402
 from ._switches import AttnBackendSwitch, PackPaddedSwitch  # noqa: E402
 from .esm2_config import ESM2_PRESETS, MODEL_TYPE, ESM2Config, esm2_flops  # noqa: E402
@@ -98,23 +99,6 @@ __all__ = [
     "load_hf_state_dict",
     "register_auto",
 ]
-
-# compile_layers="auto" compiles the layers for inference on CUDA when inductor can generate
-# kernels there (triton importable); a compile that still fails falls back to the plain layers
-_CAN_COMPILE = importlib.util.find_spec("triton") is not None
-
-
-def _compile_errors() -> tuple:
-    errs = []
-    for mod, name in (("torch._dynamo.exc", "TorchDynamoException"), ("torch._inductor.exc", "InductorError")):
-        try:
-            errs.append(getattr(importlib.import_module(mod), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errs) or (RuntimeError,)
-
-
-_COMPILE_ERRORS = _compile_errors()
 
 class ESM2Output(NamedTuple):
     """Every forward returns all six fields; the optional ones are None unless asked for. ``loss``
@@ -187,10 +171,8 @@ class ESM2Model(ESM2PreTrainedModel):
         self.rotary_embeddings = _Rotary(config)
         self.encoder = _Encoder(config)
         self.contact_head = _ContactHead(config)
-        self._plain_fns = (_qkv, _out_ffn)
-        self._compiled_fns = None  # set by compile_layers() (explicitly, or on first use: see _layer_fns)
-        self._compile_failed: str | None = None
-        self._compile_verified = False
+        # the layer functions, plain and compiled (by compile_layers(), explicitly or on first use)
+        self._compiler = LayerCompiler("ESM2", (_qkv, _out_ffn))
         self.post_init()
 
     def get_input_embeddings(self):
@@ -209,25 +191,13 @@ class ESM2Model(ESM2PreTrainedModel):
         recompiles from batch to batch). ``fuse_qkv``: one (3C, C) projection instead of three.
         Why not ``torch.compile(model)``: the batch structure (SeqInfo) carries Python ints (the
         document lengths) that a whole-model graph would guard on, recompiling for every batch."""
-        qkv = _qkv_fused if fuse_qkv else _qkv
-        fns = (torch.compile(qkv, **compile_kwargs), torch.compile(_out_ffn, **compile_kwargs))
-        self._compiled_fns = (fns, compile_kwargs.get("dynamic", None) is not False)
-        self._compile_failed = None
-        self._compile_verified = False
+        self._compiler.compile((_qkv_fused if fuse_qkv else _qkv, _out_ffn), compile_kwargs)
         self.config.compile_layers = True
 
-    def _layer_fns(self, device: torch.device, grad: bool):
-        """(layer functions, mark the token dim dynamic) for this forward, from
-        ``config.compile_layers``: True compiles (on first use), False never, "auto" compiles for
-        inference on CUDA when triton is there (and falls back to the plain functions, with one
-        warning, if compiling fails)."""
-        mode = self.config.compile_layers
-        if mode is False or (mode == "auto" and (grad or device.type != "cuda" or self._compile_failed or not _CAN_COMPILE)):
-            return self._plain_fns, False
-        if self._compiled_fns is None:
-            self.compile_layers()
-            self.config.compile_layers = mode  # compiling on first use keeps the user's setting
-        return self._compiled_fns
+    @property
+    def _compiled_fns(self):
+        """(compiled functions, dynamic), or None before the first compile."""
+        return self._compiler.compiled
 
     def _plan(self, input_ids, attention_mask, seq_info, need_weights: bool) -> BatchPlan:
         """The batch plan of one forward (``anyattn.packing``: packed on backends that take
@@ -276,7 +246,6 @@ class ESM2Model(ESM2PreTrainedModel):
         attns = [] if output_attentions else None
         smax = [] if output_s_max else None
         backend = self.attn_backend
-        fns, dynamic = self._layer_fns(plan.ids.device, torch.is_grad_enabled() and self.training)
         layers = self.encoder.layer
         # each layer returns the residual stream and the LayerNorm that follows it (the next
         # layer's attention LayerNorm, after the last layer the final one): see _out_ffn
@@ -296,20 +265,10 @@ class ESM2Model(ESM2PreTrainedModel):
                         acc.append(val)
             return h
 
-        if fns is self._plain_fns or self.config.compile_layers is True or self._compile_verified:
-            x = run_layers(fns, dynamic)  # after the final LayerNorm
-        else:  # "auto" compiled for the first time: a failing compile falls back, once, with a warning
-            try:
-                x = run_layers(fns, dynamic)
-                self._compile_verified = True
-            except _COMPILE_ERRORS as e:
-                self._compile_failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                warnings.warn(
-                    f"ESM2: compile_layers='auto' could not compile the layers ({self._compile_failed}); running them "
-                    "uncompiled from now on. Set model.config.compile_layers = False to skip the attempt.",
-                    stacklevel=3,
-                )
-                x = run_layers(*self._layer_fns(plan.ids.device, False))
+        # after the final LayerNorm; "auto" compiled for the first time: a failing compile falls
+        # back, once, with a warning (anyattn.models._compile)
+        grad = torch.is_grad_enabled() and self.training
+        x = self._compiler.run(self, plan.ids.device, grad, run_layers, stacklevel=3)
         if hidden is not None:
             hidden[-1] = x  # as HF (and fair-esm's repr_layers): the last entry is after the final LN
         return plan, x, hidden, attns, (torch.stack(smax) if smax is not None else None)

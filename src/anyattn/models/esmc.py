@@ -52,6 +52,7 @@ from ..api import attention, attention_with_weights
 from ..errors import bad_value
 from ..layout import SeqInfo
 from ..packing import BatchPlan, plan_batch
+from ._compile import LayerCompiler, check_compile_layers
 from ._esmc_ankh_batch import norm_bound
 from ._switches import AttnBackendSwitch, PackPaddedSwitch, backend_value
 from ._inputs import check_input_ids, keep_mask
@@ -109,6 +110,9 @@ class ESMCConfig(PretrainedConfig):
         # padded / multi-row batches run as one packed row: "auto" (when the chosen backend takes
         # packed documents natively: flash_torch, flex, ...), True (always), False (never)
         pack_padded="auto",
+        # torch.compile the dense compute of every block: "auto" (for inference on CUDA, where it
+        # is safe: plain blocks, triton present; compiled on the first forward), True, False
+        compile_layers="auto",
         vocab_list: list | None = None,  # tokens in id order (anyattn.models.load_tokenizer reads it)
         **kwargs,
     ):
@@ -120,6 +124,7 @@ class ESMCConfig(PretrainedConfig):
             )
         if pack_padded not in ("auto", True, False):
             raise bad_value("pack_padded", "'auto', True or False", repr(pack_padded))
+        check_compile_layers(compile_layers)
         kwargs.setdefault("tie_word_embeddings", False)  # the sequence head has its own weights
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
@@ -134,6 +139,7 @@ class ESMCConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.attn_backend = backend_value(attn_backend)
         self.pack_padded = pack_padded
+        self.compile_layers = compile_layers
         self.vocab_list = list(vocab_list) if vocab_list is not None else list(ESMC_VOCAB)
         super().__init__(pad_token_id=pad_token_id, **kwargs)
 
@@ -177,7 +183,7 @@ class ESMCConfig(PretrainedConfig):
         )
         if mt == MODEL_TYPE:
             keys = ("intermediate_size", "scale_residue", "layer_norm_eps", "rope_theta", "pad_token_id", "mask_token_id", "dropout",
-                    "initializer_range", "attn_backend", "pack_padded", "vocab_list")  # fmt: skip
+                    "initializer_range", "attn_backend", "pack_padded", "compile_layers", "vocab_list")  # fmt: skip
             kw.update({k: raw[k] for k in keys if k in raw})
         elif mt == "ESMplusplus":  # shape fields only; the rest is fixed by the architecture
             kw.update(dropout=raw.get("dropout", 0.0), initializer_range=raw.get("initializer_range", 0.02))
@@ -243,6 +249,26 @@ def _rotary(q_BSHD, k_BSHD, cos, sin):
     return out[0], out[1]
 
 
+def _qkv(x_BSC, ln_w, ln_b, eps: float, w_qkv, q_ln_w, k_ln_w, qk_eps: float, cos, sin, H: int):
+    """Pre-LayerNorm, the fused (3C, C) projection, QK LayerNorm over all C channels, rotary.
+    Returns q, k, v (B, S, H, D). Parameters passed in, tensors only: one torch.compile serves
+    every block (see ESMCModel.compile_layers)."""
+    B, S, C = x_BSC.shape
+    D = C // H
+    h = F.layer_norm(x_BSC, (C,), ln_w, ln_b, eps)
+    q, k, v = F.linear(h, w_qkv).chunk(3, dim=-1)
+    q, k = F.layer_norm(q, (C,), q_ln_w, None, qk_eps), F.layer_norm(k, (C,), k_ln_w, None, qk_eps)
+    q, k = _rotary(q.reshape(B, S, H, D), k.reshape(B, S, H, D), cos, sin)
+    return q, k, v.reshape(B, S, H, D)
+
+
+def _out_ffn(o_BSC, x_BSC, w_o, scale: float, p: float, training: bool, ln_w, ln_b, eps: float, w1, w2):
+    """Output projection + residual, pre-LayerNorm SwiGLU FFN + residual (each branch / scale)."""
+    x = x_BSC + F.dropout(F.linear(o_BSC, w_o), p, training) / scale
+    a, b = F.linear(F.layer_norm(x, (x.shape[-1],), ln_w, ln_b, eps), w1).chunk(2, dim=-1)
+    return x + F.dropout(F.linear(F.silu(a) * b, w2), p, training) / scale
+
+
 class _SwiGLU(nn.Module):
     def forward(self, x):
         a, b = x.chunk(2, dim=-1)
@@ -273,16 +299,36 @@ class ESMCBlock(nn.Module):
             nn.Linear(F_, C, bias=False),
         )
 
-    def forward(self, x_BSC, batch: BatchPlan, cos, sin, backend, need_weights: bool, need_s_max: bool):
-        """Returns (x, attention weights or None, s_max (H,) or None)."""
+    def _plain(self) -> bool:
+        """True when every projection and norm is the plain torch module (the layer functions read
+        their weights directly); PEFT/LoRA and similar wrappers replace them: then the modules are
+        called, so that their extra terms apply."""
+        a, f = self.attn._modules, self.ffn._modules
+        lq = a["layernorm_qkv"]._modules
+        lns = (lq["0"], a["q_ln"], a["k_ln"], f["0"])
+        lins = (lq["1"], a["out_proj"], f["1"], f["3"])
+        return all(type(m) is nn.LayerNorm for m in lns) and all(type(m) is nn.Linear for m in lins) and type(f["2"]) is _SwiGLU
+
+    def forward(self, x_BSC, batch: BatchPlan, cos, sin, backend, fns, dynamic: bool, need_weights: bool, need_s_max: bool):
+        """Returns (x, attention weights or None, s_max (H,) or None). ``fns``: the layer
+        functions (:func:`_qkv`, :func:`_out_ffn`, plain or compiled); ``dynamic``: mark the token
+        dimension dynamic for them."""
         a = self.attn
         B, S, C = x_BSC.shape
         H = self.num_heads
         D = C // H
-        q, k, v = a.layernorm_qkv(x_BSC).chunk(3, dim=-1)
-        q, k = a.q_ln(q), a.k_ln(k)
-        q, k = _rotary(q.reshape(B, S, H, D), k.reshape(B, S, H, D), cos, sin)
-        v = v.reshape(B, S, H, D)
+        plain = self._plain()
+        if plain:
+            if dynamic:  # compiled: one graph for every token count (packed batches vary)
+                for t in (x_BSC, cos, sin):
+                    torch._dynamo.maybe_mark_dynamic(t, 1)
+            ln, lin = a.layernorm_qkv[0], a.layernorm_qkv[1]
+            q, k, v = fns[0](x_BSC, ln.weight, ln.bias, ln.eps, lin.weight, a.q_ln.weight, a.k_ln.weight, a.q_ln.eps, cos, sin, H)
+        else:
+            q, k, v = a.layernorm_qkv(x_BSC).chunk(3, dim=-1)
+            q, k = a.q_ln(q), a.k_ln(k)
+            q, k = _rotary(q.reshape(B, S, H, D), k.reshape(B, S, H, D), cos, sin)
+            v = v.reshape(B, S, H, D)
         s = norm_bound(q, k, batch.info, D**-0.5) if need_s_max else None
         # (B, S, H, D) memory, (B, H, S, D) views: the layout anyattn takes
         qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -291,8 +337,14 @@ class ESMCBlock(nn.Module):
             o, w = attention_with_weights(qh, kh, vh, mask=batch.mask, scale=D**-0.5)
         else:
             o = attention(qh, kh, vh, mask=batch.mask, scale=D**-0.5, backend=backend)
-        o = a.out_proj(o.transpose(1, 2).reshape(B, S, C))
-        x = x_BSC + F.dropout(o, self.p, self.training) / self.scale
+        o_BSC = o.transpose(1, 2).reshape(B, S, C)
+        if plain:
+            if dynamic:
+                torch._dynamo.maybe_mark_dynamic(o_BSC, 1)
+            ln, f = self.ffn[0], self.ffn
+            x = fns[1](o_BSC, x_BSC, a.out_proj.weight, self.scale, self.p, self.training, ln.weight, ln.bias, ln.eps, f[1].weight, f[3].weight)
+            return x, w, s
+        x = x_BSC + F.dropout(a.out_proj(o_BSC), self.p, self.training) / self.scale
         x = x + F.dropout(self.ffn(x), self.p, self.training) / self.scale
         return x, w, s
 
@@ -370,6 +422,20 @@ class ESMCModel(ESMCPreTrainedModel):
     def _build(self, config: ESMCConfig) -> None:
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.transformer = _Transformer(config)
+        # the block functions, plain and compiled (by compile_layers(), explicitly or on first use)
+        self._compiler = LayerCompiler("ESM C", (_qkv, _out_ffn))
+
+    def compile_layers(self, **compile_kwargs) -> None:
+        """torch.compile the dense compute of every block (LayerNorm + QKV projection + QK
+        LayerNorm + rotary, and output projection + SwiGLU FFN with their residuals), leaving the
+        attention call and the batch structure outside. ``compile_kwargs`` go to ``torch.compile``.
+
+        The two functions take tensors only, so one compile serves every block; the token
+        dimension is marked dynamic, so packed batches of any token count reuse it. Sets
+        ``config.compile_layers = True``; ``"auto"`` (the default) compiles on the first
+        inference forward on CUDA (anyattn.models._compile)."""
+        self._compiler.compile((_qkv, _out_ffn), compile_kwargs)
+        self.config.compile_layers = True
 
     def get_input_embeddings(self):
         return self.embed
@@ -401,12 +467,22 @@ class ESMCModel(ESMCPreTrainedModel):
         cos, sin = _rope_tables(batch.positions, self.config.head_dim, self.config.rope_theta, self.embed.weight.dtype)
         hidden = [x] if output_hidden_states else None
         attns, smax = ([] if need_w else None), ([] if output_s_max else None)
-        for block in self.transformer.blocks:
-            x, w, s = block(x, batch, cos, sin, self.config.attn_backend, need_w, bool(output_s_max))
-            for acc, val in ((hidden, x), (attns, w), (smax, s)):
+        x0, backend = x, self.config.attn_backend
+
+        def run_layers(fns, dynamic):  # from scratch: the "auto" fallback may run it twice
+            x = x0
+            for acc in (hidden, attns, smax):
                 if acc is not None:
-                    acc.append(val)
-        x = self.transformer.norm(x)
+                    del acc[1 if acc is hidden else 0 :]
+            for block in self.transformer.blocks:
+                x, w, s = block(x, batch, cos, sin, backend, fns, dynamic, need_w, bool(output_s_max))
+                for acc, val in ((hidden, x), (attns, w), (smax, s)):
+                    if acc is not None:
+                        acc.append(val)
+            return x
+
+        grad = torch.is_grad_enabled() and self.training
+        x = self.transformer.norm(self._compiler.run(self, batch.ids.device, grad, run_layers, stacklevel=3))
         if hidden is not None:
             hidden[-1] = x  # HF's convention: the last entry is after the final norm
         return batch, x, hidden, attns, (torch.stack(smax) if smax is not None else None)
