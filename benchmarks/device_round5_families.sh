@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 18, deliverable 3, on ONE H100 or H200: per protein family, anyattn's model (plain call,
-# and compiled where the family has compile_layers) vs HF transformers and a FastPLMs-style SDPA
+# and compiled: every family has compile_layers) vs HF transformers and a FastPLMs-style SDPA
 # port, side by side in one process per family on the same random weights and sequences; then the
 # embed job end to end.
 #
@@ -16,7 +16,7 @@
 #   esm2        bench model --family esm2 (ESM2-650M shape): anyattn plain, hf[sdpa], compiled, port
 #   esmc_300m   bench model --family esmc --preset esmc_300m: anyattn plain, hf[sdpa] (transformers'
 #               native EsmcModel if this transformers has it; else a skipped row saying so), port,
-#               compiled (skipped with the reason where ESMCModel has no compile_layers)
+#               compiled (model.compile_layers(): inductor compiles inside the stage's time)
 #   esmc_600m   the same at the 600M shape
 #   ankh_base   bench model --family ankh --preset ankh_base: anyattn plain (flex with the relative
 #               bias), hf[sdpa] (T5EncoderModel; its eager path where this transformers refuses sdpa
