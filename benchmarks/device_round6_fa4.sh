@@ -18,16 +18,21 @@ T0=$(date +%s)
 SITE=/tmp/site
 mkdir -p "$SITE"
 FA4=1
-if ls .fa4b/*.whl >/dev/null 2>&1; then
+if [ -f .fa4/fa4site.tar.xz ]; then
+  # one archive of the extracted wheels (flash_attn_4, nvidia_cutlass_dsl + libs base/core/cu13,
+  # quack_kernels, apache_tvm_ffi, torch_c_dlpack_ext), xz with a 256 MiB dictionary: 57 MiB,
+  # small enough to travel in one call beside the working tree
+  xz -d < .fa4/fa4site.tar.xz | tar x -C "$SITE" || { echo "fa4site: extraction FAILED"; FA4=0; }
+elif ls .fa4b/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .fa4b/*.whl 2>&1 | tail -3
+  if [ -d .fa4a ] && ls .fa4a/cu13.tar.xz.part* >/dev/null 2>&1 && ls .fa4b/cu13.tar.xz.part* >/dev/null 2>&1; then
+    cat .fa4a/cu13.tar.xz.part* .fa4b/cu13.tar.xz.part* | xz -d | tar x -C "$SITE" || { echo "cu13 libs: extraction FAILED"; FA4=0; }
+  else
+    echo "NO .fa4a/ (first half of the nvidia-cutlass-dsl-libs-cu13 archive): it must be carried by an earlier call"
+    echo "on this warm machine; FA4 parts skipped (cudnn and flex:triton are still measured)"; FA4=0
+  fi
 else
-  echo "NO .fa4b/*.whl: flash-attn-4 and its small dependencies were not carried; FA4 parts skipped"; FA4=0
-fi
-if [ -d .fa4a ] && ls .fa4a/cu13.tar.xz.part* >/dev/null 2>&1 && ls .fa4b/cu13.tar.xz.part* >/dev/null 2>&1; then
-  cat .fa4a/cu13.tar.xz.part* .fa4b/cu13.tar.xz.part* | xz -d | tar x -C "$SITE" || { echo "cu13 libs: extraction FAILED"; FA4=0; }
-else
-  echo "NO .fa4a/ (first half of the nvidia-cutlass-dsl-libs-cu13 archive): it must be carried by an earlier call"
-  echo "on this warm machine; FA4 parts skipped (cudnn and flex:triton are still measured)"; FA4=0
+  echo "NO .fa4/fa4site.tar.xz and no .fa4b/*.whl: flash-attn-4 was not carried; FA4 parts skipped"; FA4=0
 fi
 # nvidia_cutlass_dsl puts its dsl_packages/ on sys.path through a .pth file, which --target installs
 # do not run: add the directory here.
@@ -64,7 +69,7 @@ echo "after tests: $(( $(date +%s) - T0 )) s"
 
 # causal first (cuDNN's causal rate is the yardstick), then the variants only flex serves
 VARIANTS=causal,softcap,alibi,doc_window,documents,window,dense
-for MODE in fwd fwd+bwd; do
+for MODE in ${MODES:-fwd fwd+bwd}; do
   B=$([ "$MODE" = fwd ] && echo "${FWD_BUDGET:-100}" || echo "${BWD_BUDGET:-120}")
   DIR="$OUT/bench_${MODE/+/_}"
   timeout -s TERM $((B + 30)) python3 -m anyattn bench kernels --preset h200 --variants "$VARIANTS" --modes "$MODE" \

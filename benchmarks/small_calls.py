@@ -5,7 +5,8 @@ metadata copies, launches). This sweep finds the size below which ``auto`` shoul
 with the cheapest host path instead of the fastest kernel (``ranking.SMALL_WORK``).
 
 Cases (B=1, Hq=Hkv=16, D=128, bf16, T tokens per call, new document lengths every call from a
-pool of 8 packings of 4 documents written as Python lists, doc-causal; and a fresh ``dense()``
+pool of 8 packings of 4 documents written as Python lists, cycled (``--fresh``: a packing never
+seen before every call), doc-causal; and a fresh ``dense()``
 bool mask every call):
 
     anyattn X        attention(q, k, v, mask=documents(list) & causal(), backend=X)
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import time
 
@@ -69,6 +71,8 @@ def main():
     ap.add_argument("--calls", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", default="small_calls.json")
+    ap.add_argument("--fresh", action="store_true", help="a new packing every call (else a pool of 8, cycled)")
+    ap.add_argument("--dense", action="store_true", help="also the fresh dense() rows")
     a = ap.parse_args()
     dev = torch.device("cuda")
     H, D, dt = 16, 128, torch.bfloat16
@@ -78,8 +82,12 @@ def main():
         for grad in (False, True):
             q, k, v = (torch.randn(1, H, T, D, device=dev, dtype=dt, requires_grad=grad) for _ in range(3))
             it = [0]
+            rng = random.Random(T)
 
             def nxt():
+                if a.fresh and it[0] >= 0:  # a packing never seen before (4 documents)
+                    cuts = sorted(rng.sample(range(1, T), 3))
+                    return [cuts[0], cuts[1] - cuts[0], cuts[2] - cuts[1], T - cuts[2]]
                 it[0] = (it[0] + 1) % len(pool)
                 return list(pool[it[0]])  # a new list object every call
 
@@ -88,13 +96,15 @@ def main():
                 calls[f"anyattn {be}"] = (lambda be=be: aa.attention(q, k, v, mask=aa.documents(nxt()) & aa.causal(), backend=be))
             calls["raw varlen"] = lambda: raw_varlen(q, k, v, nxt())
             calls["raw sdpa mask"] = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=doc_mask(nxt(), dev))
-            calls["anyattn auto dense()"] = lambda: aa.attention(q, k, v, mask=aa.dense(doc_mask(nxt(), dev)))
-            calls["anyattn sdpa dense()"] = lambda: aa.attention(q, k, v, mask=aa.dense(doc_mask(nxt(), dev)), backend="sdpa")
+            if a.dense:
+                calls["anyattn auto dense()"] = lambda: aa.attention(q, k, v, mask=aa.dense(doc_mask(nxt(), dev)))
+                calls["anyattn sdpa dense()"] = lambda: aa.attention(q, k, v, mask=aa.dense(doc_mask(nxt(), dev)), backend="sdpa")
             ok = {}
             for name, fn in calls.items():  # check (anyattn rows) and warm up
                 try:
                     it[0] = -1
                     out = fn()
+                    it[0] = 0
                     ref = aa.attention(q.double(), k.double(), v.double(), mask=aa.documents(pool[0]) & aa.causal(), backend="eager")
                     err = ((out.double() - ref).norm() / ref.norm()).item()
                     if not err < 2e-2:  # bf16 against float64 (the rows differ by kernel rounding only)

@@ -1,7 +1,11 @@
 """Shared fixtures. ``catalogue``: tests/test_reliability.py records each (item, backend, device)
 outcome; with ANYATTN_CATALOGUE_OUT=path set, the records are written there as JSON at the end of
 the session (merged with what the file already holds, so a CPU and a GPU run can share one file),
-and ``python3 tests/catalogue_table.py path`` renders the docs table."""
+and ``python3 tests/catalogue_table.py path`` renders the docs table.
+
+With ANYATTN_FAILLOG=path set, every failing test's report is appended to that file as soon as
+it fails (each xdist worker writes its own), so a run cut short by a time limit still leaves
+its tracebacks (the GPU scripts use it)."""
 
 from __future__ import annotations
 
@@ -36,3 +40,12 @@ def pytest_sessionfinish(session, exitstatus):
     meta = {"torch": torch.__version__, "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
     with open(path, "w") as f:
         json.dump({"meta": meta, "records": merged}, f, indent=1)
+
+
+def pytest_runtest_logreport(report):
+    path = os.environ.get("ANYATTN_FAILLOG")
+    if not path or not report.failed:
+        return
+    with open(path, "a") as f:
+        f.write(f"=== {report.nodeid} [{report.when}]\n{report.longreprtext}\n\n")
+

@@ -173,3 +173,27 @@ def test_first_sight_of_term_values_uses_the_first_sight_row(monkeypatch):
     assert [c.backend for c in calls] == ["eager", "sdpa", "eager"]
     d = aa.explain(q, k, v, mask=aa.documents([5, 11]))
     assert d.chosen == "sdpa"
+
+
+def test_sdpa_reads_empty_rows_on_the_host_only_when_a_mask_is_reused():
+    """A mask used once is lowered without a device sync (the rows that see no key are zeroed on
+    the device); used again, the rows are read once and row_ok is dropped when every row sees a key.
+    Exact on every call, with and without empty rows."""
+    from anyattn.testing import make_call
+
+    sd = REGISTRY["sdpa"]
+    q, k, v = generate_qkv(1, 2, 2, 8, 8, 16, seed=5)
+    full = torch.ones(8, 8, dtype=torch.bool).tril()[None, None]
+    holed = full.clone()
+    holed[..., 3, :] = False  # query 3 sees no key
+    for m, empty in ((full, False), (holed, True)):
+        call = make_call(q, k, v, mask=aa.dense(m))
+        first = sd.lowered(call)
+        assert first.rows_unread and first.row_ok is not None
+        again = sd.lowered(call)
+        assert not again.rows_unread and (again.row_ok is not None) == empty
+        for _ in range(2):
+            out = aa.attention(q, k, v, mask=aa.dense(m), backend="sdpa")
+            _check(out, oracle(q, k, v, mask=aa.dense(m)), "dense")
+            if empty:
+                assert out[..., 3, :].eq(0).all()

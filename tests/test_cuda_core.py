@@ -142,15 +142,19 @@ def test_cuda_cudnn_masked_backward_at_64_mod_128():
 
 
 def test_cuda_auto_prefers_fast_backends():
-    q, k, v = generate_qkv(1, 16, 16, 2048, 2048, 128, dtype=torch.bfloat16, device="cuda")
+    q, k, v = generate_qkv(1, 16, 16, 4096, 4096, 128, dtype=torch.bfloat16, device="cuda")
     assert aa.explain(q, k, v, mask=aa.causal()).chosen in ("cudnn", "flash_torch", "flex")
-    assert aa.explain(q, k, v, mask=aa.documents([1000, 1048]) & aa.causal()).chosen in ("flex", "flash_torch")
+    assert aa.explain(q, k, v, mask=aa.documents([2000, 2096]) & aa.causal()).chosen in ("flex", "flash_torch")
     assert aa.explain(q, k, v, score=aa.softcap(30.0)).chosen == "flex"
     # measured on the H200: flash_torch leads packed documents forward, flex forward+backward,
     # and flex leads padded batches (flash_torch's unpad/pad dominates there)
-    docs = aa.documents([1000, 1048]) & aa.causal()
+    docs = aa.documents([2000, 2096]) & aa.causal()
     assert aa.explain(q, k, v, mask=docs).chosen == "flash_torch"
     assert aa.explain(q.detach().requires_grad_(True), k, v, mask=docs).chosen == "flex"
-    keep = torch.ones(1, 2048, dtype=torch.bool, device="cuda")
-    keep[:, 1500:] = False
+    keep = torch.ones(1, 4096, dtype=torch.bool, device="cuda")
+    keep[:, 3000:] = False
     assert aa.explain(q, k, v, mask=aa.padding(mask=keep)).chosen == "flex"
+    # half the length: small enough that the host decides (ranking.SMALL_WORK), SDPA for every mask
+    q2, k2, v2 = (t[:, :, :2048] for t in (q, k, v))
+    for m in (aa.causal(), aa.documents([1000, 1048]) & aa.causal(), aa.padding(mask=keep[:, :2048])):
+        assert aa.explain(q2, k2, v2, mask=m).chosen == "sdpa", m

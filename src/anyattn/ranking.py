@@ -23,8 +23,8 @@ cached key per layer and step). ``anyattn bench serving`` (src/anyattn/bench/ser
 measures decode tokens/s per backend and cache kind; its table is what these rows should be
 re-ordered from, with its command line noted here.
 The ``fa4`` entries (FlashAttention-4, ``backends/fa4.py``) are NOT measured yet, in any row:
-they are placed where FA4 is expected (near cuDNN on dense/causal, first where only it and flex
-serve: windows, documents, softcap); ``benchmarks/device_round6_fa4.sh`` measures them next to
+they come right after the measured leaders of each row, so that installing flash-attn-4 never
+moves auto onto an unmeasured kernel; ``benchmarks/device_round6_fa4.sh`` measures them next to
 cuDNN and flex, and these rows are to be re-ordered from its table.
 The CPU row comes from ``anyattn bench kernels --quick`` on a 2-core CPU: SDPA's CPU kernels beat the eager reference, and compiled Flex costs seconds of
 compilation per new variant and shape, so it is last.
@@ -36,14 +36,14 @@ DECODE_MAX_SQ = 16  # at most this many queries against a longer key sequence: t
 
 RANKING: dict[str, dict[str, tuple[str, ...]]] = {
     "cuda": {
-        "dense": ("cudnn", "fa4", "sdpa", "flex", "flash_torch", "flash", "kernels_flash", "eager"),
-        "causal": ("cudnn", "fa4", "sdpa", "flex", "flash_torch", "flash", "kernels_flash", "eager"),
-        "window": ("fa4", "flex", "flash_torch", "flash", "kernels_flash", "cudnn", "sdpa", "eager"),
-        "documents": ("fa4", "flash_torch", "flex", "flash", "kernels_flash", "cudnn", "sdpa", "eager"),
-        "documents+grad": ("fa4", "flex", "flash_torch", "flash", "kernels_flash", "cudnn", "sdpa", "eager"),
-        "padding": ("flex", "fa4", "cudnn", "sdpa", "flash_torch", "flash", "kernels_flash", "eager"),
+        "dense": ("cudnn", "sdpa", "flex", "flash_torch", "fa4", "flash", "kernels_flash", "eager"),
+        "causal": ("cudnn", "sdpa", "flex", "flash_torch", "fa4", "flash", "kernels_flash", "eager"),
+        "window": ("flex", "flash_torch", "fa4", "flash", "kernels_flash", "cudnn", "sdpa", "eager"),
+        "documents": ("flash_torch", "flex", "fa4", "flash", "kernels_flash", "cudnn", "sdpa", "eager"),
+        "documents+grad": ("flex", "flash_torch", "fa4", "flash", "kernels_flash", "cudnn", "sdpa", "eager"),
+        "padding": ("flex", "cudnn", "sdpa", "flash_torch", "fa4", "flash", "kernels_flash", "eager"),
         "masked": ("flex", "cudnn", "sdpa", "eager"),
-        "scored": ("fa4", "flex", "flash", "kernels_flash", "cudnn", "sdpa", "eager"),
+        "scored": ("flex", "fa4", "flash", "kernels_flash", "cudnn", "sdpa", "eager"),
         # a few queries against a longer KV cache (generation): the KV length changes every step,
         # so backends compiled per shape come last; SDPA takes any mask as a small (Sq, Sk) tensor
         "decode": ("sdpa", "cudnn", "flash_torch", "fa4", "flash", "kernels_flash", "eager", "flex"),
@@ -104,12 +104,16 @@ FIRST_SIGHT: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 
-# Calls so small that the host decides (a few microseconds of kernel): the backend with the
-# cheapest host path comes first, whatever the variant. ``work`` counts the dense problem's
-# multiply-adds, B * Hq * Sq * Sk * (D + Dv). PLACEHOLDER until benchmarks/small_calls.py is run:
-# the host-overhead table (H100, B=1, H=1, S=64, D=64: work 5e5) measured sdpa 23.3 us per call,
-# cudnn 24.8, flash_torch's varlen path 120 for documents(list) & causal() against sdpa's 68.
-SMALL_WORK = 1 << 24
+# Calls so small that the host decides (kernels of a few tens of microseconds): the backend with
+# the cheapest host path comes first, whatever the variant. ``work`` counts the dense problem's
+# multiply-adds, B * Hq * Sq * Sk * (D + Dv). Measured with benchmarks/small_calls.py (H100,
+# torch 2.11, bf16, Hq=16, D=128, one doc-causal row of T tokens, 4 documents, us per call):
+#   fwd      T=1024: sdpa 44.5, flex 113.9, flash_torch 130.2;  T=2048: sdpa 113.2, flex 120.5,
+#            flash_torch 128.1;  T=4096: flex 145.5, flash_torch 161.1, sdpa 459.7
+#   fwd+bwd  T=1024: sdpa 246.7, flex 578.9, flash_torch 678.6;  T=2048: sdpa 482.6, flex 573.3;
+#            T=4096: flex 586.1, flash_torch 695.2, sdpa 1690.5
+# so up to T=2048 at that shape (work 2**34) SDPA's dense path wins, beyond it the kernels do.
+SMALL_WORK = 1 << 34
 SMALL: dict[str, tuple[str, ...]] = {
     "cuda": ("sdpa", "cudnn", "flash_torch", "flex", "flash", "kernels_flash", "eager"),
 }

@@ -40,6 +40,9 @@ class Lowered(NamedTuple):
     is_causal: bool
     row_ok: torch.Tensor | None  # bool, broadcastable to (B, H, Sq, 1): rows that see >= 1 key
     kind: str  # what the lowering chose, for explain() and tests
+    # row_ok was not read on the host (lower(sync=False)): every row may see a key, in which case
+    # row_ok can be dropped; SdpaBackend reads it once, when the lowered form is used a second time
+    rows_unread: bool = False
 
 
 def lowering_kind(sig) -> str:
@@ -55,8 +58,10 @@ def lowering_kind(sig) -> str:
     return "materialized float bias" if sig.scores else "materialized bool mask"
 
 
-def lower(call) -> Lowered:
-    """The SDPA form of a call (pure: same call -> same form)."""
+def lower(call, sync: bool = True) -> Lowered:
+    """The SDPA form of a call (pure: same call -> same form). ``sync=False``: do not read on the
+    host whether every row sees a key (a device sync that waits for the queue: a mask used once
+    pays more for it than for zeroing the rows on the device); keep ``row_ok`` instead."""
     geo, mask = call.geo, call.mask
     kind = lowering_kind(call.sig)
     if kind == "no mask":
@@ -82,14 +87,16 @@ def lower(call) -> Lowered:
     row_ok = None
     if m is not None:
         any_v = m.any(-1, keepdim=True)
-        if torch.compiler.is_compiling() or not bool(any_v.all()):  # one sync per lowering (cached)
+        unread = not sync and not torch.compiler.is_compiling()
+        if torch.compiler.is_compiling() or unread or not bool(any_v.all()):  # sync=True: one sync per lowering
             # a row with no visible key attends everywhere (finite logits), then is zeroed
             m = m | ~any_v
             row_ok = any_v
             if bias is not None:
                 bias = torch.where(any_v, bias, torch.zeros((), device=bias.device, dtype=bias.dtype))
+    unread = row_ok is not None and not sync and not torch.compiler.is_compiling()
     if bias is None:
-        return Lowered(m, False, row_ok, kind)
+        return Lowered(m, False, row_ok, kind, unread)
     if call.dtype in (torch.float16, torch.bfloat16):
         # saturate finite values to the dtype's range (a real -inf stays -inf)
         fi = torch.finfo(call.dtype)
@@ -97,7 +104,7 @@ def lower(call) -> Lowered:
     bias = bias.to(call.dtype)
     if m is not None:
         bias = bias.masked_fill(~m, float("-inf"))
-    return Lowered(bias, False, row_ok, kind)
+    return Lowered(bias, False, row_ok, kind, unread)
 
 
 # A cached boolean mask of at most this many elements is stored as the additive mask SDPA would
@@ -257,12 +264,15 @@ class SdpaBackend(AttentionBackend):
     def lowered(self, call) -> Lowered:
         """The lowered form of a call (built once per content key)."""
         if not call.cacheable:
-            return lower(call)
+            return lower(call, sync=False)
         lw = self.cache.get(call.key)
-        if lw is None:
-            lw = lower(call)
+        if lw is None:  # first use: no host sync (a mask built per call never pays one)
+            lw = lower(call, sync=False)
             if self._only is None:
                 lw = _additive_if_small(lw, call.dtype)
+            self.cache.put(call.key, lw, call.tokens)
+        elif lw.rows_unread:  # used again: read once whether a row sees no key, drop row_ok if none does
+            lw = lw._replace(row_ok=None if bool(lw.row_ok.all()) else lw.row_ok, rows_unread=False)
             self.cache.put(call.key, lw, call.tokens)
         return lw
 

@@ -92,6 +92,7 @@ class _Cache:
         self.dtype, self.device = dtype, torch.device(device)
         self.k = [torch.zeros(*shape, self.kv_heads, self.head_dim, dtype=dtype, device=self.device) for _ in range(self.layers)]
         self.v = [torch.zeros(*shape, self.kv_heads, self.value_dim, dtype=dtype, device=self.device) for _ in range(self.layers)]
+        self.device = self.k[0].device  # "cuda" -> "cuda:0": the device tensors report, which writes are checked against
 
     @property
     def keep(self) -> int | None:
