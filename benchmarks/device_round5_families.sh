@@ -35,6 +35,7 @@
 # embed.json, logs.txt (every stage's output, command and exit status), reports.tar.gz (the plots),
 # summary.txt (the table this script prints last).
 #
+# STAGES="ankh_base e1 ..." runs only the named stages (default: all, in the order above).
 # DRY=1 runs the same stages at CPU smoke sizes (--quick): a check of the script, its files and its
 # summary on a machine without a GPU; its numbers mean nothing.
 set -uo pipefail
@@ -59,6 +60,7 @@ T0=$(date +%s)
 stage() {  # stage NAME PLANNED_S MIN_S COMMAND... (--budget-s is appended)
   local name=$1 planned=$2 min=$3 left limit start rc
   shift 3
+  case " ${STAGES:-$name} " in *" $name "*) ;; *) return ;; esac
   left=$(( TOTAL - ($(date +%s) - T0) - RESERVE ))
   limit=$(( planned < left ? planned : left ))
   if [ "$limit" -lt "$min" ]; then

@@ -66,7 +66,7 @@ def add_arguments(p) -> None:
     p.add_argument("--batches", help="comma list of batch sizes (decode)")
     p.add_argument("--contexts", help="comma list of context lengths (decode)")
     p.add_argument("--impls", help=f"comma list of {','.join(IMPLS)} (default: all)")
-    p.add_argument("--backends", help=f"anyattn backends for the anyattn rows, comma list of {','.join(BACKENDS)} (default: auto)")
+    p.add_argument("--backends", help=f"anyattn backends for the anyattn rows (decode and prefill), comma list of {','.join(BACKENDS)} (default: auto)")
     p.add_argument("--steps", type=int, default=16, help="decode steps timed per row (default 16)")
     p.add_argument("--warmup", type=int, default=3, help="decode steps before timing (default 3)")
     p.add_argument("--prompts", type=int, default=16, help="prefill: prompts in the batch (default 16)")
@@ -261,6 +261,7 @@ def _prompt_lengths(n: int, seed: int, quick: bool) -> list[int]:
 
 def run_prefill(o: dict, log=print) -> list[dict]:
     import anyattn as aa
+    from anyattn.testing import record_calls
 
     dev = o["device"]
     lengths = _prompt_lengths(o["prompts"], o["seed"], o["model"] == "tiny")
@@ -271,14 +272,24 @@ def run_prefill(o: dict, log=print) -> list[dict]:
     real = sum(lengths)
     rows = []
 
-    def record(name, fn, tokens):
+    def record(name, fn, tokens, backend="auto"):
+        chosen: set = set()
+
+        def once():  # the first step says which backend ran
+            if chosen:
+                return fn()
+            with record_calls() as seen:
+                fn()
+            chosen.update(c.backend for c in seen)
+
         try:
-            with torch.no_grad():
-                first, ms = _timed_steps(fn, dev, o["warmup"], o["steps"])
-            rows.append(dict(mode="prefill", impl=name, backend="auto", prompts=len(lengths), tokens=tokens, first_ms=first,
-                             ms=ms, tokens_per_s=tokens / ms * 1e3, status="ok"))  # fmt: skip
+            with torch.no_grad(), aa.use(backend):
+                first, ms = _timed_steps(once if name.startswith("anyattn") else fn, dev, o["warmup"], o["steps"])
+            rows.append(dict(mode="prefill", impl=name, backend=backend if name.startswith("anyattn") else "-", prompts=len(lengths),
+                             tokens=tokens, first_ms=first, ms=ms, tokens_per_s=tokens / ms * 1e3, status="ok",
+                             chosen=",".join(sorted(chosen))))  # fmt: skip
         except Exception as e:  # noqa: BLE001
-            rows.append(dict(mode="prefill", impl=name, status="failed", reason=f"{type(e).__name__}: {str(e)[:300]}"))
+            rows.append(dict(mode="prefill", impl=name, backend=backend, status="failed", reason=f"{type(e).__name__}: {str(e)[:300]}"))
         log(_line(rows[-1]))
 
     # packed: every prompt (whole) + one decode token for each of n_decode running sequences, one row
@@ -297,12 +308,14 @@ def run_prefill(o: dict, log=print) -> list[dict]:
         for s in seqs:
             cache.release(s)
 
-    record("anyattn/paged/mixed-packed", packed, T)
+    for backend in o["backends"]:
+        record("anyattn/paged/mixed-packed", packed, T, backend)
     # padded: the prompts only, right-padded to the longest, (B, S) with an attention mask
     S = max(lengths)
     pids = torch.randint(0, V, (len(lengths), S), device=dev)
     am = (torch.arange(S, device=dev)[None] < torch.tensor(lengths, device=dev)[:, None]).long()
-    record("anyattn/padded", lambda: model(pids, attention_mask=am, use_cache=False), real)
+    for backend in o["backends"]:
+        record("anyattn/padded", lambda: model(pids, attention_mask=am, use_cache=False), real, backend)
     hf = _model(o["model"], "sdpa", dev, o["dtype"], model.state_dict())
     record("hf/sdpa/padded", lambda: hf(pids, attention_mask=am, use_cache=False), real)
     rows.append(dict(mode="prefill", impl="padding waste", status="info", reason=f"{len(lengths) * S - real} of {len(lengths) * S} padded positions"))
