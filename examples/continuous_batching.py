@@ -38,8 +38,12 @@ anyattn.hf.register()
 
 
 def tiny_llama(seed: int = 0, vocab: int = 256, device="cpu", dtype=torch.float32, impl: str = "anyattn"):
+    # no end-of-sequence token: every request generates exactly its max_new tokens by plain argmax
+    # on both sides of --check (with Llama's default eos 2, generate(min_new_tokens=...) would
+    # forbid token 2 where this loop's argmax may pick it)
     cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)  # fmt: skip
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                                   bos_token_id=None, eos_token_id=None)  # fmt: skip
     torch.manual_seed(seed)
     with torch.device(device):
         return transformers.LlamaForCausalLM._from_config(cfg, attn_implementation=impl, dtype=dtype).eval()
@@ -147,7 +151,7 @@ def reference(model, reqs) -> dict[int, list[int]]:
     with torch.no_grad():
         for r in reqs:
             ids = torch.tensor([r.prompt], device=model.device)
-            g = model.generate(ids, max_new_tokens=r.max_new, min_new_tokens=r.max_new, do_sample=False, pad_token_id=0)
+            g = model.generate(ids, max_new_tokens=r.max_new, do_sample=False, pad_token_id=0)
             out[r.rid] = g[0, len(r.prompt) :].tolist()
     return out
 

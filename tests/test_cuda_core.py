@@ -147,12 +147,16 @@ def test_cuda_auto_prefers_fast_backends():
     assert aa.explain(q, k, v, mask=aa.documents([2000, 2096]) & aa.causal()).chosen in ("flex", "flash_torch")
     assert aa.explain(q, k, v, score=aa.softcap(30.0)).chosen == "flex"
     # measured on the H200: flash_torch leads packed documents forward, flex forward+backward,
-    # and flex leads padded batches (flash_torch's unpad/pad dominates there)
+    # and flex leads padded batches (flash_torch's unpad/pad dominates there); a packing or padding
+    # seen for the first time uses ranking.FIRST_SIGHT (no BlockMask built for one use)
     docs = aa.documents([2000, 2096]) & aa.causal()
     assert aa.explain(q, k, v, mask=docs).chosen == "flash_torch"
-    assert aa.explain(q.detach().requires_grad_(True), k, v, mask=docs).chosen == "flex"
+    qg = q.detach().requires_grad_(True)
+    assert aa.explain(qg, k, v, mask=docs).chosen == "flash_torch"  # first sight with autograd
+    assert aa.explain(qg, k, v, mask=docs).chosen == "flex"  # the same packing again
     keep = torch.ones(1, 4096, dtype=torch.bool, device="cuda")
     keep[:, 3000:] = False
+    assert aa.explain(q, k, v, mask=aa.padding(mask=keep)).chosen == "sdpa"  # first sight
     assert aa.explain(q, k, v, mask=aa.padding(mask=keep)).chosen == "flex"
     # half the length: small enough that the host decides (ranking.SMALL_WORK), SDPA for every mask
     q2, k2, v2 = (t[:, :, :2048] for t in (q, k, v))

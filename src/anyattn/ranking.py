@@ -17,11 +17,12 @@ SDPA 24 | 25; padding (B=8, 25% padded) flex 338 | 329, flash_torch 165 | 169 (u
 dominates), SDPA 204 | 193; prefix-LM flex 336 | 328, SDPA 180 | 160; ALiBi flex 287 | 296,
 SDPA 146 | 142; softcap flex only. The ``decode`` row (at most 16 queries, more keys) is not
 from that matrix: it orders backends by whether they run a new KV length without compiling.
-The ``+paged`` rows (calls on a ``PagedKVCache``) are NOT measured yet either: they put first
-the backends that read pages through the table instead of gathering them (a copy of every
-cached key per layer and step). ``anyattn bench serving`` (src/anyattn/bench/serving.py)
-measures decode tokens/s per backend and cache kind; its table is what these rows should be
-re-ordered from, with its command line noted here.
+The ``decode+paged`` and ``masked+paged`` rows (calls on a ``PagedKVCache``) are reasoned, not
+measured per backend: they put first the backend that reads pages through the table instead of
+gathering them (a copy of every cached key per layer and step); ``anyattn bench serving`` measured
+auto's choice there (paged flex decodes a 1B Llama at batch 1 in 29.0 ms/step against 40.8 on a
+contiguous cache with SDPA; at batch 64, 53.9 against 42.2: benchmarks/results/round6).
+``documents+paged`` (packed prefill on a paged cache) is measured: see its comment.
 The ``fa4`` entries (FlashAttention-4, ``backends/fa4.py``) are NOT measured yet, in any row:
 they come right after the measured leaders of each row, so that installing flash-attn-4 never
 moves auto onto an unmeasured kernel; ``benchmarks/device_round6_fa4.sh`` measures them next to
@@ -52,7 +53,11 @@ RANKING: dict[str, dict[str, tuple[str, ...]]] = {
         # flash_torch reads them where torch's varlen_attn has block_table (2.13), else both it and
         # the SDPA family run on the pages gathered into contiguous keys (a copy per layer)
         "decode+paged": ("flex", "flash_torch", "flash", "kernels_flash", "fa4", "cudnn", "sdpa", "eager"),
-        "documents+paged": ("flex", "flash_torch", "flash", "kernels_flash", "fa4", "cudnn", "sdpa", "eager"),
+        # packed prefill chunks next to decode tokens (continuous batching) on a paged cache, measured
+        # with `anyattn bench serving --mode prefill` (H100, torch 2.11, 1B Llama shape, 16 prompts
+        # + 16 decode steps, 12.8k tokens per step; benchmarks/results/round7): flash_torch 101.8
+        # ms/step (pages gathered: torch 2.11 has no block_table), flex 180.3, sdpa 484.2
+        "documents+paged": ("flash_torch", "flex", "flash", "kernels_flash", "fa4", "cudnn", "sdpa", "eager"),
         "masked+paged": ("flex", "flash_torch", "flash", "kernels_flash", "fa4", "cudnn", "sdpa", "eager"),  # padding(kv=) & causal
     },
     "cpu": {

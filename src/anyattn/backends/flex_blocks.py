@@ -104,8 +104,11 @@ def structured_blocks(call, qb: int = BLOCK, kb: int = BLOCK, q_major: bool = Fa
     full = all_[:, None]
 
     def ordered(dense):
-        d = dense.to(torch.int32)
-        return d.sum(-1).to(torch.int32), torch.argsort(d, dim=-1, descending=True, stable=True).to(torch.int32)
+        # contiguous: the transposed tiles would otherwise give an index whose last dimension is
+        # strided, which the CUDA kernels read as if it were dense (wrong dk/dv, no error)
+        d = dense.to(torch.int32).contiguous()
+        num = d.sum(-1).to(torch.int32).contiguous()
+        return num, torch.argsort(d, dim=-1, descending=True, stable=True).to(torch.int32).contiguous()
 
     kv_num, kv_idx = ordered(partial)
     full_num, full_idx = ordered(full)

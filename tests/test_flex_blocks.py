@@ -1,0 +1,61 @@
+"""flex's structured BlockMask (built from documents / padding / windows) against the one
+``create_block_mask`` builds from the predicate: the same tiles in both orientations (the q-major
+index is what the backward reads), each index tensor dense in memory (the CUDA kernels read the
+index as dense: a strided q-major index gave wrong dk/dv on the GPU with no error)."""
+
+import pytest
+import torch
+
+import anyattn as aa
+from anyattn.backends.flex_blocks import structured_block_mask
+from anyattn.testing import generate_qkv, make_call
+
+fa = pytest.importorskip("torch.nn.attention.flex_attention")
+
+FIELDS = [
+    ("kv_num_blocks", "kv_indices"),
+    ("full_kv_num_blocks", "full_kv_indices"),
+    ("q_num_blocks", "q_indices"),
+    ("full_q_num_blocks", "full_q_indices"),
+]
+
+
+def _masks(B, S):
+    keep = torch.ones(B, S, dtype=torch.bool)
+    keep[0, S - 77 :] = False
+    keep[-1, 5:] = True
+    return {
+        "docs-causal": aa.documents([[100, 37, 163], [300]] if B == 2 else [[100, 37, 163]]) & aa.causal(),
+        "docs-tail": aa.documents([[60, 131], [250]]) & aa.causal(),
+        "padding": aa.padding(mask=keep),
+        "window-docs": aa.documents([[170, 130], [44, 256]]) & aa.sliding_window(90),
+        "window": aa.sliding_window(140, right=20),
+    }
+
+
+@pytest.mark.parametrize("name", ["docs-causal", "docs-tail", "padding", "window-docs", "window"])
+def test_structured_block_mask_equals_create_block_mask(name):
+    B, S = 2, 300
+    q, k, v = generate_qkv(B, 2, 2, S, S, 16, requires_grad=True)
+    call = make_call(q, k, v, mask=_masks(B, S)[name])
+    pred = call.bound_mask().pred
+
+    def mask_mod(b, h, qi, ki):
+        return pred(b, h, qi, ki)
+
+    ours = structured_block_mask(call, mask_mod, need_q_blocks=True)
+    assert ours is not None, "documents / padding / windows have a structured BlockMask"
+    ref = fa.create_block_mask(mask_mod, B, None, S, S, device="cpu")
+    for num_name, idx_name in FIELDS:
+        num, idx = getattr(ours, num_name), getattr(ours, idx_name)
+        rnum, ridx = getattr(ref, num_name), getattr(ref, idx_name)
+        assert num.is_contiguous() and idx.is_contiguous(), f"{idx_name}: strides {idx.stride()} for shape {tuple(idx.shape)}"
+        assert num.dtype == idx.dtype == torch.int32
+        R = num.shape[0]
+        assert torch.equal(num, rnum[:R] if rnum.shape[0] >= R else rnum.expand_as(num)), num_name
+        for r in range(R):
+            for row in range(num.shape[-1]):
+                n = int(num[r, 0, row])
+                got = sorted(idx[r, 0, row, :n].tolist())
+                want = sorted(ridx[min(r, ridx.shape[0] - 1), 0, row, :n].tolist())
+                assert got == want, f"{idx_name}[{r}, {row}]"
