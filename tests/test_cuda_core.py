@@ -158,6 +158,9 @@ def test_cuda_auto_prefers_fast_backends():
     keep[:, 3000:] = False
     assert aa.explain(q, k, v, mask=aa.padding(mask=keep)).chosen == "sdpa"  # first sight
     assert aa.explain(q, k, v, mask=aa.padding(mask=keep)).chosen == "flex"
+    # with 64-wide heads SDPA leads padded batches even when the mask is reused (ranking "padding+d64")
+    q6, k6, v6 = (t[..., :64] for t in (q, k, v))
+    assert aa.explain(q6, k6, v6, mask=aa.padding(mask=keep)).chosen == "sdpa"
     # half the length: small enough that the host decides (ranking.SMALL_WORK), SDPA for every mask
     q2, k2, v2 = (t[:, :, :2048] for t in (q, k, v))
     for m in (aa.causal(), aa.documents([1000, 1048]) & aa.causal(), aa.padding(mask=keep[:, :2048])):

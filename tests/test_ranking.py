@@ -52,3 +52,14 @@ def test_a_fresh_dense_mask_is_not_ranked_to_flex_first():
 def test_cpu_rows_are_unchanged_by_size():
     s = Signature.of(B=1, Hq=1, Sq=8, D=16, dtype=torch.float32, device=torch.device("cpu"), mask=aa.causal())
     assert not ranking.is_small(s) and ranking.ranking_for(s) == ranking.RANKING["cpu"]["*"]
+
+
+def test_padding_with_small_heads_puts_sdpa_before_flex():
+    keep = aa.padding(torch.tensor([2048, 1536]))
+    d64 = Signature.of(B=2, Hq=32, Sq=2048, D=64, dtype=torch.bfloat16, device=CUDA, mask=keep)
+    d128 = Signature.of(B=2, Hq=16, Sq=2048, D=128, dtype=torch.bfloat16, device=CUDA, mask=keep)
+    assert ranking.variant_class(d64) == ranking.variant_class(d128) == "padding"
+    assert ranking.ranking_for(d64) == ranking.RANKING["cuda"]["padding+d64"]
+    assert ranking.ranking_for(d64).index("sdpa") < ranking.ranking_for(d64).index("flex")
+    assert ranking.ranking_for(d128) == ranking.RANKING["cuda"]["padding"]
+    assert ranking.ranking_for(d64, first_sight=True) == ranking.FIRST_SIGHT["cuda"]["padding"]

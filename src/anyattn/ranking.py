@@ -43,6 +43,13 @@ RANKING: dict[str, dict[str, tuple[str, ...]]] = {
         "documents": ("flash_torch", "flex", "fa4", "flash", "kernels_flash", "cudnn", "sdpa", "eager"),
         "documents+grad": ("flex", "flash_torch", "fa4", "flash", "kernels_flash", "cudnn", "sdpa", "eager"),
         "padding": ("flex", "cudnn", "sdpa", "flash_torch", "fa4", "flash", "kernels_flash", "eager"),
+        # padding with head_dim <= 64 (a 1B Llama: 32 heads of 64): flex's kernel falls far behind,
+        # measured on the H200 (torch 2.11, B=16, S=2048, Hq=32, D=64, bf16, fwd, one mask reused;
+        # benchmarks/results/round8/prefill_shape): flash_torch 2.074 ms, sdpa 2.121, cudnn 2.121,
+        # flex 6.416; and `bench serving` padded prefill (H100, round 7): flex 251.6 ms/step, sdpa
+        # 208.7, flash_torch 179.6. SDPA first: it needs no unpad/pad copies, which cost
+        # flash_torch the D=128 rows above (165 against SDPA's 204 TFLOP/s)
+        "padding+d64": ("sdpa", "cudnn", "flash_torch", "flex", "fa4", "flash", "kernels_flash", "eager"),
         "masked": ("flex", "cudnn", "sdpa", "eager"),
         "scored": ("flex", "fa4", "flash", "kernels_flash", "cudnn", "sdpa", "eager"),
         # a few queries against a longer KV cache (generation): the KV length changes every step,
@@ -150,4 +157,6 @@ def ranking_for(call, first_sight: bool = False) -> tuple[str, ...]:
         return first[cls]
     if call.requires_grad and cls + "+grad" in rows:
         return rows[cls + "+grad"]
+    if cls == "padding" and call.D <= 64 and "padding+d64" in rows:
+        return rows["padding+d64"]
     return rows.get(cls) or rows.get("*") or ()
