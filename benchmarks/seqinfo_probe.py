@@ -76,6 +76,13 @@ def main():
                     step(p)
             ran = [c.backend for c in rec]
             print(f"   ran: {ran}")
+    with torch.no_grad():  # forward only, the two backends alternated in one process
+        for _ in range(2):
+            for backend in ("flash_torch", "auto"):
+                for form in ("tensor", "list", "seqinfo"):
+                    make = forms[form]
+                    timeit(lambda p, make=make, backend=backend: attention(q, k, v, mask=make(p), backend=backend),
+                           f"{backend} [{form}] fwd")  # fmt: skip
     from torch.profiler import ProfilerActivity, profile
 
     for form in ("seqinfo", "list"):

@@ -153,13 +153,17 @@ def test_cuda_auto_prefers_fast_backends():
     assert aa.explain(q, k, v, mask=docs).chosen == "flash_torch"
     qg = q.detach().requires_grad_(True)
     assert aa.explain(qg, k, v, mask=docs).chosen == "flash_torch"  # first sight with autograd
+    assert aa.explain(qg, k, v, mask=docs).chosen == "flash_torch"  # explain only looks
+    aa.attention(qg, k, v, mask=docs)
     assert aa.explain(qg, k, v, mask=docs).chosen == "flex"  # the same packing again
     keep = torch.ones(1, 4096, dtype=torch.bool, device="cuda")
     keep[:, 3000:] = False
     assert aa.explain(q, k, v, mask=aa.padding(mask=keep)).chosen == "sdpa"  # first sight
+    aa.attention(q, k, v, mask=aa.padding(mask=keep))
     assert aa.explain(q, k, v, mask=aa.padding(mask=keep)).chosen == "flex"
     # with 64-wide heads SDPA leads padded batches even when the mask is reused (ranking "padding+d64")
     q6, k6, v6 = (t[..., :64] for t in (q, k, v))
+    aa.attention(q6, k6, v6, mask=aa.padding(mask=keep))
     assert aa.explain(q6, k6, v6, mask=aa.padding(mask=keep)).chosen == "sdpa"
     # half the length: small enough that the host decides (ranking.SMALL_WORK), SDPA for every mask
     q2, k2, v2 = (t[:, :, :2048] for t in (q, k, v))

@@ -63,3 +63,20 @@ def test_padding_with_small_heads_puts_sdpa_before_flex():
     assert ranking.ranking_for(d64).index("sdpa") < ranking.ranking_for(d64).index("flex")
     assert ranking.ranking_for(d128) == ranking.RANKING["cuda"]["padding"]
     assert ranking.ranking_for(d64, first_sight=True) == ranking.FIRST_SIGHT["cuda"]["padding"]
+
+
+def test_explain_only_looks_at_first_sight(monkeypatch):
+    """explain() reports the decision of the next call and leaves it unchanged: values auto has
+    not run are a first sight before and after asking; running them once moves to the regular row."""
+    monkeypatch.setitem(ranking.RANKING, "cpu", {"documents": ("eager", "sdpa"), "*": ("sdpa", "eager")})
+    monkeypatch.setitem(ranking.FIRST_SIGHT, "cpu", {"documents": ("sdpa", "eager")})
+    aa.clear_caches()
+    try:
+        q, k, v = (torch.randn(1, 2, 64, 16) for _ in range(3))
+        docs = aa.documents(torch.tensor([20, 44])) & aa.causal()
+        assert aa.explain(q, k, v, mask=docs).chosen == "sdpa"
+        assert aa.explain(q, k, v, mask=docs).chosen == "sdpa"
+        aa.attention(q, k, v, mask=docs)
+        assert aa.explain(q, k, v, mask=docs).chosen == "eager"
+    finally:
+        aa.clear_caches()

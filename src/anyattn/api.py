@@ -241,7 +241,7 @@ def _prepare(q, k, v, mask, score, scale, dropout_p, return_lse, need_weights, b
     # BlockMask) loses to one whose lowering is cheap when the content is used once (a new packing
     # every call), and wins when it is reused (a model's layers): ranking.FIRST_SIGHT decides.
     first = valued and not compiling and requested == ("auto",) and _SEEN._d.get(key) is None
-    if first:
+    if first and full is None:  # explain() only looks: the call it describes is still a first sight
         _SEEN.put(key, True, tokens)
     # torch.use_deterministic_algorithms changes what a backend may run (cuDNN refuses), so a
     # decision taken in the other mode must not be reused.
@@ -458,7 +458,9 @@ def explain(q, k=None, v=None, *, kv=None, mask=None, score=None, scale=None, ba
     validation errors as ``attention``; a call no backend can serve returns the decision with
     ``chosen=None`` instead of raising. ``full=False`` stops at the winner, as ``attention``
     does (backends ranked below it are listed as "not checked"). No backend builds a mask to
-    answer: capability checks read the call's shapes, options and term structure only.
+    answer: capability checks read the call's shapes, options and term structure only. Asking
+    changes nothing: term values ``auto`` has not run yet are still a first sight afterwards
+    (``ranking.FIRST_SIGHT``), so the decision shown is the one the next call takes.
     ``kv=``: a KV cache view instead of k and v, as in :func:`attention`.
     """
     paged = None
