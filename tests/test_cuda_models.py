@@ -179,18 +179,27 @@ def test_compiled_layers_bf16_match_float32_without_recompiles(setup, fuse_qkv):
 def test_packed_forward_on_auto_materializes_no_dense_masks():
     """ESM2 asks which backend would serve its packed row before packing it. Asking with a full
     explain() made cuDNN's check materialize a dense (1, 1, T, T) mask for every new batch, and the
-    count-bounded cache kept them: 75 GiB of GPU memory in the 32k-token ESM2-650M benchmark."""
+    count-bounded cache kept them: 75 GiB of GPU memory in the 32k-token ESM2-650M benchmark.
+    The row is 8192 tokens: below ranking.SMALL_WORK (2048 tokens of this model) auto runs SDPA on
+    purpose, with the dense mask that SDPA needs (H100 round 9 ran this test at 2048 tokens and
+    found SDPA's six masks: the small-call rule, not explain)."""
 
+    from anyattn import ranking
+    from anyattn.call import Signature
+
+    cfg = ESM2Config.from_name("esm2_t6_8M", attn_backend="auto")
+    H, D = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
+    assert not ranking.is_small(Signature.of(B=1, Hq=H, Sq=8192, D=D, dtype=torch.bfloat16, device=torch.device("cuda")))
     anyattn.clear_caches()
     with torch.device("cuda"):
-        m = ESM2ForMaskedLM(ESM2Config.from_name("esm2_t6_8M", attn_backend="auto")).to(torch.bfloat16).eval()
+        m = ESM2ForMaskedLM(cfg).to(torch.bfloat16).eval()
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     with torch.no_grad():
         for i in range(6):
-            lengths = [400 + i, 300, 200 - i, 90]
-            ids = torch.randint(4, 24, (1, 2048), device="cuda")
-            info = anyattn.SeqInfo.from_lengths(lengths, total_length=2048, device="cuda")
+            lengths = [3000 + i, 2500, 1500 - i, 900]
+            ids = torch.randint(4, 24, (1, 8192), device="cuda")
+            info = anyattn.SeqInfo.from_lengths(lengths, total_length=8192, device="cuda")
             m(ids, seq_info=info)
     torch.cuda.synchronize()
     assert len(REGISTRY["sdpa"].cache) == 0 and len(REGISTRY["cudnn"].cache) == 0

@@ -220,40 +220,46 @@ class SeqInfo:
 
     @classmethod
     def _build(cls, rows: list[list[int]], S: int, device: torch.device, kind: str) -> SeqInfo:
-        """Every tensor from host lengths, vectorized on the CPU (no per-token Python work: a
-        packed row holds ~10^4-10^5 tokens), then moved to ``device`` through pinned memory with
-        non-blocking copies: no host sync, so building the next batch's structure overlaps the
-        device's work on the current one."""
+        """Every tensor from host lengths without a host sync. The per-document numbers (a few
+        hundred at most) travel to ``device`` in ONE pinned, non-blocking copy; the per-token
+        maps (B*S entries: ~10^4-10^5 for a packed row) are derived there by a dozen vectorized
+        ops, so the host never allocates or fills them (on a GPU host, filling them on the CPU
+        cost ~0.6 ms per 16k-token row: benchmarks/results/round9/seqinfo_probe.log). Building the
+        next batch's structure overlaps the device's work on the current one."""
         B = len(rows)
         N = max(len(r) for r in rows)
         flat_docs = [x for r in rows for x in r]
-        total = sum(flat_docs)
-        lengths_D = torch.tensor(flat_docs, dtype=torch.int64)
+        nD, total = len(flat_docs), sum(flat_docs)
         row_tot = [sum(r) for r in rows]
-        cu = torch.zeros(len(flat_docs) + 1, dtype=torch.int64)
-        torch.cumsum(lengths_D, 0, out=cu[1:])
+        cu, acc = [0], 0
+        for x in flat_docs:
+            acc += x
+            cu.append(acc)
+        row_start, acc = [], 0
+        for t in row_tot:
+            row_start.append(acc)
+            acc += t
+        row_of_doc = [b for b, r in enumerate(rows) for _ in r]
+        padded = [x for r in rows for x in (*r, *([0] * (N - len(r))))]
+        # one host buffer, one copy: [doc lengths | cu | row of each doc | row starts | row totals | (B, N) lengths]
+        host = torch.tensor(flat_docs + cu + row_of_doc + row_start + row_tot + padded, dtype=torch.int64)
+        buf = host_to_device(host, device)
+        lengths_D, cu_d, row_D, row_start_d, row_tot_d, padded_d = torch.split(buf, (nD, nD + 1, nD, B, B, B * N))
         # token t (in row-major order over the real tokens) -> its document, row, position, column
-        doc_T = torch.repeat_interleave(torch.arange(len(flat_docs)), lengths_D, output_size=total)
-        row_D = torch.tensor([b for b, r in enumerate(rows) for _ in r], dtype=torch.int64)
+        doc_T = torch.repeat_interleave(torch.arange(nD, device=buf.device), lengths_D, output_size=total)  # no sync
         row_T = row_D[doc_T]
-        ar_T = torch.arange(total)
-        pos_T = ar_T - cu[doc_T]
-        row_start = torch.tensor([0] + row_tot[:-1], dtype=torch.int64).cumsum(0)
-        idx_T = row_T * S + (ar_T - row_start[row_T])
-        doc_ids = torch.full((B * S,), -1, dtype=torch.int32)
+        ar_T = torch.arange(total, device=buf.device)
+        idx_T = row_T * S + (ar_T - row_start_d[row_T])
+        doc_ids = torch.full((B * S,), -1, dtype=torch.int32, device=buf.device)
         doc_ids[idx_T] = doc_T.to(torch.int32)
-        positions = torch.zeros(B * S, dtype=torch.int64)
-        positions[idx_T] = pos_T
-        keep = torch.arange(S)[None, :] < torch.tensor(row_tot, dtype=torch.int64)[:, None]
-        padded = [r + [0] * (N - len(r)) for r in rows]
-        mv = lambda t: host_to_device(t, device)  # noqa: E731
+        positions = torch.zeros(B * S, dtype=torch.int64, device=buf.device)
+        positions[idx_T] = ar_T - cu_d[doc_T]
+        keep = torch.arange(S, device=buf.device)[None, :] < row_tot_d[:, None]
         return cls(
             B=B, S=S,
-            lengths=mv(torch.tensor(padded, dtype=torch.int64)),
-            host_lengths=tuple(tuple(r) for r in padded),
-            cu_seqlens=mv(cu.to(torch.int32)),
-            max_seqlen=max(flat_docs) if flat_docs else 0, total=total,
-            indices=mv(idx_T), keep=mv(keep), doc_ids=mv(doc_ids.view(B, S)), positions=mv(positions.view(B, S)),
+            lengths=padded_d.view(B, N), host_lengths=tuple(tuple(r) + (0,) * (N - len(r)) for r in rows),
+            cu_seqlens=cu_d.to(torch.int32), max_seqlen=max(flat_docs) if flat_docs else 0, total=total,
+            indices=idx_T, keep=keep, doc_ids=doc_ids.view(B, S), positions=positions.view(B, S),
             kind=kind,
         )  # fmt: skip
 

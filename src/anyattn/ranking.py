@@ -23,10 +23,15 @@ gathering them (a copy of every cached key per layer and step); ``anyattn bench 
 auto's choice there (paged flex decodes a 1B Llama at batch 1 in 29.0 ms/step against 40.8 on a
 contiguous cache with SDPA; at batch 64, 53.9 against 42.2: benchmarks/results/round6).
 ``documents+paged`` (packed prefill on a paged cache) is measured: see its comment.
-The ``fa4`` entries (FlashAttention-4, ``backends/fa4.py``) are NOT measured yet, in any row:
-they come right after the measured leaders of each row, so that installing flash-attn-4 never
-moves auto onto an unmeasured kernel; ``benchmarks/device_round6_fa4.sh`` measures them next to
-cuDNN and flex, and these rows are to be re-ordered from its table.
+The ``fa4`` entries (FlashAttention-4, ``backends/fa4.py``; only where flash-attn-4 imports) were
+measured by ``benchmarks/device_round6_fa4.sh`` on an H100 (torch 2.11, flash-attn-4 4.0.0b40,
+bf16, Hq=16, D=128, 16k tokens; benchmarks/results/round9/fa4_h100), TFLOP/s fwd | fwd+bwd:
+dense fa4 626 | 562, cudnn 592 | 492; causal fa4 504 | 459, cudnn 494 | 400, flex (FLASH
+lowering) 497 | 252, flex (Triton) 319 | 309; documents fa4 527 | 478, flex (FLASH) 423 | -;
+window fa4 501 | 422; documents + window fa4 353 | 322, flex (FLASH) 286 | 269; softcap flex
+(FLASH) 273 | 305, fa4 262 | 294. So fa4 leads dense, causal, window and documents, and flex
+keeps the score rows. Padding and the first-sight / small / decode rows were not measured with
+fa4: there it comes after the measured backends.
 The CPU row comes from ``anyattn bench kernels --quick`` on a 2-core CPU: SDPA's CPU kernels beat the eager reference, and compiled Flex costs seconds of
 compilation per new variant and shape, so it is last.
 """
@@ -37,11 +42,12 @@ DECODE_MAX_SQ = 16  # at most this many queries against a longer key sequence: t
 
 RANKING: dict[str, dict[str, tuple[str, ...]]] = {
     "cuda": {
-        "dense": ("cudnn", "sdpa", "flex", "flash_torch", "fa4", "flash", "kernels_flash", "eager"),
-        "causal": ("cudnn", "sdpa", "flex", "flash_torch", "fa4", "flash", "kernels_flash", "eager"),
-        "window": ("flex", "flash_torch", "fa4", "flash", "kernels_flash", "cudnn", "sdpa", "eager"),
-        "documents": ("flash_torch", "flex", "fa4", "flash", "kernels_flash", "cudnn", "sdpa", "eager"),
-        "documents+grad": ("flex", "flash_torch", "fa4", "flash", "kernels_flash", "cudnn", "sdpa", "eager"),
+        # fa4 (where flash-attn-4 is installed) leads the rows it was measured on: see the docstring
+        "dense": ("fa4", "cudnn", "sdpa", "flex", "flash_torch", "flash", "kernels_flash", "eager"),
+        "causal": ("fa4", "cudnn", "sdpa", "flex", "flash_torch", "flash", "kernels_flash", "eager"),
+        "window": ("fa4", "flex", "flash_torch", "flash", "kernels_flash", "cudnn", "sdpa", "eager"),
+        "documents": ("fa4", "flash_torch", "flex", "flash", "kernels_flash", "cudnn", "sdpa", "eager"),
+        "documents+grad": ("fa4", "flex", "flash_torch", "flash", "kernels_flash", "cudnn", "sdpa", "eager"),
         "padding": ("flex", "cudnn", "sdpa", "flash_torch", "fa4", "flash", "kernels_flash", "eager"),
         # padding with head_dim <= 64 (a 1B Llama: 32 heads of 64): flex's kernel falls far behind,
         # measured on the H200 (torch 2.11, B=16, S=2048, Hq=32, D=64, bf16, fwd, one mask reused;
