@@ -125,3 +125,21 @@ def test_cuda_structured_block_mask_equals_create_block_mask():
         assert bool((o_any.expand_as(r_any) >= r_any).all()), f"{mask!r}: a visible tile is missing"
         out = aa.attention(q, k, v, mask=mask, backend="flex")
         assert _err(out, oracle(q, k, v, mask=mask)) <= 2 * _err(aa.attention(q, k, v, mask=mask, backend="eager"), oracle(q, k, v, mask=mask)) + 1e-5
+
+
+@pytest.mark.parametrize("rows,S", [([[300, 0, 212]], 512), ([[5, 7], [12], []], 16), ([[2048] * 8], 16384)])
+def test_cuda_seqinfo_is_built_on_the_device_without_a_sync(rows, S):
+    """SeqInfo.from_lengths(..., device="cuda") derives its per-token maps on the device from one
+    pinned copy of the per-document numbers: equal to the CPU build, and no host sync."""
+    cpu = aa.SeqInfo.from_lengths(rows, total_length=S)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronizing CUDA call raises
+    try:
+        gpu = aa.SeqInfo.from_lengths(rows, total_length=S, device="cuda")
+        cu, mx = gpu.varlen()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for name in ("lengths", "cu_seqlens", "indices", "keep", "doc_ids", "positions"):
+        a, b = getattr(gpu, name), getattr(cpu, name)
+        assert a.device.type == "cuda" and a.dtype == b.dtype and torch.equal(a.cpu(), b), name
+    assert (gpu.host_lengths, gpu.total, gpu.max_seqlen, mx) == (cpu.host_lengths, cpu.total, cpu.max_seqlen, cpu.max_seqlen)

@@ -251,9 +251,9 @@ class SeqInfo:
         ar_T = torch.arange(total, device=buf.device)
         idx_T = row_T * S + (ar_T - row_start_d[row_T])
         doc_ids = torch.full((B * S,), -1, dtype=torch.int32, device=buf.device)
-        doc_ids[idx_T] = doc_T.to(torch.int32)
+        doc_ids.index_copy_(0, idx_T, doc_T.to(torch.int32))  # index_copy_: no sync (as pad())
         positions = torch.zeros(B * S, dtype=torch.int64, device=buf.device)
-        positions[idx_T] = ar_T - cu_d[doc_T]
+        positions.index_copy_(0, idx_T, ar_T - cu_d[doc_T])
         keep = torch.arange(S, device=buf.device)[None, :] < row_tot_d[:, None]
         return cls(
             B=B, S=S,
