@@ -180,7 +180,7 @@ def test_packed_forward_on_auto_materializes_no_dense_masks():
     """ESM2 asks which backend would serve its packed row before packing it. Asking with a full
     explain() made cuDNN's check materialize a dense (1, 1, T, T) mask for every new batch, and the
     count-bounded cache kept them: 75 GiB of GPU memory in the 32k-token ESM2-650M benchmark.
-    The row is 8192 tokens: below ranking.SMALL_WORK (2048 tokens of this model) auto runs SDPA on
+    The row is 8192 tokens: below ranking.SMALL_WORK (about 5200 tokens of this model) auto runs SDPA on
     purpose, with the dense mask that SDPA needs (H100 round 9 ran this test at 2048 tokens and
     found SDPA's six masks: the small-call rule, not explain)."""
 
