@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import clear_caches, explain
+from ..testing import record_calls
 from . import UsageError, verify
 from . import churn_steps as cs
 from .cases import DTYPES
@@ -116,7 +117,7 @@ class Row:
     impl: str  # "raw" | "anyattn"
     backend: str  # "raw:..." or an anyattn backend name / "auto"
     form: str  # term form ("" for raw rows)
-    chosen: str  # auto: the backend(s) it picked on the checked and timed packings ("a/b" if several)
+    chosen: str  # anyattn rows: the backend(s) that ran on the checked packings ("a/b" if several; a refusal moving on shows both)
     B: int
     S: int
     H: int
@@ -249,8 +250,14 @@ def _run_row(ctx: _Ctx, name: str, form: str, t_start: float) -> Row:
         for p in ctx.warm[1:]:
             step(p)
         comps = []
-        for i, p in enumerate(ctx.check):
-            comps += _check(ctx, i, fwd, canon, rows_only=base["impl"] == "raw")
+        for i in range(len(ctx.check)):
+            ctx.oracle(i)  # built first: its eager calls are not the row's
+        with record_calls() as ran:  # what actually ran on new packings (refusals moving on included)
+            for i, p in enumerate(ctx.check):
+                comps += _check(ctx, i, fwd, canon, rows_only=base["impl"] == "raw")
+        names = list(dict.fromkeys(c.backend for c in ran))
+        if base["impl"] == "anyattn" and names and names != base["chosen"].split("/"):
+            base["chosen"] = "/".join(names)
         err, bnd, msg = verify.verdict(comps)
         what = "out" + (", dq, dk, dv" if ctx.grad else "") + (" (real tokens)" if base["impl"] == "raw" and ctx.case == "padding" else "")
         check = dict(check="FAIL" if msg else "ok", check_err=err, check_bound=bnd, checked=f"{what} on {len(ctx.check)} packing(s)")
