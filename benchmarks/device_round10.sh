@@ -9,22 +9,10 @@
 #      first) next to sdpa and flash_torch;
 #  (4) the families rows not measured yet: ANKH base / large compiled and next to the port.
 #   OUT=/path bash benchmarks/device_round10.sh      # from the repository root
-set -uo pipefail
-export PYTHONPATH=src PYTHONUNBUFFERED=1 CUBLAS_WORKSPACE_CONFIG=:4096:8
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-T0=$(date +%s)
-el() { echo $(( $(date +%s) - T0 )); }
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"; } | tee "$OUT/summary.txt"
-export ANYATTN_FAILLOG=$OUT/failures.txt
-timeout -k 5 ${TEST_LIMIT:-120} python3 -m pytest -q -rf -m "cuda and not multigpu" -n 14 -p no:cacheprovider \
+. benchmarks/device_common.sh
+cuda_tests "${TEST_LIMIT:-120}" \
   tests/test_cuda_churn.py tests/test_cuda_core.py::test_cuda_auto_prefers_fast_backends \
-  tests/test_cuda_models.py::test_packed_forward_on_auto_materializes_no_dense_masks tests/test_cuda_train.py \
-  > "$OUT/tests.log" 2>&1
-echo "tests rc=$? at $(el)s: $(tail -1 "$OUT/tests.log")" | tee -a "$OUT/summary.txt"
-unset ANYATTN_FAILLOG
-grep -E '^FAILED|^ERROR' "$OUT/tests.log" | cut -c1-250 | head -20 | tee -a "$OUT/summary.txt"
+  tests/test_cuda_models.py::test_packed_forward_on_auto_materializes_no_dense_masks tests/test_cuda_train.py
 timeout 100 python3 benchmarks/seqinfo_probe.py > "$OUT/seqinfo_probe.log" 2>&1
 echo "seqinfo probe rc=$? at $(el)s" | tee -a "$OUT/summary.txt"
 timeout -s TERM -k 5 75 python3 -m anyattn bench kernels --mode new-packing --cases packing --steps 30 --budget-s 60 --out "$OUT/np" > "$OUT/new_packing.log" 2>&1

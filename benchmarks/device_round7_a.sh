@@ -6,21 +6,9 @@
 #  (3) the 1B model's prefill (mixed packed vs padded) with every anyattn backend beside HF sdpa,
 #      and the small calls with a new packing and a fresh dense() mask every call.
 #   OUT=/path bash benchmarks/device_round7_a.sh      # from the repository root
-set -uo pipefail
-export PYTHONPATH=src PYTHONUNBUFFERED=1 CUBLAS_WORKSPACE_CONFIG=:4096:8
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-T0=$(date +%s)
-el() { echo $(( $(date +%s) - T0 )); }
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"; } | tee "$OUT/summary.txt"
-export ANYATTN_FAILLOG=$OUT/failures.txt
-timeout -k 5 ${TEST_LIMIT:-290} python3 -m pytest -q -rf -m "cuda and not multigpu" -n 14 -p no:cacheprovider \
-  tests/test_cuda_core.py tests/test_cuda_flash.py tests/test_cuda_churn.py tests/test_cuda_serving.py tests/test_cuda_hf.py \
-  > "$OUT/tests.log" 2>&1
-echo "tests rc=$? at $(el)s: $(tail -1 "$OUT/tests.log")" | tee -a "$OUT/summary.txt"
-unset ANYATTN_FAILLOG
-grep -E '^FAILED|^ERROR' "$OUT/tests.log" | cut -c1-250 | head -20 | tee -a "$OUT/summary.txt"
+. benchmarks/device_common.sh
+cuda_tests "${TEST_LIMIT:-290}" \
+  tests/test_cuda_core.py tests/test_cuda_flash.py tests/test_cuda_churn.py tests/test_cuda_serving.py tests/test_cuda_hf.py
 timeout -s TERM -k 5 75 python3 -m anyattn bench kernels --mode new-packing --steps 30 --budget-s 60 --out "$OUT/np" > "$OUT/new_packing.log" 2>&1
 echo "new-packing rc=$? at $(el)s" | tee -a "$OUT/summary.txt"
 timeout -s TERM -k 5 70 python3 -m anyattn bench kernels --mode host --host-rounds 3 --backends auto,sdpa,cudnn --out "$OUT/host" > "$OUT/host.log" 2>&1

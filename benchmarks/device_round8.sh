@@ -6,21 +6,9 @@
 #  (3) padding and documents at the prefill shape of the 1B Llama (B=16, S=2048, Hq=32, D=64, fwd);
 #  (4) the prefill of `bench serving` with auto (documents+paged now ranks flash_torch first).
 #   OUT=/path bash benchmarks/device_round8.sh      # from the repository root
-set -uo pipefail
-export PYTHONPATH=src PYTHONUNBUFFERED=1 CUBLAS_WORKSPACE_CONFIG=:4096:8
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-T0=$(date +%s)
-el() { echo $(( $(date +%s) - T0 )); }
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"; } | tee "$OUT/summary.txt"
-export ANYATTN_FAILLOG=$OUT/failures.txt
-timeout -k 5 ${TEST_LIMIT:-150} python3 -m pytest -q -rf -m "cuda and not multigpu" -n 14 -p no:cacheprovider \
-  tests/test_cuda_core.py tests/test_cuda_churn.py tests/test_cuda_serving.py -k "flex or auto or continuous or padding" \
-  > "$OUT/tests.log" 2>&1
-echo "tests rc=$? at $(el)s: $(tail -1 "$OUT/tests.log")" | tee -a "$OUT/summary.txt"
-unset ANYATTN_FAILLOG
-grep -E '^FAILED|^ERROR' "$OUT/tests.log" | cut -c1-250 | head -20 | tee -a "$OUT/summary.txt"
+. benchmarks/device_common.sh
+cuda_tests "${TEST_LIMIT:-150}" \
+  tests/test_cuda_core.py tests/test_cuda_churn.py tests/test_cuda_serving.py -k "flex or auto or continuous or padding"
 timeout -s TERM -k 5 75 python3 -m anyattn bench kernels --mode new-packing --steps 30 --budget-s 60 --out "$OUT/np" > "$OUT/new_packing.log" 2>&1
 echo "new-packing rc=$? at $(el)s" | tee -a "$OUT/summary.txt"
 timeout -s TERM -k 5 70 python3 -m anyattn bench kernels --variants padding,documents --batch 16 --seqlen 2048 --heads 32 --head-dim 64 \

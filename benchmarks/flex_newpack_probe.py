@@ -12,8 +12,8 @@ failure per step shows here); (3) the profiler's top operators by self CPU time 
 from __future__ import annotations
 
 import argparse
-import importlib
 import collections
+import importlib
 import time
 
 import torch

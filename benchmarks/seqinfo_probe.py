@@ -14,20 +14,14 @@ import time
 import torch
 
 from anyattn import SeqInfo, attention, causal, clear_caches, documents
+from anyattn.bench.cases import doc_lengths
 from anyattn.testing import record_calls
 
 
 def packings(n, S, seed=0):
+    """n packings of one S-token row, 8..24 documents each (as `bench kernels --mode new-packing`)."""
     rnd = random.Random(seed)
-    out = []
-    for _ in range(n):
-        p, left = [], S
-        while left > 0:
-            x = min(left, max(1, int(rnd.lognormvariate(6.5, 1.0))))
-            p.append(x)
-            left -= x
-        out.append(p)
-    return out
+    return [list(doc_lengths(S, rnd.randint(8, 24), seed=rnd.randrange(1 << 30))) for _ in range(n)]
 
 
 def main():

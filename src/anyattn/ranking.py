@@ -3,7 +3,8 @@
 This is data, not logic. ``auto`` walks the list and takes the first backend that can compute
 the call exactly; backends missing from a list are tried after it, in registry order. A class
 with a ``+grad`` row uses it when autograd runs through the call (training), because the fastest
-forward kernel is not always the fastest forward+backward.
+forward kernel is not always the fastest forward+backward; a class with a ``+d64`` row uses it
+(without autograd) when the head dim is at most 64, where a kernel's standing can differ.
 
 Source of the CUDA rows: ``benchmarks/results/h200/kernels.md`` (H200, torch 2.11, bf16,
 Hq=16, D=128, 16k tokens per call; forward and forward+backward), produced by
@@ -163,6 +164,6 @@ def ranking_for(call, first_sight: bool = False) -> tuple[str, ...]:
         return first[cls]
     if call.requires_grad and cls + "+grad" in rows:
         return rows[cls + "+grad"]
-    if cls == "padding" and call.D <= 64 and "padding+d64" in rows:
-        return rows["padding+d64"]
+    if call.D <= 64 and cls + "+d64" in rows:  # a row measured apart for heads of at most 64
+        return rows[cls + "+d64"]
     return rows.get(cls) or rows.get("*") or ()
