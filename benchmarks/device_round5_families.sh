@@ -95,7 +95,7 @@ M=(python3 -m anyattn bench model)
 stage esm2       120 50 "${M[@]}" --family esm2 "${MX[@]}" --rows plain,compiled,port --hf sdpa --out "$WORK/esm2"
 stage esmc_300m   60 30 "${M[@]}" --family esmc --preset esmc_300m "${MX[@]}" --rows plain,port,compiled --hf sdpa --out "$WORK/esmc_300m"
 stage esmc_600m   70 35 "${M[@]}" --family esmc --preset esmc_600m "${MX[@]}" --rows plain,port,compiled --hf sdpa --out "$WORK/esmc_600m"
-stage ankh_base  130 60 "${M[@]}" --family ankh --preset ankh_base "${MX[@]}" --rows plain,port,compiled --hf "sdpa|eager" --out "$WORK/ankh_base"
+stage ankh_base  "${ANKH_BASE_S:-130}" 60 "${M[@]}" --family ankh --preset ankh_base "${MX[@]}" --rows plain,port,compiled --hf "sdpa|eager" --out "$WORK/ankh_base"
 stage embed       90 45 python3 -m anyattn.bench.embed_e2e --family esm2 "${EX[@]}" --work "$WORK/embed_work" --out "$WORK/embed"
 rm -rf "$WORK/embed_work"  # the checkpoint (1.3 GB) and the stores
 stage e1          45 25 "${M[@]}" --family e1 --preset E1-300m "${MX[@]}" --rows plain,port,compiled --hf sdpa --out "$WORK/e1"

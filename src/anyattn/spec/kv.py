@@ -476,6 +476,25 @@ class KVStep:
 
         return self._memo_get("page_maps", build)
 
+    def row_pages(self, width: int):
+        """Paged, rows layout: ((rows, 1, 1) int32 live pages per row, (rows, 1, 1, width) int32
+        those pages, zero-padded), on the device: the key blocks of a query block that covers its
+        whole row (decoding), in the shape of FlexAttention's BlockMask index. Built on the host
+        from the page tables and copied once (no per-block work on the device)."""
+        def build():
+            live, R = self.live(), len(self.live())
+            counts = torch.tensor([len(p) for _, p in live], dtype=torch.int64)
+            flat = torch.tensor([x for _, p in live for x in p], dtype=torch.int32)
+            n = flat.numel()
+            row = torch.repeat_interleave(torch.arange(R), counts, output_size=n)
+            col = torch.arange(n) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts, output_size=n)
+            idx = torch.zeros(R, width, dtype=torch.int32)
+            idx[row, col] = flat
+            dev = self.cache.device
+            return (host_to_device(counts.to(torch.int32).view(R, 1, 1), dev), host_to_device(idx.view(R, 1, 1, width), dev))
+
+        return self._memo_get(("row_pages", width), build)
+
     def block_table(self):
         """Paged, for varlen kernels: (block_table (N, max pages) int32, seqused_k (N,) int32) over
         the live pages of every sequence of the step, on the device."""
