@@ -65,6 +65,18 @@ def test_padding_with_small_heads_puts_sdpa_before_flex():
     assert ranking.ranking_for(d64, first_sight=True) == ranking.FIRST_SIGHT["cuda"]["padding"]
 
 
+def test_padded_causal_rows_are_padding_not_an_arbitrary_mask():
+    """A decoder's padded prefill (padding & causal, or a window) ranks as padding: its d64 row,
+    not the masked row meant for dense() and function masks."""
+    keep = aa.padding(torch.tensor([2048, 1536]))
+    for mask in (keep & aa.causal(), keep & aa.sliding_window(128)):
+        d64 = Signature.of(B=2, Hq=32, Sq=2048, D=64, dtype=torch.bfloat16, device=CUDA, mask=mask)
+        assert ranking.variant_class(d64) == "padding"
+        assert ranking.ranking_for(d64)[0] == "flash_torch"
+    other = Signature.of(B=2, Hq=32, Sq=2048, D=64, dtype=torch.bfloat16, device=CUDA, mask=keep & aa.prefix_lm(16))
+    assert ranking.variant_class(other) == "masked"
+
+
 def test_explain_only_looks_at_first_sight(monkeypatch):
     """explain() reports the decision of the next call and leaves it unchanged: values auto has
     not run are a first sight before and after asking; running them once moves to the regular row."""

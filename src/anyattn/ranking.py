@@ -50,13 +50,14 @@ RANKING: dict[str, dict[str, tuple[str, ...]]] = {
         "documents": ("fa4", "flash_torch", "flex", "flash", "kernels_flash", "cudnn", "sdpa", "eager"),
         "documents+grad": ("fa4", "flex", "flash_torch", "flash", "kernels_flash", "cudnn", "sdpa", "eager"),
         "padding": ("flex", "cudnn", "sdpa", "flash_torch", "fa4", "flash", "kernels_flash", "eager"),
-        # padding with head_dim <= 64 (a 1B Llama: 32 heads of 64): flex's kernel falls far behind,
-        # measured on the H200 (torch 2.11, B=16, S=2048, Hq=32, D=64, bf16, fwd, one mask reused;
-        # benchmarks/results/round8/prefill_shape): flash_torch 2.074 ms, sdpa 2.121, cudnn 2.121,
-        # flex 6.416; and `bench serving` padded prefill (H100, round 7): flex 251.6 ms/step, sdpa
-        # 208.7, flash_torch 179.6. SDPA first: it needs no unpad/pad copies, which cost
-        # flash_torch the D=128 rows above (165 against SDPA's 204 TFLOP/s)
-        "padding+d64": ("sdpa", "cudnn", "flash_torch", "flex", "fa4", "flash", "kernels_flash", "eager"),
+        # padding (and padding & causal: a decoder's padded prefill) with head_dim <= 64 (a 1B
+        # Llama: 32 heads of 64): flex's kernel falls far behind, measured on the H200 (torch 2.11,
+        # B=16, S=2048, Hq=32, D=64, bf16, fwd, one mask reused; benchmarks/results/round8/
+        # prefill_shape): flash_torch 2.074 ms, sdpa 2.121, cudnn 2.121, flex 6.416; and `bench
+        # serving` padded prefill (padding & causal, 16 prompts, one process): H100 round 7
+        # flash_torch 179.6 ms/step, sdpa 208.7, flex 251.6; H100 round 10 flash_torch 179.0,
+        # sdpa 204.1, auto running flex 248.7 (benchmarks/results/round10)
+        "padding+d64": ("flash_torch", "sdpa", "cudnn", "flex", "fa4", "flash", "kernels_flash", "eager"),
         "masked": ("flex", "cudnn", "sdpa", "eager"),
         "scored": ("flex", "fa4", "flash", "kernels_flash", "cudnn", "sdpa", "eager"),
         # a few queries against a longer KV cache (generation): the KV length changes every step,
@@ -97,6 +98,8 @@ def variant_class(call) -> str:
     if isinstance(m, Padding):
         return "padding"
     parts = m.terms if isinstance(m, And) else (m,)
+    if any(isinstance(p, Padding) for p in parts) and all(isinstance(p, (Padding, Window)) for p in parts):
+        return "padding"  # a padded batch of causal / windowed rows (a decoder's prefill)
     if any(isinstance(p, Documents) for p in parts) and all(isinstance(p, (Documents, Window)) for p in parts):
         return "documents"
     return "masked"
