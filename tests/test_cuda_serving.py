@@ -21,6 +21,7 @@ import torch
 import anyattn as aa
 from anyattn.backends.flash_torch import FlashTorchBackend, load_varlen, varlen_params
 from anyattn.backends.flex import FlexBackend
+from anyattn.ranking import DECODE_MAX_SQ, RANKING
 from anyattn.testing import compare_to_oracle, generate_qkv, record_calls, use_backend
 
 pytestmark = [
@@ -182,8 +183,10 @@ def test_cuda_kv_cache_replay_within_rule(backend, kind, window):
     full = aa.attention(q[:, :, :n].double(), k[:, :, :n].double(), v[:, :, :n].double(), mask=_mask(window), backend="eager")
     err, ref_err = (got.double() - full).abs().max().item(), (ref.double() - full).abs().max().item()
     assert err <= 2 * ref_err + 1e-5, f"{backend}/{kind}/{window}: err {err:.3e} vs eager bf16 {ref_err:.3e}"
-    if backend == "auto" and kind == "paged":
-        assert all(c.backend == "flex" for c in seen), {c.backend for c in seen}  # the +paged rows
+    if backend == "auto" and kind == "paged":  # the +paged rows: the prefill step, then the decode steps
+        rows = RANKING["cuda"]
+        want = [rows["padding+paged"][0] if c.q_shape[2] > DECODE_MAX_SQ else rows["decode+paged"][0] for c in seen]
+        assert [c.backend for c in seen] == want
 
 
 @pytest.mark.parametrize("backend", ["flex", "flash_torch", "sdpa", "eager"])

@@ -220,15 +220,22 @@ def test_decisions_are_reused_across_steps_of_one_bucket():
     assert len(api._DECISIONS) - n <= len(keys)
 
 
-def test_ranking_puts_page_table_readers_first_for_paged_decode():
+def test_paged_decode_ranks_by_the_keys_a_gather_would_copy():
+    """Paged decode: SDPA on gathered pages first while the copy is small (measured faster than
+    flex at 4k-32k contexts, batch 1-64), flex (pages read in place) once rows x keys exceed
+    GATHER_KEYS (32k x 64: the gather made SDPA slower and costs a layer's keys in memory)."""
     from anyattn.call import Signature
-    from anyattn.ranking import ranking_for
+    from anyattn.ranking import GATHER_KEYS, ranking_for
+
+    def paged(B, Sk):
+        return Signature.build(((B, 8, 1, 64), (B, 2, Sk, 64), (B, 2, Sk, 64)), torch.bfloat16, torch.device("cuda"),
+                               None, (), 0.125, 0.0, False, False, False, None, (), ("kv", "paged", "rows", 128, 65))  # fmt: skip
 
     sig = Signature.of(B=4, Hq=8, Hkv=2, Sq=1, Sk=512, D=64, dtype=torch.bfloat16, device="cuda")
-    assert ranking_for(sig)[0] == "sdpa"
-    paged = Signature.build(((4, 8, 1, 64), (4, 2, 512, 64), (4, 2, 512, 64)), torch.bfloat16, torch.device("cuda"),
-                            None, (), 0.125, 0.0, False, False, False, None, (), ("kv", "paged", "rows", 128, 65))  # fmt: skip
-    assert ranking_for(paged)[0] == "flex" and paged.page_size == 128
+    assert ranking_for(sig)[0] == "sdpa"  # a contiguous cache: the decode row
+    assert ranking_for(paged(4, 512))[0] == "sdpa" and paged(4, 512).page_size == 128
+    assert ranking_for(paged(64, 4096))[0] == "sdpa"  # 2**18 keys
+    assert 64 * 32768 > GATHER_KEYS and ranking_for(paged(64, 32768))[0] == "flex"
 
 
 # -------------------------------------------------------------------------------- flash_torch paged

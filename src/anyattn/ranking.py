@@ -18,11 +18,9 @@ SDPA 24 | 25; padding (B=8, 25% padded) flex 338 | 329, flash_torch 165 | 169 (u
 dominates), SDPA 204 | 193; prefix-LM flex 336 | 328, SDPA 180 | 160; ALiBi flex 287 | 296,
 SDPA 146 | 142; softcap flex only. The ``decode`` row (at most 16 queries, more keys) is not
 from that matrix: it orders backends by whether they run a new KV length without compiling.
-The ``decode+paged`` and ``masked+paged`` rows (calls on a ``PagedKVCache``) are reasoned, not
-measured per backend: they put first the backend that reads pages through the table instead of
-gathering them (a copy of every cached key per layer and step); ``anyattn bench serving`` measured
-auto's choice there (paged flex decodes a 1B Llama at batch 1 in 29.0 ms/step against 40.8 on a
-contiguous cache with SDPA; at batch 64, 53.9 against 42.2: benchmarks/results/round6).
+The ``decode+paged`` rows (decode on a ``PagedKVCache``) are measured: see their comment. The
+``padding+paged`` and ``masked+paged`` rows are reasoned: they put first the backend that reads
+pages through the table instead of gathering them (a copy of every cached key per layer).
 ``documents+paged`` (packed prefill on a paged cache) is measured: see its comment.
 The ``fa4`` entries (FlashAttention-4, ``backends/fa4.py``; only where flash-attn-4 imports) were
 measured by ``benchmarks/device_round6_fa4.sh`` on an H100 (torch 2.11, flash-attn-4 4.0.0b40,
@@ -40,6 +38,8 @@ compilation per new variant and shape, so it is last.
 from __future__ import annotations
 
 DECODE_MAX_SQ = 16  # at most this many queries against a longer key sequence: the "decode" row
+# paged decode calls whose gathered keys (rows x logical key length) exceed this use "+long"
+GATHER_KEYS = 1 << 20
 
 RANKING: dict[str, dict[str, tuple[str, ...]]] = {
     "cuda": {
@@ -63,17 +63,31 @@ RANKING: dict[str, dict[str, tuple[str, ...]]] = {
         # a few queries against a longer KV cache (generation): the KV length changes every step,
         # so backends compiled per shape come last; SDPA takes any mask as a small (Sq, Sk) tensor
         "decode": ("sdpa", "cudnn", "flash_torch", "fa4", "flash", "kernels_flash", "eager", "flex"),
-        # the same from a paged KV cache (attention(q, kv=paged_view)): flex reads the pages through
-        # the page table with a pool of fixed shape (one compiled kernel per batch shape, no copy);
-        # flash_torch reads them where torch's varlen_attn has block_table (2.13), else both it and
-        # the SDPA family run on the pages gathered into contiguous keys (a copy per layer)
-        "decode+paged": ("flex", "flash_torch", "flash", "kernels_flash", "fa4", "cudnn", "sdpa", "eager"),
+        # the same from a paged KV cache (attention(q, kv=paged_view)). flex reads the pages through
+        # the page table (a pool of fixed shape: one compiled kernel per batch shape, no copy);
+        # sdpa and flash_torch (torch 2.11: no block_table) run on the pages gathered into
+        # contiguous keys, a copy per layer. Measured with benchmarks/decode_probe.py (attention
+        # of 16 layers per step, Hq=32, Hkv=8, D=64, bf16, ms per step; one process per card):
+        #   H200 (round 12)  4k B=1/8/64: sdpa 3.89 / 4.18 / 8.30, flex 5.55 / 7.95 / 8.32;
+        #                    32k B=1/8: sdpa 4.46 / 8.36, flex 6.93 / 8.91
+        #   H100 (round 11, before flex's page-table BlockMask) 4k: sdpa 3.87 / 3.95 / 11.51,
+        #                    flex 7.21 / 8.86 / 9.04, flash_torch 4.74 / 5.50 / 28.24
+        # and the whole 1B model (`bench serving`, H200, round 12): paged sdpa 23.2 / 23.3 / 24.5
+        # ms per step at 4k, 22.6 / 23.2 at 32k B=1/8, against paged flex 26-45 in the same run.
+        # The gather grows with the cached keys: at 32k B=64 (2M keys per layer) paged sdpa ran
+        # 69.2 ms against flex's 41.6-42.5, and needs a transient copy of a layer's keys: beyond
+        # GATHER_KEYS rows x keys, the "+long" row (flex first) applies
+        "decode+paged": ("sdpa", "flex", "cudnn", "flash_torch", "fa4", "flash", "kernels_flash", "eager"),
+        "decode+paged+long": ("flex", "sdpa", "cudnn", "flash_torch", "fa4", "flash", "kernels_flash", "eager"),
         # packed prefill chunks next to decode tokens (continuous batching) on a paged cache, measured
         # with `anyattn bench serving --mode prefill` (H100, torch 2.11, 1B Llama shape, 16 prompts
         # + 16 decode steps, 12.8k tokens per step; benchmarks/results/round7): flash_torch 101.8
         # ms/step (pages gathered: torch 2.11 has no block_table), flex 180.3, sdpa 484.2
         "documents+paged": ("flash_torch", "flex", "flash", "kernels_flash", "fa4", "cudnn", "sdpa", "eager"),
-        "masked+paged": ("flex", "flash_torch", "flash", "kernels_flash", "fa4", "cudnn", "sdpa", "eager"),  # padding(kv=) & causal
+        # prefill chunks of a rows-layout step (padding(kv=) & causal, Sq > 16) and other masks on a
+        # paged cache: reasoned (flex reads the pages in place), not measured per backend
+        "padding+paged": ("flex", "flash_torch", "flash", "kernels_flash", "fa4", "cudnn", "sdpa", "eager"),
+        "masked+paged": ("flex", "flash_torch", "flash", "kernels_flash", "fa4", "cudnn", "sdpa", "eager"),
     },
     "cpu": {
         "*": ("sdpa", "eager", "flex"),
@@ -157,6 +171,8 @@ def ranking_for(call, first_sight: bool = False) -> tuple[str, ...]:
     rows = RANKING.get(call.device.type, RANKING["cpu"])
     cls = variant_class(call)
     if getattr(call, "paged", None) is not None and cls + "+paged" in rows:  # a paged KV cache
+        if call.B * call.Sk > GATHER_KEYS and cls + "+paged+long" in rows:
+            return rows[cls + "+paged+long"]
         return rows[cls + "+paged"]
     if is_small(call, cls):
         return SMALL[call.device.type]
