@@ -5,6 +5,7 @@ lengths in one batch) and compares with one call over the whole sequence in floa
 
 from __future__ import annotations
 
+import random
 import warnings
 
 import pytest
@@ -311,8 +312,41 @@ def _paged_sig():
                            0.25, 0.0, False, False, False, None, (), ("kv", "paged", "rows", 16, 25))  # fmt: skip
 
 
+@pytest.mark.parametrize("window", [None, 24])
+def test_row_pages_marks_full_exactly_the_pages_every_query_sees_whole(window):
+    """KVStep.row_pages (flex's decode BlockMask): a page is listed full iff every query of its row
+    sees every key of it (brute force over the pairs), partial otherwise; every live page once."""
+    rnd = random.Random(window or 0)
+    seen_full = 0
+    for trial in range(30):
+        ps = 16
+        cache = aa.PagedKVCache(64, ps, HKV, D, window=window)
+        seqs = [cache.add_sequence() for _ in range(3)]
+        cache.step(seqs, [rnd.randint(0, 70) for _ in seqs], layout="rows")
+        counts = [rnd.choice([0, 1, 3, 3]) for _ in seqs] if trial % 3 else [3, 3, 3]
+        if not any(counts):
+            counts[0] = 1
+        step = cache.step(seqs, counts, layout="rows")
+        for left, right in [(None, None), (None, 0), (None, 5), (20, 0), (40, 0), (window - 1 if window else 9, 0)]:
+            pn, pi, fn, fi = (x.flatten(1) if x.dim() == 4 else x.flatten() for x in step.row_pages(70, left, right))
+            for r, ((m, pages), n) in enumerate(zip(step.live(), step.new)):
+                want_full = []
+                for j, page in enumerate(pages):
+                    keys = range(j * ps, j * ps + ps)
+                    sees = lambda q, k: k < m and (right is None or k <= q + right) and (left is None or q - k <= left)  # noqa: E731
+                    if n == step.Sq and all(sees(q, k) for q in range(m - n, m) for k in keys):
+                        want_full.append(page)
+                got_full, got_part = fi[r, : fn[r]].tolist(), pi[r, : pn[r]].tolist()
+                assert got_full == want_full, (trial, r, left, right)
+                seen_full += len(got_full)
+                assert sorted(got_full + got_part) == sorted(pages) and not set(got_full) & set(got_part)
+                assert not fi[r, fn[r] :].any() and not pi[r, pn[r] :].any()
+    assert seen_full > 20  # the cases reach full pages, not only partial ones
+
+
 @pytest.mark.slow
-def test_flex_paged_decode_compiles_one_kernel_for_a_growing_context():
+@pytest.mark.parametrize("window", [None, 5])
+def test_flex_paged_decode_compiles_one_kernel_for_a_growing_context(window):
     """A pool of fixed shape and a mask in pool coordinates: the compiled FlexAttention kernel
     (CPU here) built for the first decode step serves every later one while the context grows
     across several logical key lengths, without a single recompile (dynamo would raise at its
@@ -323,20 +357,22 @@ def test_flex_paged_decode_compiles_one_kernel_for_a_growing_context():
     cache = aa.PagedKVCache(32, 16, HKV, D)
     seqs = [cache.add_sequence() for _ in range(B)]
     outs = []
+    mask = _mask(window)
     with use_backend(FlexBackend(unfused_max_sq=0)) as be:  # the compiled kernel even for decode-sized calls
         kv = cache.step(seqs, 16).write(0, k[:, :, :16], v[:, :, :16])
-        outs.append(aa.attention(q[:, :, :16], kv=kv, mask=aa.causal(), backend="flex"))
+        outs.append(aa.attention(q[:, :, :16], kv=kv, mask=mask, backend="flex"))
         kv = cache.step(seqs, 1).write(0, k[:, :, 16:17], v[:, :, 16:17])
-        outs.append(aa.attention(q[:, :, 16:17], kv=kv, mask=aa.causal(), backend="flex"))
+        outs.append(aa.attention(q[:, :, 16:17], kv=kv, mask=mask, backend="flex"))
         lengths = set()
         with torch._dynamo.config.patch(recompile_limit=1):
             for t in range(17, 96):
                 kv = cache.step(seqs, 1).write(0, k[:, :, t : t + 1], v[:, :, t : t + 1])
                 lengths.add(kv.logical_shapes()[0][2])
-                outs.append(aa.attention(q[:, :, t : t + 1], kv=kv, mask=aa.causal(), backend="flex"))
+                outs.append(aa.attention(q[:, :, t : t + 1], kv=kv, mask=mask, backend="flex"))
     assert len(lengths) >= 4, lengths  # the logical key length changed several times
     assert be.stats["compiled_entries"] == 2  # Sq=16 and Sq=1: not one per context length
-    assert _err(torch.cat(outs, 2), _full(q, k, v, aa.causal())) < 2e-6
+    assert be.stats["page_table_block_masks"] == 81  # every step's BlockMask from the page tables (full pages included)
+    assert _err(torch.cat(outs, 2), _full(q, k, v, mask)) < 2e-6
 
 
 def test_flex_refuses_small_pages_where_its_main_kernel_would_run():

@@ -385,13 +385,14 @@ class FlexBackend(AttentionBackend):
                 return score
 
         if fast is not None and step.layout == "rows" and geo.Sq <= BLOCK:
-            # decoding: one query block per row, whose key blocks are the row's live pages (the
-            # pool-coordinate mask_mod decides per key): the index straight from the page tables,
-            # without the per-block work below (~3 ms of small device ops per step on an H100)
+            # decoding: one query block per row, whose key blocks are the row's live pages: those
+            # every query sees whole are full blocks, the mask_mod decides the others per key.
+            # The index comes straight from the page tables, without the per-block device work
+            # below (~3 ms of small device ops per step on an H100, benchmarks/results/round11)
             self.stats["block_mask_builds"] += 1
             self.stats["page_table_block_masks"] += 1
-            kv_num, kv_idx = step.row_pages(n_phys)
-            args = (kv_num, kv_idx, None, None, (BLOCK, ps), mask_mod, (geo.Sq, n_phys * ps))
+            kv_num, kv_idx, full_num, full_idx = step.row_pages(n_phys, *_window_bounds(call))
+            args = (kv_num, kv_idx, full_num, full_idx, (BLOCK, ps), mask_mod, (geo.Sq, n_phys * ps))
             try:
                 bm = fa.BlockMask.from_kv_blocks(*args, compute_q_blocks=False)
             except TypeError:  # a torch without compute_q_blocks
@@ -554,6 +555,14 @@ class FlexBackend(AttentionBackend):
         return _finish(call, out, lse, zero)
 
 
+def _window_bounds(call) -> tuple:
+    """(left, right) of the one window of a paged call's mask (None, None: no window)."""
+    layout = call.kv.term()
+    parts = call.mask.terms if isinstance(call.mask, And) else (call.mask,)
+    rest = [t for t in parts if t is not layout]
+    return (rest[0].left, rest[0].right) if rest else (None, None)
+
+
 def _pool_mask_mod(call):
     """For a paged-KV call whose mask is the cache's layout and at most one window (what decoding
     runs): the mask_mod in pool coordinates, from the step's page maps (``KVStep.page_maps``:
@@ -565,7 +574,7 @@ def _pool_mask_mod(call):
     rest = [t for t in parts if t is not layout]
     if len(rest) == len(parts) or len(rest) > 1 or (rest and not isinstance(rest[0], Window)):
         return None
-    left, right = (rest[0].left, rest[0].right) if rest else (None, None)
+    left, right = _window_bounds(call)
     owner, start, valid, q_owner, q_pos = view.step.page_maps()
     ps, shared = view.page_size, q_owner.shape[0] == 1
     qo1, qp1 = q_owner[0], q_pos[0]

@@ -476,24 +476,45 @@ class KVStep:
 
         return self._memo_get("page_maps", build)
 
-    def row_pages(self, width: int):
-        """Paged, rows layout: ((rows, 1, 1) int32 live pages per row, (rows, 1, 1, width) int32
-        those pages, zero-padded), on the device: the key blocks of a query block that covers its
-        whole row (decoding), in the shape of FlexAttention's BlockMask index. Built on the host
-        from the page tables and copied once (no per-block work on the device)."""
+    def row_pages(self, width: int, left: int | None = None, right: int | None = None):
+        """Paged, rows layout: the key blocks of a query block that covers its whole row
+        (decoding), in the shape of FlexAttention's BlockMask index, on the device:
+        ``(partial_num, partial_idx, full_num, full_idx)``, int32 (rows, 1, 1) and (rows, 1, 1,
+        width), zero-padded. A live page is *full* when every query of the row sees every key in
+        it under the row's causal offset ``right`` (None: no causal limit) and window ``left``
+        (None: none): all its keys are written, the row has no padding queries, the page ends
+        at most ``right`` keys after the first query and starts at most ``left`` keys before the
+        last one. Full pages skip the mask_mod in the kernel; the others are evaluated per key.
+        Built on the host from the page tables (vectorized) and copied once."""
         def build():
-            live, R = self.live(), len(self.live())
+            live = self.live()
+            R, ps = len(live), self.cache.page_size
             counts = torch.tensor([len(p) for _, p in live], dtype=torch.int64)
             flat = torch.tensor([x for _, p in live for x in p], dtype=torch.int32)
-            n = flat.numel()
-            row = torch.repeat_interleave(torch.arange(R), counts, output_size=n)
-            col = torch.arange(n) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts, output_size=n)
-            idx = torch.zeros(R, width, dtype=torch.int32)
-            idx[row, col] = flat
-            dev = self.cache.device
-            return (host_to_device(counts.to(torch.int32).view(R, 1, 1), dev), host_to_device(idx.view(R, 1, 1, width), dev))
+            N = flat.numel()
+            row = torch.repeat_interleave(torch.arange(R), counts, output_size=N)
+            j = torch.arange(N) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts, output_size=N)
+            m = torch.tensor([x for x, _ in live], dtype=torch.int64)[row]  # the row's keys, live-relative
+            n = torch.tensor(self.new, dtype=torch.int64)[row]  # its new tokens: queries at m - n .. m - 1
+            lo, hi = j * ps, j * ps + ps - 1
+            full = (n == self.Sq) & (n > 0) & (hi < m)
+            if right is not None:
+                full &= hi <= m - n + right
+            if left is not None:
+                full &= m - 1 - lo <= left
 
-        return self._memo_get(("row_pages", width), build)
+            def place(sel):
+                r = row[sel]
+                num = torch.bincount(r, minlength=R)
+                col = torch.arange(r.numel()) - torch.repeat_interleave(torch.cumsum(num, 0) - num, num, output_size=r.numel())
+                idx = torch.zeros(R, width, dtype=torch.int32)
+                idx[r, col] = flat[sel]
+                return num.to(torch.int32).view(R, 1, 1), idx.view(R, 1, 1, width)
+
+            dev = self.cache.device
+            return tuple(host_to_device(x, dev) for x in (*place(~full), *place(full)))
+
+        return self._memo_get(("row_pages", width, left, right), build)
 
     def block_table(self):
         """Paged, for varlen kernels: (block_table (N, max pages) int32, seqused_k (N,) int32) over
