@@ -44,10 +44,10 @@ import torch
 
 from .._cache import LRU
 from ..errors import AnyAttnError
-from ..spec import And, Window
 from .base import AttentionBackend, Facts
-from .flex_blocks import BLOCK, may_have_empty_rows, rows_seen, structured_block_mask, structured_blocks
+from .flex_blocks import may_have_empty_rows, rows_seen, structured_block_mask
 from .flex_lowering import _FLASH_OPTS, LOWERINGS, _flash_probe, _lowering_from_env, flash_refusal
+from .flex_paged import paged_block_mask
 
 # Static shapes, one compiled entry point per (variant structure, shapes, dtype, grad mode).
 # Dynamic-shape FlexAttention fails to lower on the torch versions we test (torch 2.11 CUDA:
@@ -347,91 +347,10 @@ class FlexBackend(AttentionBackend):
 
     # -- paged KV caches ------------------------------------------------------------------
     def _paged(self, call):
-        """(BlockMask over the whole pool, score_mod) of a paged-KV call: the logical block
-        structure (key blocks of one page) with each logical block replaced by its physical page,
-        and mask_mod / score_mod that map a pool position back to its logical key (positions of
-        pages that are not the row's are invisible: the unfused path evaluates every pair)."""
+        """(BlockMask over the whole pool, score_mod, pool-coordinate mask?) of a paged-KV call:
+        see ``flex_paged.paged_block_mask``."""
         fa = _FA if _FA is not None else _flex_api()[0]
-        view = call.kv
-        step, ps, n_phys = view.step, view.page_size, view.cache.pages + 1
-        geo = call.geo  # logical
-        mods = [bs.mod for bs in call.bound_scores()]
-        fast = _pool_mask_mod(call)
-        # the logical coordinates of a pool position (for score_mods and masks of other terms)
-        p2l = step.physical_to_logical() if mods or fast is None else None  # (R, P + 1)
-        R = step.rows
-
-        def logical(b, kv_idx):
-            lb = p2l[b, kv_idx // ps] if R > 1 else p2l[0, kv_idx // ps]
-            return (lb * ps + kv_idx % ps).clamp(min=0), lb >= 0
-
-        if fast is not None:
-            mask_mod = fast
-        else:
-            pred = call.bound_mask().pred
-
-            def mask_mod(b, h, q_idx, kv_idx):
-                kvl, ok = logical(b, kv_idx)
-                return ok & pred(b, h, q_idx, kvl)
-
-        mask_mod.__name__ = f"anyattn_paged_mask:{call.mask!r}"
-        score_mod = None
-        if mods:
-
-            def score_mod(score, b, h, q_idx, kv_idx):
-                kvl, _ = logical(b, kv_idx)
-                for m in mods:
-                    score = m(score, b, h, q_idx, kvl)
-                return score
-
-        if fast is not None and step.layout == "rows" and geo.Sq <= BLOCK:
-            # decoding: one query block per row, whose key blocks are the row's live pages: those
-            # every query sees whole are full blocks, the mask_mod decides the others per key.
-            # The index comes straight from the page tables, without the per-block device work
-            # below (~3 ms of small device ops per step on an H100, benchmarks/results/round11)
-            self.stats["block_mask_builds"] += 1
-            self.stats["page_table_block_masks"] += 1
-            kv_num, kv_idx, full_num, full_idx = step.row_pages(n_phys, *_window_bounds(call))
-            args = (kv_num, kv_idx, full_num, full_idx, (BLOCK, ps), mask_mod, (geo.Sq, n_phys * ps))
-            try:
-                bm = fa.BlockMask.from_kv_blocks(*args, compute_q_blocks=False)
-            except TypeError:  # a torch without compute_q_blocks
-                bm = fa.BlockMask.from_kv_blocks(*args)
-            return bm, score_mod, True
-        blocks = structured_blocks(call, BLOCK, ps)
-        if blocks is None:  # another term: evaluate the logical predicate per page-sized tile
-            bound = call.bound_mask()
-            logical_pred = bound.pred
-
-            def logical_mod(b, h, q_idx, kv_idx):
-                return logical_pred(b, h, q_idx, kv_idx)
-
-            lm = fa.create_block_mask(logical_mod, geo.B if bound.uses_b else None, geo.H if bound.uses_h else None,
-                                      geo.Sq, geo.Sk, device=geo.device, BLOCK_SIZE=(BLOCK, ps))  # fmt: skip
-            blocks = (lm.kv_num_blocks, lm.kv_indices, lm.full_kv_num_blocks, lm.full_kv_indices)
-        else:
-            self.stats["structured_block_masks"] += 1
-        self.stats["block_mask_builds"] += 1
-        lp = step.logical_pages()  # (R, nk): the physical page of each logical block
-        cols = max(n_phys, lp.shape[1])
-
-        def physical(num, idx):
-            if num is None:
-                return None, None
-            Rb, Hb, nq, nk = idx.shape
-            if Rb != R:
-                num, idx = num.expand(R, *num.shape[1:]), idx.expand(R, Hb, nq, nk)
-            phys = torch.gather(lp[:, None, None, :].expand(R, Hb, nq, nk), -1, idx.long()).to(torch.int32)
-            return num.contiguous(), torch.nn.functional.pad(phys, (0, cols - nk))
-
-        kv_num, kv_idx = physical(blocks[0], blocks[1])
-        full_num, full_idx = physical(blocks[2], blocks[3])
-        args = (kv_num, kv_idx, full_num, full_idx, (BLOCK, ps), mask_mod, (geo.Sq, n_phys * ps))
-        try:  # no backward through a cache: the q-major index is not needed
-            bm = fa.BlockMask.from_kv_blocks(*args, compute_q_blocks=False)
-        except TypeError:  # a torch without compute_q_blocks (the index columns cover the pool: valid)
-            bm = fa.BlockMask.from_kv_blocks(*args)
-        return bm, score_mod, fast is not None
+        return paged_block_mask(fa, call, self.stats)
 
     def _run_paged(self, call):
         hit = self._by_call.get(call.key) if call.cacheable else None
@@ -553,44 +472,6 @@ class FlexBackend(AttentionBackend):
         self._ran.add(id(fn))
         self.stats[f"{low}_calls"] += 1
         return _finish(call, out, lse, zero)
-
-
-def _window_bounds(call) -> tuple:
-    """(left, right) of the one window of a paged call's mask (None, None: no window)."""
-    layout = call.kv.term()
-    parts = call.mask.terms if isinstance(call.mask, And) else (call.mask,)
-    rest = [t for t in parts if t is not layout]
-    return (rest[0].left, rest[0].right) if rest else (None, None)
-
-
-def _pool_mask_mod(call):
-    """For a paged-KV call whose mask is the cache's layout and at most one window (what decoding
-    runs): the mask_mod in pool coordinates, from the step's page maps (``KVStep.page_maps``:
-    tensors whose shapes depend on the pool and the query layout only, so one compiled kernel
-    serves every step of a growing context). None for other masks."""
-    view = call.kv
-    layout = view.term()
-    parts = call.mask.terms if isinstance(call.mask, And) else (call.mask,)
-    rest = [t for t in parts if t is not layout]
-    if len(rest) == len(parts) or len(rest) > 1 or (rest and not isinstance(rest[0], Window)):
-        return None
-    left, right = _window_bounds(call)
-    owner, start, valid, q_owner, q_pos = view.step.page_maps()
-    ps, shared = view.page_size, q_owner.shape[0] == 1
-    qo1, qp1 = q_owner[0], q_pos[0]
-
-    def pool_mask(b, h, q_idx, kv_idx):
-        page, off = kv_idx // ps, kv_idx % ps
-        qo = qo1[q_idx] if shared else q_owner[b, q_idx]
-        d = (qp1[q_idx] if shared else q_pos[b, q_idx]) - (start[page] + off)  # keys behind the query
-        ok = (owner[page] == qo) & (qo >= 0) & (off < valid[page])
-        if left is not None:
-            ok = ok & (d <= left)
-        if right is not None:
-            ok = ok & (d >= -right)
-        return ok
-
-    return pool_mask
 
 
 def _finish(call, out, lse, zero):
