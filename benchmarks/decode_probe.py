@@ -23,6 +23,7 @@ import time
 import torch
 
 import anyattn as aa
+from anyattn.bench.timing import profile_tables
 from anyattn.testing import record_calls
 
 HQ, HKV, D, LAYERS, PAGE = 32, 8, 64, 16, 128
@@ -141,8 +142,6 @@ def raw_flex(B, C, extra, q, kn, timed, dt, dev):
 
 
 def profile_paged(B, C, extra, dt, dev):
-    from torch.profiler import ProfilerActivity, profile
-
     per = -(-(C + extra) // PAGE)
     paged = aa.PagedKVCache(B * per, PAGE, HKV, D, layers=LAYERS, dtype=dt, device=dev)
     seqs = [paged.add_sequence() for _ in range(B)]
@@ -155,18 +154,14 @@ def profile_paged(B, C, extra, dt, dev):
         for layer in range(LAYERS):
             aa.attention(q, kv=s.write(layer, kn, kn), mask=aa.causal())
 
-    with torch.no_grad():
+    def steps():
         for _ in range(3):
             step()
+
+    with torch.no_grad():
+        steps()
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(3):
-                step()
-            torch.cuda.synchronize()
-    print(f"\n--- paged auto B={B} x3 steps, by self CPU time")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=70))
-    print(f"--- paged auto B={B} x3 steps, by self CUDA time")
-    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=70))
+        print("\n" + profile_tables(steps, f"paged auto B={B} x3 steps"))
 
 
 if __name__ == "__main__":

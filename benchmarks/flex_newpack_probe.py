@@ -74,20 +74,20 @@ def main():
     fx._finish = orig_finish
     after = {k: dict(v) for k, v in counters.items()}
     delta = {f"{k}.{kk}": vv - before.get(k, {}).get(kk, 0) for k, v in after.items() for kk, vv in v.items() if vv != before.get(k, {}).get(kk, 0)}
-    from torch.profiler import ProfilerActivity, profile
+    from anyattn.bench.timing import profile_tables
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    def steps():
         for i in range(5, 15):
             step(i + 20)
-        torch.cuda.synchronize()
+
+    tables = profile_tables(steps, "10 steps", cpu_rows=25, cuda_rows=15, width=55)
     lines = [f"device {torch.cuda.get_device_name()}, torch {torch.__version__}", f"whole step (no instrumentation): {whole:.3f} ms"]
     for n, ts in stages.items():
         ts = sorted(ts)
         lines.append(f"  {n:16s} median {ts[len(ts) // 2]:.3f} ms  (n={len(ts)})")
     lines.append(f"dynamo counter changes over {a.steps} steps: {delta}")
     lines.append(f"flex stats: {flex.stats}")
-    lines.append(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
-    lines.append(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15))
+    lines.append(tables)
     text = "\n".join(lines)
     with open(a.out, "w") as f:
         f.write(text)

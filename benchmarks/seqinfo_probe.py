@@ -15,6 +15,7 @@ import torch
 
 from anyattn import SeqInfo, attention, causal, clear_caches, documents
 from anyattn.bench.cases import doc_lengths
+from anyattn.bench.timing import profile_tables
 from anyattn.testing import record_calls
 
 
@@ -77,8 +78,6 @@ def main():
                     make = forms[form]
                     timeit(lambda p, make=make, backend=backend: attention(q, k, v, mask=make(p), backend=backend),
                            f"{backend} [{form}] fwd")  # fmt: skip
-    from torch.profiler import ProfilerActivity, profile
-
     for form in ("seqinfo", "list"):
         make = forms[form]
         clear_caches()
@@ -86,15 +85,13 @@ def main():
         for p in packs[:2]:
             attention(q, k, v, mask=make(p), backend="auto")
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+
+        def steps(make=make):
             for p in packs[3:6]:
                 out = attention(q, k, v, mask=make(p), backend="auto")
                 torch.autograd.grad(out, (q, k, v), dout)
-            torch.cuda.synchronize()
-        print(f"\n--- auto [{form}] x3, by self CUDA time")
-        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60))
-        print(f"--- auto [{form}] x3, by self CPU time")
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
+
+        print("\n" + profile_tables(steps, f"auto [{form}] x3", cpu_rows=12, width=60))
 
 
 if __name__ == "__main__":

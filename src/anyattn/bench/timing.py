@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Timing", "first_call_ms", "host_us_per_call", "measure", "sync", "timing_method"]
+__all__ = ["Timing", "first_call_ms", "host_us_per_call", "measure", "profile_tables", "sync", "timing_method"]
 
 
 @dataclass(frozen=True)
@@ -125,3 +125,21 @@ def host_us_per_call(fn, device, n: int) -> float:
         fn()
     sync(device)
     return (time.perf_counter() - t0) * 1e6 / n
+
+
+def profile_tables(fn, label: str, *, cpu_rows: int = 18, cuda_rows: int = 12, width: int = 70) -> str:
+    """``fn()`` under torch.profiler (CPU and CUDA activities, synchronized at the end): the top
+    operators by self CPU time and by self CUDA time, as text headed by ``label`` (the probes'
+    "where the time goes" tables)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    avg = prof.key_averages()
+    return "\n".join((
+        f"--- {label}, by self CPU time",
+        avg.table(sort_by="self_cpu_time_total", row_limit=cpu_rows, max_name_column_width=width),
+        f"--- {label}, by self CUDA time",
+        avg.table(sort_by="self_cuda_time_total", row_limit=cuda_rows, max_name_column_width=width),
+    ))
