@@ -27,6 +27,14 @@ def kv_bucket(n: int) -> int:
     return next(m << k for m in (4, 5, 6, 7, 8) if (m << k) >= n)
 
 
+def _runs(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Items laid out as back-to-back runs of ``counts`` (host int64): each item's run and its
+    index inside the run."""
+    n = int(counts.sum())
+    run = torch.repeat_interleave(torch.arange(counts.numel()), counts, output_size=n)
+    return run, torch.arange(n) - (torch.cumsum(counts, 0) - counts)[run]
+
+
 # --------------------------------------------------------------------------------------------
 # a step, and a layer's view of it
 
@@ -132,6 +140,17 @@ class KVStep:
 
         return self._memo_get("live", build)
 
+    def _live_pages(self):
+        """Paged, on the host: (live pages of every sequence back to back, int64; each sequence's
+        cached keys m (per sequence); each page's sequence index; its index in the sequence)."""
+        def build():
+            live = self.live()
+            counts = torch.tensor([len(p) for _, p in live], dtype=torch.int64)
+            pages = torch.tensor([x for _, p in live for x in p], dtype=torch.int64)
+            return (pages, torch.tensor([x for x, _ in live], dtype=torch.int64), *_runs(counts))
+
+        return self._memo_get("live_pages", build)
+
     def logical_pages(self) -> torch.Tensor:
         """Paged: (rows, nk) int64 page of every logical key block (0 = none), on the device; the
         logical key length is nk * page_size (nk bucketed, see :func:`kv_bucket`)."""
@@ -170,11 +189,7 @@ class KVStep:
         (rows, Sq) its live-relative key position (bottom-right: the last new token at the last key)."""
         def build():
             live, ps, P1 = self.live(), self.cache.page_size, self.cache.pages + 1
-            counts = torch.tensor([len(p) for _, p in live], dtype=torch.int64)
-            pages = torch.tensor([x for _, p in live for x in p], dtype=torch.int64)
-            m = torch.tensor([x for x, _ in live], dtype=torch.int64)
-            doc = torch.repeat_interleave(torch.arange(len(live)), counts, output_size=pages.numel())
-            j = torch.arange(pages.numel()) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts, output_size=pages.numel())
+            pages, m, doc, j = self._live_pages()
             owner = torch.full((P1,), -1, dtype=torch.int64)
             start = torch.zeros(P1, dtype=torch.int64)
             valid = torch.zeros(P1, dtype=torch.int64)
@@ -186,10 +201,8 @@ class KVStep:
                 q_owner = torch.where(real, torch.arange(len(live))[:, None], -1)
                 q_pos = torch.where(real, (m - n)[:, None] + t[None, :], 0)
             else:
-                T = int(n.sum())
-                qd = torch.repeat_interleave(torch.arange(len(live)), n, output_size=T)
-                tt = torch.arange(T) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n, output_size=T)
-                pad = self.Sq - T
+                qd, tt = _runs(n)
+                pad = self.Sq - qd.numel()
                 q_owner = torch.nn.functional.pad(qd, (0, pad), value=-1)[None]
                 q_pos = torch.nn.functional.pad((m - n)[qd] + tt, (0, pad))[None]
             dev = self.cache.device
@@ -209,14 +222,9 @@ class KVStep:
         last one. Full pages skip the mask_mod in the kernel; the others are evaluated per key.
         Built on the host from the page tables (vectorized) and copied once."""
         def build():
-            live = self.live()
-            R, ps = len(live), self.cache.page_size
-            counts = torch.tensor([len(p) for _, p in live], dtype=torch.int64)
-            flat = torch.tensor([x for _, p in live for x in p], dtype=torch.int32)
-            N = flat.numel()
-            row = torch.repeat_interleave(torch.arange(R), counts, output_size=N)
-            j = torch.arange(N) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts, output_size=N)
-            m = torch.tensor([x for x, _ in live], dtype=torch.int64)[row]  # the row's keys, live-relative
+            R, ps = len(self.live()), self.cache.page_size
+            flat, m, row, j = self._live_pages()
+            m = m[row]  # the row's keys, live-relative
             n = torch.tensor(self.new, dtype=torch.int64)[row]  # its new tokens: queries at m - n .. m - 1
             lo, hi = j * ps, j * ps + ps - 1
             full = (n == self.Sq) & (n > 0) & (hi < m)
@@ -226,11 +234,10 @@ class KVStep:
                 full &= m - 1 - lo <= left
 
             def place(sel):
-                r = row[sel]
-                num = torch.bincount(r, minlength=R)
-                col = torch.arange(r.numel()) - torch.repeat_interleave(torch.cumsum(num, 0) - num, num, output_size=r.numel())
+                num = torch.bincount(row[sel], minlength=R)
+                r, col = _runs(num)  # row[sel] is sorted: the selected pages keep their rows' order
                 idx = torch.zeros(R, width, dtype=torch.int32)
-                idx[r, col] = flat[sel]
+                idx[r, col] = flat[sel].to(torch.int32)
                 return num.to(torch.int32).view(R, 1, 1), idx.view(R, 1, 1, width)
 
             dev = self.cache.device
