@@ -25,7 +25,7 @@ def paged_block_mask(fa, call, stats: dict):
     step, ps, n_phys = view.step, view.page_size, view.cache.pages + 1
     geo = call.geo  # logical
     mods = [bs.mod for bs in call.bound_scores()]
-    fast = _pool_mask_mod(call)
+    fast, bounds = _pool_mask_mod(call)
     # the logical coordinates of a pool position (for score_mods and masks of other terms)
     p2l = step.physical_to_logical() if mods or fast is None else None  # (R, P + 1)
     R = step.rows
@@ -60,7 +60,7 @@ def paged_block_mask(fa, call, stats: dict):
         # below (~3 ms of small device ops per step on an H100, benchmarks/results/round11)
         stats["block_mask_builds"] += 1
         stats["page_table_block_masks"] += 1
-        kv_num, kv_idx, full_num, full_idx = step.row_pages(n_phys, *_window_bounds(call))
+        kv_num, kv_idx, full_num, full_idx = step.row_pages(n_phys, *bounds)
         args = (kv_num, kv_idx, full_num, full_idx, (BLOCK, ps), mask_mod, (geo.Sq, n_phys * ps))
         try:
             bm = fa.BlockMask.from_kv_blocks(*args, compute_q_blocks=False)
@@ -103,26 +103,19 @@ def paged_block_mask(fa, call, stats: dict):
     return bm, score_mod, fast is not None
 
 
-def _window_bounds(call) -> tuple:
-    """(left, right) of the one window of a paged call's mask (None, None: no window)."""
-    layout = call.kv.term()
-    parts = call.mask.terms if isinstance(call.mask, And) else (call.mask,)
-    rest = [t for t in parts if t is not layout]
-    return (rest[0].left, rest[0].right) if rest else (None, None)
-
-
 def _pool_mask_mod(call):
     """For a paged-KV call whose mask is the cache's layout and at most one window (what decoding
     runs): the mask_mod in pool coordinates, from the step's page maps (``KVStep.page_maps``:
     tensors whose shapes depend on the pool and the query layout only, so one compiled kernel
-    serves every step of a growing context). None for other masks."""
+    serves every step of a growing context), and the window's (left, right) ((None, None): no
+    window). (None, None) for other masks."""
     view = call.kv
     layout = view.term()
     parts = call.mask.terms if isinstance(call.mask, And) else (call.mask,)
     rest = [t for t in parts if t is not layout]
     if len(rest) == len(parts) or len(rest) > 1 or (rest and not isinstance(rest[0], Window)):
-        return None
-    left, right = _window_bounds(call)
+        return None, None
+    left, right = (rest[0].left, rest[0].right) if rest else (None, None)
     owner, start, valid, q_owner, q_pos = view.step.page_maps()
     ps, shared = view.page_size, q_owner.shape[0] == 1
     qo1, qp1 = q_owner[0], q_pos[0]
@@ -138,4 +131,4 @@ def _pool_mask_mod(call):
             ok = ok & (d >= -right)
         return ok
 
-    return pool_mask
+    return pool_mask, (left, right)
