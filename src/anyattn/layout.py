@@ -32,6 +32,7 @@ turn a SeqInfo into ``documents(...)`` / ``padding(...)`` terms, never the rever
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -231,14 +232,8 @@ class SeqInfo:
         flat_docs = [x for r in rows for x in r]
         nD, total = len(flat_docs), sum(flat_docs)
         row_tot = [sum(r) for r in rows]
-        cu, acc = [0], 0
-        for x in flat_docs:
-            acc += x
-            cu.append(acc)
-        row_start, acc = [], 0
-        for t in row_tot:
-            row_start.append(acc)
-            acc += t
+        cu = [0, *itertools.accumulate(flat_docs)]
+        row_start = [0, *itertools.accumulate(row_tot)][:B]
         row_of_doc = [b for b, r in enumerate(rows) for _ in r]
         padded = [x for r in rows for x in (*r, *([0] * (N - len(r))))]
         # one host buffer, one copy: [doc lengths | cu | row of each doc | row starts | row totals | (B, N) lengths]
