@@ -241,6 +241,37 @@ def test_cuda_flex_paged_decode_compiles_once_for_a_growing_context():
     assert (got.double() - full).abs().max() <= 2 * (ref.double() - full).abs().max() + 1e-5
 
 
+@pytest.mark.parametrize("window", [None, 64])
+def test_cuda_flex_contiguous_decode_compiles_once_per_key_bucket(window):
+    """A ContiguousKVCache's views have bucketed key lengths (128, 160, 192, 224, 256, then the
+    capacity): flex compiles FlexDecoding once per bucket instead of running unfused, each
+    kernel serves every step of its bucket (a second pass over the same buckets compiles
+    nothing), and the outputs stay within the rule against float64."""
+    q, k, v = _seqs(seed=3)
+    cap = 140 if window else L
+    outs, ref_outs = [], []
+    with use_backend(FlexBackend()) as flex:
+        for backend, sink in (("flex", outs), ("eager", ref_outs)):
+            cache = aa.ContiguousKVCache(B, cap, HKV, D, dtype=BF16, device="cuda", window=window)
+            cache.step(100).write(0, k[:, :, :100], v[:, :, :100])
+            for t in range(100, L):
+                kv = cache.step(1).write(0, k[:, :, t : t + 1], v[:, :, t : t + 1])
+                sink.append(aa.attention(q[:, :, t : t + 1], kv=kv, mask=_mask(window), backend=backend))
+            if backend == "flex":
+                entries = flex.stats["compiled_entries"]
+                assert flex.stats["unfused_calls"] == 0, flex.stats
+                assert 1 <= entries <= 6, flex.stats  # one per bucket at most
+                cache = aa.ContiguousKVCache(B, cap, HKV, D, dtype=BF16, device="cuda", window=window)
+                cache.step(100).write(0, k[:, :, :100], v[:, :, :100])
+                for t in range(100, L):  # the same buckets again: nothing new to compile
+                    kv = cache.step(1).write(0, k[:, :, t : t + 1], v[:, :, t : t + 1])
+                    aa.attention(q[:, :, t : t + 1], kv=kv, mask=_mask(window), backend="flex")
+                assert flex.stats["compiled_entries"] == entries and flex.stats["unfused_calls"] == 0
+    full = aa.attention(q.double(), k.double(), v.double(), mask=_mask(window), backend="eager")[:, :, 100:]
+    got, ref = torch.cat(outs, 2), torch.cat(ref_outs, 2)
+    assert (got.double() - full).abs().max() <= 2 * (ref.double() - full).abs().max() + 1e-5
+
+
 def test_cuda_flash_torch_reads_pages_only_where_torch_has_a_block_table():
     """torch 2.13's varlen_attn takes block_table/seqused_k; 2.11's does not (then the pages are
     gathered into contiguous keys first). Detected from the signature, never assumed."""

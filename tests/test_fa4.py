@@ -245,7 +245,7 @@ def test_flex_uses_flash_where_it_is_exact_and_says_why_not_elsewhere():
     assert "score-term tensors" in be.flash_refusal(_sig(mask=aa.causal(), score=aa.alibi(slopes), requires_grad=True))
     assert be.flash_refusal(_sig(mask=aa.causal(), score=aa.alibi(torch.ones(4)), requires_grad=True)) is None
     decode = Signature.of(B=1, Hq=4, Sq=1, Sk=300, D=64, dtype=torch.bfloat16, device="cuda")
-    assert "decode-sized" in be.flash_refusal(decode) and be.note(decode) == "lowering: unfused (decode-sized call)"
+    assert "decode-sized" in be.flash_refusal(decode) and be.note(decode).startswith("lowering: unfused (decode-sized call")
     assert "CUDA-only" in be.flash_refusal(Signature.of(B=1, Hq=2, Sq=8, D=16, dtype=torch.bfloat16, device="cpu"))
     none_here = FlexBackend(flash_probe=lambda: (0, "the FLASH lowering needs flash-attn-4"))
     assert none_here.note(_sig()) == "lowering: Triton (the FLASH lowering needs flash-attn-4)"

@@ -221,6 +221,36 @@ def test_decisions_are_reused_across_steps_of_one_bucket():
     assert len(api._DECISIONS) - n <= len(keys)
 
 
+def test_contiguous_cache_calls_are_marked_bucketed_and_flex_runs_them_unfused_on_cpu():
+    """A ContiguousKVCache's calls reach the backend with ``call.bucketed`` (their key length is a
+    bucket, so flex compiles FlexDecoding per bucket on CUDA: tests/test_cuda_serving.py); plain
+    calls and a paged cache's gathered calls do not. On a CPU flex keeps the unfused path (a
+    compile there costs ~20 s) and still matches float64."""
+    from anyattn.backends.eager import EagerBackend
+    from anyattn.backends.flex import FlexBackend
+
+    seen = []
+
+    class Spy(EagerBackend):
+        def run(self, call):
+            seen.append(call.bucketed)
+            return super().run(call)
+
+    q, k, v = _seq()
+    with use_backend(Spy()):
+        _replay_rows(aa.ContiguousKVCache(B, L, HKV, D), q, k, v, "eager", None)
+        assert seen == [True] * len(SCHEDULE)
+        cache = aa.PagedKVCache(16, 16, HKV, D)
+        seen.clear()
+        _replay_rows(cache, q, k, v, "eager", None, seqs=[cache.add_sequence() for _ in range(B)])
+        aa.attention(q, k, v, mask=aa.causal(), backend="eager")
+        assert seen == [False] * (len(SCHEDULE) + 1)
+    with use_backend(FlexBackend()) as flex:
+        got, n = _replay_rows(aa.ContiguousKVCache(B, L, HKV, D), q, k, v, "flex", None, schedule=(1, 1, 1))
+    assert flex.stats["unfused_calls"] == 3 and flex.stats["compiled_entries"] == 0
+    assert _err(got, _full(q[:, :, :n], k[:, :, :n], v[:, :, :n], aa.causal())) < 1e-5
+
+
 def test_paged_decode_ranks_by_the_keys_a_gather_would_copy():
     """Paged decode: SDPA on gathered pages first while the copy is small (measured faster than
     flex at 4k-32k contexts, batch 1-64), flex (pages read in place) once rows x keys exceed

@@ -403,9 +403,14 @@ def _attention_kv(q, k, v, view, mask, score, scale, backend, dropout_p, return_
         raise bad_value("k/v", "None when kv= is given (the keys come from the cache)", "tensors")
     _check_kv_query(q, view, dropout_p)
     full = _kv_mask(view, mask)
-    if not view.paged:  # views of the cache's rows: an ordinary call
+    if not view.paged:  # views of the cache's rows: an ordinary call whose key length is bucketed
         k, v = view.logical()
-        return attention(q, k, v, mask=full, score=score, scale=scale, backend=backend, dropout_p=dropout_p, return_lse=return_lse)
+        call, impl, _, requested = _prepare(q, k, v, full, score, scale, dropout_p, return_lse, False, backend)
+        if call.sig.Sq == 0:  # a step without new tokens
+            out, lse = _empty_result(call)
+        else:
+            out, lse = _run(call._replace(bucketed=True), impl, requested)
+        return AttentionOutput(out, lse) if return_lse else out
     (ks, vs), (kst, vst) = view.logical_shapes(), view.logical_strides()
     km = torch.empty_strided(ks, kst, dtype=q.dtype, device="meta")
     vm = torch.empty_strided(vs, vst, dtype=q.dtype, device="meta")

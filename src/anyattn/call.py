@@ -178,6 +178,9 @@ class Call(NamedTuple):
     # a paged KV cache view (``anyattn.spec.kv.KVView``) when a backend reads the keys through its
     # page table: k/v are then meta placeholders of the logical shapes; None otherwise
     kv: object = None
+    # the keys are a ContiguousKVCache's rows, their length bucketed (``spec.kv_step.kv_bucket``):
+    # a growing context keeps this shape for many steps, so a kernel compiled per shape pays off
+    bucketed: bool = False
 
     # -- the static facts, read through the signature -----------------------------------------
     @property

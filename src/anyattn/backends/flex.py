@@ -177,7 +177,7 @@ class FlexBackend(AttentionBackend):
         self.flash_failed: dict = {}  # variant key -> why FLASH failed to compile (auto uses Triton for it)
         self._ran: set = set()  # ids of entry points that have run once (compiled)
         self.stats = {"block_mask_builds": 0, "structured_block_masks": 0, "compiled_entries": 0, "gqa_expanded": 0,
-                      "page_table_block_masks": 0, "flash_calls": 0, "triton_calls": 0, "flash_fallbacks": 0}  # fmt: skip
+                      "page_table_block_masks": 0, "flash_calls": 0, "triton_calls": 0, "flash_fallbacks": 0, "unfused_calls": 0}  # fmt: skip
 
     def available(self) -> str | None:
         try:
@@ -268,7 +268,7 @@ class FlexBackend(AttentionBackend):
         if sig.device.type != "cuda":
             return ""
         if sig.Sq <= self.unfused_max_sq < sig.Sk:
-            return "lowering: unfused (decode-sized call)"
+            return "lowering: unfused (decode-sized call; on a ContiguousKVCache: FlexDecoding, Triton, per key-length bucket)"
         low, why = self.lowering_for(sig)
         return "lowering: FLASH (FlashAttention-4 CuTe kernel)" if low == "flash" else f"lowering: Triton ({why})"
 
@@ -408,10 +408,16 @@ class FlexBackend(AttentionBackend):
                 out, lse = sink.combine(out, lse)
             return out, (lse if call.return_lse else None)
         geo = call.geo
-        if geo.Sq <= self.unfused_max_sq < geo.Sk and geo.B * geo.H * geo.Sq * geo.Sk <= UNFUSED_MAX_SCORES:
+        if (
+            geo.Sq <= self.unfused_max_sq < geo.Sk and geo.B * geo.H * geo.Sq * geo.Sk <= UNFUSED_MAX_SCORES
+            and not (call.bucketed and geo.device.type == "cuda")
+        ):  # fmt: skip
             # Decode-sized calls (a few queries against a KV cache that grows every step): the kernel
             # is compiled per shape, so each step would compile again. FlexAttention's unfused path
             # computes the same scores, mask and score_mod exactly, at O(Sq * Sk) like the kernel.
+            # A ContiguousKVCache's calls (``call.bucketed``) keep their key length for many steps:
+            # on CUDA they compile FlexDecoding once per bucket (a CPU compile costs ~20 s: unfused).
+            self.stats["unfused_calls"] += 1
             zero = may_have_empty_rows(call)
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*flex_attention.*")
