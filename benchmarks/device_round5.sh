@@ -69,7 +69,7 @@ for d in ('torch', 'triton', 'transformers', 'matplotlib'):
 # (i) the dynamic path: packing (the headline case) first; rows past --budget-s are
 #     recorded as skipped, a SIGTERM keeps every finished row
 stage new_packing 150 python3 -m anyattn bench kernels --mode new-packing "${NPX[@]}" --out "$WORK/new_packing"
-stage host 40 python3 -m anyattn bench kernels --mode host "${HX[@]}" --backends auto,sdpa,cudnn --out "$WORK/host"
+stage host 60 python3 -m anyattn bench kernels --mode host "${HX[@]}" --backends auto,sdpa,cudnn --out "$WORK/host"
 
 # (ii) the static headline subset (the full preset takes ~7 minutes: see docs/benchmarks.md)
 stage kernels 95 python3 -m anyattn bench kernels "${KX[@]}" --variants dense,causal,documents,padding \
