@@ -405,6 +405,30 @@ def test_flex_paged_decode_compiles_one_kernel_for_a_growing_context(window):
     assert _err(torch.cat(outs, 2), _full(q, k, v, mask)) < 2e-6
 
 
+@pytest.mark.slow
+def test_flex_contiguous_decode_reuses_one_kernel_within_a_key_bucket():
+    """The compiled kernel flex runs for a ContiguousKVCache's decode steps on CUDA (CPU here,
+    forced with unfused_max_sq=0): the view's key length stays at its bucket (128) while the
+    context grows from 101 to 128 keys, so the first step's kernel serves all 28 steps without
+    a recompile (dynamo's limit is 1 here), within 2e-6 of float64."""
+    from anyattn.backends.flex import FlexBackend
+
+    q, k, v = _seq(seed=10, length=128)
+    cache = aa.ContiguousKVCache(B, 256, HKV, D)
+    cache.step(100).write(0, k[:, :, :100], v[:, :, :100])
+    outs, lengths = [], set()
+    with use_backend(FlexBackend(unfused_max_sq=0)) as be:
+        kv = cache.step(1).write(0, k[:, :, 100:101], v[:, :, 100:101])
+        outs.append(aa.attention(q[:, :, 100:101], kv=kv, mask=aa.causal(), backend="flex"))
+        with torch._dynamo.config.patch(recompile_limit=1):
+            for t in range(101, 128):
+                kv = cache.step(1).write(0, k[:, :, t : t + 1], v[:, :, t : t + 1])
+                lengths.add(kv.logical_shapes()[0][2])
+                outs.append(aa.attention(q[:, :, t : t + 1], kv=kv, mask=aa.causal(), backend="flex"))
+    assert lengths == {128} and be.stats["compiled_entries"] == 1 and be.stats["unfused_calls"] == 0
+    assert _err(torch.cat(outs, 2), _full(q, k, v, aa.causal())[:, :, 100:]) < 2e-6
+
+
 def test_flex_refuses_small_pages_where_its_main_kernel_would_run():
     """On CUDA, FlexDecoding (few queries, a power-of-2 GQA group) takes key blocks of any page
     size; the main kernel's key blocks must divide the page: pages of a multiple of 128 there."""
