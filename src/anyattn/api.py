@@ -406,7 +406,7 @@ def _attention_kv(q, k, v, view, mask, score, scale, backend, dropout_p, return_
     if not view.paged:  # views of the cache's rows: an ordinary call whose key length is bucketed
         k, v = view.logical()
         call, impl, _, requested = _prepare(q, k, v, full, score, scale, dropout_p, return_lse, False, backend)
-        if call.sig.Sq == 0:  # a step without new tokens
+        if call.sig.Sq == 0 or call.sig.Sk == 0:  # a step without new tokens
             out, lse = _empty_result(call)
         else:
             out, lse = _run(call._replace(bucketed=True), impl, requested)
