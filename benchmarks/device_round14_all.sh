@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Round 14 in ONE device call (one H100 or H200, <= 9.8 min), for when machines are scarce:
+# Round 14 in one device call (one H100 or H200, <= 9.8 min), for when machines are scarce:
 #  (1) the churn and serving CUDA tests and auto's first choices (<= 100 s);
 #  (2) benchmarks/device_round5.sh: issue 15's tables, each in one process (new packing every
 #      step, host overhead, the static headline subset, ESM2-650M plain / compiled / first pass

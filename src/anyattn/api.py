@@ -301,6 +301,15 @@ def _empty_result(call: Call):
     return out, lse
 
 
+def _result(call: Call, impl, requested, return_lse: bool):
+    """Run a prepared call (zeros when it has no queries or no keys): out, or (out, lse)."""
+    if call.sig.Sq == 0 or call.sig.Sk == 0:
+        out, lse = _empty_result(call)
+    else:
+        out, lse = _run(call, impl, requested)
+    return AttentionOutput(out, lse) if return_lse else out
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor | None = None,
@@ -339,13 +348,7 @@ def attention(
     if k is None or v is None:
         raise bad_value("k/v", "key and value tensors (or kv=, a KV cache view)", "None")
     call, impl, _, requested = _prepare(q, k, v, mask, score, scale, dropout_p, return_lse, False, backend)
-    if call.sig.Sq == 0 or call.sig.Sk == 0:
-        out, lse = _empty_result(call)
-    else:
-        out, lse = _run(call, impl, requested)
-    if return_lse:
-        return AttentionOutput(out, lse)
-    return out
+    return _result(call, impl, requested, return_lse)
 
 
 # --------------------------------------------------------------------------------------------
@@ -406,11 +409,7 @@ def _attention_kv(q, k, v, view, mask, score, scale, backend, dropout_p, return_
     if not view.paged:  # views of the cache's rows: an ordinary call whose key length is bucketed
         k, v = view.logical()
         call, impl, _, requested = _prepare(q, k, v, full, score, scale, dropout_p, return_lse, False, backend)
-        if call.sig.Sq == 0 or call.sig.Sk == 0:  # a step without new tokens
-            out, lse = _empty_result(call)
-        else:
-            out, lse = _run(call._replace(bucketed=True), impl, requested)
-        return AttentionOutput(out, lse) if return_lse else out
+        return _result(call._replace(bucketed=True), impl, requested, return_lse)
     (ks, vs), (kst, vst) = view.logical_shapes(), view.logical_strides()
     km = torch.empty_strided(ks, kst, dtype=q.dtype, device="meta")
     vm = torch.empty_strided(vs, vst, dtype=q.dtype, device="meta")
