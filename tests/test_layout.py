@@ -64,8 +64,53 @@ def test_from_lengths_on_cuda_does_not_sync():
     torch.cuda.set_sync_debug_mode("error")
     try:
         info = SeqInfo.from_lengths(rows[0], total_length=16384, device="cuda")
+        got = {name: getattr(info, name) for name in ("lengths", "cu_seqlens", "indices", "keep", "doc_ids", "positions")}
+        info.varlen()
     finally:
         torch.cuda.set_sync_debug_mode("default")
     want = _reference(rows, 16384)
     for name, t in want.items():
-        assert torch.equal(getattr(info, name).cpu(), t), name
+        assert torch.equal(got[name].cpu(), t), name
+
+
+class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every aten op run under it, with the largest element count it produced."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        self.ops.append((str(func), max((t.numel() for t in outs if isinstance(t, torch.Tensor)), default=0)))
+        return out
+
+
+def test_from_lengths_derives_per_token_maps_only_when_read():
+    """A varlen kernel needs only cu_seqlens / max_seqlen: building a SeqInfo from host lengths
+    and asking for its varlen metadata must not run the per-token ops (B*S-sized tensors, ~0.3 ms
+    of launches per call on a GPU host); the first read of any per-token map derives all four,
+    once, with the values of the per-token definition."""
+    rows, S = [[300] * 50 + [17]], 16384
+    with _Ops() as rec:
+        info = SeqInfo.from_lengths(rows[0], total_length=S)
+        cu, mx = info.varlen()
+    assert max(n for _, n in rec.ops) < 1000, rec.ops  # only per-document tensors (52 documents)
+    assert cu is info.cu_seqlens and mx == 300  # no empty document: cu_seqlens is the varlen metadata
+    with _Ops() as rec:
+        doc_ids = info.doc_ids
+    assert any(n >= S for _, n in rec.ops), "reading doc_ids derived nothing"
+    with _Ops() as rec:
+        again = (info.doc_ids, info.positions, info.keep, info.indices)
+    assert rec.ops == [] and again[0] is doc_ids  # derived once, for all four
+    want = _reference(rows, S)
+    for name in ("indices", "keep", "doc_ids", "positions"):
+        assert torch.equal(getattr(info, name), want[name]), name
+
+
+def test_varlen_leaves_out_empty_documents():
+    info = SeqInfo.from_lengths([[3, 0, 2], [4]], total_length=6)
+    cu, mx = info.varlen()
+    assert cu.tolist() == [0, 3, 5, 9] and mx == 4
+    assert info.cu_seqlens.tolist() == [0, 3, 3, 5, 9]  # the SeqInfo's own keeps every document

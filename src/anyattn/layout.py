@@ -52,6 +52,44 @@ def host_to_device(t: torch.Tensor, device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+class _Deferred:
+    """The per-token maps of a SeqInfo built from host lengths, not derived yet: the function
+    that derives all four at once (see :class:`_TokenMap`)."""
+
+    __slots__ = ("derive",)
+
+    def __init__(self, derive):
+        self.derive = derive
+
+
+_DEFERRED_MAPS = ("indices", "keep", "doc_ids", "positions")
+
+
+class _TokenMap:
+    """A per-token map of a SeqInfo (``indices``, ``keep``, ``doc_ids``, ``positions``: B*S
+    entries each). A SeqInfo built from host lengths derives all four on the first read of any of
+    them, so a caller that needs only the per-document numbers (a varlen kernel:
+    ``cu_seqlens``/``max_seqlen``) never pays for them: on a GPU host the dozen ops cost ~0.3 ms
+    per call (benchmarks/results/round10/README.md), about what a 16k-token forward takes."""
+
+    def __init__(self, name: str):
+        self.name, self.slot = name, "_" + name
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        v = obj.__dict__[self.slot]
+        if isinstance(v, _Deferred):
+            maps = v.derive()
+            for k in _DEFERRED_MAPS:
+                obj.__dict__["_" + k] = maps[k]
+            v = maps[self.name]
+        return v
+
+    def __set__(self, obj, value):  # the dataclass __init__ only: the class is frozen
+        obj.__dict__[self.slot] = value
+
+
 @dataclass(frozen=True, eq=False)
 class SeqInfo:
     """A batch's sequence structure. Build with one of the ``from_*`` constructors."""
@@ -224,8 +262,9 @@ class SeqInfo:
         """Every tensor from host lengths without a host sync. The per-document numbers (a few
         hundred at most) travel to ``device`` in ONE pinned, non-blocking copy; the per-token
         maps (B*S entries: ~10^4-10^5 for a packed row) are derived there by a dozen vectorized
-        ops, so the host never allocates or fills them (on a GPU host, filling them on the CPU
-        cost ~0.6 ms per 16k-token row: benchmarks/results/round9/seqinfo_probe.log). Building the
+        ops on their first read, so the host never allocates or fills them (on a GPU host, filling
+        them on the CPU cost ~0.6 ms per 16k-token row: benchmarks/results/round9/seqinfo_probe.log)
+        and a varlen kernel, which reads only ``cu_seqlens``, never launches them. Building the
         next batch's structure overlaps the device's work on the current one."""
         B = len(rows)
         N = max(len(r) for r in rows)
@@ -240,22 +279,26 @@ class SeqInfo:
         host = torch.tensor(flat_docs + cu + row_of_doc + row_start + row_tot + padded, dtype=torch.int64)
         buf = host_to_device(host, device)
         lengths_D, cu_d, row_D, row_start_d, row_tot_d, padded_d = torch.split(buf, (nD, nD + 1, nD, B, B, B * N))
-        # token t (in row-major order over the real tokens) -> its document, row, position, column
-        doc_T = torch.repeat_interleave(torch.arange(nD, device=buf.device), lengths_D, output_size=total)  # no sync
-        row_T = row_D[doc_T]
-        ar_T = torch.arange(total, device=buf.device)
-        idx_T = row_T * S + (ar_T - row_start_d[row_T])
-        doc_ids = torch.full((B * S,), -1, dtype=torch.int32, device=buf.device)
-        doc_ids.index_copy_(0, idx_T, doc_T.to(torch.int32))  # index_copy_: no sync (as pad())
-        positions = torch.zeros(B * S, dtype=torch.int64, device=buf.device)
-        positions.index_copy_(0, idx_T, ar_T - cu_d[doc_T])
-        keep = torch.arange(S, device=buf.device)[None, :] < row_tot_d[:, None]
+
+        def derive() -> dict:
+            # token t (in row-major order over the real tokens) -> its document, row, position, column
+            doc_T = torch.repeat_interleave(torch.arange(nD, device=buf.device), lengths_D, output_size=total)  # no sync
+            row_T = row_D[doc_T]
+            ar_T = torch.arange(total, device=buf.device)
+            idx_T = row_T * S + (ar_T - row_start_d[row_T])
+            doc_ids = torch.full((B * S,), -1, dtype=torch.int32, device=buf.device)
+            doc_ids.index_copy_(0, idx_T, doc_T.to(torch.int32))  # index_copy_: no sync (as pad())
+            positions = torch.zeros(B * S, dtype=torch.int64, device=buf.device)
+            positions.index_copy_(0, idx_T, ar_T - cu_d[doc_T])
+            keep = torch.arange(S, device=buf.device)[None, :] < row_tot_d[:, None]
+            return {"indices": idx_T, "keep": keep, "doc_ids": doc_ids.view(B, S), "positions": positions.view(B, S)}
+
+        deferred = _Deferred(derive)  # derived on the first read of a per-token map (_TokenMap)
         return cls(
             B=B, S=S,
             lengths=padded_d.view(B, N), host_lengths=tuple(tuple(r) + (0,) * (N - len(r)) for r in rows),
             cu_seqlens=cu_d.to(torch.int32), max_seqlen=max(flat_docs) if flat_docs else 0, total=total,
-            indices=idx_T, keep=keep, doc_ids=doc_ids.view(B, S), positions=positions.view(B, S),
-            kind=kind,
+            indices=deferred, keep=deferred, doc_ids=deferred, positions=deferred, kind=kind,
         )  # fmt: skip
 
     # ---------------------------------------------------------------- views
@@ -273,7 +316,8 @@ class SeqInfo:
     def varlen(self) -> tuple[torch.Tensor, int]:
         """``(cu_seqlens, max_seqlen)`` for a varlen kernel: int32 on this SeqInfo's device over the
         non-empty documents (zero-length ones carry no tokens and are left out of the kernel's
-        batch), built from the host lengths through pinned memory (no sync). Memoized."""
+        batch): ``cu_seqlens`` itself when no document is empty, else built from the host lengths
+        through pinned memory (no sync). Memoized."""
         hit = self.__dict__.get("_varlen")
         if hit is None:
             cu = [0]
@@ -281,7 +325,10 @@ class SeqInfo:
                 for x in r:
                     if x > 0:
                         cu.append(cu[-1] + x)
-            hit = (host_to_device(torch.tensor(cu, dtype=torch.int32), self.cu_seqlens.device), self.max_seqlen)
+            if len(cu) == self.cu_seqlens.numel():  # every document of cu_seqlens is non-empty
+                hit = (self.cu_seqlens, self.max_seqlen)
+            else:
+                hit = (host_to_device(torch.tensor(cu, dtype=torch.int32), self.cu_seqlens.device), self.max_seqlen)
             object.__setattr__(self, "_varlen", hit)
         return hit
 
@@ -323,6 +370,12 @@ class SeqInfo:
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
         """(1, S', ...) in the layout of :meth:`packed` -> (B, S, ...), zeros at padding."""
         return pad(x[0, : self.total], self)
+
+
+# installed after @dataclass has read the fields (a descriptor present then would be taken for a default)
+for _name in _DEFERRED_MAPS:
+    setattr(SeqInfo, _name, _TokenMap(_name))
+del _name
 
 
 def unpad(x: torch.Tensor, info: SeqInfo) -> torch.Tensor:
