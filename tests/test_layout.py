@@ -114,3 +114,22 @@ def test_varlen_leaves_out_empty_documents():
     cu, mx = info.varlen()
     assert cu.tolist() == [0, 3, 5, 9] and mx == 4
     assert info.cu_seqlens.tolist() == [0, 3, 3, 5, 9]  # the SeqInfo's own keeps every document
+
+
+def test_to_keeps_the_per_token_maps_deferred():
+    """Moving a SeqInfo that has not derived its maps moves the per-document buffer only; the maps
+    derived after the move equal the definition (and equal the moved maps of a derived one)."""
+    rows, S = [[5, 0, 3], [2, 2]], 64
+    info = SeqInfo.from_lengths(rows, total_length=S)
+    moved = info.to("meta")  # another device: nothing read, nothing derived, on either side
+    assert moved.cu_seqlens.device.type == "meta"
+    with _Ops() as rec:
+        SeqInfo.from_lengths(rows, total_length=S).to("meta")
+    assert max(n for _, n in rec.ops) < len(rows) * S, rec.ops  # per-document tensors only
+    assert moved.doc_ids.device.type == "meta" and moved.doc_ids.shape == (2, S)
+    want = _reference(rows, S)
+    derived = SeqInfo.from_lengths(rows, total_length=S)
+    derived.doc_ids  # noqa: B018  derive, then move the maps themselves
+    for name in ("indices", "keep", "doc_ids", "positions"):
+        assert torch.equal(getattr(info, name), want[name]), name
+        assert getattr(derived.to("meta"), name).shape == want[name].shape, name

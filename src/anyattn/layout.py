@@ -53,13 +53,39 @@ def host_to_device(t: torch.Tensor, device) -> torch.Tensor:
 
 
 class _Deferred:
-    """The per-token maps of a SeqInfo built from host lengths, not derived yet: the function
-    that derives all four at once (see :class:`_TokenMap`)."""
+    """The per-token maps of a SeqInfo built from host lengths, not derived yet: the one device
+    buffer of per-document numbers they are derived from (see ``SeqInfo._build``), and the sizes
+    (documents nD, rows B, documents per row N, row length S, real tokens T)."""
 
-    __slots__ = ("derive",)
+    __slots__ = ("buf", "sizes")
 
-    def __init__(self, derive):
-        self.derive = derive
+    def __init__(self, buf: torch.Tensor, sizes: tuple):
+        self.buf, self.sizes = buf, sizes
+
+    def to(self, device) -> _Deferred:
+        return _Deferred(_move(self.buf, device), self.sizes)
+
+    def derive(self) -> dict:
+        """The four maps, by a dozen vectorized ops on the buffer's device (no host sync)."""
+        nD, B, N, S, total = self.sizes
+        buf = self.buf
+        lengths_D, cu_d, row_D, row_start_d, row_tot_d, _ = torch.split(buf, (nD, nD + 1, nD, B, B, B * N))
+        # token t (in row-major order over the real tokens) -> its document, row, position, column
+        doc_T = torch.repeat_interleave(torch.arange(nD, device=buf.device), lengths_D, output_size=total)  # no sync
+        row_T = row_D[doc_T]
+        ar_T = torch.arange(total, device=buf.device)
+        idx_T = row_T * S + (ar_T - row_start_d[row_T])
+        doc_ids = torch.full((B * S,), -1, dtype=torch.int32, device=buf.device)
+        doc_ids.index_copy_(0, idx_T, doc_T.to(torch.int32))  # index_copy_: no sync (as pad())
+        positions = torch.zeros(B * S, dtype=torch.int64, device=buf.device)
+        positions.index_copy_(0, idx_T, ar_T - cu_d[doc_T])
+        keep = torch.arange(S, device=buf.device)[None, :] < row_tot_d[:, None]
+        return {"indices": idx_T, "keep": keep, "doc_ids": doc_ids.view(B, S), "positions": positions.view(B, S)}
+
+
+def _move(t: torch.Tensor, device) -> torch.Tensor:
+    """``t`` on ``device`` without a host sync (a CPU tensor through pinned memory)."""
+    return host_to_device(t, device) if t.device.type == "cpu" else t.to(device, non_blocking=True)
 
 
 _DEFERRED_MAPS = ("indices", "keep", "doc_ids", "positions")
@@ -278,22 +304,8 @@ class SeqInfo:
         # one host buffer, one copy: [doc lengths | cu | row of each doc | row starts | row totals | (B, N) lengths]
         host = torch.tensor(flat_docs + cu + row_of_doc + row_start + row_tot + padded, dtype=torch.int64)
         buf = host_to_device(host, device)
-        lengths_D, cu_d, row_D, row_start_d, row_tot_d, padded_d = torch.split(buf, (nD, nD + 1, nD, B, B, B * N))
-
-        def derive() -> dict:
-            # token t (in row-major order over the real tokens) -> its document, row, position, column
-            doc_T = torch.repeat_interleave(torch.arange(nD, device=buf.device), lengths_D, output_size=total)  # no sync
-            row_T = row_D[doc_T]
-            ar_T = torch.arange(total, device=buf.device)
-            idx_T = row_T * S + (ar_T - row_start_d[row_T])
-            doc_ids = torch.full((B * S,), -1, dtype=torch.int32, device=buf.device)
-            doc_ids.index_copy_(0, idx_T, doc_T.to(torch.int32))  # index_copy_: no sync (as pad())
-            positions = torch.zeros(B * S, dtype=torch.int64, device=buf.device)
-            positions.index_copy_(0, idx_T, ar_T - cu_d[doc_T])
-            keep = torch.arange(S, device=buf.device)[None, :] < row_tot_d[:, None]
-            return {"indices": idx_T, "keep": keep, "doc_ids": doc_ids.view(B, S), "positions": positions.view(B, S)}
-
-        deferred = _Deferred(derive)  # derived on the first read of a per-token map (_TokenMap)
+        _, cu_d, _, _, _, padded_d = torch.split(buf, (nD, nD + 1, nD, B, B, B * N))
+        deferred = _Deferred(buf, (nD, B, N, S, total))  # derived on the first read of a per-token map (_TokenMap)
         return cls(
             B=B, S=S,
             lengths=padded_d.view(B, N), host_lengths=tuple(tuple(r) + (0,) * (N - len(r)) for r in rows),
@@ -306,11 +318,16 @@ class SeqInfo:
         device = torch.device(device)
         if self.cu_seqlens.device == device:
             return self
-        mv = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        mv = lambda t: _move(t, device)  # noqa: E731
+        lazy = self.__dict__["_indices"]
+        if isinstance(lazy, _Deferred):  # not derived yet: move the per-document buffer, derive there
+            lazy = lazy.to(device)
+            maps = dict.fromkeys(_DEFERRED_MAPS, lazy)
+        else:
+            maps = {k: mv(getattr(self, k)) for k in _DEFERRED_MAPS}
         return SeqInfo(
             B=self.B, S=self.S, lengths=mv(self.lengths), host_lengths=self.host_lengths, cu_seqlens=mv(self.cu_seqlens),
-            max_seqlen=self.max_seqlen, total=self.total, indices=mv(self.indices), keep=mv(self.keep),
-            doc_ids=mv(self.doc_ids), positions=mv(self.positions), kind=self.kind, contiguous=self.contiguous,
+            max_seqlen=self.max_seqlen, total=self.total, kind=self.kind, contiguous=self.contiguous, **maps,
         )  # fmt: skip
 
     def varlen(self) -> tuple[torch.Tensor, int]:
