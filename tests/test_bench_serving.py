@@ -26,6 +26,7 @@ def test_bench_serving_decode_rows_and_outputs(tmp_path, capsys):
     assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in rows), rows
     assert [r["chosen"] for r in rows if r["backend"] == "eager"] == ["eager", "eager"]
     assert all(r["cache_bytes"] > 0 for r in rows)
+    assert all(r["ms_min"] <= r["ms"] <= r["ms_max"] and r["compiles"] == 0 for r in rows), rows
     assert data["command"].startswith("anyattn bench serving --quick")
     assert "| decode | anyattn/paged | auto |" in (tmp_path / "serving.md").read_text()
 
@@ -41,3 +42,31 @@ def test_bench_serving_prefill_packed_vs_padded(tmp_path, capsys):
 def test_bench_serving_names_a_bad_option(capsys):
     assert main(["bench", "serving", "--quick", "--impls", "nope"]) == 2
     assert "--impls: unknown ['nope']" in capsys.readouterr().err
+
+
+def test_timed_steps_count_compilation_inside_the_timed_steps():
+    """A row whose timed steps compile (a new shape each step) says so: its median is not a
+    steady-state step. A steady step compiles nothing once warmed up."""
+    import torch
+
+    from anyattn.bench.serving import _timed_steps
+
+    fn = torch.compile(lambda x: x * 2 + 1, backend="eager", dynamic=False)
+    n = [4]
+
+    def growing():  # a new static shape every call: a new graph every step
+        n[0] += 1
+        fn(torch.ones(n[0]))
+
+    torch._dynamo.config.automatic_dynamic_shapes, saved = False, torch._dynamo.config.automatic_dynamic_shapes
+    limit, torch._dynamo.config.recompile_limit = torch._dynamo.config.recompile_limit, 64
+    try:
+        t = _timed_steps(growing, "cpu", warmup=1, steps=3)
+        assert t["compiles"] == 3, t
+        x = torch.ones(3)
+        t = _timed_steps(lambda: fn(x), "cpu", warmup=2, steps=3)
+        assert t["compiles"] == 0, t
+        assert t["ms_min"] <= t["ms"] <= t["ms_max"]
+    finally:
+        torch._dynamo.config.automatic_dynamic_shapes = saved
+        torch._dynamo.config.recompile_limit = limit

@@ -16,8 +16,9 @@ prefill: they do not change the time). Rows, per (B, C):
 
 ``<backend>`` is auto (what ``auto`` chose is printed) or a forced backend. Measured: the median
 ms per step over ``--steps`` steps after ``--warmup`` steps (the first step, with compilation,
-separately), tokens/s = B / step time, and the bytes of K/V storage of each cache kind (for HF:
-the DynamicCache's tensors). A configuration whose caches do not fit the free GPU memory is
+separately) with the fastest and slowest timed step, the graphs torch.compile compiled during the
+timed steps (nonzero: the median includes compilation; the line says COMPILED), tokens/s = B /
+step time, and the bytes of K/V storage of each cache kind (for HF: the DynamicCache's tensors). A configuration whose caches do not fit the free GPU memory is
 skipped with the reason.
 
 Prefill (``--mode prefill``): a mixed batch (``--prompts`` lognormal prompt lengths, plus as many
@@ -135,8 +136,21 @@ def _fits(model, device: str, need: int) -> str | None:
     return None
 
 
-def _timed_steps(step_fn, device, warmup: int, steps: int) -> tuple[float, float]:
-    """(first step ms, median step ms): each step synchronized and timed on its own (decode
+def _graphs_compiled() -> int | None:
+    """Graphs torch.compile has compiled in this process so far (None where this torch's dynamo
+    does not count them)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:  # pragma: no cover - torch without dynamo
+        return None
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _timed_steps(step_fn, device, warmup: int, steps: int) -> dict:
+    """The timing of a row: ``first_ms`` (the first step, compilation included), ``ms`` (median
+    step), ``ms_min`` / ``ms_max`` (the spread of the timed steps) and ``compiles`` (graphs
+    torch.compile compiled *during the timed steps*: a nonzero count means the median includes
+    compilation, not steady-state steps). Each step is synchronized and timed on its own (decode
     steps change the cache, so a step cannot be repeated as-is)."""
     from .timing import first_call_ms, sync
 
@@ -144,13 +158,16 @@ def _timed_steps(step_fn, device, warmup: int, steps: int) -> tuple[float, float
     for _ in range(max(0, warmup - 1)):
         step_fn()
     times = []
+    before = _graphs_compiled()
     for _ in range(steps):
         sync(device)
         t0 = time.perf_counter()
         step_fn()
         sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
-    return first, statistics.median(times)
+    after = _graphs_compiled()
+    compiles = None if before is None or after is None else after - before
+    return dict(first_ms=first, ms=statistics.median(times), ms_min=min(times), ms_max=max(times), compiles=compiles)
 
 
 def _decode_anyattn(model, kind: str, backend: str, B: int, C: int, o: dict) -> dict:
@@ -182,8 +199,8 @@ def _decode_anyattn(model, kind: str, backend: str, B: int, C: int, o: dict) -> 
         chosen.update(c.backend for c in seen)
 
     with torch.no_grad(), aa.use(backend):
-        first, ms = _timed_steps(step, dev, o["warmup"], o["steps"])
-    return dict(first_ms=first, ms=ms, chosen=",".join(sorted(chosen)), cache_bytes=cache.memory_bytes())
+        timing = _timed_steps(step, dev, o["warmup"], o["steps"])
+    return dict(**timing, chosen=",".join(sorted(chosen)), cache_bytes=cache.memory_bytes())
 
 
 def _decode_hf(model, B: int, C: int, o: dict) -> dict:
@@ -207,13 +224,13 @@ def _decode_hf(model, B: int, C: int, o: dict) -> dict:
         pos[0] += 1
 
     with torch.no_grad():
-        first, ms = _timed_steps(step, dev, o["warmup"], o["steps"])
+        timing = _timed_steps(step, dev, o["warmup"], o["steps"])
     nbytes = 0
     for layer in getattr(cache, "layers", []):
         for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
             if isinstance(t, torch.Tensor):
                 nbytes += t.numel() * t.element_size()
-    return dict(first_ms=first, ms=ms, chosen="", cache_bytes=nbytes or None)
+    return dict(**timing, chosen="", cache_bytes=nbytes or None)
 
 
 def run_decode(o: dict, log=print) -> list[dict]:
@@ -284,9 +301,9 @@ def run_prefill(o: dict, log=print) -> list[dict]:
 
         try:
             with torch.no_grad(), aa.use(backend):
-                first, ms = _timed_steps(once if name.startswith("anyattn") else fn, dev, o["warmup"], o["steps"])
+                timing = _timed_steps(once if name.startswith("anyattn") else fn, dev, o["warmup"], o["steps"])
             rows.append(dict(mode="prefill", impl=name, backend=backend if name.startswith("anyattn") else "-", prompts=len(lengths),
-                             tokens=tokens, first_ms=first, ms=ms, tokens_per_s=tokens / ms * 1e3, status="ok",
+                             tokens=tokens, **timing, tokens_per_s=tokens / timing["ms"] * 1e3, status="ok",
                              chosen=",".join(sorted(chosen))))  # fmt: skip
         except Exception as e:  # noqa: BLE001
             rows.append(dict(mode="prefill", impl=name, backend=backend, status="failed", reason=f"{type(e).__name__}: {str(e)[:300]}"))
@@ -334,23 +351,27 @@ def _line(r: dict) -> str:
         return f"{head} {r['status']}: {r.get('reason', '')}"
     mem = f"  cache {r['cache_bytes'] / 2**20:.0f} MiB" if r.get("cache_bytes") else ""
     chosen = f"  (ran: {r['chosen']})" if r.get("chosen") else ""
-    return f"{head} {r['ms']:8.3f} ms  {r['tokens_per_s']:10.0f} tok/s  first {r['first_ms']:.0f} ms{mem}{chosen}"
+    spread = f" [{r['ms_min']:.1f}-{r['ms_max']:.1f}]" if "ms_min" in r else ""
+    compiles = f"  COMPILED {r['compiles']} graphs during the timed steps" if r.get("compiles") else ""
+    return f"{head} {r['ms']:8.3f} ms{spread}  {r['tokens_per_s']:10.0f} tok/s  first {r['first_ms']:.0f} ms{mem}{chosen}{compiles}"
 
 
 def _markdown(rows, command: str, env: dict) -> str:
     out = [f"`{command}`", "", f"{env.get('device_name')}, torch {env.get('torch')}, {env.get('date')}", ""]
-    out.append("| mode | impl | backend | batch | context | ms/step | tokens/s | first ms | cache MiB | ran | status |")
-    out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    out.append("| mode | impl | backend | batch | context | ms/step | min-max ms | compiles in timed steps | tokens/s | first ms | cache MiB | ran | status |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ok = r["status"] == "ok"
         ms = format(r["ms"], ".3f") if ok else ""
         tps = format(r["tokens_per_s"], ".0f") if ok else ""
         first = format(r["first_ms"], ".0f") if ok else ""
         mib = format(r["cache_bytes"] / 2**20, ".0f") if ok and r.get("cache_bytes") else ""
+        spread = f"{r['ms_min']:.3f}-{r['ms_max']:.3f}" if ok and "ms_min" in r else ""
+        compiles = "" if not ok or r.get("compiles") is None else str(r["compiles"])
         status = r["status"] + (": " + r["reason"] if r.get("reason") else "")
         out.append(
             f"| {r['mode']} | {r['impl']} | {r.get('backend', '')} | {r.get('batch', r.get('prompts', ''))} | "
-            f"{r.get('context', r.get('tokens', ''))} | {ms} | {tps} | {first} | {mib} | {r.get('chosen', '')} | {status} |"
+            f"{r.get('context', r.get('tokens', ''))} | {ms} | {spread} | {compiles} | {tps} | {first} | {mib} | {r.get('chosen', '')} | {status} |"
         )
     return "\n".join(out) + "\n"
 
