@@ -91,6 +91,20 @@ def test_flash_torch_matches_float64_oracle(dtype, variant, shape):
 
 
 @pytest.mark.parametrize("return_lse", [False, True], ids=["out", "lse"])  # SDPA route / varlen route
+@pytest.mark.parametrize("variant", ["dense", "causal", "documents_causal", "padding"])
+def test_flash_torch_takes_a_head_dim_with_a_stride_other_than_one(variant, return_lse):
+    """The FlashAttention kernels need a unit stride on the head dim; q[..., ::2]-style views
+    are copied first (docs/reliability.md). Forward and gradients against float64."""
+    B, Hq, Hkv, S, D = 2, 8, 2, 113, 64
+    wide = generate_qkv(B, Hq, Hkv, S, S, 2 * D, dtype=torch.bfloat16, device="cuda", layout="bshd", seed=5)
+    q, k, v = (t[..., ::2] for t in wide)
+    assert q.stride(-1) == 2 and q.shape[-1] == D
+    aa.clear_caches()
+    comps = compare_to_oracle(q, k, v, backend="flash_torch", grad=True, return_lse=return_lse, **VARIANTS[variant](B, S))
+    _assert_ok(comps, variant)
+
+
+@pytest.mark.parametrize("return_lse", [False, True], ids=["out", "lse"])  # SDPA route / varlen route
 @pytest.mark.parametrize("Sq, Sk", [(17, 113), (113, 17), (1, 1025)])
 @pytest.mark.parametrize("variant", ["dense", "causal", "window", "window_lr"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
