@@ -18,7 +18,9 @@ prefill: they do not change the time). Rows, per (B, C):
 ms per step over ``--steps`` steps after ``--warmup`` steps (the first step, with compilation,
 separately) with the fastest and slowest timed step, the graphs torch.compile compiled during the
 timed steps (nonzero: the median includes compilation; the line says COMPILED), tokens/s = B /
-step time, and the bytes of K/V storage of each cache kind (for HF: the DynamicCache's tensors). A configuration whose caches do not fit the free GPU memory is
+step time, and the bytes of K/V storage of each cache kind (for HF: the DynamicCache's tensors).
+On CUDA, inductor's compile-worker pool is started and waited for before the first row (its
+lazy start at the first compile would otherwise share the host with the next timed steps). A configuration whose caches do not fit the free GPU memory is
 skipped with the reason.
 
 Prefill (``--mode prefill``): a mixed batch (``--prompts`` lognormal prompt lengths, plus as many
@@ -44,6 +46,7 @@ import torch
 from . import UsageError
 from .args import listopt, posint
 from .env import environment
+from .timing import compile_workers_ready
 
 HELP = "decode tokens/s and mixed-batch prefill of a Llama-shaped model on anyattn's KV caches vs HF"
 
@@ -380,6 +383,9 @@ def run_from_args(args, command: str = "anyattn bench serving") -> int:
     o = _options(args)
     env = environment(o["device"])
     print(f"# {command}\n# {env['device_name']}, torch {env['torch']}")
+    if o["device"] == "cuda":  # flex rows compile: the compile workers' start must not overlap timed steps
+        env["compile_workers"] = compile_workers_ready()
+        print(f"# inductor compile workers: {env['compile_workers']}")
     rows = run_decode(o) if args.mode == "decode" else run_prefill(o)
     if args.out:
         os.makedirs(args.out, exist_ok=True)

@@ -22,7 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Timing", "first_call_ms", "host_us_per_call", "measure", "profile_tables", "sync", "timing_method"]
+__all__ = [
+    "Timing", "compile_workers_ready", "first_call_ms", "host_us_per_call", "measure", "profile_tables", "sync", "timing_method",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,27 @@ class Timing:
 def sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
+
+
+def compile_workers_ready(timeout_s: float = 120.0) -> str:
+    """Start inductor's pool of compile worker processes and wait until it is up, so that its
+    start (each worker imports torch: seconds of CPU per process) never overlaps timed steps.
+    Inductor starts the pool lazily at a process's first compile and compiles in-process until it
+    is ready; without this, the host-bound steps timed right after the first compile of a run
+    share the host with a dozen starting processes. Returns what happened ("ready", "not used",
+    or why it could not wait): the pool is inductor's internal API, so anything unexpected is
+    reported, never raised."""
+    try:
+        from torch._inductor.async_compile import AsyncCompile
+    except ImportError as e:  # pragma: no cover - torch without inductor
+        return f"unavailable: {e}"
+    try:
+        if not AsyncCompile.use_process_pool() and AsyncCompile._ready_future is None:
+            return "not used (one compile thread, or subprocesses not allowed)"
+        AsyncCompile.wait_pool_ready(timeout=timeout_s)
+    except Exception as e:  # noqa: BLE001 - internal API: report, do not fail a benchmark
+        return f"could not wait: {type(e).__name__}: {e}"
+    return "ready"
 
 
 @functools.cache
