@@ -20,8 +20,8 @@ separately) with the fastest and slowest timed step, the graphs torch.compile co
 timed steps (nonzero: the median includes compilation; the line says COMPILED), tokens/s = B /
 step time, and the bytes of K/V storage of each cache kind (for HF: the DynamicCache's tensors).
 On CUDA, inductor's compile-worker pool is started and waited for before the first row (its
-lazy start at the first compile would otherwise share the host with the next timed steps). A configuration whose caches do not fit the free GPU memory is
-skipped with the reason.
+lazy start at the first compile would otherwise share the host with the next timed steps). A
+configuration whose caches do not fit the free GPU memory is skipped with the reason.
 
 Prefill (``--mode prefill``): a mixed batch (``--prompts`` lognormal prompt lengths, plus as many
 decode sequences) as ONE packed row on a PagedKVCache (chunked prefill + decode in one forward)
@@ -361,7 +361,10 @@ def _line(r: dict) -> str:
 
 def _markdown(rows, command: str, env: dict) -> str:
     out = [f"`{command}`", "", f"{env.get('device_name')}, torch {env.get('torch')}, {env.get('date')}", ""]
-    out.append("| mode | impl | backend | batch | context | ms/step | min-max ms | compiles in timed steps | tokens/s | first ms | cache MiB | ran | status |")
+    out.append(
+        "| mode | impl | backend | batch | context | ms/step | min-max ms | compiles in timed steps | tokens/s | first ms "
+        "| cache MiB | ran | status |"
+    )
     out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ok = r["status"] == "ok"
