@@ -133,3 +133,17 @@ def test_to_keeps_the_per_token_maps_deferred():
     for name in ("indices", "keep", "doc_ids", "positions"):
         assert torch.equal(getattr(info, name), want[name]), name
         assert getattr(derived.to("meta"), name).shape == want[name].shape, name
+
+
+def test_deferred_maps_read_inside_a_fullgraph_compile():
+    """A SeqInfo whose maps were never read, passed into a fullgraph-compiled function that reads
+    them: the derivation is traced and gives the per-token definition."""
+    rows, S = [[3, 5], [4]], 9
+    want = _reference(rows, S)
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def f(info):
+        return info.doc_ids + 0, info.positions + 0
+
+    doc_ids, positions = f(SeqInfo.from_lengths(rows, total_length=S))
+    assert torch.equal(doc_ids, want["doc_ids"]) and torch.equal(positions, want["positions"])

@@ -96,7 +96,11 @@ class _TokenMap:
     entries each). A SeqInfo built from host lengths derives all four on the first read of any of
     them, so a caller that needs only the per-document numbers (a varlen kernel:
     ``cu_seqlens``/``max_seqlen``) never pays for them: on a GPU host the dozen ops cost ~0.3 ms
-    per call (benchmarks/results/round10/README.md), about what a 16k-token forward takes."""
+    per call (benchmarks/results/round10/README.md), about what a 16k-token forward takes.
+    First read inside a ``torch.compile`` region, the derivation is traced into the graph (it
+    works, fullgraph included); its sizes depend on the real-token count, so a graph compiled
+    with ``dynamic=False`` would recompile per count: read a map once before the region (or use
+    ``nn.PackedBatch``, which does) to keep it out."""
 
     def __init__(self, name: str):
         self.name, self.slot = name, "_" + name
