@@ -190,10 +190,28 @@ def test_sdpa_reads_empty_rows_on_the_host_only_when_a_mask_is_reused():
         call = make_call(q, k, v, mask=aa.dense(m))
         first = sd.lowered(call)
         assert first.rows_unread and first.row_ok is not None
+        assert first.attn_mask.dtype == torch.bool  # used once: passed as it is, no conversion
         again = sd.lowered(call)
         assert not again.rows_unread and (again.row_ok is not None) == empty
+        assert again.attn_mask.dtype == q.dtype  # used again: stored in SDPA's additive form
         for _ in range(2):
             out = aa.attention(q, k, v, mask=aa.dense(m), backend="sdpa")
             _check(out, oracle(q, k, v, mask=aa.dense(m)), "dense")
             if empty:
                 assert out[..., 3, :].eq(0).all()
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (1, 1, 8, 8), (2, 1, 8, 8), (1, 2, 1, 8), (2, 2, 8, 1)], ids=str)
+def test_dense_mask_materializes_as_a_copy_equal_to_the_gather(shape):
+    """A dense() term's materialized mask is a copy of the tensor (no index-grid gather): equal
+    to what its predicate gives on the grids, broadcast the same way, never the caller's memory."""
+    from anyattn.spec.base import Geometry, index_grids, materialize_mask
+
+    g = torch.Generator().manual_seed(3)
+    m = torch.rand(shape, generator=g) > 0.4
+    geo = Geometry(2, 2, 8, 8, torch.device("cpu"))
+    bound = aa.dense(m).bind(geo)
+    got = materialize_mask(bound, geo)
+    want = bound.pred(*index_grids(geo, bound.uses_b, bound.uses_h))
+    assert got.shape == want.shape and torch.equal(got, want)
+    assert got.untyped_storage().data_ptr() != m.untyped_storage().data_ptr()

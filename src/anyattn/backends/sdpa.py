@@ -43,6 +43,9 @@ class Lowered(NamedTuple):
     # row_ok was not read on the host (lower(sync=False)): every row may see a key, in which case
     # row_ok can be dropped; SdpaBackend reads it once, when the lowered form is used a second time
     rows_unread: bool = False
+    # SdpaBackend's work for a form that is used again (read rows_unread, store a small boolean mask
+    # in additive form) is still to do: a mask used once never pays for it
+    reuse_pending: bool = False
 
 
 def lowering_kind(sig) -> str:
@@ -107,11 +110,13 @@ def lower(call, sync: bool = True) -> Lowered:
     return Lowered(bias, False, row_ok, kind, unread)
 
 
-# A cached boolean mask of at most this many elements is stored as the additive mask SDPA would
-# make of it (0 where visible, -inf elsewhere, in the input dtype): SDPA converts a boolean
-# attn_mask on every call (an allocation and a kernel launch, a few microseconds of host time that
-# dominate a small call); the additive form is passed through. The sum with 0 is exact, so the
-# output is the same; the cache holds 2 bytes per element instead of 1, hence the bound.
+# A cached boolean mask of at most this many elements is stored, once it is used a second time,
+# as the additive mask SDPA would make of it (0 where visible, -inf elsewhere, in the input dtype):
+# SDPA converts a boolean attn_mask on every call (an allocation and a kernel launch, a few
+# microseconds of host time that dominate a small call); the additive form is passed through. The
+# sum with 0 is exact, so the output is the same; the cache holds 2 bytes per element instead of
+# 1, hence the bound. A mask used once is passed as it is (converting it would cost what SDPA's
+# own conversion costs, on top of it).
 ADDITIVE_MASK_MAX = 1 << 22
 
 
@@ -266,13 +271,15 @@ class SdpaBackend(AttentionBackend):
         if not call.cacheable:
             return lower(call, sync=False)
         lw = self.cache.get(call.key)
-        if lw is None:  # first use: no host sync (a mask built per call never pays one)
-            lw = lower(call, sync=False)
+        if lw is None:  # first use: no host sync, no conversion (a mask built per call pays neither)
+            lw = lower(call, sync=False)._replace(reuse_pending=True)
+            self.cache.put(call.key, lw, call.tokens)
+        elif lw.reuse_pending:  # used again: the form is worth settling
+            if lw.rows_unread:  # read once whether a row sees no key, drop row_ok if none does
+                lw = lw._replace(row_ok=None if bool(lw.row_ok.all()) else lw.row_ok, rows_unread=False)
             if self._only is None:
                 lw = _additive_if_small(lw, call.dtype)
-            self.cache.put(call.key, lw, call.tokens)
-        elif lw.rows_unread:  # used again: read once whether a row sees no key, drop row_ok if none does
-            lw = lw._replace(row_ok=None if bool(lw.row_ok.all()) else lw.row_ok, rows_unread=False)
+            lw = lw._replace(reuse_pending=False)
             self.cache.put(call.key, lw, call.tokens)
         return lw
 

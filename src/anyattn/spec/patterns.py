@@ -208,7 +208,7 @@ class Dense(MaskTerm):
         def pred(b, h, q, kv):
             return full[b, h, q, kv]
 
-        return BoundMask(pred, uses_b, uses_h)
+        return BoundMask(pred, uses_b, uses_h, m)
 
 
 
