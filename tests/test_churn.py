@@ -202,10 +202,12 @@ def test_sdpa_reads_empty_rows_on_the_host_only_when_a_mask_is_reused():
 
 
 @pytest.mark.parametrize("shape", [(8, 8), (1, 1, 8, 8), (2, 1, 8, 8), (1, 2, 1, 8), (2, 2, 8, 1)], ids=str)
-def test_dense_mask_materializes_as_a_copy_equal_to_the_gather(shape):
-    """A dense() term's materialized mask is a copy of the tensor (no index-grid gather): equal
-    to what its predicate gives on the grids, broadcast the same way, never the caller's memory."""
+def test_dense_mask_materializes_without_a_gather_and_sdpa_never_caches_the_callers_memory(shape):
+    """A dense() term's materialized mask is a view of the tensor (no index-grid gather), equal to
+    what its predicate gives on the grids and broadcast the same way; the SDPA form lowered from
+    it, first use and reuse, is a tensor of its own (the cache never holds the caller's memory)."""
     from anyattn.spec.base import Geometry, index_grids, materialize_mask
+    from anyattn.testing import make_call
 
     g = torch.Generator().manual_seed(3)
     m = torch.rand(shape, generator=g) > 0.4
@@ -214,4 +216,7 @@ def test_dense_mask_materializes_as_a_copy_equal_to_the_gather(shape):
     got = materialize_mask(bound, geo)
     want = bound.pred(*index_grids(geo, bound.uses_b, bound.uses_h))
     assert got.shape == want.shape and torch.equal(got, want)
-    assert got.untyped_storage().data_ptr() != m.untyped_storage().data_ptr()
+    q, k, v = generate_qkv(2, 2, 2, 8, 8, 16, seed=7)
+    call = make_call(q, k, v, mask=aa.dense(m))
+    for lw in (REGISTRY["sdpa"].lowered(call), REGISTRY["sdpa"].lowered(call)):
+        assert lw.attn_mask.untyped_storage().data_ptr() != m.untyped_storage().data_ptr()

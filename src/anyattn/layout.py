@@ -45,10 +45,13 @@ __all__ = ["SeqInfo", "pad", "unpad"]
 def host_to_device(t: torch.Tensor, device) -> torch.Tensor:
     """A CPU tensor on ``device`` without a host sync: a CUDA copy from pageable memory waits for
     the stream, one from pinned memory does not (the caching host allocator keeps the pinned
-    buffer alive until the copy has run)."""
+    buffer alive until the copy has run). A tensor already on a GPU moves stream-ordered; a copy
+    to the CPU is a plain (waiting) copy, so its values can be read at once."""
     device = torch.device(device)
     if device.type != "cuda" or torch.compiler.is_compiling():  # a traced graph moves it itself
         return t.to(device)
+    if t.device.type != "cpu":
+        return t.to(device, non_blocking=True)
     return t.pin_memory().to(device, non_blocking=True)
 
 
@@ -63,7 +66,7 @@ class _Deferred:
         self.buf, self.sizes = buf, sizes
 
     def to(self, device) -> _Deferred:
-        return _Deferred(_move(self.buf, device), self.sizes)
+        return _Deferred(host_to_device(self.buf, device), self.sizes)
 
     def derive(self) -> dict:
         """The four maps, by a dozen vectorized ops on the buffer's device (no host sync)."""
@@ -81,11 +84,6 @@ class _Deferred:
         positions.index_copy_(0, idx_T, ar_T - cu_d[doc_T])
         keep = torch.arange(S, device=buf.device)[None, :] < row_tot_d[:, None]
         return {"indices": idx_T, "keep": keep, "doc_ids": doc_ids.view(B, S), "positions": positions.view(B, S)}
-
-
-def _move(t: torch.Tensor, device) -> torch.Tensor:
-    """``t`` on ``device`` without a host sync (a CPU tensor through pinned memory)."""
-    return host_to_device(t, device) if t.device.type == "cpu" else t.to(device, non_blocking=True)
 
 
 _DEFERRED_MAPS = ("indices", "keep", "doc_ids", "positions")
@@ -322,7 +320,7 @@ class SeqInfo:
         device = torch.device(device)
         if self.cu_seqlens.device == device:
             return self
-        mv = lambda t: _move(t, device)  # noqa: E731
+        mv = lambda t: host_to_device(t, device)  # noqa: E731
         lazy = self.__dict__["_indices"]
         if isinstance(lazy, _Deferred):  # not derived yet: move the per-document buffer, derive there
             lazy = lazy.to(device)

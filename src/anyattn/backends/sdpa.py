@@ -40,7 +40,7 @@ class Lowered(NamedTuple):
     is_causal: bool
     row_ok: torch.Tensor | None  # bool, broadcastable to (B, H, Sq, 1): rows that see >= 1 key
     kind: str  # what the lowering chose, for explain() and tests
-    # row_ok was not read on the host (lower(sync=False)): every row may see a key, in which case
+    # row_ok was not read on the host (lower never syncs): every row may see a key, in which case
     # row_ok can be dropped; SdpaBackend reads it once, when the lowered form is used a second time
     rows_unread: bool = False
     # SdpaBackend's work for a form that is used again (read rows_unread, store a small boolean mask
@@ -61,10 +61,12 @@ def lowering_kind(sig) -> str:
     return "materialized float bias" if sig.scores else "materialized bool mask"
 
 
-def lower(call, sync: bool = True) -> Lowered:
-    """The SDPA form of a call (pure: same call -> same form). ``sync=False``: do not read on the
-    host whether every row sees a key (a device sync that waits for the queue: a mask used once
-    pays more for it than for zeroing the rows on the device); keep ``row_ok`` instead."""
+def lower(call) -> Lowered:
+    """The SDPA form of a call (pure: same call -> same form). Whether every row sees a key is not
+    read on the host (a device sync that waits for the queue: a mask used once pays more for it
+    than for zeroing the rows on the device): ``row_ok`` is kept instead, and the attention mask
+    is always a tensor derived here (never the caller's own, which a dense() term's materialized
+    mask may be a view of)."""
     geo, mask = call.geo, call.mask
     kind = lowering_kind(call.sig)
     if kind == "no mask":
@@ -90,14 +92,12 @@ def lower(call, sync: bool = True) -> Lowered:
     row_ok = None
     if m is not None:
         any_v = m.any(-1, keepdim=True)
-        unread = not sync and not torch.compiler.is_compiling()
-        if torch.compiler.is_compiling() or unread or not bool(any_v.all()):  # sync=True: one sync per lowering
-            # a row with no visible key attends everywhere (finite logits), then is zeroed
-            m = m | ~any_v
-            row_ok = any_v
-            if bias is not None:
-                bias = torch.where(any_v, bias, torch.zeros((), device=bias.device, dtype=bias.dtype))
-    unread = row_ok is not None and not sync and not torch.compiler.is_compiling()
+        # a row with no visible key attends everywhere (finite logits), then is zeroed
+        m = m | ~any_v
+        row_ok = any_v
+        if bias is not None:
+            bias = torch.where(any_v, bias, torch.zeros((), device=bias.device, dtype=bias.dtype))
+    unread = row_ok is not None and not torch.compiler.is_compiling()
     if bias is None:
         return Lowered(m, False, row_ok, kind, unread)
     if call.dtype in (torch.float16, torch.bfloat16):
@@ -269,10 +269,10 @@ class SdpaBackend(AttentionBackend):
     def lowered(self, call) -> Lowered:
         """The lowered form of a call (built once per content key)."""
         if not call.cacheable:
-            return lower(call, sync=False)
+            return lower(call)
         lw = self.cache.get(call.key)
         if lw is None:  # first use: no host sync, no conversion (a mask built per call pays neither)
-            lw = lower(call, sync=False)._replace(reuse_pending=True)
+            lw = lower(call)._replace(reuse_pending=True)
             self.cache.put(call.key, lw, call.tokens)
         elif lw.reuse_pending:  # used again: the form is worth settling
             if lw.rows_unread:  # read once whether a row sees no key, drop row_ok if none does

@@ -296,12 +296,13 @@ def float_tensor(name: str, t, dims: tuple[int, ...], what: str) -> torch.Tensor
 def materialize_mask(bound: BoundMask, geo: Geometry) -> torch.Tensor:
     """Evaluate a bound mask on broadcast index grids: a bool tensor broadcastable to
     (B, H, Sq, Sk), with size-1 dims where the mask does not depend on them. A bound mask that is
-    a tensor (``dense``) is copied instead of gathered through four index grids (the gather cost
-    ~60 us of host time per call: a fresh dense() mask per call paid it every time); the copy
-    never aliases the caller's tensor, which lowered forms may be cached from."""
+    a tensor (``dense``) is returned as an expanded view of it instead of being gathered through
+    four index grids (the gather cost ~60 us of host time per call: a fresh dense() mask per call
+    paid it every time). The result may therefore share the caller's memory: callers derive new
+    tensors from it (``~m``, ``m | x``, ``m.any()``) and never write to it or cache it as it is."""
     if bound.tensor is not None:
         t = bound.tensor
-        return t.expand(t.shape[0], t.shape[1], geo.Sq, geo.Sk).clone()
+        return t.expand(t.shape[0], t.shape[1], geo.Sq, geo.Sk)
     m = bound.pred(*index_grids(geo, bound.uses_b, bound.uses_h))
     if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
         got = type(m).__name__ if not isinstance(m, torch.Tensor) else f"dtype {m.dtype}"
