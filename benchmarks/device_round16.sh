@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Round 16, the first call of a session (<= 9.8 min), adapted to the card that came:
+#  on an H200: benchmarks/device_round14_all.sh (issue 15's one-process tables; DEADLINE=400);
+#  on an H100 (round 14 measured issue 15's tables there already):
+#   (1) the CUDA tests of the sdpa fresh-mask change, the churn tests and flash_torch's strided
+#       head dim (tests/test_cuda_core.py, test_cuda_churn.py, test_cuda_flash.py);
+#   (2) the paged-auto decode probe: 32k context, B=64, paged cache, backends in both orders
+#       (auto,flex then flex,auto), each in its own process with TORCH_LOGS=recompiles -> $OUT/paged_*;
+#   (3) the ANKH large family stage (HF / port / compiled rows) in the time left -> $OUT/fam.
+#   OUT=/path bash benchmarks/device_round16.sh      # from the repository root
+. benchmarks/device_common.sh
+if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
+  DEADLINE=${DEADLINE:-400} bash benchmarks/device_round14_all.sh
+  exit $?
+fi
+cuda_tests "${TEST_LIMIT:-150}" tests/test_cuda_core.py tests/test_cuda_churn.py tests/test_cuda_flash.py
+for order in auto,flex flex,auto; do
+  TORCH_LOGS=recompiles timeout -s TERM -k 5 100 python3 -m anyattn bench serving --preset h100 --contexts 32768 --batches 64 \
+    --impls anyattn/paged --backends "$order" --steps 8 --out "$OUT/paged_${order/,/_}" > "$OUT/paged_${order/,/_}.log" 2>&1
+  echo "paged $order rc=$? at $(el)s" | tee -a "$OUT/summary.txt"
+done
+T=$(( ${DEADLINE:-570} - $(el) ))
+[ "$T" -gt 150 ] && STAGES="ankh_large" TOTAL=$(( T - 10 )) OUT=$OUT/fam bash benchmarks/device_round5_families.sh > "$OUT/fam.log" 2>&1
+echo "families rc=$? at $(el)s; total $(el)s" | tee -a "$OUT/summary.txt"
+grep -E "^decode" "$OUT"/paged_*.log | cut -c1-170
+tail -15 "$OUT/fam.log" 2>/dev/null
