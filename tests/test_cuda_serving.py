@@ -306,3 +306,19 @@ def test_cuda_continuous_batching_example_equals_hf_generate():
         capture_output=True, text=True, env=env, timeout=600,
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+
+
+def test_cuda_bench_serving_rows_count_compiles_and_allocator_retries(tmp_path):
+    """On CUDA a decode row says how many graphs compiled and how many cudaMalloc retries the
+    caching allocator made during its timed steps (a row near a full card can be slow for that
+    reason alone); a small row on an empty card has none."""
+    import json
+
+    from anyattn.cli import main
+
+    code = main(["bench", "serving", "--quick", "--device", "cuda", "--batches", "2", "--contexts", "256", "--steps", "3",
+                 "--impls", "anyattn/paged", "--backends", "sdpa", "--out", str(tmp_path)])  # fmt: skip
+    assert code == 0
+    rows = json.loads((tmp_path / "serving.json").read_text())["rows"]
+    assert rows and all(r["status"] == "ok" for r in rows), rows
+    assert all(r["alloc_retries"] == 0 and r["compiles"] == 0 for r in rows), rows

@@ -149,11 +149,22 @@ def _graphs_compiled() -> int | None:
     return int(counters["stats"]["unique_graphs"])
 
 
+def _alloc_retries(device) -> int | None:
+    """cudaMalloc retries of the caching allocator so far (it frees its cached blocks and tries
+    again when an allocation does not fit: a slow, synchronizing path seen near a full card);
+    None off CUDA."""
+    if torch.device(device).type != "cuda":
+        return None
+    return int(torch.cuda.memory_stats(device).get("num_alloc_retries", 0))
+
+
 def _timed_steps(step_fn, device, warmup: int, steps: int) -> dict:
     """The timing of a row: ``first_ms`` (the first step, compilation included), ``ms`` (median
     step), ``ms_min`` / ``ms_max`` (the spread of the timed steps) and ``compiles`` (graphs
     torch.compile compiled *during the timed steps*: a nonzero count means the median includes
-    compilation, not steady-state steps). Each step is synchronized and timed on its own (decode
+    compilation, not steady-state steps) and, on CUDA, ``alloc_retries`` (the caching allocator's
+    cudaMalloc retries during the timed steps: nonzero means the card ran out of cached memory
+    and the steps include its free-and-retry path). Each step is synchronized and timed on its own (decode
     steps change the cache, so a step cannot be repeated as-is)."""
     from .timing import first_call_ms, sync
 
@@ -161,7 +172,7 @@ def _timed_steps(step_fn, device, warmup: int, steps: int) -> dict:
     for _ in range(max(0, warmup - 1)):
         step_fn()
     times = []
-    before = _graphs_compiled()
+    before, retries0 = _graphs_compiled(), _alloc_retries(device)
     for _ in range(steps):
         sync(device)
         t0 = time.perf_counter()
@@ -170,7 +181,10 @@ def _timed_steps(step_fn, device, warmup: int, steps: int) -> dict:
         times.append((time.perf_counter() - t0) * 1e3)
     after = _graphs_compiled()
     compiles = None if before is None or after is None else after - before
-    return dict(first_ms=first, ms=statistics.median(times), ms_min=min(times), ms_max=max(times), compiles=compiles)
+    retries = None if retries0 is None else _alloc_retries(device) - retries0
+    return dict(
+        first_ms=first, ms=statistics.median(times), ms_min=min(times), ms_max=max(times), compiles=compiles, alloc_retries=retries
+    )
 
 
 def _decode_anyattn(model, kind: str, backend: str, B: int, C: int, o: dict) -> dict:
@@ -356,7 +370,8 @@ def _line(r: dict) -> str:
     chosen = f"  (ran: {r['chosen']})" if r.get("chosen") else ""
     spread = f" [{r['ms_min']:.1f}-{r['ms_max']:.1f}]" if "ms_min" in r else ""
     compiles = f"  COMPILED {r['compiles']} graphs during the timed steps" if r.get("compiles") else ""
-    return f"{head} {r['ms']:8.3f} ms{spread}  {r['tokens_per_s']:10.0f} tok/s  first {r['first_ms']:.0f} ms{mem}{chosen}{compiles}"
+    retries = f"  ALLOC RETRIES {r['alloc_retries']} during the timed steps" if r.get("alloc_retries") else ""
+    return f"{head} {r['ms']:8.3f} ms{spread}  {r['tokens_per_s']:10.0f} tok/s  first {r['first_ms']:.0f} ms{mem}{chosen}{compiles}{retries}"
 
 
 def _markdown(rows, command: str, env: dict) -> str:
