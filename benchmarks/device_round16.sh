@@ -13,7 +13,8 @@ if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
   DEADLINE=${DEADLINE:-400} bash benchmarks/device_round14_all.sh
   exit $?
 fi
-cuda_tests "${TEST_LIMIT:-150}" tests/test_cuda_core.py tests/test_cuda_churn.py tests/test_cuda_flash.py
+cuda_tests "${TEST_LIMIT:-150}" tests/test_cuda_core.py tests/test_cuda_churn.py tests/test_cuda_flash.py \
+  tests/test_cuda_serving.py::test_cuda_bench_serving_rows_count_compiles_and_allocator_retries
 for order in auto,flex flex,auto; do
   TORCH_LOGS=recompiles timeout -s TERM -k 5 100 python3 -m anyattn bench serving --preset h100 --contexts 32768 --batches 64 \
     --impls anyattn/paged --backends "$order" --steps 8 --out "$OUT/paged_${order/,/_}" > "$OUT/paged_${order/,/_}.log" 2>&1
