@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Round 16, the first call of a session (<= 9.8 min), adapted to the card that came:
-#  on an H200: benchmarks/device_round14_all.sh (issue 15's one-process tables; DEADLINE=400);
+#  on an H200: benchmarks/device_round14_all.sh (issue 15's one-process tables, then issue 17's decode
+#   table in the time left; DEADLINE=570);
 #  on an H100 (round 14 measured issue 15's tables there already):
 #   (1) the CUDA tests of the sdpa fresh-mask change, the churn tests and flash_torch's strided
 #       head dim (tests/test_cuda_core.py, test_cuda_churn.py, test_cuda_flash.py);
@@ -10,7 +11,7 @@
 #   OUT=/path bash benchmarks/device_round16.sh      # from the repository root
 . benchmarks/device_common.sh
 if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
-  DEADLINE=${DEADLINE:-400} bash benchmarks/device_round14_all.sh
+  DEADLINE=${DEADLINE:-570} bash benchmarks/device_round14_all.sh
   exit $?
 fi
 cuda_tests "${TEST_LIMIT:-150}" tests/test_cuda_core.py tests/test_cuda_churn.py tests/test_cuda_flash.py \
