@@ -2,6 +2,7 @@
 # Round 16, the first call of a session (<= 9.8 min), adapted to the card that came:
 #  on an H200: benchmarks/device_round14_all.sh (issue 15's one-process tables, then issue 17's decode
 #   table in the time left; DEADLINE=570);
+#   ROUND5_ONLY=1 (when little device time is left): device_round5.sh alone (~330 s), no tests;
 #  on an H100 (round 14 measured issue 15's tables there already):
 #   (1) the CUDA tests of the sdpa fresh-mask change, the churn tests and flash_torch's strided
 #       head dim (tests/test_cuda_core.py, test_cuda_churn.py, test_cuda_flash.py);
@@ -10,7 +11,11 @@
 #   (3) the ANKH large family stage (HF / port / compiled rows) in the time left -> $OUT/fam.
 #   OUT=/path bash benchmarks/device_round16.sh      # from the repository root
 . benchmarks/device_common.sh
-if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
+if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && [ "${ROUND5_ONLY:-0}" = 1 ]; then
+  OUT=$OUT/r5 bash benchmarks/device_round5.sh > "$OUT/round5.log" 2>&1; echo "round5 rc=$? at $(el)s" | tee -a "$OUT/summary.txt"
+  tail -30 "$OUT/r5/summary.txt"
+  exit 0
+elif nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
   DEADLINE=${DEADLINE:-570} bash benchmarks/device_round14_all.sh
   exit $?
 fi
