@@ -377,10 +377,10 @@ def _line(r: dict) -> str:
 def _markdown(rows, command: str, env: dict) -> str:
     out = [f"`{command}`", "", f"{env.get('device_name')}, torch {env.get('torch')}, {env.get('date')}", ""]
     out.append(
-        "| mode | impl | backend | batch | context | ms/step | min-max ms | compiles in timed steps | tokens/s | first ms "
-        "| cache MiB | ran | status |"
+        "| mode | impl | backend | batch | context | ms/step | min-max ms | compiles in timed steps | alloc retries "
+        "| tokens/s | first ms | cache MiB | ran | status |"
     )
-    out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ok = r["status"] == "ok"
         ms = format(r["ms"], ".3f") if ok else ""
@@ -389,10 +389,11 @@ def _markdown(rows, command: str, env: dict) -> str:
         mib = format(r["cache_bytes"] / 2**20, ".0f") if ok and r.get("cache_bytes") else ""
         spread = f"{r['ms_min']:.3f}-{r['ms_max']:.3f}" if ok and "ms_min" in r else ""
         compiles = "" if not ok or r.get("compiles") is None else str(r["compiles"])
+        retries = "" if not ok or r.get("alloc_retries") is None else str(r["alloc_retries"])
         status = r["status"] + (": " + r["reason"] if r.get("reason") else "")
         out.append(
             f"| {r['mode']} | {r['impl']} | {r.get('backend', '')} | {r.get('batch', r.get('prompts', ''))} | "
-            f"{r.get('context', r.get('tokens', ''))} | {ms} | {spread} | {compiles} | {tps} | {first} | {mib} | {r.get('chosen', '')} | {status} |"
+            f"{r.get('context', r.get('tokens', ''))} | {ms} | {spread} | {compiles} | {retries} | {tps} | {first} | {mib} | {r.get('chosen', '')} | {status} |"
         )
     return "\n".join(out) + "\n"
 
