@@ -20,4 +20,3 @@ python3 -m pip install -q --no-deps --no-compile --target "$W/site" --python-ver
 mkdir -p .fa4
 (cd "$W/site" && tar cf - .) | xz -9e --lzma2=dict=256MiB -T1 > .fa4/fa4site.tar.xz
 ls -l .fa4/fa4site.tar.xz
-git check-ignore -q .fa4 || echo "note: .fa4/ is not ignored by git (.gitignore lists it)"
