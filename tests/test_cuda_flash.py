@@ -100,7 +100,8 @@ def test_flash_torch_takes_a_head_dim_with_a_stride_other_than_one(variant, retu
     q, k, v = (t[..., ::2] for t in wide)
     assert q.stride(-1) == 2 and q.shape[-1] == D
     aa.clear_caches()
-    comps = compare_to_oracle(q, k, v, backend="flash_torch", grad=True, return_lse=return_lse, **VARIANTS[variant](B, S))
+    kw = VARIANTS[variant](B, S)
+    comps = compare_to_oracle(q, k, v, backend="flash_torch", grad=True, return_lse=return_lse, **kw)
     _assert_ok(comps, variant)
 
 

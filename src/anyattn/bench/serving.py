@@ -164,8 +164,8 @@ def _timed_steps(step_fn, device, warmup: int, steps: int) -> dict:
     torch.compile compiled *during the timed steps*: a nonzero count means the median includes
     compilation, not steady-state steps) and, on CUDA, ``alloc_retries`` (the caching allocator's
     cudaMalloc retries during the timed steps: nonzero means the card ran out of cached memory
-    and the steps include its free-and-retry path). Each step is synchronized and timed on its own (decode
-    steps change the cache, so a step cannot be repeated as-is)."""
+    and the steps include its free-and-retry path). Each step is synchronized and timed on its
+    own (decode steps change the cache, so a step cannot be repeated as-is)."""
     from .timing import first_call_ms, sync
 
     first = first_call_ms(step_fn, device)
@@ -183,8 +183,9 @@ def _timed_steps(step_fn, device, warmup: int, steps: int) -> dict:
     compiles = None if before is None or after is None else after - before
     retries = None if retries0 is None else _alloc_retries(device) - retries0
     return dict(
-        first_ms=first, ms=statistics.median(times), ms_min=min(times), ms_max=max(times), compiles=compiles, alloc_retries=retries
-    )
+        first_ms=first, ms=statistics.median(times), ms_min=min(times), ms_max=max(times),
+        compiles=compiles, alloc_retries=retries,
+    )  # fmt: skip
 
 
 def _decode_anyattn(model, kind: str, backend: str, B: int, C: int, o: dict) -> dict:
@@ -371,7 +372,8 @@ def _line(r: dict) -> str:
     spread = f" [{r['ms_min']:.1f}-{r['ms_max']:.1f}]" if "ms_min" in r else ""
     compiles = f"  COMPILED {r['compiles']} graphs during the timed steps" if r.get("compiles") else ""
     retries = f"  ALLOC RETRIES {r['alloc_retries']} during the timed steps" if r.get("alloc_retries") else ""
-    return f"{head} {r['ms']:8.3f} ms{spread}  {r['tokens_per_s']:10.0f} tok/s  first {r['first_ms']:.0f} ms{mem}{chosen}{compiles}{retries}"
+    timing = f"{r['ms']:8.3f} ms{spread}  {r['tokens_per_s']:10.0f} tok/s  first {r['first_ms']:.0f} ms"
+    return f"{head} {timing}{mem}{chosen}{compiles}{retries}"
 
 
 def _markdown(rows, command: str, env: dict) -> str:
@@ -393,7 +395,8 @@ def _markdown(rows, command: str, env: dict) -> str:
         status = r["status"] + (": " + r["reason"] if r.get("reason") else "")
         out.append(
             f"| {r['mode']} | {r['impl']} | {r.get('backend', '')} | {r.get('batch', r.get('prompts', ''))} | "
-            f"{r.get('context', r.get('tokens', ''))} | {ms} | {spread} | {compiles} | {retries} | {tps} | {first} | {mib} | {r.get('chosen', '')} | {status} |"
+            f"{r.get('context', r.get('tokens', ''))} | {ms} | {spread} | {compiles} | {retries} | {tps} | {first} | {mib} | "
+            f"{r.get('chosen', '')} | {status} |"
         )
     return "\n".join(out) + "\n"
 
