@@ -166,6 +166,12 @@ def test_cuda_auto_prefers_fast_backends():
     assert aa.explain(q, k, v, mask=aa.padding(mask=keep)).chosen == "sdpa"  # first sight
     aa.attention(q, k, v, mask=aa.padding(mask=keep))
     assert aa.explain(q, k, v, mask=aa.padding(mask=keep)).chosen == "flex"
+    # new padding given as lengths, with autograd: flash_torch unpads without reading a mask
+    # (ranking.FIRST_SIGHT "padding+grad+runs"); the same lengths again: the padding row
+    lens = aa.padding(torch.tensor([3000], device="cuda"))
+    assert aa.explain(qg, k, v, mask=lens).chosen == "flash_torch"
+    aa.attention(qg, k, v, mask=lens)
+    assert aa.explain(qg, k, v, mask=lens).chosen == "flex"
     # with 64-wide heads flash_torch leads padded batches even when the mask is reused, causal or
     # not (ranking "padding+d64": flex is the slowest padded backend there)
     q6, k6, v6 = (t[..., :64] for t in (q, k, v))

@@ -92,3 +92,24 @@ def test_explain_only_looks_at_first_sight(monkeypatch):
         assert aa.explain(q, k, v, mask=docs).chosen == "eager"
     finally:
         aa.clear_caches()
+
+
+def test_new_padding_in_runs_with_autograd_ranks_flash_torch_first():
+    """Padding given as lengths (each row's real tokens one run, known on the host) seen for the
+    first time with autograd: flash_torch unpads without reading a mask and led forward+backward
+    in the new-padding benchmark; a bare keep-mask (contiguity unknown) keeps the padding row."""
+    lengths = aa.padding(torch.tensor([2048, 1536]))
+    keep = torch.ones(2, 2048, dtype=torch.bool)
+    keep[1, 1536:] = False
+    bare = aa.padding(mask=keep)
+
+    def s(mask, grad):
+        return Signature.of(B=2, Hq=16, Sq=2048, D=128, dtype=torch.bfloat16, device=CUDA, mask=mask, requires_grad=grad)
+
+    runs = ranking.FIRST_SIGHT["cuda"]["padding+grad+runs"]
+    assert ranking.ranking_for(s(lengths, True), first_sight=True) == runs
+    assert ranking.ranking_for(s(lengths & aa.causal(), True), first_sight=True) == runs
+    assert runs[0] == "flash_torch"
+    assert ranking.ranking_for(s(bare, True), first_sight=True) == ranking.FIRST_SIGHT["cuda"]["padding"]
+    assert ranking.ranking_for(s(lengths, False), first_sight=True) == ranking.FIRST_SIGHT["cuda"]["padding"]
+    assert ranking.ranking_for(s(lengths, True)) == ranking.RANKING["cuda"]["padding"]  # seen before

@@ -128,10 +128,17 @@ def variant_class(call) -> str:
 # varlen_attn 1.87-2.01, flex 3.4-5.3; 8 x 2048 with new padding each step, fwd: sdpa 0.80 ms,
 # flash_torch 0.94-1.47, flex 2.2-4.1; fwd+bwd: sdpa 3.01-3.02, flash_torch 2.40-3.15 (the two runs
 # disagree), flex 3.3-5.0. A content seen before uses RANKING.
+# New padding with autograd, given as lengths or a SeqInfo (each row's real tokens known on the host
+# to be one run): flash_torch unpads without reading the mask and wins forward+backward, measured
+# on the H100 in two later runs (8 x 2048, fwd+bwd, ms per step; benchmarks/results/round14 and
+# round16): flash_torch [lengths] 2.482 / 2.471, sdpa [lengths] 3.014 / 3.030, flex [lengths]
+# - / 2.562. Given as a keep-mask, flash_torch must read the mask first (3.852 against sdpa's
+# 3.391 in round 16): the "padding" row applies.
 FIRST_SIGHT: dict[str, dict[str, tuple[str, ...]]] = {
     "cuda": {
         "documents+grad": ("flash_torch", "flex", "flash", "kernels_flash", "cudnn", "sdpa", "eager"),
         "padding": ("sdpa", "cudnn", "flash_torch", "flex", "flash", "kernels_flash", "eager"),
+        "padding+grad+runs": ("flash_torch", "sdpa", "cudnn", "flex", "flash", "kernels_flash", "eager"),
         # a dense() / function mask never seen before: flex would build a BlockMask for one use
         # (create_block_mask over every tile: 4.3 ms for a 64-token call, host-overhead table of
         # round 5), SDPA reads the boolean tensor as it is
@@ -167,6 +174,17 @@ def is_small(sig, cls: str | None = None) -> bool:
     return (cls or variant_class(sig)) != "decode" and work(sig) <= SMALL_WORK
 
 
+def _padding_in_runs(call) -> bool:
+    """Whether every padding term of the call knows on the host that each row's real tokens are
+    one run (lengths, or a SeqInfo that says so); a bare keep-mask does not."""
+    from .spec import And, Padding
+
+    m = call.mask
+    parts = m.terms if isinstance(m, And) else (m,)
+    pads = [p for p in parts if isinstance(p, Padding)]
+    return bool(pads) and all(p.contiguous is True for p in pads)
+
+
 def ranking_for(call, first_sight: bool = False) -> tuple[str, ...]:
     rows = RANKING.get(call.device.type, RANKING["cpu"])
     cls = variant_class(call)
@@ -177,6 +195,8 @@ def ranking_for(call, first_sight: bool = False) -> tuple[str, ...]:
     if is_small(call, cls):
         return SMALL[call.device.type]
     first = FIRST_SIGHT.get(call.device.type, {}) if first_sight else {}
+    if call.requires_grad and cls == "padding" and "padding+grad+runs" in first and _padding_in_runs(call):
+        return first["padding+grad+runs"]
     if call.requires_grad and cls + "+grad" in first:
         return first[cls + "+grad"]
     if cls in first and not (call.requires_grad and cls + "+grad" in rows):
