@@ -401,6 +401,20 @@ def test_compile_layers_auto_is_the_default_and_compiles_nothing_on_cpu():
         ESM2Config(compile_layers="yes")
 
 
+def test_compile_layers_devices_env_selects_where_auto_compiles(monkeypatch):
+    """ANYATTN_COMPILE_LAYERS_DEVICES lists the device types where "auto" compiles (docs/embed.md
+    suggests "none" for a one-off job too small to pay for compiling); training never compiles."""
+    from anyattn.models._compile import auto_compiles
+
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("ANYATTN_COMPILE_LAYERS_DEVICES", "cuda, cpu")
+    assert auto_compiles(cpu, grad=False) and not auto_compiles(cpu, grad=True)
+    monkeypatch.setenv("ANYATTN_COMPILE_LAYERS_DEVICES", "none")
+    assert not auto_compiles(cpu, grad=False) and not auto_compiles(torch.device("cuda"), grad=False)
+    monkeypatch.delenv("ANYATTN_COMPILE_LAYERS_DEVICES")
+    assert not auto_compiles(cpu, grad=False)  # the default: CUDA only
+
+
 def test_labels_give_the_masked_lm_loss():
     m = _random_model(seed=10, attn_backend="sdpa")
     ids, am = _batch([9, 14], seed=2)
