@@ -274,26 +274,28 @@ def test_cuda_flex_contiguous_decode_compiles_once_per_key_bucket(window):
 
 def test_cuda_flash_torch_reads_pages_only_where_torch_has_a_block_table():
     """torch 2.13's varlen_attn takes block_table/seqused_k; 2.11's does not (then the pages are
-    gathered into contiguous keys first). Detected from the signature, never assumed."""
+    gathered into contiguous keys first). Detected from the signature, never assumed. Its kernel
+    reads pages of a multiple of 256 tokens only: 128-token pages are gathered on every torch."""
     fn = load_varlen()[0]
     native = {"block_table", "seqused_k"} <= varlen_params(fn)
-    seen = []
-
-    @functools.wraps(fn)
-    def recording(*args, **kw):
-        seen.append("block_table" in kw)
-        return fn(*args, **kw)
-
     q, k, v = _seqs(seed=3)
-    cache = aa.PagedKVCache(64, 128, HKV, D, dtype=BF16, device="cuda")
-    seqs = [cache.add_sequence() for _ in range(B)]
-    kv = cache.step(seqs, 40).write(0, k[:, :, :40], v[:, :, :40])
-    with use_backend(FlashTorchBackend(varlen=recording)):
-        out = aa.attention(q[:, :, :40], kv=kv, mask=aa.causal(), backend="flash_torch")
-    assert seen == [native], (seen, native)
     want = aa.attention(q[:, :, :40].double(), k[:, :, :40].double(), v[:, :, :40].double(), mask=aa.causal(), backend="eager")
     ref = aa.attention(q[:, :, :40], k[:, :, :40], v[:, :, :40], mask=aa.causal(), backend="eager")
-    assert (out.double() - want).abs().max() <= 2 * (ref.double() - want).abs().max() + 1e-5
+    for page_size, reads in ((128, False), (256, native)):
+        seen = []
+
+        @functools.wraps(fn)
+        def recording(*args, **kw):
+            seen.append("block_table" in kw)
+            return fn(*args, **kw)
+
+        cache = aa.PagedKVCache(64, page_size, HKV, D, dtype=BF16, device="cuda")
+        seqs = [cache.add_sequence() for _ in range(B)]
+        kv = cache.step(seqs, 40).write(0, k[:, :, :40], v[:, :, :40])
+        with use_backend(FlashTorchBackend(varlen=recording)):
+            out = aa.attention(q[:, :, :40], kv=kv, mask=aa.causal(), backend="flash_torch")
+        assert seen == [reads], (page_size, seen, native)
+        assert (out.double() - want).abs().max() <= 2 * (ref.double() - want).abs().max() + 1e-5, page_size
 
 
 def test_cuda_continuous_batching_example_equals_hf_generate():

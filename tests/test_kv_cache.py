@@ -335,6 +335,25 @@ def test_flash_torch_without_a_block_table_runs_on_gathered_pages():
     assert _err(got, ref) <= 2 * _err(eager, ref) + 1e-5
 
 
+def test_flash_torch_gathers_pages_its_cuda_kernel_cannot_read():
+    """torch's FlashAttention kernel takes a paged KV cache only in pages of a multiple of 256
+    tokens ("Paged KV cache block size must be divisible by 256"): on CUDA a cache with 128-token
+    pages (PagedKVCache's default) is gathered instead of reaching the kernel's error; 256 and
+    512 are read through the block table. The signatures are built only: nothing runs on a GPU."""
+    from anyattn.backends.flash_torch import PAGE_MULTIPLE, FlashTorchBackend
+    from anyattn.call import Signature
+
+    def paged(ps, device):
+        return Signature.build(((2, 8, 1, 64), (2, 2, 1024, 64), (2, 2, 1024, 64)), torch.bfloat16, torch.device(device),
+                               None, (), 0.125, 0.0, False, False, False, None, (), ("kv", "paged", "rows", ps, 9))  # fmt: skip
+
+    be = FlashTorchBackend(varlen=_varlen_paged([]), cuda_only=False)
+    assert PAGE_MULTIPLE == 256
+    assert not be.reads_pages(paged(128, "cuda")) and not be.reads_pages(paged(16, "cuda"))
+    assert be.reads_pages(paged(256, "cuda")) and be.reads_pages(paged(512, "cuda"))
+    assert be.reads_pages(paged(16, "cpu"))  # the rule is the CUDA kernel's (a CPU stand-in has none)
+
+
 def _paged_sig():
     from anyattn.call import Signature
 

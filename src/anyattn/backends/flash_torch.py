@@ -144,6 +144,13 @@ def plan(sig) -> Plan | str:
     return Plan("varlen", kind, window, False, parts.seq)
 
 
+# torch's FlashAttention kernel behind varlen_attn reads a paged KV cache only in pages of a
+# multiple of 256 tokens: mha_varlen_fwd (aten/src/ATen/native/transformers/cuda/flash_attn/
+# flash_api.cpp) checks "Paged KV cache block size must be divisible by 256". A cache with other
+# pages (PagedKVCache's default is 128) is gathered into contiguous keys instead of failing there.
+PAGE_MULTIPLE = 256
+
+
 class FlashTorchBackend(AttentionBackend):
     """``varlen`` / ``sdpa``: the kernels called (default: torch's; a test passes stand-ins),
     ``sdpa_kernel``: the SDPA kernel of the dense/causal route, ``cuda_only=False`` lets the
@@ -245,8 +252,11 @@ class FlashTorchBackend(AttentionBackend):
 
     def reads_pages(self, sig) -> bool:
         """A paged KV cache is read through varlen_attn's block table where this torch has one
-        (torch 2.13: ``block_table`` + ``seqused_k``, inference only); else the pages are gathered."""
+        (torch 2.13: ``block_table`` + ``seqused_k``, inference only) and, on CUDA, the page size
+        is one its kernel takes (:data:`PAGE_MULTIPLE`); else the pages are gathered."""
         if sig.paged is None or self._bind() is not None:
+            return False
+        if sig.device.type == "cuda" and sig.page_size % PAGE_MULTIPLE:
             return False
         return "block_table" in self._params and "seqused_k" in self._params
 
