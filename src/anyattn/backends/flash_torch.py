@@ -71,6 +71,11 @@ from ._varlen import (
 from .base import AttentionBackend, Facts
 
 MAX_HEAD_DIM = 256
+# torch's FlashAttention kernel behind varlen_attn reads a paged KV cache only in pages of a
+# multiple of 256 tokens: mha_varlen_fwd (aten/src/ATen/native/transformers/cuda/flash_attn/
+# flash_api.cpp) checks "Paged KV cache block size must be divisible by 256". A cache with other
+# pages (PagedKVCache's default is 128) is gathered into contiguous keys instead of failing there.
+PAGE_MULTIPLE = 256
 
 
 def load_varlen():
@@ -142,13 +147,6 @@ def plan(sig) -> Plan | str:
     if why is not None:
         return why
     return Plan("varlen", kind, window, False, parts.seq)
-
-
-# torch's FlashAttention kernel behind varlen_attn reads a paged KV cache only in pages of a
-# multiple of 256 tokens: mha_varlen_fwd (aten/src/ATen/native/transformers/cuda/flash_attn/
-# flash_api.cpp) checks "Paged KV cache block size must be divisible by 256". A cache with other
-# pages (PagedKVCache's default is 128) is gathered into contiguous keys instead of failing there.
-PAGE_MULTIPLE = 256
 
 
 class FlashTorchBackend(AttentionBackend):
