@@ -71,7 +71,9 @@ def test_new_packing_quick_writes_schema_and_table(tmp_path, capsys):
     assert ("padding", "raw:sdpa", "") in ok
     skipped = {r["backend"]: r["reason"] for r in rows if r["status"] == "skipped"}
     assert "CUDA" in skipped["raw:varlen"] and "flash_torch" in skipped
-    assert [t["what"].split(":")[0] for t in doc["targets"]] == ["packing fwd+bwd"] * 2 + ["packing fwd"] * 2
+    assert [t["what"].split(":")[0] for t in doc["targets"]] == (
+        ["packing fwd+bwd"] * 2 + ["padding fwd+bwd (goal)"] + ["packing fwd"] * 2 + ["padding fwd (goal)"]
+    )
     out = capsys.readouterr().out
     assert "new packing every step | fwd+bwd" in out and "target:" in out.splitlines()[-1]
     assert (tmp_path / "new_packing.md").read_text().startswith("# anyattn bench kernels --mode new-packing")
