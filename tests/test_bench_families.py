@@ -128,19 +128,77 @@ def test_ankh_port_and_buckets_equal_transformers_in_float32():
     assert (ours - theirs).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("gqa", [False, True])
+def test_e1_port_equals_anyattn_in_float64_on_single_sequence_rows(gqa):
+    """The port is written without anyattn (padded SDPA, every layer sees the whole row): on
+    single-sequence samples, left and right padded, both layer kinds, GQA and the clamp active, it
+    equals E1Model's eager path in float64 (up to the float32 rotary both use); a row with a context sequence is refused."""
+    import copy
+
+    from anyattn.bench import families
+    from anyattn.bench.family_ports import e1_port
+
+    fam = families.get("e1")
+    cfg = copy.deepcopy(fam.quick_config())
+    if not gqa:
+        cfg.num_key_value_heads = cfg.num_attention_heads
+    cfg.clip_qkv = 0.5  # the perturbed weights reach it
+    sd = _perturb(fam.template(cfg, "cpu", torch.float64, 0))
+    seqs = ["MKTAYIAKQR", "QISFVKSHF", "SRQLEERLGLIEVQAPILSRVGDGTQDNLSGAEK"]
+    enc = [fam.encode(s) for s in seqs]
+    S = max(map(len, enc))
+    x = torch.zeros((3, S), dtype=torch.long)
+    am = torch.zeros((3, S), dtype=torch.long)
+    for r, ids in enumerate(enc):
+        sl = slice(S - len(ids), S) if r == 1 else slice(0, len(ids))  # row 1 left-padded
+        x[r, sl], am[r, sl] = torch.tensor(ids), 1
+    keep = am.bool()
+    port = e1_port(cfg.to_dict(), sd, dtype=torch.float64)
+    assert any(port.is_global) and not all(port.is_global)
+    with torch.no_grad():
+        got = port(x, am)[keep]
+        want = fam.anyattn(cfg, sd, "cpu", torch.float64, attn_backend="eager")(x, attention_mask=am).last_hidden_state[keep]
+    assert (got - want).abs().max() <= 1e-5  # both rotate in float32, as E1 does
+    two = torch.tensor([fam.encode("MKTAY") + fam.encode("QISF")])
+    with pytest.raises(ValueError, match="one <bos>"):
+        port(two, torch.ones_like(two))
+
+
+def test_dplm_port_equals_transformers_in_float32():
+    from anyattn.bench import families
+    from anyattn.bench.family_ports import dplm_port
+
+    fam = families.get("dplm")
+    cfg = fam.quick_config()
+    sd = _perturb(fam.template(cfg, "cpu", torch.float32, 0))
+    sd["lm_head.decoder.weight"] = sd["esm.embeddings.word_embeddings.weight"]  # tied, as the checkpoint
+    x, am = _ids(1, 4, 24, [21, 13, 5])
+    keep = am.bool()
+    with torch.no_grad():
+        port = dplm_port(cfg.to_hf_dict(), sd)(x, am)[keep]
+        theirs = fam.hf(cfg, sd, "cpu", torch.float32, "eager")(x, am).logits[keep]
+        untied = {k: v for k, v in sd.items() if k != "lm_head.decoder.weight"}
+        again = dplm_port(cfg.to_hf_dict(), untied)(x, am)[keep]
+    assert port.shape[-1] == cfg.vocab_size
+    assert (port - theirs).abs().max() <= 1e-4 * theirs.abs().max()
+    assert torch.equal(port, again)
+
+
 def test_ports_refuse_weights_that_do_not_fit():
     from anyattn.bench import families
-    from anyattn.bench.family_ports import ankh_port, esmc_port
+    from anyattn.bench.family_ports import ankh_port, dplm_port, e1_port, esmc_port
 
-    for name, make in (("esmc", esmc_port), ("ankh", ankh_port)):
+    makers = (("esmc", esmc_port, None), ("ankh", ankh_port, None), ("e1", e1_port, "to_dict"), ("dplm", dplm_port, "to_hf_dict"))
+    for name, make, how in makers:
         fam = families.get(name)
         cfg = fam.quick_config()
+        desc = getattr(cfg, how)() if how else fam.describe(cfg)
         sd = fam.template(cfg, "cpu", torch.float32, 0)
         key = sorted(sd)[3]
         with pytest.raises(ValueError, match="missing"):
-            make(fam.describe(cfg), {k: v for k, v in sd.items() if k != key})
+            make(desc, {k: v for k, v in sd.items() if k != key})
         with pytest.raises(ValueError, match="unexpected"):
-            make(fam.describe(cfg), {**sd, "extra.weight": torch.zeros(1)})
+            make(desc, {**sd, "extra.weight": torch.zeros(1)})
 
 
 def test_every_family_loads_one_state_dict_and_tokenizes_the_bench_residues():
@@ -183,15 +241,14 @@ def test_family_quick_rows_and_schema(family, tmp_path, capsys):
     assert plain["status"] == "ok" and plain["check"] == "ok" and plain["check_rel_l2"] <= plain["check_bound"]
     assert plain["cold_pass_tokens_per_s"] > 0 and len(plain["times_s"]) == 2
     ref = doc["reference"]
-    if family == "e1":  # no reference but its own: said so, and the HF / port rows say why they are missing
-        assert ref["kind"] == "anyattn" and ref["independent"] is False
+    if family == "e1":  # no HF model: the port in float32 is the (independent) reference
+        assert ref["kind"] == "port" and ref["independent"] is True
         assert rows["hf[sdpa]"]["status"] == "skipped" and "no E1" in rows["hf[sdpa]"]["error"]
-        assert rows["fastplms-sdpa"]["status"] == "skipped"
+        assert ref["port_float32_vs"] == "anyattn eager float32"
     else:
         assert ref["independent"] is True and rows["hf[sdpa]"]["status"] == "ok" and rows["hf[sdpa]"]["check"] == "ok"
-    if family in ("esmc", "ankh"):
-        port = rows["fastplms-sdpa"]
-        assert port["status"] == "ok" and port["check"] == "ok" and ref["port_float32_rel_l2"] <= 1e-4
+    port = rows["fastplms-sdpa"]
+    assert port["status"] == "ok" and port["check"] == "ok" and ref["port_float32_rel_l2"] <= 1e-4
     # every family has compile_layers: its row is skipped under --quick only (compile time), and
     # the uncompiled row (config.compile_layers = False) runs
     compiled = rows["anyattn compiled"]

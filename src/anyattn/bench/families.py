@@ -10,8 +10,8 @@ weights. What each family compares (``output``: the tensor a check reads, at rea
     esm2    ESM2Model                  EsmModel                        sdpa_port.SdpaESM2      last hidden state
     esmc    ESMCModel                  EsmcModel (if installed)        family_ports.SdpaESMC   last hidden state
     ankh    AnkhModel                  T5EncoderModel                  family_ports.SdpaAnkh   last hidden state
-    e1      E1Model                    none (transformers has no E1)   none                    last hidden state
-    dplm    DPLMForMaskedLM            EsmForMaskedLM (DPLM's network) none (= ESM2's port)    logits
+    e1      E1Model                    none (transformers has no E1)   family_ports.SdpaE1     last hidden state
+    dplm    DPLMForMaskedLM            EsmForMaskedLM (DPLM's network) family_ports.SdpaDPLM   logits
 
 A builder that cannot exist here raises :class:`Unavailable` with the reason, which the run
 records on a skipped row. transformers is imported inside the builders only, so that building

@@ -166,7 +166,10 @@ class _E1(Family):
         raise Unavailable(f"transformers {tf.__version__} has no E1 model")
 
     def port(self, cfg, sd, device, dtype):
-        raise Unavailable("no E1 port is written here (its multi-sequence layout needs its own masks): anyattn rows only")
+        from .family_ports import e1_port
+
+        p = e1_port(cfg.to_dict(), sd, device=device, dtype=dtype)  # single-sequence samples, as the benchmark's
+        return lambda ids, am: p(ids, am)
 
     def flops(self, cfg, tokens):
         L, C, F_ = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size
@@ -263,7 +266,10 @@ class _DPLM(Family):
         return out.logits
 
     def port(self, cfg, sd, device, dtype):
-        raise Unavailable("DPLM is ESM2's network: its port is the ESM2 one (bench model --family esm2)")
+        from .family_ports import dplm_port
+
+        p = dplm_port(cfg.to_hf_dict(), sd, device=device, dtype=dtype)
+        return lambda ids, am: p(ids, am)
 
     def flops(self, cfg, tokens):
         from ..models import esm2_flops

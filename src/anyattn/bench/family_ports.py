@@ -1,7 +1,8 @@
-"""Compact ESM C and ANKH encoders the way FastPLMs-style ports write them: the "what users run
-today besides HF" rows of ``anyattn bench model --family esmc|ankh`` (``sdpa_port.py`` is ESM2's).
+"""Compact ESM C, ANKH, E1 and DPLM models the way FastPLMs-style ports write them: the "what
+users run today besides HF" rows of ``anyattn bench model --family esmc|ankh|e1|dplm``
+(``sdpa_port.py`` is ESM2's).
 
-Both are uncompiled, take padded batches with ``attention_mask`` (right padding) and call
+All are uncompiled, take padded batches with ``attention_mask`` (right padding) and call
 ``F.scaled_dot_product_attention`` once per layer; nothing here imports anyattn's attention, so a
 port is an independent statement of the network too (the benchmark compares it with the float32
 reference before timing it). Module names are the published checkpoints', so a state dict of
@@ -19,6 +20,16 @@ the benchmark's weights loads as is.
   bias computed once per forward as a ``(1, H, S, S)`` tensor in the activations' dtype from block
   0's table, plus ``-inf`` at padded keys, given to SDPA as a float ``attn_mask``; gated FFN
   ``wo(act(wi_0 h) * wi_1 h)`` (act: tanh GELU for ANKH, silu for ANKH2); a final RMS norm.
+* :class:`SdpaE1` (Profluent E1; the names of ``anyattn.models.E1Model``, which are the published
+  checkpoint's under ``model.``): single-sequence samples only (one ``<bos>`` per row: then every
+  layer, within-sequence or global, sees the whole row and the attention mask is the key padding
+  mask; a row with context sequences is refused, it needs E1's sequence masks). Token plus
+  sequence-0 embeddings, pre-RMSNorm layers with float32 statistics (LLaMA-style: normalize in
+  float32, cast, times the weight), q/k/v clamped to ``clip_qkv``, NeoX rotary in float32 with
+  ``rope_theta_within_seq`` or ``rope_theta_global`` by layer kind, positions counted from each
+  row's first real token, SDPA with GQA (``enable_gqa``) and the default scale, gated FFN.
+* :class:`SdpaDPLM` (DPLM = HF ``EsmForMaskedLM``'s network, its names): the ESM2 port above plus
+  ESM's LM head ``decoder(LayerNorm(gelu(dense(h)))) + bias``; returns the logits.
 
 Shape legend: B batch rows, S row length, C hidden, H heads, D head dim, F FFN width, N buckets.
 """
@@ -31,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SdpaAnkh", "SdpaESMC", "ankh_port", "esmc_port", "t5_bucket"]
+__all__ = ["SdpaAnkh", "SdpaDPLM", "SdpaE1", "SdpaESMC", "ankh_port", "dplm_port", "e1_port", "esmc_port", "t5_bucket"]
 
 
 def _load(m: nn.Module, sd: dict, what: str, ignore=()) -> None:
@@ -262,3 +273,179 @@ def ankh_port(cfg: dict, state_dict: dict, *, device=None, dtype=None) -> SdpaAn
         m = SdpaAnkh(cfg)
     _load(m, sd, "ANKH sdpa port", ignore=("decoder.", "lm_head."))
     return m.to(device=device if device is not None else "cpu", dtype=dtype).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# E1 (single-sequence samples)
+
+
+class _E1Norm(nn.Module):
+    def __init__(self, C: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(C))
+        self.eps = eps
+
+    def forward(self, x):
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+class _E1SelfAttn(nn.Module):
+    def __init__(self, C: int, H: int, G: int, D: int):
+        super().__init__()
+        self.q_proj, self.k_proj = nn.Linear(C, H * D, bias=False), nn.Linear(C, G * D, bias=False)
+        self.v_proj, self.o_proj = nn.Linear(C, G * D, bias=False), nn.Linear(H * D, C, bias=False)
+
+
+class _E1NormAttnNorm(nn.Module):
+    def __init__(self, C, H, G, D, eps):
+        super().__init__()
+        self.self_attn = _E1SelfAttn(C, H, G, D)
+        self.input_layernorm, self.post_attention_layernorm = _E1Norm(C, eps), _E1Norm(C, eps)
+
+
+class _E1MLP(nn.Module):
+    def __init__(self, C: int, F_: int, gated: bool):
+        super().__init__()
+        self.w1, self.w2 = nn.Linear(C, F_, bias=False), nn.Linear(F_, C, bias=False)
+        self.w3 = nn.Linear(C, F_, bias=False) if gated else None
+
+
+class _E1FFN(nn.Module):
+    def __init__(self, C, F_, gated):
+        super().__init__()
+        self.mlp = _E1MLP(C, F_, gated)
+
+
+class _E1Layer(nn.Module):
+    def __init__(self, C, H, G, F_, eps, gated):
+        super().__init__()
+        self.norm_attn_norm = _E1NormAttnNorm(C, H, G, C // H, eps)
+        self.ffn = _E1FFN(C, F_, gated)
+
+    def forward(self, x_BSC, cos_BS1D, sin_BS1D, keep_B11S, H: int, G: int, clip, act):
+        B, S, C = x_BSC.shape
+        D = C // H
+        na = self.norm_attn_norm
+        sa = na.self_attn
+        h = na.input_layernorm(x_BSC)
+        q, k, v = sa.q_proj(h).view(B, S, H, D), sa.k_proj(h).view(B, S, G, D), sa.v_proj(h).view(B, S, G, D)
+        if clip is not None:
+            q, k, v = q.clamp(-clip, clip), k.clamp(-clip, clip), v.clamp(-clip, clip)
+        dt = q.dtype
+        q = (q.float() * cos_BS1D + _rotate_half(q.float()) * sin_BS1D).to(dt)
+        k = (k.float() * cos_BS1D + _rotate_half(k.float()) * sin_BS1D).to(dt)
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=keep_B11S, enable_gqa=G != H
+        )  # fmt: skip
+        x = x_BSC + sa.o_proj(o.transpose(1, 2).reshape(B, S, C))
+        h = na.post_attention_layernorm(x)
+        mlp = self.ffn.mlp
+        a = act(mlp.w1(h))
+        if mlp.w3 is not None:
+            a = a * mlp.w3(h)
+        return x + mlp.w2(a)
+
+
+_E1_ACTS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "relu": F.relu}
+
+
+class SdpaE1(nn.Module):
+    """E1's encoder for single-sequence samples: ``forward(input_ids, attention_mask)`` returns
+    the last hidden state (B, S, C) after the final RMSNorm. ``cfg``: E1Config field names."""
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        C, L, H = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"]
+        G = cfg.get("num_key_value_heads") or H
+        eps = cfg["rms_norm_eps"]
+        if cfg["hidden_act"] not in _E1_ACTS:
+            raise ValueError(f"E1 sdpa port: hidden_act one of {sorted(_E1_ACTS)}, not {cfg['hidden_act']!r}")
+        self.H, self.G, self.clip, self.act = H, G, cfg.get("clip_qkv"), _E1_ACTS[cfg["hidden_act"]]
+        self.bos = cfg["bos_token_id"]
+        n = cfg["global_attention_every_n_layers"]
+        self.is_global = [n > 0 and (i + 1) % n == 0 for i in range(L)]
+        self.thetas = (float(cfg["rope_theta_within_seq"]), float(cfg["rope_theta_global"]))
+        self.embed_tokens = nn.Embedding(cfg["vocab_size"], C, padding_idx=cfg["pad_token_id"])
+        self.embed_seq_id = nn.Embedding(cfg["max_num_sequences"], C)
+        self.layers = nn.ModuleList(_E1Layer(C, H, G, cfg["intermediate_size"], eps, cfg["gated_mlp"]) for _ in range(L))
+        self.norm = _E1Norm(C, eps)
+
+    def forward(self, input_ids_BS: torch.Tensor, attention_mask_BS: torch.Tensor) -> torch.Tensor:
+        am = attention_mask_BS.bool()
+        n_bos = ((input_ids_BS == self.bos) & am).sum(-1)
+        if bool((n_bos != 1).any()):  # one host read per forward (anyattn's E1Model reads its batch structure too)
+            raise ValueError(f"E1 sdpa port: one <bos> (id {self.bos}) per row (single-sequence samples); got {n_bos.tolist()}")
+        x = self.embed_tokens(input_ids_BS) + self.embed_seq_id.weight[0]
+        D = x.shape[-1] // self.H
+        pos = (am.long().cumsum(-1) - 1).clamp(min=0).float()  # from each row's first real token
+        rope = []
+        for theta in self.thetas:
+            inv = 1.0 / theta ** (torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)
+            f = pos[..., None] * inv
+            emb = torch.cat((f, f), dim=-1)[:, :, None, :]  # (B, S, 1, D) float32
+            rope.append((emb.cos(), emb.sin()))
+        keep = am[:, None, None, :]
+        for layer, glob in zip(self.layers, self.is_global):
+            cos, sin = rope[int(glob)]
+            x = layer(x, cos, sin, keep, self.H, self.G, self.clip, self.act)
+        return self.norm(x)
+
+
+def e1_port(cfg: dict, state_dict: dict, *, device=None, dtype=None) -> SdpaE1:
+    """The E1 port holding exactly ``state_dict`` (``E1Model`` names, or the published
+    ``model.``-prefixed ones; an ``mlm_head`` is ignored). Refuses a missing or unexpected weight."""
+    sd = {k.removeprefix("model."): v for k, v in state_dict.items()}
+    with torch.device("meta"):
+        m = SdpaE1(cfg)
+    _load(m, sd, "E1 sdpa port", ignore=("mlm_head.",))
+    return m.to(device=device if device is not None else "cpu", dtype=dtype).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# DPLM (ESM2's encoder, ESM's LM head)
+
+
+class _EsmLMHead(nn.Module):
+    def __init__(self, C: int, V: int, eps: float):
+        super().__init__()
+        self.dense = nn.Linear(C, C)
+        self.layer_norm = nn.LayerNorm(C, eps=eps)
+        self.decoder = nn.Linear(C, V, bias=False)
+        self.bias = nn.Parameter(torch.zeros(V))
+
+    def forward(self, h):
+        x = self.dense(h)
+        x = x * 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))  # ESM's erf GELU
+        return self.decoder(self.layer_norm(x)) + self.bias
+
+
+class SdpaDPLM(nn.Module):
+    """DPLM's masked LM: :class:`~anyattn.bench.sdpa_port.SdpaESM2` then ESM's LM head;
+    ``forward(input_ids, attention_mask)`` returns the logits (B, S, V)."""
+
+    def __init__(self, esm: nn.Module, head: _EsmLMHead):
+        super().__init__()
+        self.esm, self.lm_head = esm, head
+
+    def forward(self, input_ids_BS: torch.Tensor, attention_mask_BS: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.esm(input_ids_BS, attention_mask_BS))
+
+
+def dplm_port(cfg: dict, state_dict: dict, *, device=None, dtype=None) -> SdpaDPLM:
+    """The DPLM port holding exactly ``state_dict`` (HF ``EsmForMaskedLM`` names: ``esm.*``,
+    ``lm_head.*``; a missing ``lm_head.decoder.weight`` is the tied word embeddings). Refuses a
+    missing or unexpected weight."""
+    from .sdpa_port import from_hf_state_dict
+
+    unexpected = sorted(k for k in state_dict if not k.startswith(("esm.", "lm_head.")))
+    if unexpected:
+        raise ValueError(f"DPLM sdpa port: state dict does not fit: unexpected {unexpected[:5]}")
+    esm = from_hf_state_dict(cfg, {k[4:]: v for k, v in state_dict.items() if k.startswith("esm.")}, device=device, dtype=dtype)
+    head_sd = {k[8:]: v for k, v in state_dict.items() if k.startswith("lm_head.")}
+    head_sd.setdefault("decoder.weight", state_dict.get("esm.embeddings.word_embeddings.weight"))
+    with torch.device("meta"):
+        head = _EsmLMHead(cfg["hidden_size"], cfg["vocab_size"], cfg["layer_norm_eps"])
+    _load(head, {k: v for k, v in head_sd.items() if v is not None}, "DPLM sdpa port (lm_head)")
+    head = head.to(device=device if device is not None else "cpu", dtype=dtype)
+    return SdpaDPLM(esm, head).eval()
