@@ -23,8 +23,9 @@
 #               for T5), port (SDPA with a materialized bias), compiled
 #   embed       python -m anyattn.bench.embed_e2e (ESM2-650M shape): `anyattn embed` in a new process
 #               (first job, end to end), then embed() warm in-process; seq/s, tok/s, the job's phases
-#   e1          bench model --family e1 (E1-300m): anyattn rows only (no HF model, no port)
-#   dplm        bench model --family dplm (DPLM-150M): anyattn plain, hf[sdpa] (EsmForMaskedLM), compiled
+#   e1          bench model --family e1 (E1-300m): anyattn plain, port (SdpaE1: also the float32
+#               reference; transformers has no E1), compiled
+#   dplm        bench model --family dplm (DPLM-150M): anyattn plain, hf[sdpa] (EsmForMaskedLM), port, compiled
 #   ankh_large  as ankh_base at the large shape on 512 sequences (ANKH_LARGE_SEQS), if time is left
 # Every family: 1024 lognormal sequences (median 320; the ESM2 bench's lengths and residues, half
 # of its 2048 for time), 32k-token padded batches, bf16, median of 3 warm passes and the first
@@ -99,7 +100,7 @@ stage ankh_base  "${ANKH_BASE_S:-130}" 60 "${M[@]}" --family ankh --preset ankh_
 stage embed       90 45 python3 -m anyattn.bench.embed_e2e --family esm2 "${EX[@]}" --work "$WORK/embed_work" --out "$WORK/embed"
 rm -rf "$WORK/embed_work"  # the checkpoint (1.3 GB) and the stores
 stage e1          45 25 "${M[@]}" --family e1 --preset E1-300m "${MX[@]}" --rows plain,port,compiled --hf sdpa --out "$WORK/e1"
-stage dplm        60 35 "${M[@]}" --family dplm --preset dplm_150m "${MX[@]}" --rows plain,compiled --hf sdpa --out "$WORK/dplm"
+stage dplm        60 35 "${M[@]}" --family dplm --preset dplm_150m "${MX[@]}" --rows plain,port,compiled --hf sdpa --out "$WORK/dplm"
 # ANKH large: 1024 sequences left no time for the HF / port / compiled rows within 120 s (rounds 10
 # and 14: the plain row's first pass alone ~45 s); ANKH_LARGE_SEQS (default 512 unless DRY) and
 # ANKH_LARGE_S (default 170) size the stage so that every row runs
