@@ -133,7 +133,12 @@ def variant_class(call) -> str:
 # on the H100 in two later runs (8 x 2048, fwd+bwd, ms per step; benchmarks/results/round14 and
 # round16): flash_torch [lengths] 2.482 / 2.471, sdpa [lengths] 3.014 / 3.030, flex [lengths]
 # - / 2.562. Given as a keep-mask, flash_torch must read the mask first (3.852 against sdpa's
-# 3.391 in round 16): the "padding" row applies.
+# 3.391 in round 16): the "padding" row applies. Round 17 (another H100, benchmarks/results/round17)
+# measured flex faster on new padding of a fixed padded shape, fwd+bwd, ms per step: 8 x 2048 flex
+# 1.89-1.96 / flash_torch 2.45; 4 x 4096 2.99 / 3.94; 2 x 8192 4.53 / 5.76; 16 x 1024 1.91 / 1.87.
+# flex stays behind flash_torch here because it compiles one kernel per padded length (3-7 s on
+# the first call of each; no dynamic shapes on torch 2.11), which a loop that pads every batch to
+# its longest row pays at each new length; flash_torch compiles nothing.
 FIRST_SIGHT: dict[str, dict[str, tuple[str, ...]]] = {
     "cuda": {
         "documents+grad": ("flash_torch", "flex", "flash", "kernels_flash", "cudnn", "sdpa", "eager"),
