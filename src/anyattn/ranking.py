@@ -136,9 +136,10 @@ def variant_class(call) -> str:
 # 3.391 in round 16): the "padding" row applies. Round 17 (another H100, benchmarks/results/round17)
 # measured flex faster on new padding of a fixed padded shape, fwd+bwd, ms per step: 8 x 2048 flex
 # 1.89-1.96 / flash_torch 2.45; 4 x 4096 2.99 / 3.94; 2 x 8192 4.53 / 5.76; 16 x 1024 1.91 / 1.87.
-# flex stays behind flash_torch here because it compiles one kernel per padded length (3-7 s on
-# the first call of each; no dynamic shapes on torch 2.11), which a loop that pads every batch to
-# its longest row pays at each new length; flash_torch compiles nothing.
+# With the same flex code rounds 14 and 16 had flex at 2.83 / 2.56 for 8 x 2048: flex's rows on
+# new content move between runs (cause not isolated), flash_torch's stay within 1%, and flex
+# compiles one kernel per padded length on its first call (3-7 s). flash_torch stays first for a
+# content seen once; a model's later layers see the content again and use RANKING's "padding" row.
 FIRST_SIGHT: dict[str, dict[str, tuple[str, ...]]] = {
     "cuda": {
         "documents+grad": ("flash_torch", "flex", "flash", "kernels_flash", "cudnn", "sdpa", "eager"),
