@@ -24,8 +24,8 @@ the benchmark's weights loads as is.
   checkpoint's under ``model.``): single-sequence samples only (one ``<bos>`` per row: then every
   layer, within-sequence or global, sees the whole row and the attention mask is the key padding
   mask; a row with context sequences is refused, it needs E1's sequence masks). Token plus
-  sequence-0 embeddings, pre-RMSNorm layers with float32 statistics (LLaMA-style: normalize in
-  float32, cast, times the weight), q/k/v clamped to ``clip_qkv``, NeoX rotary in float32 with
+  sequence-0 embeddings, pre-RMSNorm layers with float32 statistics (the ANKH port's RMS
+  norm), q/k/v clamped to ``clip_qkv``, NeoX rotary in float32 with
   ``rope_theta_within_seq`` or ``rope_theta_global`` by layer kind, positions counted from each
   row's first real token, SDPA with GQA (``enable_gqa``) and the default scale, gated FFN.
 * :class:`SdpaDPLM` (DPLM = HF ``EsmForMaskedLM``'s network, its names): the ESM2 port above plus
@@ -279,17 +279,6 @@ def ankh_port(cfg: dict, state_dict: dict, *, device=None, dtype=None) -> SdpaAn
 # E1 (single-sequence samples)
 
 
-class _E1Norm(nn.Module):
-    def __init__(self, C: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(C))
-        self.eps = eps
-
-    def forward(self, x):
-        xf = x.float()
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-
-
 class _E1SelfAttn(nn.Module):
     def __init__(self, C: int, H: int, G: int, D: int):
         super().__init__()
@@ -301,7 +290,7 @@ class _E1NormAttnNorm(nn.Module):
     def __init__(self, C, H, G, D, eps):
         super().__init__()
         self.self_attn = _E1SelfAttn(C, H, G, D)
-        self.input_layernorm, self.post_attention_layernorm = _E1Norm(C, eps), _E1Norm(C, eps)
+        self.input_layernorm, self.post_attention_layernorm = _RMS(C, eps), _RMS(C, eps)
 
 
 class _E1MLP(nn.Module):
@@ -369,7 +358,7 @@ class SdpaE1(nn.Module):
         self.embed_tokens = nn.Embedding(cfg["vocab_size"], C, padding_idx=cfg["pad_token_id"])
         self.embed_seq_id = nn.Embedding(cfg["max_num_sequences"], C)
         self.layers = nn.ModuleList(_E1Layer(C, H, G, cfg["intermediate_size"], eps, cfg["gated_mlp"]) for _ in range(L))
-        self.norm = _E1Norm(C, eps)
+        self.norm = _RMS(C, eps)
 
     def forward(self, input_ids_BS: torch.Tensor, attention_mask_BS: torch.Tensor) -> torch.Tensor:
         am = attention_mask_BS.bool()
@@ -415,9 +404,9 @@ class _EsmLMHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(V))
 
     def forward(self, h):
-        x = self.dense(h)
-        x = x * 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))  # ESM's erf GELU
-        return self.decoder(self.layer_norm(x)) + self.bias
+        from .sdpa_port import _gelu  # ESM's erf GELU
+
+        return self.decoder(self.layer_norm(_gelu(self.dense(h)))) + self.bias
 
 
 class SdpaDPLM(nn.Module):
