@@ -8,9 +8,13 @@ A. host: a tiny call (B=1, H=1, S=64, D=64) with a fresh mask tensor per call, r
    the host API calls the profiler sees (kernel launches, copies, synchronizations).
 B. device: new padding every step at B x S (default 8 x 2048, H=16, D=128, bf16), forward and
    forward+backward, the rows of ``anyattn bench kernels --mode new-packing --cases padding``
-   (built by the same code). Per row: wall ms/step (30 steps, one sync), host ms/step (the time to
-   enqueue one step after a sync: when it is close to the wall time the step is host-bound), the
-   GPU kernel time per step and kernel count (profiler), and the three longest kernels.
+   (built by the same code), every step a padding not seen before. Per row: wall ms/step (30
+   steps, one sync), host ms/step (the time to enqueue one step after a sync), whether a step
+   waits for the GPU (``waits``: its enqueue time behind a ~5 ms GPU sleep, in ms; a step that
+   only enqueues returns at once, one that syncs, e.g. through a copy from pageable memory,
+   returns after the sleep), the GPU kernel time per step and kernel count (profiler), and the
+   longest kernels. anyattn rows run twice: as shipped (CPU lengths copied through pinned
+   memory) and with ``anyattn.layout.PINNED_COPIES = False`` (pageable copies: ``/pageable``).
 
     PYTHONPATH=src python3 benchmarks/padding_probe.py [--shape 8x2048] [--out DIR]
 """
@@ -18,6 +22,7 @@ B. device: new padding every step at B x S (default 8 x 2048, H=16, D=128, bf16)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -26,6 +31,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+import anyattn.layout
 from anyattn import attention, clear_caches, dense, documents, padding
 from anyattn.bench import churn_steps
 from anyattn.bench.churn import Options
@@ -125,33 +131,41 @@ def part_a(dev, dtype, calls=1000):
     return res
 
 
-def part_b(dev, shape, steps=30):
+def part_b(dev, shape, steps=30, case="padding"):
     B, S = shape
-    o = Options(pad_B=B, pad_S=S, heads=16, head_dim=128, dtype="bf16" if dev.type == "cuda" else "fp32", device=str(dev))
+    o = Options(pad_B=B, pad_S=S, pack_S=S, heads=16, head_dim=128, dtype="bf16" if dev.type == "cuda" else "fp32", device=str(dev))
+    if case == "packing":
+        B = 1
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     H, D = o.heads, o.head_dim
-    packs = churn_steps.packings(o, "padding", steps + 8)
-    names = ["raw:sdpa", "sdpa:keep", "sdpa:lengths", "flash_torch:lengths", "flex:lengths"]
+    n_steps = 6 + steps + 10 + 5 + 10  # warm-up, timed, host, waits, profile: each step a new padding
+    if case == "padding":
+        names = ["raw:sdpa", "sdpa:keep", "sdpa:lengths", "flash_torch:lengths", "flex:lengths"]
+    else:
+        names = ["raw:varlen", "auto:tensor", "flash_torch:tensor", "flex:tensor"]
+    names += [n + "/pageable" for n in names[1:]]
     res = []
     for grad in (False, True):
         g = torch.Generator().manual_seed(1)
         leaves = [torch.randn(B, S, H, D, generator=g).to(dev, dtype).requires_grad_(grad) for _ in range(3)]
         for name in names:
-            if dev.type != "cuda" and name.startswith("flash_torch"):
+            anyattn.layout.PINNED_COPIES = not name.endswith("/pageable")
+            packs = churn_steps.packings(dataclasses.replace(o, seed=len(res)), case, n_steps)
+            if dev.type != "cuda" and (name.startswith("flash_torch") or name.startswith("raw:varlen")):
                 continue
             if dev.type != "cuda" and grad and name.startswith("flex"):
                 continue
             try:
                 if name.startswith("raw:"):
-                    fwd, _ = churn_steps.raw_forward(name, "padding", leaves, o, grad)
+                    fwd, _ = churn_steps.raw_forward(name, case, leaves, o, grad)
                 else:
-                    be, form = name.split(":")
-                    fwd, _ = churn_steps.anyattn_forward(be, "padding", form, leaves)
+                    be, form = name.split("/")[0].split(":")
+                    fwd, _ = churn_steps.anyattn_forward(be, case, form, leaves)
                 step = churn_steps.stepper(fwd, leaves, grad)
-                it = iter(range(10**9))
+                it = iter(packs)
 
                 def one():
-                    return step(packs[next(it) % len(packs)])
+                    return step(next(it))
 
                 for _ in range(6):  # first calls (compiles) and warm-up
                     one()
@@ -169,12 +183,23 @@ def part_b(dev, shape, steps=30):
                     host.append(time.perf_counter() - t1)
                 _sync(dev)
                 host_ms = sorted(host)[len(host) // 2] * 1e3
-                api, kus, kn, top = _profile(one, 10, dev)
-                res.append({"row": name, "mode": "fwd+bwd" if grad else "fwd", "wall_ms": wall, "host_ms": host_ms,
+                waits = []
+                for _ in range(5):
+                    _sync(dev)
+                    if dev.type == "cuda":
+                        torch.cuda._sleep(10_000_000)  # ~5 ms of GPU time ahead of the step
+                    t1 = time.perf_counter()
+                    one()
+                    waits.append(time.perf_counter() - t1)
+                _sync(dev)
+                wait_ms = sorted(waits)[len(waits) // 2] * 1e3
+                api, kus, kn, top = _profile(one, 9, dev)  # 9 + its own warm-up call
+                res.append({"row": name, "mode": "fwd+bwd" if grad else "fwd", "wall_ms": wall, "host_ms": host_ms, "wait_ms": wait_ms,
                             "kernel_ms": kus / 1e3, "kernels": kn, "api": api, "top": top})  # fmt: skip
             except Exception as e:  # noqa: BLE001 - a probe row that fails prints its error and the run goes on
                 res.append({"row": name, "mode": "fwd+bwd" if grad else "fwd", "error": f"{type(e).__name__}: {e}"[:200]})
         clear_caches()
+    anyattn.layout.PINNED_COPIES = True
     return res
 
 
@@ -183,6 +208,8 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--shape", default="8x2048", help="B x S of part B (default 8x2048)")
     ap.add_argument("--parts", default="a,b")
+    ap.add_argument("--case", default="padding", choices=("padding", "packing"),
+                    help="part B: new padding per step (B x S rows) or a new packing of one S-token doc-causal row")
     ap.add_argument("--out", default=None, help="write probe.json here")
     a = ap.parse_args()
     dev = torch.device(a.device)
@@ -197,16 +224,17 @@ def main():
             ap_ = r["api"]
             print(f"  {r['row']:32s} {r['us']:8.1f} {r['syncs']:6.1f} {ap_['launch']:7.1f} {ap_['memcpy']:7.1f} {ap_['aten']:5.1f} {r['kernel_us']:8.1f}")
     if "b" in a.parts:
-        out["steps"] = part_b(dev, (B, S))
-        print(f"B. new padding every step, {B}x{S}, H=16 D=128")
-        print(f"  {'row':22s} {'mode':8s} {'wall ms':>8s} {'host ms':>8s} {'kern ms':>8s} {'kernels':>8s} {'launch':>7s} {'sync':>5s}  top kernel")
+        out["steps"] = part_b(dev, (B, S), case=a.case)
+        what = f"new padding every step, {B}x{S}" if a.case == "padding" else f"new packing every step, 1x{S} doc-causal"
+        print(f"B. {what}, H=16 D=128")
+        print(f"  {'row':31s} {'mode':8s} {'wall ms':>8s} {'host ms':>8s} {'waits':>6s} {'kern ms':>8s} {'kernels':>8s} {'memcpy':>7s} {'sync':>5s}  top kernel")
         for r in out["steps"]:
             if "error" in r:
-                print(f"  {r['row']:22s} {r['mode']:8s} ERROR {r['error']}")
+                print(f"  {r['row']:31s} {r['mode']:8s} ERROR {r['error']}")
                 continue
             top = r["top"][0] if r["top"] else ("", 0)
-            print(f"  {r['row']:22s} {r['mode']:8s} {r['wall_ms']:8.3f} {r['host_ms']:8.3f} {r['kernel_ms']:8.3f} {r['kernels']:8.1f} "
-                  f"{r['api']['launch']:7.1f} {r['api']['sync']:5.1f}  {top[0][:40]} {top[1]:.0f}us")  # fmt: skip
+            print(f"  {r['row']:31s} {r['mode']:8s} {r['wall_ms']:8.3f} {r['host_ms']:8.3f} {r['wait_ms']:6.2f} {r['kernel_ms']:8.3f} {r['kernels']:8.1f} "
+                  f"{r['api']['memcpy']:7.1f} {r['api']['sync']:5.1f}  {top[0][:30]} {top[1]:.0f}us")  # fmt: skip
     if a.out:
         os.makedirs(a.out, exist_ok=True)
         with open(os.path.join(a.out, "probe.json"), "w") as f:

@@ -42,15 +42,24 @@ from .errors import bad_type, bad_value
 __all__ = ["SeqInfo", "pad", "unpad"]
 
 
+# Whether host_to_device stages CPU tensors in pinned memory (True, the default). False copies
+# from pageable memory, which makes every such copy wait for the GPU's queue: a switch for
+# measuring what pinning saves (benchmarks/padding_probe.py), not for use.
+PINNED_COPIES = True
+
+
 def host_to_device(t: torch.Tensor, device) -> torch.Tensor:
     """A CPU tensor on ``device`` without a host sync: a CUDA copy from pageable memory waits for
-    the stream, one from pinned memory does not (the caching host allocator keeps the pinned
-    buffer alive until the copy has run). A tensor already on a GPU moves stream-ordered; a copy
-    to the CPU is a plain (waiting) copy, so its values can be read at once."""
+    the stream (CUDA's documented behaviour for pageable host-to-device copies, ``non_blocking``
+    or not), one from pinned memory does not (the caching host allocator keeps the pinned buffer
+    alive until the copy has run). A tensor already on a GPU moves stream-ordered; a copy to the
+    CPU is a plain (waiting) copy, so its values can be read at once."""
     device = torch.device(device)
+    if t.device == device:
+        return t
     if device.type != "cuda" or torch.compiler.is_compiling():  # a traced graph moves it itself
         return t.to(device)
-    if t.device.type != "cpu":
+    if t.device.type != "cpu" or not PINNED_COPIES or t.is_pinned():
         return t.to(device, non_blocking=True)
     return t.pin_memory().to(device, non_blocking=True)
 

@@ -45,7 +45,7 @@ from torch import nn
 
 from .api import _requested, attention
 from .errors import bad_type, bad_value
-from .layout import SeqInfo
+from .layout import SeqInfo, host_to_device
 from .backends import REGISTRY
 from .resolve import check_backend, facts_of
 from .spec import causal, documents, same_segment, score_fn, sliding_window, softcap
@@ -170,7 +170,7 @@ class PackedBatch:
         return cls.from_seq_info(SeqInfo.from_lengths(lengths, total_length=total_length, device=device), host=host)
 
     def to(self, device) -> PackedBatch:
-        mv = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        mv = lambda t: None if t is None else host_to_device(t, device)  # noqa: E731
         return PackedBatch(mv(self.positions), mv(self.doc_ids), mv(self.image_ids), None if self.info is None else self.info.to(device))
 
     def labels(self, input_ids: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

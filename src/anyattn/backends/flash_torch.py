@@ -276,7 +276,7 @@ class FlashTorchBackend(AttentionBackend):
                     t += n
                 qpk = side_packing([step.new[i] for i in keep], [starts[i] for i in keep], B, Sq, call.device)
                 bt, used = step.block_table()
-                idx = torch.tensor(keep, dtype=torch.int64).to(bt.device)
+                idx = host_to_device(torch.tensor(keep, dtype=torch.int64), bt.device)
                 used_k = [live[i][0] for i in keep]
                 cu = [0]
                 for m in used_k:
@@ -336,7 +336,7 @@ class FlashTorchBackend(AttentionBackend):
         hit = None if compiling else self._uniform_cu.get(key)
         if hit is None:
             ar = torch.arange(B + 1, dtype=torch.int32)
-            hit = ((ar * Sq).to(device), (ar * Sk).to(device))
+            hit = (host_to_device(ar * Sq, device), host_to_device(ar * Sk, device))
             if not compiling:
                 self._uniform_cu.put(key, hit)
         return hit

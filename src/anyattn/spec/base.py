@@ -21,6 +21,7 @@ import torch
 
 from .._cache import obj_key, tensor_key
 from ..errors import bad_type, bad_value
+from ..layout import host_to_device
 
 # --------------------------------------------------------------------------------------------
 # Call geometry handed to terms when they are bound to a concrete call.
@@ -253,7 +254,10 @@ def check_broadcast(name: str, t: torch.Tensor, geo: Geometry) -> None:
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return t if t.device == device else t.to(device, non_blocking=True)
+    """``t`` on ``device``; a CPU tensor (lengths, a keep-mask written on the host) goes to a GPU
+    through pinned memory, so a new packing or padding every step never makes the host wait for
+    the GPU's queue (``layout.host_to_device``)."""
+    return t if t.device == device else host_to_device(t, device)
 
 
 def fmt_arg(v) -> str:
