@@ -10,7 +10,7 @@ import torch
 
 from .._cache import obj_key, tensor_key
 from ..errors import bad_type, bad_value
-from ..layout import SeqInfo, host_to_device
+from ..layout import SeqInfo
 from .base import BoundMask, Geometry, check_positional, int_tensor, to_device
 from .masks import MaskTerm
 
@@ -128,13 +128,10 @@ class Documents(MaskTerm):
         info = self.info
         if info is not None and info.S == S and info.B == self.rows and info.B == 1:
             return to_device(info.doc_ids, device)  # one row: the global index is the row's index
-        lengths = self.lengths_tensor()
-        if lengths.device.type == "cpu" and not torch.compiler.is_compiling():
-            # a (Bd, N) host tensor through pinned memory, the (Bd, S) ids on the device: no sync,
-            # and no per-position work on the host (repeat_interleave of 16k positions on the CPU
-            # cost milliseconds per new packing)
-            lengths = host_to_device(lengths, device)
-        lengths = to_device(lengths, device).to(torch.int64)
+        # a (Bd, N) host tensor through pinned memory (to_device), the (Bd, S) ids on the device:
+        # no sync, and no per-position work on the host (repeat_interleave of 16k positions on
+        # the CPU cost milliseconds per new packing)
+        lengths = to_device(self.lengths_tensor(), device).to(torch.int64)
         cu = torch.cumsum(lengths, dim=-1)
         pos = torch.arange(S, device=device).expand(lengths.shape[0], S).contiguous()
         ids = torch.searchsorted(cu, pos, right=True)
