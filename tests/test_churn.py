@@ -201,6 +201,35 @@ def test_sdpa_reads_empty_rows_on_the_host_only_when_a_mask_is_reused():
                 assert out[..., 3, :].eq(0).all()
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_sdpa_padding_with_an_empty_row(grad):
+    """New padding each call with a row of length 0, as lengths and as a keep-mask: without
+    autograd the kernel sees that row fully masked (one lowering op per call instead of four) and
+    its output is replaced by zeros; with autograd the row attends everywhere, so no NaN reaches
+    the backward. Both exact, gradients finite."""
+    from anyattn.testing import make_call
+
+    sd = REGISTRY["sdpa"]
+    gen = torch.Generator().manual_seed(4)
+    for step in range(6):
+        lengths = torch.randint(1, 12, (3,), generator=gen)
+        lengths[step % 3] = 0
+        q, k, v = generate_qkv(3, 2, 1, 12, 12, 8, seed=step)
+        keep = torch.arange(12)[None, :] < lengths[:, None]
+        for mask in (aa.padding(lengths), aa.padding(mask=keep)):
+            leaves = [t.detach().requires_grad_(grad) for t in (q, k, v)]
+            with torch.set_grad_enabled(grad):
+                lw = sd.lowered(make_call(*leaves, mask=mask))
+                out = aa.attention(*leaves, mask=mask, backend="sdpa")
+            # the empty row's keys: all masked without autograd, all visible with it
+            assert bool(lw.attn_mask[step % 3].any()) == grad
+            _check(out, oracle(q, k, v, mask=mask), f"{mask!r} grad={grad}")
+            assert out[step % 3].eq(0).all()
+            if grad:
+                g = torch.autograd.grad(out, leaves, torch.randn_like(out))
+                assert all(torch.isfinite(x).all() for x in g)
+
+
 @pytest.mark.parametrize("shape", [(8, 8), (1, 1, 8, 8), (2, 1, 8, 8), (1, 2, 1, 8), (2, 2, 8, 1)], ids=str)
 def test_dense_mask_materializes_without_a_gather_and_sdpa_never_caches_the_callers_memory(shape):
     """A dense() term's materialized mask is a view of the tensor (no index-grid gather), equal to

@@ -74,10 +74,17 @@ def lower(call) -> Lowered:
     if kind == "is_causal":
         return Lowered(None, True, None, kind)
     if kind == "keys-only padding mask":
-        keep = mask.keep_mask(geo)  # (B, Sk)
-        any_key = keep.any(-1)  # (B,)
-        keys = keep | ~any_key[:, None]  # a row with no real key attends everywhere, then is zeroed
-        q_ok = mask.q_keep(geo) & any_key[:, None]  # (B, Sq)
+        keep, q_ok = mask.keep_mask(geo), mask.q_keep(geo)  # (B, Sk), (B, Sq)
+        keys = keep
+        if call.requires_grad or mask.kv is not None:
+            any_key = keep.any(-1, keepdim=True)  # (B, 1)
+            if call.requires_grad:  # a row with no real key attends everywhere (no NaN reaches the backward), then is zeroed
+                keys = keep | ~any_key
+            if mask.kv is not None:  # queries of their own layout: a real query may have no real key
+                q_ok = q_ok & any_key
+        # Otherwise a row with no real key has no real query either (q_keep is a slice of keep):
+        # row_ok zeroes its output, whatever the kernel left there (torch.where selects, so a NaN
+        # does not leak), and three kernel launches per new padding are saved.
         return Lowered(keys[:, None, None, :], False, q_ok[:, None, :, None], kind)
     m = materialize_mask(call.bound_mask(), geo) if mask is not None else None
     biases = [bs.dense() for bs in call.bound_scores()]
