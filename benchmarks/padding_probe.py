@@ -140,7 +140,7 @@ def part_b(dev, shape, steps=30, case="padding"):
     H, D = o.heads, o.head_dim
     n_steps = 6 + steps + 10 + 5 + 10  # warm-up, timed, host, waits, profile: each step a new padding
     if case == "padding":
-        names = ["raw:sdpa", "sdpa:keep", "sdpa:lengths", "flash_torch:lengths", "flex:lengths"]
+        names = ["raw:sdpa", "auto:lengths", "sdpa:keep", "sdpa:lengths", "flash_torch:lengths", "flex:lengths"]
     else:
         names = ["raw:varlen", "auto:tensor", "flash_torch:tensor", "flex:tensor"]
     names += [n + "/pageable" for n in names[1:]]
