@@ -306,10 +306,26 @@ class Padding(MaskTerm):
         self.kv._check_side("padding(kv)", "padding(kv_mask)", geo.B, geo.Sk, "key length")
 
     def _keep_over(self, B: int, S: int, device) -> torch.Tensor:
+        """(B, S) bool on ``device``. Memoized on this term (a backend reads it two to four times
+        per call: mask, query rows, block structure, predicate), keyed by the source tensor's
+        version so that an in-place edit is seen (not for inference-mode tensors, which have no
+        version: docs/reliability.md); not while tracing."""
+        src = self.keep if self.keep is not None else self.lengths
+        if src is None:
+            return torch.ones(B, S, dtype=torch.bool, device=device)
+        if torch.compiler.is_compiling():
+            return self._build_keep(S, device)
+        key = (S, torch.device(device), None if src.is_inference() else src._version)  # inference tensors have no version
+        memo = self.__dict__.get("_keep_memo")
+        if memo is not None and memo[0] == key:
+            return memo[1]
+        t = self._build_keep(S, device)
+        object.__setattr__(self, "_keep_memo", (key, t))
+        return t
+
+    def _build_keep(self, S: int, device) -> torch.Tensor:
         if self.keep is not None:
             return to_device(self.keep, device)
-        if self.lengths is None:
-            return torch.ones(B, S, dtype=torch.bool, device=device)
         lengths = to_device(self.lengths, device)
         return torch.arange(S, device=device)[None, :] < lengths[:, None]
 
