@@ -137,8 +137,10 @@ def variant_class(call) -> str:
 # measured flex faster on new padding of a fixed padded shape, fwd+bwd, ms per step: 8 x 2048 flex
 # 1.89-1.96 / flash_torch 2.45; 4 x 4096 2.99 / 3.94; 2 x 8192 4.53 / 5.76; 16 x 1024 1.91 / 1.87.
 # With the same flex code rounds 14 and 16 had flex at 2.83 / 2.56 for 8 x 2048: flex's rows on
-# new content move between runs (cause not isolated), flash_torch's stay within 1%, and flex
-# compiles one kernel per padded length on its first call (3-7 s). flash_torch stays first for a
+# new content move between runs, flash_torch's stay within 1%, and flex compiles one kernel per
+# padded length on its first call (3-7 s). Round 18 (benchmarks/results/round18) found why they
+# move: a new padding costs flex 66 / 93 kernel launches (fwd / fwd+bwd; flash_torch 29 / 41),
+# so on a slow host its step is host-bound (enqueue 3.0 ms against 1.9 ms of kernels). flash_torch stays first for a
 # content seen once; a model's later layers see the content again and use RANKING's "padding" row.
 FIRST_SIGHT: dict[str, dict[str, tuple[str, ...]]] = {
     "cuda": {
