@@ -140,8 +140,9 @@ def variant_class(call) -> str:
 # new content move between runs, flash_torch's stay within 1%, and flex compiles one kernel per
 # padded length on its first call (3-7 s). Round 18 (benchmarks/results/round18) found why they
 # move: a new padding costs flex 66 / 93 kernel launches (fwd / fwd+bwd; flash_torch 29 / 41),
-# so on a slow host its step is host-bound (enqueue 3.0 ms against 1.9 ms of kernels). flash_torch stays first for a
-# content seen once; a model's later layers see the content again and use RANKING's "padding" row.
+# so on a slow host its step is host-bound (enqueue 3.0 ms against 1.9 ms of kernels).
+# flash_torch stays first for a content seen once; a model's later layers see the content again
+# and use RANKING's "padding" row.
 FIRST_SIGHT: dict[str, dict[str, tuple[str, ...]]] = {
     "cuda": {
         "documents+grad": ("flash_torch", "flex", "flash", "kernels_flash", "cudnn", "sdpa", "eager"),

@@ -255,8 +255,8 @@ def check_broadcast(name: str, t: torch.Tensor, geo: Geometry) -> None:
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``t`` on ``device``; a CPU tensor (lengths, a keep-mask written on the host) goes to a GPU
-    through pinned memory, so a new packing or padding every step never makes the host wait for
-    the GPU's queue (``layout.host_to_device``)."""
+    through pinned memory (``layout.host_to_device``), the copy CUDA documents as never waiting
+    for the GPU's queue."""
     return t if t.device == device else host_to_device(t, device)
 
 
