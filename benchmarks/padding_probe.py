@@ -35,11 +35,8 @@ import anyattn.layout
 from anyattn import attention, clear_caches, dense, documents, padding
 from anyattn.bench import churn_steps
 from anyattn.bench.churn import Options
-
-
-def _sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
+from anyattn.bench.timing import host_us_per_call
+from anyattn.bench.timing import sync as _sync
 
 
 def _profile(fn, n, dev):
@@ -118,14 +115,7 @@ def part_a(dev, dtype, calls=1000):
     for name, fn in rows.items():
         for _ in range(50):
             fn()
-        _sync(dev)
-        best = float("inf")
-        for _ in range(3):
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            _sync(dev)
-            best = min(best, (time.perf_counter() - t0) / calls * 1e6)
+        best = min(host_us_per_call(fn, dev, calls) for _ in range(3))
         api, kus, kn, top = _profile(fn, 100, dev)
         res.append({"row": name, "us": best, "syncs": _syncs(fn, dev), "api": api, "kernel_us": kus, "kernels": kn, "top": top})
     return res
@@ -151,7 +141,7 @@ def part_b(dev, shape, steps=30, case="padding"):
         for name in names:
             anyattn.layout.PINNED_COPIES = not name.endswith("/pageable")
             packs = churn_steps.packings(dataclasses.replace(o, seed=len(res)), case, n_steps)
-            if dev.type != "cuda" and (name.startswith("flash_torch") or name.startswith("raw:varlen")):
+            if dev.type != "cuda" and name.startswith(("flash_torch", "raw:varlen")):
                 continue
             if dev.type != "cuda" and grad and name.startswith("flex"):
                 continue
@@ -164,17 +154,12 @@ def part_b(dev, shape, steps=30, case="padding"):
                 step = churn_steps.stepper(fwd, leaves, grad)
                 it = iter(packs)
 
-                def one():
+                def one(step=step, it=it):
                     return step(next(it))
 
-                for _ in range(6):  # first calls (compiles) and warm-up
+                for _ in range(3):  # first calls (compiles); host_us_per_call warms up 3 more
                     one()
-                _sync(dev)
-                t0 = time.perf_counter()
-                for _ in range(steps):
-                    one()
-                _sync(dev)
-                wall = (time.perf_counter() - t0) / steps * 1e3
+                wall = host_us_per_call(one, dev, steps) / 1e3
                 host = []
                 for _ in range(10):
                     _sync(dev)

@@ -204,7 +204,7 @@ def test_sdpa_reads_empty_rows_on_the_host_only_when_a_mask_is_reused():
 @pytest.mark.parametrize("grad", [False, True])
 def test_sdpa_padding_with_an_empty_row(grad):
     """New padding each call with a row of length 0, as lengths and as a keep-mask: without
-    autograd the kernel sees that row fully masked (one lowering op per call instead of four) and
+    autograd the kernel sees that row fully masked (the four ops that guard it are skipped) and
     its output is replaced by zeros; with autograd the row attends everywhere, so no NaN reaches
     the backward. Both exact, gradients finite."""
     from anyattn.testing import make_call

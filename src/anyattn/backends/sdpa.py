@@ -84,7 +84,7 @@ def lower(call) -> Lowered:
                 q_ok = q_ok & any_key
         # Otherwise a row with no real key has no real query either (q_keep is a slice of keep):
         # row_ok zeroes its output, whatever the kernel left there (torch.where selects, so a NaN
-        # does not leak), and three kernel launches per new padding are saved.
+        # does not leak), and the four small ops that guard such rows (any, not, or, and) are saved.
         return Lowered(keys[:, None, None, :], False, q_ok[:, None, :, None], kind)
     m = materialize_mask(call.bound_mask(), geo) if mask is not None else None
     biases = [bs.dense() for bs in call.bound_scores()]

@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .sdpa_port import _gelu, from_hf_state_dict
+
 __all__ = ["SdpaAnkh", "SdpaDPLM", "SdpaE1", "SdpaESMC", "ankh_port", "dplm_port", "e1_port", "esmc_port", "t5_bucket"]
 
 
@@ -403,9 +405,7 @@ class _EsmLMHead(nn.Module):
         self.decoder = nn.Linear(C, V, bias=False)
         self.bias = nn.Parameter(torch.zeros(V))
 
-    def forward(self, h):
-        from .sdpa_port import _gelu  # ESM's erf GELU
-
+    def forward(self, h):  # ESM's erf GELU
         return self.decoder(self.layer_norm(_gelu(self.dense(h)))) + self.bias
 
 
@@ -425,8 +425,6 @@ def dplm_port(cfg: dict, state_dict: dict, *, device=None, dtype=None) -> SdpaDP
     """The DPLM port holding exactly ``state_dict`` (HF ``EsmForMaskedLM`` names: ``esm.*``,
     ``lm_head.*``; a missing ``lm_head.decoder.weight`` is the tied word embeddings). Refuses a
     missing or unexpected weight."""
-    from .sdpa_port import from_hf_state_dict
-
     unexpected = sorted(k for k in state_dict if not k.startswith(("esm.", "lm_head.")))
     if unexpected:
         raise ValueError(f"DPLM sdpa port: state dict does not fit: unexpected {unexpected[:5]}")
