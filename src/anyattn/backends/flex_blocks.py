@@ -118,12 +118,18 @@ def _padding_blocks_on_host(call, qb: int, kb: int, q_major: bool):
     kv_idx = torch.where((qfull & rem[:, None])[:, :, None], moved[:, None, :], t[None, None, :])  # (B, n, n)
     full_idx = t.expand(L.shape[0], n, n)
     B = L.shape[0]
-    buf = torch.cat([kv_num.reshape(-1), kv_idx.reshape(-1), full_num.reshape(-1), full_idx.reshape(-1)]).to(torch.int32)
-    buf = to_device(buf, geo.device)
-    a, b = B * n, B * n * n
-    nums = (buf[:a].view(B, 1, n), buf[a + b : 2 * a + b].view(B, 1, n))
-    idxs = (buf[a : a + b].view(B, 1, n, n), buf[2 * a + b :].view(B, 1, n, n))
-    out = (nums[0], idxs[0], nums[1], idxs[1])
+    parts = [kv_num.reshape(-1), kv_idx.reshape(-1), full_num.reshape(-1), full_idx.reshape(-1)]
+    # one buffer, each part starting at a multiple of 16 bytes (kernels may assume aligned index pointers)
+    starts, at = [], 0
+    for x in parts:
+        starts.append(at)
+        at += -(-x.numel() // 4) * 4
+    host = torch.zeros(at, dtype=torch.int32)
+    for x, a in zip(parts, starts):
+        host[a : a + x.numel()] = x
+    buf = to_device(host, geo.device)
+    shapes = ((B, 1, n), (B, 1, n, n), (B, 1, n), (B, 1, n, n))
+    out = tuple(buf[a : a + x.numel()].view(shp) for x, a, shp in zip(parts, starts, shapes))
     return out + out if q_major else out
 
 
