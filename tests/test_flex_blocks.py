@@ -24,7 +24,9 @@ def _masks(B, S):
     keep = torch.ones(B, S, dtype=torch.bool)
     keep[0, S - 77 :] = False
     keep[-1, 5:] = True
+    lengths = torch.tensor([S - 77, S] if B == 2 else [S - 77])
     return {
+        "padding-lengths": aa.padding(lengths),
         "docs-causal": aa.documents([[100, 37, 163], [300]] if B == 2 else [[100, 37, 163]]) & aa.causal(),
         "docs-tail": aa.documents([[60, 131], [250]]) & aa.causal(),
         "padding": aa.padding(mask=keep),
@@ -33,7 +35,7 @@ def _masks(B, S):
     }
 
 
-@pytest.mark.parametrize("name", ["docs-causal", "docs-tail", "padding", "window-docs", "window"])
+@pytest.mark.parametrize("name", ["docs-causal", "docs-tail", "padding", "padding-lengths", "window-docs", "window"])
 def test_structured_block_mask_equals_create_block_mask(name):
     B, S = 2, 300
     q, k, v = generate_qkv(B, 2, 2, S, S, 16, requires_grad=True)
@@ -59,3 +61,44 @@ def test_structured_block_mask_equals_create_block_mask(name):
                 got = sorted(idx[r, 0, row, :n].tolist())
                 want = sorted(ridx[min(r, ridx.shape[0] - 1), 0, row, :n].tolist())
                 assert got == want, f"{idx_name}[{r}, {row}]"
+
+
+@pytest.mark.parametrize("S", [1, 100, 128, 129, 300, 512])
+def test_padding_lengths_blocks_built_on_the_host_equal_the_device_build(S):
+    """padding(lengths) with CPU lengths takes the closed form built on the host (one copy instead
+    of ~50 kernel launches per new padding): every tensor equals what the per-tile build gives for
+    the same rows as a keep-mask (values, order of the indices past num too, dtype, shape,
+    dense in memory), both orientations, for rows of length 0, S, multiples of 128 and others."""
+    from anyattn.backends import flex_blocks as fb
+
+    g = torch.Generator().manual_seed(S)
+    picks = [0, S, min(S, 128), min(S, 256), S - 1 if S > 1 else 0]
+    for trial in range(12):
+        B = 1 + trial % 4
+        L = torch.tensor([picks[int(torch.randint(len(picks), (1,), generator=g))] if i % 2 else
+                          int(torch.randint(S + 1, (1,), generator=g)) for i in range(B)])  # fmt: skip
+        q, k, v = generate_qkv(B, 1, 1, S, S, 8)
+        keep = torch.arange(S)[None, :] < L[:, None]
+        for q_major in (False, True):
+            host = fb._padding_blocks_on_host(make_call(q, k, v, mask=aa.padding(L)), fb.BLOCK, fb.BLOCK, q_major)
+            assert host is not None
+            ref = fb.structured_blocks(make_call(q, k, v, mask=aa.padding(mask=keep)), q_major=q_major)
+            assert len(host) == len(ref)
+            for i, (a, b) in enumerate(zip(host, ref)):
+                assert a.dtype == b.dtype == torch.int32 and a.shape == b.shape, (i, a.shape, b.shape)
+                assert a.is_contiguous(), f"tensor {i}: strides {a.stride()}"
+                assert torch.equal(a, b), f"S={S} lengths={L.tolist()} tensor {i} q_major={q_major}"
+
+
+def test_padding_blocks_on_the_host_only_for_lone_host_lengths():
+    """The closed form serves a lone padding(lengths) with CPU lengths; keep-masks, other terms
+    next to it and separate key layouts take the per-tile build."""
+    from anyattn.backends import flex_blocks as fb
+
+    q, k, v = generate_qkv(2, 1, 1, 64, 64, 8)
+    L = torch.tensor([10, 64])
+    keep = torch.arange(64)[None, :] < L[:, None]
+    assert fb._padding_blocks_on_host(make_call(q, k, v, mask=aa.padding(L)), 128, 128, False) is not None
+    for m in (aa.padding(mask=keep), aa.padding(L) & aa.causal()):
+        assert fb._padding_blocks_on_host(make_call(q, k, v, mask=m), 128, 128, False) is None
+    assert fb._padding_blocks_on_host(make_call(q, k, v, mask=aa.padding(L)), 128, 64, False) is None

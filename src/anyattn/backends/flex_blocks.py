@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..spec import And, Documents, Padding, Window
+from ..spec.base import to_device
 
 BLOCK = 128  # FlexAttention's default sparse block size (q and kv)
 
@@ -83,12 +84,64 @@ def _term_blocks(t, geo, nq: int, nk: int, qb: int = BLOCK, kb: int = BLOCK):
     return any_, all_
 
 
+def _padding_blocks_on_host(call, qb: int, kb: int, q_major: bool):
+    """The blocks of a lone ``padding(lengths)`` with the lengths on the host (Sq = Sk, one layout),
+    in closed form per row, built on the CPU and sent to the device in one copy: a new padding
+    otherwise launches ~50 small kernels (the tile ranges, the tile products, two argsorts per
+    orientation), which made flex's step host-bound on a slow host (round 18). None when the
+    call is not that case. The result equals :func:`structured_blocks`' own, tensor for tensor
+    (tests/test_flex_blocks.py), so the kernels read the same index.
+
+    Row of length L, tiles of 128: q and kv tiles below f = L // 128 are full, tile f is partial
+    when L % 128 (or when it sticks out past S), the rest empty. A full q tile sees f full kv
+    tiles and the partial one; the partial q tile sees only partial tiles (0..f); the mask is
+    symmetric, so the q-major index is the same."""
+    m = call.mask
+    if not isinstance(m, Padding) or m.kv is not None or m.lengths is None or m.info is not None:
+        return None
+    geo = call.geo
+    if qb != kb or geo.Sq != geo.Sk or m.lengths.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    S, n = geo.Sk, -(-geo.Sk // qb)
+    L = m.lengths.to(torch.int64).clamp(max=S)  # (B,)
+    f = L // qb
+    rem = (L - f * qb) > 0
+    any_ = f + rem  # tiles with a real token
+    t = torch.arange(n)
+    qfull = t[None, :] < f[:, None]  # (B, n)
+    qpart = (t[None, :] == f[:, None]) & rem[:, None]
+    kv_num = torch.where(qfull, rem[:, None].to(torch.int64), torch.where(qpart, any_[:, None], 0))
+    full_num = torch.where(qfull, f[:, None], 0)
+    # a full q tile with a partial kv tile lists that tile (f) first, then the others in order;
+    # every other row lists 0..n-1 (its partial tiles are a prefix): argsort's stable order
+    moved = torch.where(t[None, :] == 0, f[:, None], torch.where(t[None, :] <= f[:, None], t[None, :] - 1, t[None, :]))
+    kv_idx = torch.where((qfull & rem[:, None])[:, :, None], moved[:, None, :], t[None, None, :])  # (B, n, n)
+    full_idx = t.expand(L.shape[0], n, n)
+    B = L.shape[0]
+    parts = [kv_num.reshape(-1), kv_idx.reshape(-1), full_num.reshape(-1), full_idx.reshape(-1)]
+    # one buffer, each part starting at a multiple of 16 bytes (kernels may assume aligned index pointers)
+    starts, at = [], 0
+    for x in parts:
+        starts.append(at)
+        at += -(-x.numel() // 4) * 4
+    host = torch.zeros(at, dtype=torch.int32)
+    for x, a in zip(parts, starts):
+        host[a : a + x.numel()] = x
+    buf = to_device(host, geo.device)
+    shapes = ((B, 1, n), (B, 1, n, n), (B, 1, n), (B, 1, n, n))
+    out = tuple(buf[a : a + x.numel()].view(shp) for x, a, shp in zip(parts, starts, shapes))
+    return out + out if q_major else out
+
+
 def structured_blocks(call, qb: int = BLOCK, kb: int = BLOCK, q_major: bool = False):
     """(kv_num, kv_idx, full_num, full_idx) int32 (R, 1, nq, nk) of a mask of documents / padding /
     windows, from the terms; None when the mask has another term. ``q_major``: also the same four
     for the transposed tiles (what the backward reads), built from the dense tiles here rather than
     by BlockMask.from_kv_blocks, which rebuilds them from the index through vmap (~1 ms of host
     time per new mask)."""
+    host = _padding_blocks_on_host(call, qb, kb, q_major)
+    if host is not None:
+        return host
     geo = call.aligned_geo()
     parts = call.mask.terms if isinstance(call.mask, And) else (call.mask,)
     nq, nk = -(-geo.Sq // qb), -(-geo.Sk // kb)
