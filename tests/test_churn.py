@@ -113,6 +113,27 @@ def test_in_place_edits_are_seen():
         _check(out, oracle(q, k, v, mask=aa.dense(m)), f"step {step}")
 
 
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "flex"])
+def test_one_term_with_lengths_edited_in_place(backend):
+    """One term reused while the caller's CPU lengths tensor is edited in place between calls.
+    ``padding(t)`` keys its keep-mask (and flex's blocks) by the tensor's version, so every call
+    sees the lengths as they are now; ``documents(t)`` reads a CPU tensor when the term is built
+    (its documented contract) and keeps a copy, so key, checks and lowering all keep the values
+    it was built with."""
+    q, k, v = generate_qkv(2, 2, 2, 32, 32, 16)
+    docs = torch.tensor([[8, 8, 16], [4, 20, 8]])
+    lengths = torch.tensor([32, 10])
+    dterm, pterm = aa.documents(docs) & aa.causal(), aa.padding(lengths)
+    built = aa.documents(torch.tensor([[8, 8, 16], [4, 20, 8]])) & aa.causal()
+    for step in range(4):
+        docs[0, :2] = torch.tensor([20, 20])  # an invalid packing: must not reach the term
+        lengths[1] = 6 + 7 * step
+        out = aa.attention(q, k, v, mask=pterm, backend=backend)
+        _check(out, oracle(q, k, v, mask=aa.padding(lengths.clone())), f"{backend} step {step} padding")
+        out = aa.attention(q, k, v, mask=dterm, backend=backend)
+        _check(out, oracle(q, k, v, mask=built), f"{backend} step {step} documents")
+
+
 def test_freed_terms_leave_the_caches():
     """An entry keyed by a freed tensor can never be hit again: it is dropped when the tensor is
     freed, so a stream of fresh masks does not pin memory up to the size bound."""

@@ -5,6 +5,8 @@ evaluates the predicate on every pair instead), and which rows may see no key.""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..spec import And, Documents, Padding, Window
@@ -84,6 +86,52 @@ def _term_blocks(t, geo, nq: int, nk: int, qb: int = BLOCK, kb: int = BLOCK):
     return any_, all_
 
 
+_ZEROS = torch.zeros(4, dtype=torch.int32)
+_ROWS: dict = {}  # (n, f, rem) -> one row's parts; (n,) -> the identity index of n tiles
+_ROWS_BYTES = [0]
+_ROWS_MAX_BYTES = 32 << 20
+
+
+def _cached(key, build):
+    got = _ROWS.get(key)
+    if got is None:
+        got = build()
+        size = sum(x.numel() * 4 for x in got)
+        if _ROWS_BYTES[0] + size > _ROWS_MAX_BYTES:  # many shapes: start over rather than grow
+            _ROWS.clear()
+            _ROWS_BYTES[0] = 0
+        _ROWS[key] = got
+        _ROWS_BYTES[0] += size
+    return got
+
+
+def _padding_row(n: int, L: int, qb: int) -> tuple:
+    """(kv_num (n,), kv_idx (n*n,), full_num (n,), full_idx (n*n,)) int32 on the CPU for one row of
+    ``L`` real tokens over ``n`` tiles of ``qb`` (see :func:`_padding_blocks_on_host`). A row
+    depends on L only through (L // qb, L % qb > 0): the parts are cached under that (32 MiB at
+    most), so a new padding is a few lookups, not ~25 tensor ops."""
+    f, rem = divmod(L, qb)
+    rem = int(rem > 0)
+    (ident,) = _cached((n,), lambda: (torch.arange(n, dtype=torch.int32).repeat(n),))
+
+    def build():
+        t = torch.arange(n)
+        qfull = t < f
+        kv_num = torch.where(qfull, rem, torch.where(t == f, f + rem, 0) * rem).to(torch.int32)
+        full_num = torch.where(qfull, f, 0).to(torch.int32)
+        # a full q tile with a partial kv tile lists that tile (f) first, then the others in
+        # order; every other q tile lists 0..n-1 (its partial tiles are a prefix): argsort's
+        # stable order
+        if not (rem and f):
+            return kv_num, full_num
+        idx = ident.view(n, n).clone()
+        idx[:f] = torch.cat([torch.tensor([f]), t[:f], t[f + 1 :]]).to(torch.int32)
+        return kv_num, full_num, idx.view(-1)
+
+    got = _cached((n, f, rem), build)
+    return got[0], got[2] if len(got) == 3 else ident, got[1], ident
+
+
 def _padding_blocks_on_host(call, qb: int, kb: int, q_major: bool):
     """The blocks of a lone ``padding(lengths)`` with the lengths on the host (Sq = Sk, one layout),
     in closed form per row, built on the CPU and sent to the device in one copy: a new padding
@@ -103,33 +151,22 @@ def _padding_blocks_on_host(call, qb: int, kb: int, q_major: bool):
     if qb != kb or geo.Sq != geo.Sk or m.lengths.device.type != "cpu" or torch.compiler.is_compiling():
         return None
     S, n = geo.Sk, -(-geo.Sk // qb)
-    L = m.lengths.to(torch.int64).clamp(max=S)  # (B,)
-    f = L // qb
-    rem = (L - f * qb) > 0
-    any_ = f + rem  # tiles with a real token
-    t = torch.arange(n)
-    qfull = t[None, :] < f[:, None]  # (B, n)
-    qpart = (t[None, :] == f[:, None]) & rem[:, None]
-    kv_num = torch.where(qfull, rem[:, None].to(torch.int64), torch.where(qpart, any_[:, None], 0))
-    full_num = torch.where(qfull, f[:, None], 0)
-    # a full q tile with a partial kv tile lists that tile (f) first, then the others in order;
-    # every other row lists 0..n-1 (its partial tiles are a prefix): argsort's stable order
-    moved = torch.where(t[None, :] == 0, f[:, None], torch.where(t[None, :] <= f[:, None], t[None, :] - 1, t[None, :]))
-    kv_idx = torch.where((qfull & rem[:, None])[:, :, None], moved[:, None, :], t[None, None, :])  # (B, n, n)
-    full_idx = t.expand(L.shape[0], n, n)
-    B = L.shape[0]
-    parts = [kv_num.reshape(-1), kv_idx.reshape(-1), full_num.reshape(-1), full_idx.reshape(-1)]
-    # one buffer, each part starting at a multiple of 16 bytes (kernels may assume aligned index pointers)
-    starts, at = [], 0
-    for x in parts:
+    rows = [_padding_row(n, min(max(int(x), 0), S), qb) for x in m.lengths.tolist()]
+    B = len(rows)
+    # one buffer: the four parts, each starting at a multiple of 16 bytes (kernels may assume
+    # aligned index pointers), each part the rows one after the other
+    pieces, starts, at = [], [], 0
+    for i, size in enumerate((n, n * n, n, n * n)):
         starts.append(at)
-        at += -(-x.numel() // 4) * 4
-    host = torch.zeros(at, dtype=torch.int32)
-    for x, a in zip(parts, starts):
-        host[a : a + x.numel()] = x
-    buf = to_device(host, geo.device)
+        pieces.extend(r[i] for r in rows)
+        at += B * size
+        gap = -at % 4
+        if gap:
+            pieces.append(_ZEROS[:gap])
+            at += gap
+    buf = to_device(torch.cat(pieces), geo.device)
     shapes = ((B, 1, n), (B, 1, n, n), (B, 1, n), (B, 1, n, n))
-    out = tuple(buf[a : a + x.numel()].view(shp) for x, a, shp in zip(parts, starts, shapes))
+    out = tuple(buf[a : a + B * math.prod(shp[2:])].view(shp) for a, shp in zip(starts, shapes))
     return out + out if q_major else out
 
 

@@ -124,7 +124,22 @@ class Documents(MaskTerm):
             )
 
     def ids_over(self, S: int, device) -> torch.Tensor:
-        """(Bd, S) int32 document index (within its row) per position, -1 past the last document."""
+        """(Bd, S) int32 document index (within its row) per position, -1 past the last document.
+        Memoized on this term like ``Padding``'s keep-mask (flex reads it three times per call:
+        the query and key tiles and the predicate), keyed by the lengths tensor's version (host
+        lengths are immutable); not while tracing."""
+        if torch.compiler.is_compiling():
+            return self._build_ids(S, device)
+        src = self.lengths if self.host_lengths is None else None
+        key = (S, torch.device(device), None if src is None or src.is_inference() else src._version)
+        memo = self.__dict__.get("_ids_memo")
+        if memo is not None and memo[0] == key:
+            return memo[1]
+        t = self._build_ids(S, device)
+        object.__setattr__(self, "_ids_memo", (key, t))
+        return t
+
+    def _build_ids(self, S: int, device) -> torch.Tensor:
         info = self.info
         if info is not None and info.S == S and info.B == self.rows and info.B == 1:
             return to_device(info.doc_ids, device)  # one row: the global index is the row's index
@@ -402,8 +417,10 @@ def documents(lengths, kv=None) -> MaskTerm:
     ``lengths`` then describes the Sq queries, ``kv`` the Sk keys, with as many documents per row;
     each document's queries sit bottom-right among its keys (see :class:`Documents`).
 
-    Python lists and CPU tensors are read on the host, so a new packing every step needs no
-    device sync; a CUDA tensor is read once per new tensor (to validate it).
+    Python lists and CPU tensors are read on the host when the term is built (a CPU tensor
+    edited in place later does not change the term: build a new one), so a new packing every
+    step needs no device sync; a CUDA tensor is read once per new tensor (to validate it), and
+    its in-place edits are seen (keyed by its version).
     """
     q = _documents(lengths, "documents(lengths)")
     if kv is None:
@@ -436,8 +453,10 @@ def _documents(lengths, name: str) -> Documents:
         t = t.unsqueeze(0)  # a view: keyed by its base tensor
     if t.shape[1] == 0:
         raise bad_value(name, "at least one document length", f"shape {tuple(t.shape)}")
-    if t.device.type == "cpu" and not t.requires_grad:  # host values: read now, no device involved
-        return Documents(t, tuple(tuple(r) for r in t.tolist()))
+    if t.device.type == "cpu" and not t.requires_grad:
+        # host values, read now (no device involved) and kept as a copy: the term is those values,
+        # whatever happens to the caller's tensor later (key, checks and lowering all agree)
+        return Documents(t.clone(), tuple(tuple(r) for r in t.tolist()))
     return Documents(t)
 
 
