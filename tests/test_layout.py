@@ -90,8 +90,9 @@ class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
 def test_from_lengths_derives_per_token_maps_only_when_read():
     """A varlen kernel needs only cu_seqlens / max_seqlen: building a SeqInfo from host lengths
     and asking for its varlen metadata must not run the per-token ops (B*S-sized tensors, ~0.3 ms
-    of launches per call on a GPU host); the first read of any per-token map derives all four,
-    once, with the values of the per-token definition."""
+    of launches per call on a GPU host); each per-token map is derived on its own first read
+    (flash_torch's unpad reads only ``indices``), once, with the values of the per-token
+    definition."""
     rows, S = [[300] * 50 + [17]], 16384
     with _Ops() as rec:
         info = SeqInfo.from_lengths(rows[0], total_length=S)
@@ -99,11 +100,18 @@ def test_from_lengths_derives_per_token_maps_only_when_read():
     assert max(n for _, n in rec.ops) < 1000, rec.ops  # only per-document tensors (52 documents)
     assert cu is info.cu_seqlens and mx == 300  # no empty document: cu_seqlens is the varlen metadata
     with _Ops() as rec:
+        indices = info.indices
+    assert any(n == 300 * 50 + 17 for _, n in rec.ops), "reading indices derived nothing"  # one per real token
+    assert not any(n == S for _, n in rec.ops), "reading indices built a (B, S) map it does not need"
+    with _Ops() as rec:
         doc_ids = info.doc_ids
     assert any(n >= S for _, n in rec.ops), "reading doc_ids derived nothing"
     with _Ops() as rec:
         again = (info.doc_ids, info.positions, info.keep, info.indices)
-    assert rec.ops == [] and again[0] is doc_ids  # derived once, for all four
+    assert rec.ops, "positions and keep were not read before"
+    with _Ops() as rec:
+        twice = (info.doc_ids, info.positions, info.keep, info.indices)
+    assert rec.ops == [] and again[0] is doc_ids and twice[3] is indices  # each derived once
     want = _reference(rows, S)
     for name in ("indices", "keep", "doc_ids", "positions"):
         assert torch.equal(getattr(info, name), want[name]), name

@@ -68,32 +68,52 @@ def host_to_device(t: torch.Tensor, device) -> torch.Tensor:
 class _Deferred:
     """The per-token maps of a SeqInfo built from host lengths, not derived yet: the one device
     buffer of per-document numbers they are derived from (see ``SeqInfo._build``), and the sizes
-    (documents nD, rows B, documents per row N, row length S, real tokens T)."""
+    (documents nD, rows B, documents per row N, row length S, real tokens T). Each map is derived
+    on its own first read, sharing the token -> document step: a caller that reads only
+    ``indices`` (flash_torch's unpad / pad of a padded batch) launches 6 ops, not 13."""
 
-    __slots__ = ("buf", "sizes")
+    __slots__ = ("buf", "sizes", "_tok")
 
     def __init__(self, buf: torch.Tensor, sizes: tuple):
-        self.buf, self.sizes = buf, sizes
+        self.buf, self.sizes, self._tok = buf, sizes, None
 
     def to(self, device) -> _Deferred:
         return _Deferred(host_to_device(self.buf, device), self.sizes)
 
-    def derive(self) -> dict:
-        """The four maps, by a dozen vectorized ops on the buffer's device (no host sync)."""
+    def _parts(self):
         nD, B, N, S, total = self.sizes
-        buf = self.buf
-        lengths_D, cu_d, row_D, row_start_d, row_tot_d, _ = torch.split(buf, (nD, nD + 1, nD, B, B, B * N))
-        # token t (in row-major order over the real tokens) -> its document, row, position, column
-        doc_T = torch.repeat_interleave(torch.arange(nD, device=buf.device), lengths_D, output_size=total)  # no sync
-        row_T = row_D[doc_T]
-        ar_T = torch.arange(total, device=buf.device)
-        idx_T = row_T * S + (ar_T - row_start_d[row_T])
-        doc_ids = torch.full((B * S,), -1, dtype=torch.int32, device=buf.device)
-        doc_ids.index_copy_(0, idx_T, doc_T.to(torch.int32))  # index_copy_: no sync (as pad())
-        positions = torch.zeros(B * S, dtype=torch.int64, device=buf.device)
-        positions.index_copy_(0, idx_T, ar_T - cu_d[doc_T])
-        keep = torch.arange(S, device=buf.device)[None, :] < row_tot_d[:, None]
-        return {"indices": idx_T, "keep": keep, "doc_ids": doc_ids.view(B, S), "positions": positions.view(B, S)}
+        return torch.split(self.buf, (nD, nD + 1, nD, B, B, B * N))
+
+    def _tokens(self):
+        """(doc_T, ar_T, idx_T): per real token (row-major) its document, its rank, its flat
+        position row * S + column; no host sync."""
+        if self._tok is None:
+            nD, B, N, S, total = self.sizes
+            lengths_D, _, row_D, row_start_d, _, _ = self._parts()
+            dev = self.buf.device
+            doc_T = torch.repeat_interleave(torch.arange(nD, device=dev), lengths_D, output_size=total)  # no sync
+            row_T = row_D[doc_T]
+            ar_T = torch.arange(total, device=dev)
+            self._tok = (doc_T, ar_T, row_T * S + (ar_T - row_start_d[row_T]))
+        return self._tok
+
+    def derive(self, name: str) -> torch.Tensor:
+        """One of the four maps, by a few vectorized ops on the buffer's device (no host sync)."""
+        nD, B, N, S, total = self.sizes
+        dev = self.buf.device
+        if name == "keep":
+            row_tot_d = self._parts()[4]
+            return torch.arange(S, device=dev)[None, :] < row_tot_d[:, None]
+        doc_T, ar_T, idx_T = self._tokens()
+        if name == "indices":
+            return idx_T
+        if name == "doc_ids":
+            doc_ids = torch.full((B * S,), -1, dtype=torch.int32, device=dev)
+            doc_ids.index_copy_(0, idx_T, doc_T.to(torch.int32))  # index_copy_: no sync (as pad())
+            return doc_ids.view(B, S)
+        positions = torch.zeros(B * S, dtype=torch.int64, device=dev)
+        positions.index_copy_(0, idx_T, ar_T - self._parts()[1][doc_T])
+        return positions.view(B, S)
 
 
 _DEFERRED_MAPS = ("indices", "keep", "doc_ids", "positions")
@@ -101,8 +121,8 @@ _DEFERRED_MAPS = ("indices", "keep", "doc_ids", "positions")
 
 class _TokenMap:
     """A per-token map of a SeqInfo (``indices``, ``keep``, ``doc_ids``, ``positions``: B*S
-    entries each). A SeqInfo built from host lengths derives all four on the first read of any of
-    them, so a caller that needs only the per-document numbers (a varlen kernel:
+    entries each). A SeqInfo built from host lengths derives each on its first read (sharing the
+    token -> document step), so a caller that needs only the per-document numbers (a varlen kernel:
     ``cu_seqlens``/``max_seqlen``) never pays for them: on a GPU host the dozen ops cost ~0.3 ms
     per call (benchmarks/results/round10/README.md), about what a 16k-token forward takes.
     First read inside a ``torch.compile`` region, the derivation is traced into the graph (it
@@ -118,10 +138,8 @@ class _TokenMap:
             return self
         v = obj.__dict__[self.slot]
         if isinstance(v, _Deferred):
-            maps = v.derive()
-            for k in _DEFERRED_MAPS:
-                obj.__dict__["_" + k] = maps[k]
-            v = maps[self.name]
+            v = v.derive(self.name)
+            obj.__dict__[self.slot] = v
         return v
 
     def __set__(self, obj, value):  # the dataclass __init__ only: the class is frozen
@@ -331,12 +349,14 @@ class SeqInfo:
         if self.cu_seqlens.device == device:
             return self
         mv = lambda t: host_to_device(t, device)  # noqa: E731
-        lazy = self.__dict__["_indices"]
-        if isinstance(lazy, _Deferred):  # not derived yet: move the per-document buffer, derive there
-            lazy = lazy.to(device)
-            maps = dict.fromkeys(_DEFERRED_MAPS, lazy)
-        else:
-            maps = {k: mv(getattr(self, k)) for k in _DEFERRED_MAPS}
+        maps, moved = {}, None
+        for k in _DEFERRED_MAPS:
+            v = self.__dict__["_" + k]
+            if isinstance(v, _Deferred):  # not derived yet: move the per-document buffer, derive there
+                moved = moved or v.to(device)
+                maps[k] = moved
+            else:
+                maps[k] = mv(v)
         return SeqInfo(
             B=self.B, S=self.S, lengths=mv(self.lengths), host_lengths=self.host_lengths, cu_seqlens=mv(self.cu_seqlens),
             max_seqlen=self.max_seqlen, total=self.total, kind=self.kind, contiguous=self.contiguous, **maps,
