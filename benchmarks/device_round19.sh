@@ -13,7 +13,7 @@
 FINAL=${OUT:-/tmp/out}
 OUT=$(mktemp -d /tmp/r19.XXXXXX)
 . benchmarks/device_common.sh
-cuda_tests "${TESTS_S:-170}" tests/test_cuda_churn.py tests/test_cuda_core.py
+cuda_tests "${TESTS_S:-170}" tests/test_cuda_churn.py tests/test_cuda_core.py tests/test_layout.py
 if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
   SKIP_KERNELS=1 OUT=$OUT/r5 timeout -s TERM -k 5 "${R5_S:-400}" bash benchmarks/device_round5.sh > "$OUT/round5.log" 2>&1
   echo "round5 rc=$? at $(el)s" | tee -a "$OUT/summary.txt"
