@@ -102,3 +102,13 @@ def test_padding_blocks_on_the_host_only_for_lone_host_lengths():
     for m in (aa.padding(mask=keep), aa.padding(L) & aa.causal()):
         assert fb._padding_blocks_on_host(make_call(q, k, v, mask=m), 128, 128, False) is None
     assert fb._padding_blocks_on_host(make_call(q, k, v, mask=aa.padding(L)), 128, 64, False) is None
+
+
+def test_clear_caches_drops_the_cached_padding_rows():
+    from anyattn.backends import flex_blocks as fb
+
+    q, k, v = generate_qkv(2, 1, 1, 300, 300, 8)
+    fb._padding_blocks_on_host(make_call(q, k, v, mask=aa.padding(torch.tensor([200, 77]))), 128, 128, False)
+    assert fb._ROWS, "the rows of a padding were not cached"
+    aa.clear_caches()
+    assert not fb._ROWS and fb._ROWS_BYTES[0] == 0

@@ -45,7 +45,7 @@ import torch
 from .._cache import LRU
 from ..errors import AnyAttnError
 from .base import AttentionBackend, Facts
-from .flex_blocks import may_have_empty_rows, rows_seen, structured_block_mask
+from .flex_blocks import clear_rows, may_have_empty_rows, rows_seen, structured_block_mask
 from .flex_lowering import _FLASH_OPTS, LOWERINGS, _flash_probe, _lowering_from_env, flash_refusal
 from .flex_paged import paged_block_mask
 
@@ -243,6 +243,7 @@ class FlexBackend(AttentionBackend):
         self.block_masks.clear()
         self._by_call.clear()
         self.flash_failed.clear()
+        clear_rows()
 
     # -- lowering choice (FLASH / Triton) ---------------------------------------------------
     def flash_refusal(self, sig) -> str | None:

@@ -92,6 +92,12 @@ _ROWS_BYTES = [0]
 _ROWS_MAX_BYTES = 32 << 20
 
 
+def clear_rows() -> None:
+    """Drops the cached padding rows (``anyattn.clear_caches()`` through the flex backend)."""
+    _ROWS.clear()
+    _ROWS_BYTES[0] = 0
+
+
 def _cached(key, build):
     got = _ROWS.get(key)
     if got is None:
