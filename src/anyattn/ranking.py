@@ -140,9 +140,12 @@ def variant_class(call) -> str:
 # new content move between runs, flash_torch's stay within 1%, and flex compiles one kernel per
 # padded length on its first call (3-7 s). Round 18 (benchmarks/results/round18) found why they
 # move: a new padding costs flex 66 / 93 kernel launches (fwd / fwd+bwd; flash_torch 29 / 41),
-# so on a slow host its step is host-bound (enqueue 3.0 ms against 1.9 ms of kernels).
-# flash_torch stays first for a content seen once; a model's later layers see the content again
-# and use RANKING's "padding" row.
+# so on a slow host its step is host-bound (enqueue 3.0 ms against 1.9 ms of kernels). Round 19
+# (benchmarks/results/round19) builds that BlockMask on the host (9 / 14 launches): flex [lengths]
+# 2.48 / 2.33 ms fwd+bwd against flash_torch's 2.89 / 2.62 on two H100 hosts, so the reason left
+# for flash_torch first is flex's compile per new padded length (3-7 s), which a server with
+# varying padded lengths would pay again and again. flash_torch stays first for a content seen
+# once; a model's later layers see the content again and use RANKING's "padding" row.
 FIRST_SIGHT: dict[str, dict[str, tuple[str, ...]]] = {
     "cuda": {
         "documents+grad": ("flash_torch", "flex", "flash", "kernels_flash", "cudnn", "sdpa", "eager"),
