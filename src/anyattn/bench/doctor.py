@@ -15,8 +15,10 @@ backend named with ``--backend`` is unavailable.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import logging
 import math
 import platform
 import sys
@@ -135,6 +137,20 @@ def _decide(q, k, v, kw, name):
     return None, next((r.reason for r in d.rows if r.backend == name), "refused")
 
 
+@contextlib.contextmanager
+def _quiet_build_logs():
+    """Flex's first compile on a machine without a GPU imports torch.utils.cpp_extension, which
+    logs "No CUDA runtime is found, using CUDA_HOME=..." at import when a CUDA toolkit is
+    installed: noise in a CPU report. Its logger is raised to ERROR for the check."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def _check(name, variant, device, full) -> dict:
     q, k, v, kw = _case(variant, device)
     rec = {"backend": name, "variant": variant, "device": device, "dtype": str(q.dtype).replace("torch.", ""),
@@ -154,7 +170,8 @@ def _check(name, variant, device, full) -> dict:
         if name == "flex" and device == "cpu":
             grad, note = False, note or "forward only (Flex on CPU: checked forward only)"
         rec["grad"] = grad
-        comps = compare_to_oracle(q, k, v, backend=name, grad=grad, **kw)
+        with _quiet_build_logs():
+            comps = compare_to_oracle(q, k, v, backend=name, grad=grad, **kw)
     except Exception as e:  # noqa: BLE001 - an unexpected exception is a failed check
         rec.update(status="error", detail=f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
         return rec
