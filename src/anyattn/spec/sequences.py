@@ -22,6 +22,22 @@ def _lengths_repr(h, t) -> str:
     return f"tensor{tuple(t.shape)}"
 
 
+def _memo(term, slot: str, S: int, device, src, build):
+    """``build(S, device)``, memoized in ``term``'s ``slot`` (one entry) under (S, device, the
+    version of ``src``, the term's source tensor: an in-place edit is seen; None for host values,
+    which are immutable, and for inference-mode tensors, which have no version); not while
+    tracing."""
+    if torch.compiler.is_compiling():
+        return build(S, device)
+    key = (S, torch.device(device), None if src is None or src.is_inference() else src._version)
+    memo = term.__dict__.get(slot)
+    if memo is not None and memo[0] == key:
+        return memo[1]
+    t = build(S, device)
+    object.__setattr__(term, slot, (key, t))
+    return t
+
+
 @dataclass(frozen=True, eq=False, repr=False)
 class Documents(MaskTerm):
     """Packed documents: visible iff same document. Tokens past sum(lengths) see nothing.
@@ -128,16 +144,8 @@ class Documents(MaskTerm):
         Memoized on this term like ``Padding``'s keep-mask (flex reads it three times per call:
         the query and key tiles and the predicate), keyed by the lengths tensor's version (host
         lengths are immutable); not while tracing."""
-        if torch.compiler.is_compiling():
-            return self._build_ids(S, device)
         src = self.lengths if self.host_lengths is None else None
-        key = (S, torch.device(device), None if src is None or src.is_inference() else src._version)
-        memo = self.__dict__.get("_ids_memo")
-        if memo is not None and memo[0] == key:
-            return memo[1]
-        t = self._build_ids(S, device)
-        object.__setattr__(self, "_ids_memo", (key, t))
-        return t
+        return _memo(self, "_ids_memo", S, device, src, self._build_ids)
 
     def _build_ids(self, S: int, device) -> torch.Tensor:
         info = self.info
@@ -328,15 +336,7 @@ class Padding(MaskTerm):
         src = self.keep if self.keep is not None else self.lengths
         if src is None:
             return torch.ones(B, S, dtype=torch.bool, device=device)
-        if torch.compiler.is_compiling():
-            return self._build_keep(S, device)
-        key = (S, torch.device(device), None if src.is_inference() else src._version)  # inference tensors have no version
-        memo = self.__dict__.get("_keep_memo")
-        if memo is not None and memo[0] == key:
-            return memo[1]
-        t = self._build_keep(S, device)
-        object.__setattr__(self, "_keep_memo", (key, t))
-        return t
+        return _memo(self, "_keep_memo", S, device, src, self._build_keep)
 
     def _build_keep(self, S: int, device) -> torch.Tensor:
         if self.keep is not None:
