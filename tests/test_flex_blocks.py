@@ -8,6 +8,7 @@ import torch
 
 import anyattn as aa
 from anyattn.backends.flex_blocks import structured_block_mask
+from anyattn.spec import Documents
 from anyattn.testing import generate_qkv, make_call
 
 fa = pytest.importorskip("torch.nn.attention.flex_attention")
@@ -112,3 +113,76 @@ def test_clear_caches_drops_the_cached_padding_rows():
     assert fb._ROWS, "the rows of a padding were not cached"
     aa.clear_caches()
     assert not fb._ROWS and fb._ROWS_BYTES[0] == 0
+
+
+@pytest.mark.parametrize("S", [1, 100, 128, 129, 255, 300, 700])
+def test_document_tile_ranges_from_lengths_equal_the_per_position_ranges(S):
+    """The document tiles' (lowest id, highest id, any real, all real) found by searching the tile
+    boundaries in the cumulative lengths equal the per-position reduction over the ids, where the
+    tile has a real position (elsewhere only the two flags are read): rows with empty documents,
+    tails in no document, host and tensor lengths, a window of the row (queries after an offset)."""
+    from anyattn.backends import flex_blocks as fb
+
+    g = torch.Generator().manual_seed(S)
+    for trial in range(12):
+        B = 1 + trial % 3
+        rows = []
+        for _ in range(B):
+            n = int(torch.randint(1, 9, (1,), generator=g))
+            cuts = sorted(torch.randint(0, S + 1, (n - 1,), generator=g).tolist())
+            end = S - int(torch.randint(0, S // 3 + 1, (1,), generator=g)) if trial % 2 else S
+            edges = [0, *(min(c, end) for c in cuts), end]
+            rows.append([b - a for a, b in zip(edges, edges[1:])])
+        N = max(len(r) for r in rows)
+        padded = torch.tensor([r + [0] * (N - len(r)) for r in rows])
+        # host lengths, and a lengths tensor with no host copy (as a CUDA tensor gives)
+        for term in (aa.documents(rows), Documents(padded)):
+            for block in (128, 64):
+                for offset in (0, S // 3):
+                    length = S - offset
+                    if length == 0:
+                        continue
+                    nt = -(-length // block)
+                    ids = term.ids_over(S, "cpu").to(torch.int64)[:, offset:]
+                    want = fb._ranges(ids, nt, length, block)
+                    got = fb._tile_ranges(term, torch.device("cpu"), nt, block, length, offset)
+                    lo, hi, anyr, allr = (x.cpu() for x in got)
+                    assert torch.equal(anyr, want[2]) and torch.equal(allr, want[3]), (rows, block, offset)
+                    assert torch.equal(lo[anyr], want[0][anyr]) and torch.equal(hi[anyr], want[1][anyr]), (rows, block, offset)
+
+
+@pytest.mark.parametrize("kind", ["docs-causal", "docs-window", "docs-offset", "docs-kv"])
+def test_document_blocks_equal_create_block_mask_on_random_packings(kind):
+    """End to end, on random packings: the document BlockMask built from the tile ranges equals
+    the one ``create_block_mask`` evaluates from the predicate (both orientations)."""
+    g = torch.Generator().manual_seed(len(kind))
+    for trial in range(4):
+        Sk = 200 + 111 * trial
+        Sq = Sk if kind != "docs-offset" else Sk - 70
+        cuts = sorted(torch.randint(0, Sk + 1, (5,), generator=g).tolist())
+        edges = [0, *cuts, Sk - 13 * (trial % 2)]
+        k_lengths = [max(b - a, 0) for a, b in zip(edges, edges[1:])]
+        if kind == "docs-kv":
+            q_lengths = [min(x, 3 + i) for i, x in enumerate(k_lengths)]
+            Sq = sum(q_lengths) + 5
+            m = aa.documents(q_lengths, kv=k_lengths) & aa.causal()
+        elif kind == "docs-window":
+            m = aa.documents(k_lengths) & aa.sliding_window(60, right=7)
+        else:
+            m = aa.documents(k_lengths) & aa.causal()
+        q, k, v = generate_qkv(1, 1, 1, Sq, Sk, 8)
+        call = make_call(q, k, v, mask=m)
+        pred = call.bound_mask().pred
+
+        def mask_mod(b, h, qi, ki):
+            return pred(b, h, qi, ki)
+
+        ours = structured_block_mask(call, mask_mod, need_q_blocks=True)
+        ref = fa.create_block_mask(mask_mod, 1, None, Sq, Sk, device="cpu")
+        for num_name, idx_name in FIELDS:
+            num, idx = getattr(ours, num_name), getattr(ours, idx_name)
+            rnum, ridx = getattr(ref, num_name), getattr(ref, idx_name)
+            assert torch.equal(num, rnum), (kind, trial, num_name)
+            for row in range(num.shape[-1]):
+                n = int(num[0, 0, row])
+                assert sorted(idx[0, 0, row, :n].tolist()) == sorted(ridx[0, 0, row, :n].tolist()), (kind, trial, idx_name, row)
