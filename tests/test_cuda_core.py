@@ -182,3 +182,44 @@ def test_cuda_auto_prefers_fast_backends():
     q2, k2, v2 = (t[:, :, :2048] for t in (q, k, v))
     for m in (aa.causal(), aa.documents([1000, 1048]) & aa.causal(), aa.padding(mask=keep[:, :2048])):
         assert aa.explain(q2, k2, v2, mask=m).chosen == "sdpa", m
+
+
+@pytest.mark.parametrize("cap", [0.5, 20.0])
+@pytest.mark.parametrize("shape", [(2, 8, 2, 113, 113, 64), (1, 4, 4, 300, 300, 128)], ids=_sid)
+def test_cuda_flex_softcap_fast_tanh_matches_oracle(shape, cap):
+    """softcap's tanh as tanh.approx.f32 in flex's Triton kernel (flex_tanh): explain says so, and
+    on large logits (q x 8: scores far into tanh's saturation at cap 0.5, across it at 20) the
+    output and gradients are within the tolerance rule, as with the accurate tanh (fast_tanh off)."""
+    B, Hq, Hkv, S, _, D = shape
+    q, k, v = generate_qkv(B, Hq, Hkv, S, S, D, dtype=torch.bfloat16, device="cuda", seed=3)
+    q = (q * 8).detach()
+    kw = dict(mask=aa.causal(), score=aa.softcap(cap))
+    errs = {}
+    for fast in (True, False):
+        flex = FlexBackend(fast_tanh=fast)
+        flex.lowering = "triton"
+        with use_backend(flex):
+            note = str(aa.explain(q.detach().requires_grad_(True), k, v, backend="flex", **kw))
+            assert ("tanh.approx.f32" in note) == fast, note
+            comps = compare_to_oracle(q, k, v, backend="flex", grad=True, **kw)
+        assert all(c.ok for c in comps), (fast, [str(c) for c in comps])
+        errs[fast] = {c.name: c.err for c in comps}
+    # not a loose bound hiding a worse kernel: the approximate tanh's errors stay near the accurate one's
+    for name, e in errs[True].items():
+        assert e <= 2 * errs[False][name] + 1e-3, (name, errs)
+
+
+def test_cuda_flex_softcap_fast_tanh_in_a_callers_compiled_graph():
+    """Inside torch.compile of the caller (the decoder's layers), the op is lowered by the
+    caller's inductor: same result as eager within the rule."""
+    q, k, v = generate_qkv(1, 4, 4, 256, 256, 64, dtype=torch.bfloat16, device="cuda", seed=5)
+    kw = dict(mask=aa.causal(), score=aa.softcap(10.0))
+
+    @torch.compile(fullgraph=True)
+    def f(q, k, v):
+        return aa.attention(q, k, v, backend="flex", **kw)
+
+    full = aa.attention(q.double(), k.double(), v.double(), backend="eager", **kw)
+    ref = aa.attention(q, k, v, backend="eager", **kw)
+    err, ref_err = (f(q, k, v).double() - full).abs().max().item(), (ref.double() - full).abs().max().item()
+    assert err <= 2 * ref_err + 1e-5, (err, ref_err)

@@ -33,6 +33,7 @@ SHARED_BACKEND_HELPERS = {
     "anyattn.backends.flex_blocks",  # flex's own block structure, split out of flex.py for size
     "anyattn.backends.flex_lowering",  # flex's FLASH/Triton lowering choice, split out of flex.py for size
     "anyattn.backends.flex_paged",  # flex's BlockMask on a paged KV cache, split out of flex.py for size
+    "anyattn.backends.flex_tanh",  # softcap's tanh in flex's CUDA Triton kernels (a custom op and its lowering)
 }  # fmt: skip
 FAMILIES = {"esm2", "esm2_config", "esm2_layers", "e1", "e1_batch", "e1_tokenizer", "dplm", "esmc", "esmc_checkpoints", "ankh", "_esmc_ankh_batch"}
 

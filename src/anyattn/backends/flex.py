@@ -44,10 +44,13 @@ import torch
 
 from .._cache import LRU
 from ..errors import AnyAttnError
+from ..spec import Sink, Softcap
 from .base import AttentionBackend, Facts
 from .flex_blocks import clear_rows, may_have_empty_rows, rows_seen, structured_block_mask
 from .flex_lowering import _FLASH_OPTS, LOWERINGS, _flash_probe, _lowering_from_env, flash_refusal
 from .flex_paged import paged_block_mask
+from .flex_tanh import fast_tanh as _tanh_op
+from .flex_tanh import softcap_mod
 
 # Static shapes, one compiled entry point per (variant structure, shapes, dtype, grad mode).
 # Dynamic-shape FlexAttention fails to lower on the torch versions we test (torch 2.11 CUDA:
@@ -164,7 +167,10 @@ class FlexBackend(AttentionBackend):
     name = "flex"
     facts = Facts(packed_documents=True, score_fn=True, static_shapes=True)
 
-    def __init__(self, *, unfused_max_sq: int = UNFUSED_MAX_SQ, lowering: str | None = None, flash_probe=_flash_probe):
+    def __init__(
+        self, *, unfused_max_sq: int = UNFUSED_MAX_SQ, lowering: str | None = None, flash_probe=_flash_probe,
+        fast_tanh: bool = True,
+    ):  # fmt: skip
         # calls of at most this many queries against more keys run FlexAttention unfused (exact,
         # no compilation per shape); 0: always the compiled kernel (a test seam)
         self.unfused_max_sq = unfused_max_sq
@@ -173,6 +179,7 @@ class FlexBackend(AttentionBackend):
         self._by_call = LRU(256)  # content key -> (entry, score_mod, expand_kv, BlockMask, zero_empty, lowering)
         # "auto" | "flash" | "triton"; None: ANYATTN_FLEX_LOWERING (read when a call is first seen)
         self.lowering = lowering
+        self.fast_tanh = fast_tanh  # softcap's tanh on CUDA Triton kernels (flex_tanh)
         self._entries: dict = {}
         self.flash_failed: dict = {}  # variant key -> why FLASH failed to compile (auto uses Triton for it)
         self._ran: set = set()  # ids of entry points that have run once (compiled)
@@ -239,6 +246,18 @@ class FlexBackend(AttentionBackend):
         self._lowering = value
         self._by_call.clear()
 
+    @property
+    def fast_tanh(self) -> bool:
+        """softcap's tanh in Triton kernels on CUDA: ``tanh.approx.f32`` (True, the default) or
+        libdevice's accurate tanh (False); see flex_tanh. Setting it drops the cached per-call
+        decisions (their score_mods were built under the previous setting)."""
+        return self._fast_tanh
+
+    @fast_tanh.setter
+    def fast_tanh(self, value: bool) -> None:
+        self._fast_tanh = bool(value)
+        self._by_call.clear()
+
     def clear(self) -> None:
         self.block_masks.clear()
         self._by_call.clear()
@@ -271,7 +290,8 @@ class FlexBackend(AttentionBackend):
         if sig.Sq <= self.unfused_max_sq < sig.Sk:
             return "lowering: unfused (decode-sized call; on a ContiguousKVCache: FlexDecoding, Triton, per key-length bucket)"
         low, why = self.lowering_for(sig)
-        return "lowering: FLASH (FlashAttention-4 CuTe kernel)" if low == "flash" else f"lowering: Triton ({why})"
+        tanh = "; softcap's tanh: tanh.approx.f32" if self.uses_fast_tanh(sig, low) else ""
+        return "lowering: FLASH (FlashAttention-4 CuTe kernel)" if low == "flash" else f"lowering: Triton ({why}){tanh}"
 
     def reads_pages(self, sig) -> bool:
         return True  # a BlockMask over the pool, through the page table (see _paged)
@@ -332,8 +352,22 @@ class FlexBackend(AttentionBackend):
             self.block_masks.put(key, bm, call.tokens)
         return bm
 
-    def score_mod_for(self, call):
-        mods = [bs.mod for bs in call.bound_scores()]
+    def uses_fast_tanh(self, sig, lowering: str = "triton") -> bool:
+        """Whether calls of ``sig`` get ``softcap``'s tanh as ``tanh.approx.f32`` (flex_tanh): a
+        softcap term, CUDA, the Triton lowering, ``fast_tanh`` on, and a torch that can lower it."""
+        return (
+            self.fast_tanh and lowering == "triton" and sig.device.type == "cuda"
+            and any(type(s) is Softcap for s in sig.logit_scores) and _tanh_op() is not None
+        )  # fmt: skip
+
+    def score_mod_for(self, call, lowering: str = "triton"):
+        bound = call.bound_scores()
+        if self.uses_fast_tanh(call.sig, lowering):
+            op = _tanh_op()
+            terms = [t for t in call.scores if type(t) is not Sink]  # the terms bound_scores bound, in order
+            mods = [softcap_mod(t.cap, op) if type(t) is Softcap else bs.mod for t, bs in zip(terms, bound)]
+        else:
+            mods = [bs.mod for bs in bound]
         if not mods:
             return None
         if len(mods) == 1:
@@ -435,7 +469,7 @@ class FlexBackend(AttentionBackend):
                 zero = rows_seen(call)
             want_lse = call.return_lse or call.sink is not None or zero is True
             low = self.lowering_for(call.sig)[0]
-            hit = (self.entry_for(call, want_lse, low), self.score_mod_for(call), False, self.block_mask_for(call), zero, low)
+            hit = (self.entry_for(call, want_lse, low), self.score_mod_for(call, low), False, self.block_mask_for(call), zero, low)
             if call.cacheable:
                 self._by_call.put(call.key, hit, call.tokens)
         fn, sm, expand, bm, zero, low = hit
@@ -463,7 +497,7 @@ class FlexBackend(AttentionBackend):
                 self.flash_failed[self._variant(call.sig)] = f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
                 self.stats["flash_fallbacks"] += 1
                 low, opts = "triton", None
-                fn = self.entry_for(call, want_lse, low)
+                fn, sm = self.entry_for(call, want_lse, low), self.score_mod_for(call, low)
                 if call.cacheable:
                     self._by_call.put(call.key, (fn, sm, False, bm, zero, low), call.tokens)
                 out, lse = fn(q, k, v, sm, bm, call.scale, call.gqa, want_lse, opts)
