@@ -1,14 +1,16 @@
-"""Where softcap's time goes on flex (GPU; issue 19: softcap + causal runs at ~55% of cuDNN causal).
+"""Where softcap's time goes on flex (GPU; issue 19: softcap + causal ran at ~55% of cuDNN causal).
 
-Softcap adds one tanh per score. On Hopper the forward's exp2 already runs on the special-function
-units (MUFU); a tanh there as well (``tanh.approx.f32``) would halve their headroom, and the
-accurate ``libdevice`` tanh that Triton emits for ``torch.tanh`` costs several instructions more.
-This probe separates the two, one process, useful TFLOP/s (causal pairs; backward 2.5x):
+Softcap adds one tanh per score. The probe separates the tanh's form from the rest of the
+score_mod: the accurate libdevice tanh Triton emits for ``torch.tanh``, the hardware
+``tanh.approx.f32`` (one special-function-unit instruction), and a clamp (no transcendental). One
+process, useful TFLOP/s (causal pairs; backward 2.5x). Round 20 (H100) found the accurate tanh to
+be most of softcap's cost; the flex backend has used ``tanh.approx.f32`` since (docs/fa4.md). Rows:
 
 * cuDNN causal (the goal's reference), flex causal without a score_mod;
-* flex softcap with ``torch.tanh`` (what the flex backend compiles today);
+* flex softcap with ``torch.tanh`` (what the flex backend compiled before round 20);
 * flex with a clamp in place of the tanh (same data flow, no transcendental: the control);
-* flex softcap with ``tanh.approx.f32`` (a custom op lowered to inline PTX);
+* flex softcap with ``tanh.approx.f32`` (``anyattn.backends.flex_tanh``: a custom op lowered to
+  inline PTX; the round-20 run registered the same lowering inside this script);
 * the same three on flex's FLASH lowering when ``flash_attn.cute`` imports.
 
 Every softcap row is first checked against the float64 oracle at 1 x 4 x 2048 x 128 with
@@ -31,36 +33,6 @@ import torch.nn.functional as F
 CAP = 30.0
 
 
-def _register_tanh_approx():
-    """torch.ops.anyattn_probe.tanh_approx: tanh on CPU / in eager, ``tanh.approx.f32`` in inductor."""
-    from torch._inductor.lowering import make_pointwise, register_lowering
-    from torch._inductor.virtualized import ops
-
-    @torch.library.custom_op("anyattn_probe::tanh_approx", mutates_args=())
-    def tanh_approx(x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(x)
-
-    @tanh_approx.register_fake
-    def _(x):
-        return torch.empty_like(x)
-
-    def setup(ctx, inputs, output):
-        ctx.save_for_backward(output)
-
-    def backward(ctx, g):
-        (y,) = ctx.saved_tensors
-        return g * (1 - y * y)
-
-    tanh_approx.register_autograd(backward, setup_context=setup)
-
-    def lower(x):
-        fn = functools.partial(ops.inline_asm_elementwise, asm="tanh.approx.f32 $0, $1;")
-        return make_pointwise(fn)(x)
-
-    register_lowering(torch.ops.anyattn_probe.tanh_approx)(lower)
-    return torch.ops.anyattn_probe.tanh_approx
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seq", type=int, default=16384)
@@ -74,7 +46,9 @@ def main():
     import anyattn as aa
 
     dev = torch.device("cuda")
-    approx = _register_tanh_approx()
+    from anyattn.backends.flex_tanh import fast_tanh
+
+    approx = fast_tanh()  # the flex backend's op: tanh eagerly, tanh.approx.f32 in CUDA kernels
     mods = {
         "none": None,
         "softcap_tanh": lambda s, b, h, q, kv: CAP * torch.tanh(s / CAP),
