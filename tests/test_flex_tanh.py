@@ -77,3 +77,11 @@ def test_op_batches_under_vmap_without_the_per_sample_fallback():
         got = flex_attention(q, k, v, score_mod=softcap_mod(2.0, op))
     ref = aa.attention(q, k, v, score=aa.softcap(2.0), backend="eager")
     torch.testing.assert_close(got, ref)
+
+
+def test_only_compiled_triton_kernels_take_it():
+    """The unfused decode path computes the score_mod eagerly (torch.tanh either way) and FLASH has
+    its own tanh: neither gets the op, even on CUDA."""
+    be = FlexBackend()
+    assert not be.uses_fast_tanh(_sig(), "unfused")
+    assert not be.uses_fast_tanh(_sig(), "flash")

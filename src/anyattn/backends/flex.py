@@ -354,7 +354,9 @@ class FlexBackend(AttentionBackend):
 
     def uses_fast_tanh(self, sig, lowering: str = "triton") -> bool:
         """Whether calls of ``sig`` get ``softcap``'s tanh as ``tanh.approx.f32`` (flex_tanh): a
-        softcap term, CUDA, the Triton lowering, ``fast_tanh`` on, and a torch that can lower it."""
+        softcap term, CUDA, a compiled Triton kernel (``lowering`` "triton"; not "flash", not the
+        "unfused" decode path, whose eager math gains nothing), ``fast_tanh`` on, and a torch
+        that can lower it."""
         return (
             self.fast_tanh and lowering == "triton" and sig.device.type == "cuda"
             and any(type(s) is Softcap for s in sig.logit_scores) and _tanh_op() is not None
@@ -456,8 +458,8 @@ class FlexBackend(AttentionBackend):
             zero = may_have_empty_rows(call)
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*flex_attention.*")
-                out, lse = _call_flex(
-                    q, k, v, self.score_mod_for(call), self.block_mask_for(call), call.scale, call.gqa,
+                out, lse = _call_flex(  # eager math: torch.tanh, which the op would run anyway
+                    q, k, v, self.score_mod_for(call, "unfused"), self.block_mask_for(call), call.scale, call.gqa,
                     call.return_lse or call.sink is not None or (zero and geo.device.type != "cpu"),
                 )  # fmt: skip
             return _finish(call, out, lse, zero)
