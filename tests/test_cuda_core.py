@@ -210,8 +210,8 @@ def test_cuda_flex_softcap_fast_tanh_matches_oracle(shape, cap):
 
 
 def test_cuda_flex_softcap_fast_tanh_in_a_callers_compiled_graph():
-    """Inside torch.compile of the caller (the decoder's layers), the op is lowered by the
-    caller's inductor: same result as eager within the rule."""
+    """Inside torch.compile of the caller (a model's layers), the op is lowered by the caller's
+    inductor: output and gradients within the rule against float64, as eager bf16 sets it."""
     q, k, v = generate_qkv(1, 4, 4, 256, 256, 64, dtype=torch.bfloat16, device="cuda", seed=5)
     kw = dict(mask=aa.causal(), score=aa.softcap(10.0))
 
@@ -219,7 +219,16 @@ def test_cuda_flex_softcap_fast_tanh_in_a_callers_compiled_graph():
     def f(q, k, v):
         return aa.attention(q, k, v, backend="flex", **kw)
 
-    full = aa.attention(q.double(), k.double(), v.double(), backend="eager", **kw)
-    ref = aa.attention(q, k, v, backend="eager", **kw)
-    err, ref_err = (f(q, k, v).double() - full).abs().max().item(), (ref.double() - full).abs().max().item()
-    assert err <= 2 * ref_err + 1e-5, (err, ref_err)
+    def run(fn, dtype):
+        ins = [t.detach().to(dtype).requires_grad_(True) for t in (q, k, v)]
+        out = fn(*ins)
+        dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device, dtype)
+        return [out.double()] + [g.double() for g in torch.autograd.grad(out, ins, dout)]
+
+    full = run(lambda *t: aa.attention(*t, backend="eager", **kw), torch.float64)
+    ref = run(lambda *t: aa.attention(*t, backend="eager", **kw), torch.bfloat16)
+    got = run(f, torch.bfloat16)
+    for name, g, r, o in zip(("out", "dq", "dk", "dv"), got, ref, full):
+        err, ref_err = (g - o).abs().max().item(), (r - o).abs().max().item()
+        bound = 2 * ref_err + 1e-5 if name == "out" else 3 * ref_err + 1e-4
+        assert err <= bound, (name, err, bound)
