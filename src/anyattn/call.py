@@ -260,12 +260,17 @@ class Call(NamedTuple):
         """This call's ``sink(...)`` term (with its logits), or None."""
         return _sink_of(self.scores) if self.scores else None
 
+    @property
+    def logit_scores(self) -> tuple:
+        """This call's score terms that change logits (every one but the sink), in order."""
+        return _logit_scores(self.scores)
+
     def bound_scores(self) -> tuple[BoundScore, ...]:
-        """The logit-changing score terms, bound (the sink changes the softmax denominator, not a
-        logit: backends read it from :attr:`sink`)."""
+        """:attr:`logit_scores`, bound (the sink changes the softmax denominator, not a logit:
+        backends read it from :attr:`sink`)."""
         b = self.bound.get("scores")
         if b is None:
-            b = self.bound["scores"] = tuple(s.bind(self.aligned_geo()) for s in _logit_scores(self.scores))
+            b = self.bound["scores"] = tuple(s.bind(self.aligned_geo()) for s in self.logit_scores)
         return b
 
     def describe(self) -> str:

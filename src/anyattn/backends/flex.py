@@ -44,7 +44,7 @@ import torch
 
 from .._cache import LRU
 from ..errors import AnyAttnError
-from ..spec import Sink, Softcap
+from ..spec import Softcap
 from .base import AttentionBackend, Facts
 from .flex_blocks import clear_rows, may_have_empty_rows, rows_seen, structured_block_mask
 from .flex_lowering import _FLASH_OPTS, LOWERINGS, _flash_probe, _lowering_from_env, flash_refusal
@@ -366,8 +366,7 @@ class FlexBackend(AttentionBackend):
         bound = call.bound_scores()
         if self.uses_fast_tanh(call.sig, lowering):
             op = _tanh_op()
-            terms = [t for t in call.scores if type(t) is not Sink]  # the terms bound_scores bound, in order
-            mods = [softcap_mod(t.cap, op) if type(t) is Softcap else bs.mod for t, bs in zip(terms, bound)]
+            mods = [softcap_mod(t.cap, op) if type(t) is Softcap else bs.mod for t, bs in zip(call.logit_scores, bound)]
         else:
             mods = [bs.mod for bs in bound]
         if not mods:
