@@ -16,9 +16,9 @@ OUT=$(mktemp -d /tmp/r21.XXXXXX)
 . benchmarks/device_common.sh
 cuda_tests "${TESTS_S:-150}" tests/test_cuda_core.py tests/test_cuda_train.py -k "softcap or tanh"
 left=$(( 560 - $(el) )); [ "$left" -lt 60 ] && left=60
-timeout -s TERM -k 5 "${PROBE_S:-$left}" python3 benchmarks/flex_config_probe.py --deadline $(( left - 40 )) --out "$OUT" > "$OUT/config_probe.log" 2>&1
+timeout -s TERM -k 5 "${PROBE_S:-$left}" python3 benchmarks/flex_config_probe.py --variants softcap,causal --deadline $(( left - 40 )) --out "$OUT" > "$OUT/config_probe.log" 2>&1
 echo "config probe rc=$? at $(el)s" | tee -a "$OUT/summary.txt"
 mkdir -p "$FINAL"
 tar -czf "$FINAL/all.tar.gz" -C "$OUT" .
 cp "$OUT/summary.txt" "$FINAL/summary.txt"
-sed -n '/^NVIDIA\|^$/,$p' "$OUT/config_probe.log" | tail -45
+tail -40 "$OUT/config_probe.log"
