@@ -40,11 +40,14 @@ FWD_CONFIGS = {
     "m128n64w8s4": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 4},
     "m128n64w8s2": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
     "m64n128w4s3": {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3},
+    "flash": {"BACKEND": "FLASH"},
+    "safe+m128n128w8s2": {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2, **SAFE},
     "m128n128w8s2+safe+tma": {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2, **SAFE, "USE_TMA": True},
 }
 BWD_CONFIGS = {
     "default": None,
     "tma": {"USE_TMA": True},
+    "flash": {"BACKEND": "FLASH"},
     "safe": dict(SAFE),
     "safe+tma": {**SAFE, "USE_TMA": True},
     "bwd64x64w4s3": {
@@ -74,11 +77,32 @@ BWD_CONFIGS = {
 }
 
 
+# what each variant runs by default (--configs overrides): the row / block promises only where
+# they hold (causal, and softcap / ALiBi over causal); documents and windows break them
+PLAN = {
+    "causal": {"fwd": ["default", "safe", "tma", "safe+m128n128w8s2", "flash"], "fwd+bwd": ["default", "safe", "flash"]},
+    "softcap": {"fwd": ["default", "safe", "tma", "safe+m128n128w8s2", "flash"], "fwd+bwd": ["default", "safe", "flash"]},
+    "alibi": {"fwd": ["default", "safe", "flash"], "fwd+bwd": ["default", "safe", "flash"]},
+    "documents": {"fwd": ["default", "tma", "flash"], "fwd+bwd": ["default", "tma", "flash"]},
+    "window": {"fwd": ["default", "tma", "flash"], "fwd+bwd": ["default", "tma", "flash"]},
+}
+WINDOW = 1024
+
+
+def _doc_lengths(S, n=16, seed=0):
+    """n document lengths summing to S (log-normal, fixed seed)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.empty(n).log_normal_(0.0, 0.8, generator=g)
+    lengths = (w / w.sum() * S).floor().long().clamp(min=1)
+    lengths[-1] += S - int(lengths.sum())
+    return lengths.tolist()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seq", type=int, default=16384)
     ap.add_argument("--heads", type=int, default=16)
-    ap.add_argument("--variants", default="causal,softcap")
+    ap.add_argument("--variants", default="causal,softcap", help="comma list of " + ",".join(PLAN))
     ap.add_argument("--modes", default="fwd,fwd+bwd")
     ap.add_argument("--deadline", type=float, default=400.0)
     ap.add_argument(
@@ -106,25 +130,50 @@ def main():
 
     approx = fast_tanh()
     dev = torch.device(a.device)
-    mods = {"causal": None, "softcap": lambda s, b, h, q, kv: CAP * approx(s / CAP)}
-    terms = {"causal": None, "softcap": aa.softcap(CAP)}
+    S, H, D = a.seq, a.heads, 128
+    slopes = torch.tensor([2.0 ** (-8 * (i + 1) / H) for i in range(H)], device=dev)
+    lengths = _doc_lengths(S)
+    doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).to(dev)
+
+    def alibi_mod(s, b, h, q, kv):
+        return s - slopes[h] * (q - kv).abs()
+
+    # (score_mod on Triton, score_mod on FLASH, mask_mod, anyattn mask, anyattn score, visible pairs)
+    var = {
+        "causal": (None, None, "causal", aa.causal(), None, S * (S + 1) // 2),
+        "softcap": (lambda s, b, h, q, kv: CAP * approx(s / CAP), lambda s, b, h, q, kv: CAP * torch.tanh(s / CAP),
+                    "causal", aa.causal(), aa.softcap(CAP), S * (S + 1) // 2),
+        "alibi": (alibi_mod, alibi_mod, "causal", aa.causal(), aa.alibi(slopes), S * (S + 1) // 2),
+        "documents": (None, None, "documents", aa.documents([lengths]) & aa.causal(), None,
+                      sum(n * (n + 1) // 2 for n in lengths)),
+        "window": (None, None, "window", aa.sliding_window(WINDOW), None,
+                   sum(min(i + 1, WINDOW + 1) for i in range(S))),
+    }  # fmt: skip
+    mask_mods = {
+        "causal": lambda b, h, i, j: i >= j,
+        "documents": lambda b, h, i, j: (i >= j) & (doc[i] == doc[j]),
+        "window": lambda b, h, i, j: (i >= j) & (i - j <= WINDOW),
+    }
+    variants = [x for x in a.variants.split(",") if x]
+    bms = {m: create_block_mask(mask_mods[m], 1, 1, S, S, device=dev) for m in {var[v][2] for v in variants}}
     torch._dynamo.config.recompile_limit = 256
     torch._dynamo.config.cache_size_limit = 256
     compiled = torch.compile(flex_attention, dynamic=False)
 
-    S, H, D = a.seq, a.heads, 128
     g = torch.Generator(device="cpu").manual_seed(0)
     q, k, v, do = (torch.randn(1, H, S, D, generator=g) for _ in range(4))
     q = q * 2  # larger logits: softcap's tanh leaves its linear range
-    qb, kb, vb = (t.to(dev, torch.bfloat16).requires_grad_(True) for t in (q, k, v))
+    grad = "fwd+bwd" in a.modes.split(",")
+    qb, kb, vb = (t.to(dev, torch.bfloat16).requires_grad_(grad) for t in (q, k, v))
     dob = do.to(dev, torch.bfloat16)
-    bm = create_block_mask(lambda b, h, i, j: i >= j, 1, 1, S, S, device=dev)
-    flops_fwd = 4 * H * D * (S * (S + 1) / 2)
 
     def reference(variant, dtype, backend):
         """Output and gradients of heads 0-1 (float64 oracle, or eager in bf16), computed on the GPU."""
         ins = [t[:, :2].to(dev, dtype).requires_grad_(True) for t in (q, k, v)]
-        o = aa.attention(*ins, mask=aa.causal(), score=terms[variant], backend=backend)
+        sc = var[variant][4]
+        if sc is not None and variant == "alibi":
+            sc = aa.alibi(slopes[:2])
+        o = aa.attention(*ins, mask=var[variant][3], score=sc, backend=backend)
         gr = torch.autograd.grad(o, ins, do[:, :2].to(dev, dtype))
         res = [o.detach().double()] + [x.double() for x in gr]
         del o, gr, ins
@@ -152,9 +201,8 @@ def main():
             parts.append(f"{lab} {e:.1e}<={bound:.1e}")
         return ("ok " if ok else "FAIL ") + " ".join(parts)
 
-    variants = [x for x in a.variants.split(",") if x]
     oracles = {}
-    for variant in variants:
+    for variant in dict.fromkeys(["causal", *variants]):
         # eager float64 on the GPU over two 16k heads: ~2 x 2 GiB of scores, freed after
         oracles[variant] = (reference(variant, torch.float64, "eager"), reference(variant, torch.bfloat16, "eager"))
     print(f"oracles at {time.time() - t0:.0f}s", flush=True)
@@ -174,7 +222,7 @@ def main():
                     out = fn()
                     status = check(variant, [out], 1)
                     ms = do_bench(fn, warmup=25, rep=150)
-                tf = flops_fwd / (ms * 1e-3) / 1e12
+                tf = 4 * H * D * var[variant][5] / (ms * 1e-3) / 1e12
             else:
                 out = fn()
                 gr = torch.autograd.grad(out, (qb, kb, vb), dob)
@@ -186,7 +234,7 @@ def main():
                     torch.autograd.grad(o, (qb, kb, vb), dob)
 
                 ms = do_bench(step, warmup=20, rep=150)
-                tf = 3.5 * flops_fwd / (ms * 1e-3) / 1e12
+                tf = 3.5 * 4 * H * D * var[variant][5] / (ms * 1e-3) / 1e12
             rows.append({"variant": variant, "mode": mode, "config": name, "ms": ms, "tflops": tf,
                          "check": status, "wall_s": time.time() - t1})  # fmt: skip
         except Exception as e:  # noqa: BLE001 - reported as a row
@@ -204,27 +252,28 @@ def main():
     for mode in modes:
         if dev.type == "cuda":
             row("causal", mode, "cudnn", cudnn)
+    try:
+        import flash_attn.cute  # noqa: F401
+
+        has_flash = True
+    except Exception as e:  # noqa: BLE001 - reported
+        print(f"flash_attn.cute not importable ({type(e).__name__}): FLASH rows skipped", flush=True)
+        has_flash = False
     for variant in variants:
+        tri, fla, mname, *_ = var[variant]
         for mode in modes:
             configs = FWD_CONFIGS if mode == "fwd" else BWD_CONFIGS
-            for name, opts in configs.items():
-                if wanted is None or name in wanted:
-                    row(
-                        variant,
-                        mode,
-                        name,
-                        lambda opts=opts, mod=mods[variant]: compiled(
-                            qb, kb, vb, score_mod=mod, block_mask=bm, kernel_options=opts
-                        ),
-                    )
+            names = sorted(wanted, key=list(configs).index) if wanted else PLAN[variant][mode]
+            for name in names:
+                if name not in configs or (name == "flash" and not has_flash):
+                    continue
+                opts, mod = configs[name], fla if name == "flash" else tri
+                row(variant, mode, name,
+                    lambda opts=opts, mod=mod, bm=bms[mname]: compiled(qb, kb, vb, score_mod=mod, block_mask=bm, kernel_options=opts))  # fmt: skip
         if a.autotune and "fwd" in modes:
             tuned = torch.compile(flex_attention, dynamic=False, mode="max-autotune-no-cudagraphs")
-            row(
-                variant,
-                "fwd",
-                "max-autotune",
-                lambda f=tuned, mod=mods[variant]: f(qb, kb, vb, score_mod=mod, block_mask=bm),
-            )
+            row(variant, "fwd", "max-autotune",
+                lambda f=tuned, mod=tri, bm=bms[mname]: f(qb, kb, vb, score_mod=mod, block_mask=bm))  # fmt: skip
     if a.out:
         os.makedirs(a.out, exist_ok=True)
         with open(os.path.join(a.out, "flex_config_probe.json"), "w") as f:
