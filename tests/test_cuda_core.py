@@ -232,3 +232,49 @@ def test_cuda_flex_softcap_fast_tanh_in_a_callers_compiled_graph():
         err, ref_err = (g - o).abs().max().item(), (r - o).abs().max().item()
         bound = 2 * ref_err + 1e-5 if name == "out" else 3 * ref_err + 1e-4
         assert err <= bound, (name, err, bound)
+
+
+_PROMISE_CASES = [
+    # (B, Hq, Hkv, Sq, Sk, D), mask, score, grad, promised
+    ((2, 8, 2, 256, 256, 64), "causal", "softcap", True, True),
+    ((1, 4, 4, 128, 640, 128), "causal", "alibi", True, True),  # bottom-right, offset 512
+    ((1, 4, 4, 1000, 1000, 64), "causal", "softcap", False, True),  # no autograd: Sq off a block boundary is fine
+    ((1, 4, 4, 1000, 1000, 64), "causal", "softcap", True, False),  # the backward's query-major lists are not one run
+    ((1, 4, 4, 128, 255, 64), "causal", None, False, False),  # diagonal one key before a block boundary
+    ((2, 4, 4, 300, 333, 64), None, "alibi", True, True),
+    ((2, 4, 4, 100, 333, 64), None, "alibi", False, False),  # Sq < 128: FlexDecoding splits the keys
+    ((1, 8, 8, 64, 576, 64), "causal", "softcap", False, False),  # likewise, diagonal on a boundary
+    ((1, 4, 4, 300, 300, 64), "docs", None, True, False),
+]
+
+
+@pytest.mark.parametrize("case", _PROMISE_CASES, ids=lambda c: f"{c[1]}-{c[2]}-{c[0][3]}x{c[0][4]}-{'grad' if c[3] else 'fwd'}")
+def test_cuda_flex_kernel_guarantees_match_oracle(case):
+    """flex tells its Triton kernel that rows are never empty and key blocks contiguous only
+    where flex_blocks.kernel_guarantees proves it (explain says so); there the output and
+    gradients stay within the tolerance rule (q x 4: large logits), with errors near those of the
+    kernel without the promises."""
+    (B, Hq, Hkv, Sq, Sk, D), mask, score, grad, promised = case
+    q, k, v = generate_qkv(B, Hq, Hkv, Sq, Sk, D, dtype=torch.bfloat16, device="cuda", seed=11)
+    q = (q * 4).detach()
+    kw = {}
+    if mask == "causal":
+        kw["mask"] = aa.causal()
+    elif mask == "docs":
+        kw["mask"] = aa.documents([[100, 37, 163]]) & aa.causal()
+    if score == "softcap":
+        kw["score"] = aa.softcap(20.0)
+    elif score == "alibi":
+        kw["score"] = aa.alibi(torch.linspace(0.05, 0.5, Hq, device="cuda"))
+    errs = {}
+    for on in (True, False):
+        flex = FlexBackend(kernel_guarantees=on)
+        flex.lowering = "triton"
+        with use_backend(flex):
+            note = str(aa.explain(q.detach().requires_grad_(grad), k, v, backend="flex", **kw))
+            assert ("kernel guarantees" in note) == (on and promised), note
+            comps = compare_to_oracle(q, k, v, backend="flex", grad=grad, **kw)
+        assert all(c.ok for c in comps), (on, [str(c) for c in comps])
+        errs[on] = {c.name: c.err for c in comps}
+    for name, e in errs[True].items():
+        assert e <= 2 * errs[False][name] + 1e-3, (name, errs)
