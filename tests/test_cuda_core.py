@@ -237,6 +237,7 @@ def test_cuda_flex_softcap_fast_tanh_in_a_callers_compiled_graph():
 _PROMISE_CASES = [
     # (B, Hq, Hkv, Sq, Sk, D), mask, score, grad, promised
     ((2, 8, 2, 256, 256, 64), "causal", "softcap", True, True),
+    ((1, 4, 4, 256, 256, 64), "causal", "softcap+sink", True, True),  # gradients through the lse: dsink, return_lse
     ((1, 4, 4, 128, 640, 128), "causal", "alibi", True, True),  # bottom-right, offset 512
     ((1, 4, 4, 1000, 1000, 64), "causal", "softcap", False, True),  # no autograd: Sq off a block boundary is fine
     ((1, 4, 4, 1000, 1000, 64), "causal", "softcap", True, False),  # the backward's query-major lists are not one run
@@ -266,6 +267,10 @@ def test_cuda_flex_kernel_guarantees_match_oracle(case):
         kw["score"] = aa.softcap(20.0)
     elif score == "alibi":
         kw["score"] = aa.alibi(torch.linspace(0.05, 0.5, Hq, device="cuda"))
+    elif score == "softcap+sink":
+        sink = torch.randn(Hq, generator=torch.Generator().manual_seed(2)).to("cuda", torch.bfloat16).requires_grad_(True)
+        kw["score"] = [aa.softcap(20.0), aa.sink(sink)]
+        kw["return_lse"] = True
     errs = {}
     for on in (True, False):
         flex = FlexBackend(kernel_guarantees=on)
@@ -275,6 +280,8 @@ def test_cuda_flex_kernel_guarantees_match_oracle(case):
             assert ("kernel guarantees" in note) == (on and promised), note
             comps = compare_to_oracle(q, k, v, backend="flex", grad=grad, **kw)
         assert all(c.ok for c in comps), (on, [str(c) for c in comps])
+        if score == "softcap+sink":  # the sink's gradient comes through the kernel's lse
+            assert {"lse", "dq"} <= {c.name for c in comps} and any(c.name.startswith("dsink") for c in comps)
         errs[on] = {c.name: c.err for c in comps}
     for name, e in errs[True].items():
         assert e <= 2 * errs[False][name] + 1e-3, (name, errs)

@@ -116,21 +116,22 @@ def _entry_template(q, k, v, score_mod, block_mask, scale, enable_gqa, return_ls
 
 def _call_flex(q, k, v, score_mod, block_mask, scale, enable_gqa, return_lse, opts=None):
     fa, has_aux = _FA, _HAS_AUX  # plain globals: traced code must not call the lru_cache'd probe
+    flash = opts is not None and opts.get("BACKEND") == "FLASH"  # (Triton may get options too)
     if return_lse and has_aux:
         out, aux = fa.flex_attention(
             q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa,
             return_aux=fa.AuxRequest(lse=True), kernel_options=opts,
         )  # fmt: skip
-        # FLASH (opts) has no lse gradient; it is requested only where none is needed (see
+        # FLASH has no lse gradient; it is requested only where none is needed (see
         # flex_lowering), so the lse leaves here detached: an lse output that required grad would
         # hand the backward a (zero) lse cotangent, which the FLASH backward refuses
-        return out, (aux.lse.detach() if opts else aux.lse)
+        return out, (aux.lse.detach() if flash else aux.lse)
     if return_lse:
         out, lse = fa.flex_attention(
             q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, return_lse=True,
             kernel_options=opts,
         )
-        return out, (lse.detach() if opts else lse)
+        return out, (lse.detach() if flash else lse)
     out = fa.flex_attention(
         q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, kernel_options=opts
     )
