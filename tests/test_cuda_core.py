@@ -194,19 +194,28 @@ def test_cuda_flex_softcap_fast_tanh_matches_oracle(shape, cap):
     q, k, v = generate_qkv(B, Hq, Hkv, S, S, D, dtype=torch.bfloat16, device="cuda", seed=3)
     q = (q * 8).detach()
     kw = dict(mask=aa.causal(), score=aa.softcap(cap))
-    errs = {}
-    for fast in (True, False):
-        flex = FlexBackend(fast_tanh=fast)
+    _flex_switch_vs_oracle(q, k, v, "fast_tanh", "tanh.approx.f32", True, True, **kw)
+
+
+def _flex_switch_vs_oracle(q, k, v, switch, note, expect_note, grad, **kw):
+    """flex (Triton lowering) with ``switch`` on and off: ``explain`` names ``note`` exactly when
+    the switch is on and ``expect_note``; both meet the tolerance rule against float64; and the
+    errors with it on stay near those with it off (no loose bound hiding a worse kernel).
+    Returns the comparisons with it on."""
+    errs, got = {}, None
+    for on in (True, False):
+        flex = FlexBackend(**{switch: on})
         flex.lowering = "triton"
         with use_backend(flex):
-            note = str(aa.explain(q.detach().requires_grad_(True), k, v, backend="flex", **kw))
-            assert ("tanh.approx.f32" in note) == fast, note
-            comps = compare_to_oracle(q, k, v, backend="flex", grad=True, **kw)
-        assert all(c.ok for c in comps), (fast, [str(c) for c in comps])
-        errs[fast] = {c.name: c.err for c in comps}
-    # not a loose bound hiding a worse kernel: the approximate tanh's errors stay near the accurate one's
+            text = str(aa.explain(q.detach().requires_grad_(grad), k, v, backend="flex", **kw))
+            assert (note in text) == (on and expect_note), text
+            comps = compare_to_oracle(q, k, v, backend="flex", grad=grad, **kw)
+        assert all(c.ok for c in comps), (switch, on, [str(c) for c in comps])
+        errs[on] = {c.name: c.err for c in comps}
+        got = got or comps
     for name, e in errs[True].items():
         assert e <= 2 * errs[False][name] + 1e-3, (name, errs)
+    return got
 
 
 def test_cuda_flex_softcap_fast_tanh_in_a_callers_compiled_graph():
@@ -271,17 +280,6 @@ def test_cuda_flex_kernel_guarantees_match_oracle(case):
         sink = torch.randn(Hq, generator=torch.Generator().manual_seed(2)).to("cuda", torch.bfloat16).requires_grad_(True)
         kw["score"] = [aa.softcap(20.0), aa.sink(sink)]
         kw["return_lse"] = True
-    errs = {}
-    for on in (True, False):
-        flex = FlexBackend(kernel_guarantees=on)
-        flex.lowering = "triton"
-        with use_backend(flex):
-            note = str(aa.explain(q.detach().requires_grad_(grad), k, v, backend="flex", **kw))
-            assert ("kernel guarantees" in note) == (on and promised), note
-            comps = compare_to_oracle(q, k, v, backend="flex", grad=grad, **kw)
-        assert all(c.ok for c in comps), (on, [str(c) for c in comps])
-        if score == "softcap+sink":  # the sink's gradient comes through the kernel's lse
-            assert {"lse", "dq"} <= {c.name for c in comps} and any(c.name.startswith("dsink") for c in comps)
-        errs[on] = {c.name: c.err for c in comps}
-    for name, e in errs[True].items():
-        assert e <= 2 * errs[False][name] + 1e-3, (name, errs)
+    comps = _flex_switch_vs_oracle(q, k, v, "kernel_guarantees", "kernel guarantees", promised, grad, **kw)
+    if score == "softcap+sink":  # the sink's gradient comes through the kernel's lse
+        assert {"lse", "dq"} <= {c.name for c in comps} and any(c.name.startswith("dsink") for c in comps)
