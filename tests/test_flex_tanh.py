@@ -85,3 +85,35 @@ def test_only_compiled_triton_kernels_take_it():
     be = FlexBackend()
     assert not be.uses_fast_tanh(_sig(), "unfused")
     assert not be.uses_fast_tanh(_sig(), "flash")
+
+
+_FIRST_USE_IN_A_COMPILED_GRAPH = r"""
+import torch
+from anyattn.backends.flex_tanh import fast_tanh
+
+@torch.compile(fullgraph=True, backend="aot_eager")
+def f(x):
+    op = fast_tanh()  # the first use in this process: inside dynamo's trace
+    return op(x) if op is not None else x
+
+x = torch.randn(64, dtype=torch.float64, requires_grad=True)
+y = f(x)
+y.sum().backward()
+assert fast_tanh() is not None
+assert torch.allclose(y, torch.tanh(x)) and torch.allclose(x.grad, 1 - torch.tanh(x) ** 2)
+print("ok")
+"""
+
+
+def test_first_use_inside_a_callers_compiled_graph_registers_the_op():
+    """A model compiled before its first call reaches the op's registration inside dynamo's trace
+    (a fresh process: nothing registered yet). Registration runs eagerly there, instead of being
+    traced (which fails on torch.library's schema inference), and the graph uses the op."""
+    import os
+    import subprocess
+    import sys
+
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-c", _FIRST_USE_IN_A_COMPILED_GRAPH], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]

@@ -59,15 +59,24 @@ def _register():
     return torch.ops.anyattn.tanh_approx
 
 
-def fast_tanh():
-    """The ``anyattn::tanh_approx`` op (registered on first use), or None where this torch lacks
-    the hooks it needs (then :func:`why` says which)."""
+@torch.compiler.assume_constant_result
+def _registered() -> bool:
+    """Register the op once; whether it is registered. Dynamo runs this function rather than
+    tracing it, so the first use may come inside a caller's compiled graph (a model compiled
+    before its first call): tracing the registration itself fails ("Attempted to call function
+    marked as skipped": ``infer_schema``)."""
     if "op" not in _STATE and "why" not in _STATE:
         try:
             _STATE["op"] = _register()
         except (ImportError, AttributeError, TypeError, RuntimeError) as e:
             _STATE["why"] = f"{type(e).__name__}: {e}"
-    return _STATE.get("op")
+    return "op" in _STATE
+
+
+def fast_tanh():
+    """The ``anyattn::tanh_approx`` op (registered on first use), or None where this torch lacks
+    the hooks it needs (then :func:`why` says which)."""
+    return torch.ops.anyattn.tanh_approx if _registered() else None
 
 
 def why() -> str | None:
