@@ -194,19 +194,28 @@ def test_cuda_flex_softcap_fast_tanh_matches_oracle(shape, cap):
     q, k, v = generate_qkv(B, Hq, Hkv, S, S, D, dtype=torch.bfloat16, device="cuda", seed=3)
     q = (q * 8).detach()
     kw = dict(mask=aa.causal(), score=aa.softcap(cap))
-    errs = {}
-    for fast in (True, False):
-        flex = FlexBackend(fast_tanh=fast)
+    _flex_switch_vs_oracle(q, k, v, "fast_tanh", "tanh.approx.f32", True, True, **kw)
+
+
+def _flex_switch_vs_oracle(q, k, v, switch, note, expect_note, grad, **kw):
+    """flex (Triton lowering) with ``switch`` on and off: ``explain`` names ``note`` exactly when
+    the switch is on and ``expect_note``; both meet the tolerance rule against float64; and the
+    errors with it on stay near those with it off (no loose bound hiding a worse kernel).
+    Returns the comparisons with it on."""
+    errs, got = {}, None
+    for on in (True, False):
+        flex = FlexBackend(**{switch: on})
         flex.lowering = "triton"
         with use_backend(flex):
-            note = str(aa.explain(q.detach().requires_grad_(True), k, v, backend="flex", **kw))
-            assert ("tanh.approx.f32" in note) == fast, note
-            comps = compare_to_oracle(q, k, v, backend="flex", grad=True, **kw)
-        assert all(c.ok for c in comps), (fast, [str(c) for c in comps])
-        errs[fast] = {c.name: c.err for c in comps}
-    # not a loose bound hiding a worse kernel: the approximate tanh's errors stay near the accurate one's
+            text = str(aa.explain(q.detach().requires_grad_(grad), k, v, backend="flex", **kw))
+            assert (note in text) == (on and expect_note), text
+            comps = compare_to_oracle(q, k, v, backend="flex", grad=grad, **kw)
+        assert all(c.ok for c in comps), (switch, on, [str(c) for c in comps])
+        errs[on] = {c.name: c.err for c in comps}
+        got = got or comps
     for name, e in errs[True].items():
         assert e <= 2 * errs[False][name] + 1e-3, (name, errs)
+    return got
 
 
 def test_cuda_flex_softcap_fast_tanh_in_a_callers_compiled_graph():
@@ -232,3 +241,45 @@ def test_cuda_flex_softcap_fast_tanh_in_a_callers_compiled_graph():
         err, ref_err = (g - o).abs().max().item(), (r - o).abs().max().item()
         bound = 2 * ref_err + 1e-5 if name == "out" else 3 * ref_err + 1e-4
         assert err <= bound, (name, err, bound)
+
+
+_PROMISE_CASES = [
+    # (B, Hq, Hkv, Sq, Sk, D), mask, score, grad, promised
+    ((2, 8, 2, 256, 256, 64), "causal", "softcap", True, True),
+    ((1, 4, 4, 256, 256, 64), "causal", "softcap+sink", True, True),  # gradients through the lse: dsink, return_lse
+    ((1, 4, 4, 128, 640, 128), "causal", "alibi", True, True),  # bottom-right, offset 512
+    ((1, 4, 4, 1000, 1000, 64), "causal", "softcap", False, True),  # no autograd: Sq off a block boundary is fine
+    ((1, 4, 4, 1000, 1000, 64), "causal", "softcap", True, False),  # the backward's query-major lists are not one run
+    ((1, 4, 4, 128, 255, 64), "causal", None, False, False),  # diagonal one key before a block boundary
+    ((2, 4, 4, 300, 333, 64), None, "alibi", True, True),
+    ((2, 4, 4, 100, 333, 64), None, "alibi", False, False),  # Sq < 128: FlexDecoding splits the keys
+    ((1, 8, 8, 64, 576, 64), "causal", "softcap", False, False),  # likewise, diagonal on a boundary
+    ((1, 4, 4, 300, 300, 64), "docs", None, True, False),
+]
+
+
+@pytest.mark.parametrize("case", _PROMISE_CASES, ids=lambda c: f"{c[1]}-{c[2]}-{c[0][3]}x{c[0][4]}-{'grad' if c[3] else 'fwd'}")
+def test_cuda_flex_kernel_guarantees_match_oracle(case):
+    """flex tells its Triton kernel that rows are never empty and key blocks contiguous only
+    where flex_blocks.kernel_guarantees proves it (explain says so); there the output and
+    gradients stay within the tolerance rule (q x 4: large logits), with errors near those of the
+    kernel without the promises."""
+    (B, Hq, Hkv, Sq, Sk, D), mask, score, grad, promised = case
+    q, k, v = generate_qkv(B, Hq, Hkv, Sq, Sk, D, dtype=torch.bfloat16, device="cuda", seed=11)
+    q = (q * 4).detach()
+    kw = {}
+    if mask == "causal":
+        kw["mask"] = aa.causal()
+    elif mask == "docs":
+        kw["mask"] = aa.documents([[100, 37, 163]]) & aa.causal()
+    if score == "softcap":
+        kw["score"] = aa.softcap(20.0)
+    elif score == "alibi":
+        kw["score"] = aa.alibi(torch.linspace(0.05, 0.5, Hq, device="cuda"))
+    elif score == "softcap+sink":
+        sink = torch.randn(Hq, generator=torch.Generator().manual_seed(2)).to("cuda", torch.bfloat16).requires_grad_(True)
+        kw["score"] = [aa.softcap(20.0), aa.sink(sink)]
+        kw["return_lse"] = True
+    comps = _flex_switch_vs_oracle(q, k, v, "kernel_guarantees", "kernel guarantees", promised, grad, **kw)
+    if score == "softcap+sink":  # the sink's gradient comes through the kernel's lse
+        assert {"lse", "dq"} <= {c.name for c in comps} and any(c.name.startswith("dsink") for c in comps)

@@ -248,11 +248,15 @@ def test_flex_uses_flash_where_it_is_exact_and_says_why_not_elsewhere():
     assert "decode-sized" in be.flash_refusal(decode) and be.note(decode).startswith("lowering: unfused (decode-sized call")
     assert "CUDA-only" in be.flash_refusal(Signature.of(B=1, Hq=2, Sq=8, D=16, dtype=torch.bfloat16, device="cpu"))
     none_here = FlexBackend(flash_probe=lambda: (0, "the FLASH lowering needs flash-attn-4"))
-    assert none_here.note(_sig()) == "lowering: Triton (the FLASH lowering needs flash-attn-4)"
+    promise = "; kernel guarantees: rows never empty, key blocks contiguous"  # no mask, 256 queries
+    assert none_here.note(_sig()) == "lowering: Triton (the FLASH lowering needs flash-attn-4)" + promise
+    padded = _sig(mask=aa.padding(torch.tensor([200, 256])))
+    assert none_here.note(padded) == "lowering: Triton (the FLASH lowering needs flash-attn-4)"
 
 
 def test_flex_lowering_switch_from_argument_and_environment(monkeypatch):
-    assert _flex(lowering="triton").note(_sig()) == "lowering: Triton (ANYATTN_FLEX_LOWERING=triton)"
+    note = _flex(lowering="triton").note(_sig(mask=aa.sliding_window(64)))
+    assert note == "lowering: Triton (ANYATTN_FLEX_LOWERING=triton)"
     monkeypatch.setenv("ANYATTN_FLEX_LOWERING", "triton")
     assert _flex().lowering == "triton"
     monkeypatch.setenv("ANYATTN_FLEX_LOWERING", "flash")

@@ -186,3 +186,101 @@ def test_document_blocks_equal_create_block_mask_on_random_packings(kind):
             for row in range(num.shape[-1]):
                 n = int(num[0, 0, row])
                 assert sorted(idx[0, 0, row, :n].tolist()) == sorted(ridx[0, 0, row, :n].tolist()), (kind, trial, idx_name, row)
+
+
+# -- the promises flex makes FlexAttention's Triton kernel (flex_blocks.kernel_guarantees) ------
+
+
+def _promises_hold(bm, dense, Sq, Sk, bm_rows, bn, backward):
+    """Walk the kernel's visiting order over a BlockMask: (every row of every query tile sees a
+    key in the first key tile it visits, every block list the kernel walks is one ascending run;
+    the query-major lists only with ``backward``). ``dense``: (Sq, Sk) bool, what each row sees;
+    ``bm_rows`` / ``bn``: the kernel's tile sizes."""
+    lists = [(bm.kv_num_blocks, bm.kv_indices), (bm.full_kv_num_blocks, bm.full_kv_indices)]
+    if backward:
+        lists += [(bm.q_num_blocks, bm.q_indices), (bm.full_q_num_blocks, bm.full_q_indices)]
+    runs_ok = True
+    for num, idx in lists:
+        for row in range(num.shape[-1]):
+            got = idx[0, 0, row, : int(num[0, 0, row])].tolist()
+            runs_ok &= got == list(range(got[0], got[0] + len(got))) if got else True
+    rows_ok = True
+    for i in range(bm.kv_num_blocks.shape[-1]):
+        order = (bm.kv_indices[0, 0, i, : int(bm.kv_num_blocks[0, 0, i])].tolist()
+                 + bm.full_kv_indices[0, 0, i, : int(bm.full_kv_num_blocks[0, 0, i])].tolist())  # fmt: skip
+        if not order:
+            continue
+        k0 = order[0] * 128  # partial blocks first, then full ones
+        for t in range(i * 128, min((i + 1) * 128, Sq), bm_rows):
+            rows_ok &= bool(dense[t : min(t + bm_rows, Sq), k0 : min(k0 + bn, Sk)].any(-1).all())
+    return rows_ok, runs_ok
+
+
+def _walk(mask, Sq, Sk, grad):
+    """(kernel_guarantees for the signature, [_promises_hold at every tile size the kernel may use])."""
+    from anyattn.backends.flex_blocks import kernel_guarantees
+    from anyattn.call import Signature
+
+    q, k, v = generate_qkv(1, 2, 2, Sq, Sk, 16, requires_grad=grad)
+    call = make_call(q, k, v, mask=mask)
+    sig = Signature.of(
+        B=1, Hq=2, Sq=Sq, Sk=Sk, D=16, dtype=torch.bfloat16, device="cuda", mask=mask, requires_grad=grad
+    )
+    pred = call.bound_mask().pred
+    bm = structured_block_mask(call, lambda b, h, qi, ki: pred(b, h, qi, ki), need_q_blocks=True)
+    dense = pred(0, 0, torch.arange(Sq)[:, None], torch.arange(Sk)[None, :])
+    tiles = [(r, n) for r in (16, 32, 64, 128) for n in (16, 32, 64, 128)]
+    return kernel_guarantees(sig), [_promises_hold(bm, dense, Sq, Sk, r, n, grad) for r, n in tiles]
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize(
+    "Sq,Sk", [(256, 256), (256, 384), (128, 640), (300, 300), (1000, 1000), (129, 385), (100, 100)]
+)
+def test_kernel_guarantees_hold_on_the_blocks_flex_builds_for_causal(Sq, Sk, grad):
+    """Where kernel_guarantees promises them, the BlockMask flex builds for causal keeps both
+    promises at every tile size the kernel may use (16-128 rows x 16-128 keys)."""
+    promised, walks = _walk(aa.causal(), Sq, Sk, grad)
+    assert promised == (Sq >= 128 and (not grad or Sq % 128 == 0)), (Sq, Sk, grad)
+    if promised:
+        assert all(w == (True, True) for w in walks), walks
+
+
+@pytest.mark.parametrize(
+    "mask,Sq,Sk,grad,broken",
+    [
+        (aa.documents([[100, 37, 163]]) & aa.causal(), 300, 300, False, "rows"),  # a document starts inside a tile
+        (aa.documents([[200, 312]]) & aa.causal(), 512, 512, False, "runs"),  # its start block and the diagonal
+        (aa.sliding_window(150), 384, 384, False, "rows"),  # a window's left edge inside the first block visited
+        (aa.causal(), 128, 255, False, "rows"),  # diagonal one key before a block boundary: that block visited first
+        (aa.causal(), 300, 300, True, "runs"),  # backward: the incomplete last query block is partial everywhere
+    ],
+)
+def test_masks_outside_kernel_guarantees_break_a_promise(mask, Sq, Sk, grad, broken):
+    """The walk is not vacuous: masks kernel_guarantees leaves out break a promise on the blocks
+    flex builds for them (the rule is the boundary, not a convenience)."""
+    promised, walks = _walk(mask, Sq, Sk, grad)
+    assert not promised
+    if broken == "rows":
+        assert not all(rows for rows, _ in walks), walks
+    else:
+        assert not all(runs for _, runs in walks), walks
+
+
+def test_kernel_guarantees_read_score_terms_and_device():
+    from anyattn.backends.flex_blocks import kernel_guarantees
+    from anyattn.call import Signature
+
+    def sig(mask="causal", score=None, device="cuda", Sq=256, Sk=256):
+        mask = aa.causal() if mask == "causal" else mask
+        return Signature.of(B=1, Hq=4, Sq=Sq, Sk=Sk, D=64, dtype=torch.bfloat16, device=device, mask=mask, score=score)
+
+    assert kernel_guarantees(sig(score=aa.softcap(30.0)))
+    assert kernel_guarantees(sig(score=[aa.alibi(torch.ones(4)), aa.softcap(30.0)]))
+    assert kernel_guarantees(sig(mask=None, Sq=300, Sk=333))
+    assert not kernel_guarantees(sig(mask=None, Sq=100, Sk=333))  # FlexDecoding: split keys
+    assert not kernel_guarantees(sig(Sq=64, Sk=576))  # on a block boundary, but FlexDecoding
+    assert not kernel_guarantees(sig(device="cpu"))  # CPU flex: torch's own options
+    assert not kernel_guarantees(sig(score=aa.bias(torch.zeros(1, 1, 256, 256))))  # a bias may hold -inf
+    assert not kernel_guarantees(sig(score=aa.score_fn(lambda s, b, h, q, k: s)))
+    assert not kernel_guarantees(sig(mask=aa.causal(), Sq=384, Sk=256))  # queries before the first key

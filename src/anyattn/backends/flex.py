@@ -20,6 +20,10 @@
   not being compiled and raises instead of computing.
 * Rows that see no key are zeroed (from the lse) when the mask can produce them: the kernel
   multiplies whole tiles, so a NaN in a value such a row cannot see would reach it (0 * NaN).
+* Where the mask is plain causal (diagonal on a block boundary) or absent and the score terms
+  are finite, the Triton kernel is told so (``ROWS_GUARANTEED_SAFE``, ``BLOCKS_ARE_CONTIGUOUS``:
+  no empty-row guard, no index reads between key blocks; see ``flex_blocks.kernel_guarantees``).
+  ``explain`` says "kernel guarantees"; ``FlexBackend(kernel_guarantees=False)`` turns it off.
 * Inside a caller's ``torch.compile`` region, ``flex_attention`` is called directly and becomes
   part of the caller's graph (with torch's default, Triton, lowering).
 * Two lowerings of the same kernel (an internal option, shown by ``explain``): torch's Triton
@@ -46,7 +50,9 @@ from .._cache import LRU
 from ..errors import AnyAttnError
 from ..spec import Softcap
 from .base import AttentionBackend, Facts
-from .flex_blocks import clear_rows, may_have_empty_rows, rows_seen, structured_block_mask
+from .flex_blocks import (
+    GUARANTEES, clear_rows, kernel_guarantees, may_have_empty_rows, rows_seen, structured_block_mask,
+)  # fmt: skip
 from .flex_lowering import _FLASH_OPTS, LOWERINGS, _flash_probe, _lowering_from_env, flash_refusal
 from .flex_paged import paged_block_mask
 from .flex_tanh import fast_tanh as _tanh_op
@@ -110,21 +116,22 @@ def _entry_template(q, k, v, score_mod, block_mask, scale, enable_gqa, return_ls
 
 def _call_flex(q, k, v, score_mod, block_mask, scale, enable_gqa, return_lse, opts=None):
     fa, has_aux = _FA, _HAS_AUX  # plain globals: traced code must not call the lru_cache'd probe
+    flash = opts is not None and opts.get("BACKEND") == "FLASH"  # (Triton may get options too)
     if return_lse and has_aux:
         out, aux = fa.flex_attention(
             q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa,
             return_aux=fa.AuxRequest(lse=True), kernel_options=opts,
         )  # fmt: skip
-        # FLASH (opts) has no lse gradient; it is requested only where none is needed (see
+        # FLASH has no lse gradient; it is requested only where none is needed (see
         # flex_lowering), so the lse leaves here detached: an lse output that required grad would
         # hand the backward a (zero) lse cotangent, which the FLASH backward refuses
-        return out, (aux.lse.detach() if opts else aux.lse)
+        return out, (aux.lse.detach() if flash else aux.lse)
     if return_lse:
         out, lse = fa.flex_attention(
             q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, return_lse=True,
             kernel_options=opts,
         )
-        return out, (lse.detach() if opts else lse)
+        return out, (lse.detach() if flash else lse)
     out = fa.flex_attention(
         q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, kernel_options=opts
     )
@@ -169,17 +176,18 @@ class FlexBackend(AttentionBackend):
 
     def __init__(
         self, *, unfused_max_sq: int = UNFUSED_MAX_SQ, lowering: str | None = None, flash_probe=_flash_probe,
-        fast_tanh: bool = True,
+        fast_tanh: bool = True, kernel_guarantees: bool = True,
     ):  # fmt: skip
         # calls of at most this many queries against more keys run FlexAttention unfused (exact,
         # no compilation per shape); 0: always the compiled kernel (a test seam)
         self.unfused_max_sq = unfused_max_sq
         self._flash_probe = flash_probe  # () -> (arch, None | why FLASH cannot run here)
         self.block_masks = LRU(64)  # content key -> BlockMask
-        self._by_call = LRU(256)  # content key -> (entry, score_mod, expand_kv, BlockMask, zero_empty, lowering)
+        self._by_call = LRU(256)  # key -> (entry, score_mod, expand_kv, BlockMask, zero_empty, lowering, options)
         # "auto" | "flash" | "triton"; None: ANYATTN_FLEX_LOWERING (read when a call is first seen)
         self.lowering = lowering
         self.fast_tanh = fast_tanh  # softcap's tanh on CUDA Triton kernels (flex_tanh)
+        self.kernel_guarantees = kernel_guarantees  # tell the Triton kernel what the mask guarantees
         self._entries: dict = {}
         self.flash_failed: dict = {}  # variant key -> why FLASH failed to compile (auto uses Triton for it)
         self._ran: set = set()  # ids of entry points that have run once (compiled)
@@ -258,6 +266,22 @@ class FlexBackend(AttentionBackend):
         self._fast_tanh = bool(value)
         self._by_call.clear()
 
+    @property
+    def kernel_guarantees(self) -> bool:
+        """Whether flex's Triton kernels are told what a plain causal (or absent) mask with finite
+        score terms guarantees (``flex_blocks.kernel_guarantees``: no empty-row guard, no index
+        reads between key blocks). Setting it drops the cached per-call decisions."""
+        return self._kernel_guarantees
+
+    @kernel_guarantees.setter
+    def kernel_guarantees(self, value: bool) -> None:
+        self._kernel_guarantees = bool(value)
+        self._by_call.clear()
+
+    def triton_options(self, sig) -> dict | None:
+        """The ``kernel_options`` of calls of ``sig`` on the Triton lowering (None: torch's defaults)."""
+        return GUARANTEES if self._kernel_guarantees and kernel_guarantees(sig) else None
+
     def clear(self) -> None:
         self.block_masks.clear()
         self._by_call.clear()
@@ -290,8 +314,11 @@ class FlexBackend(AttentionBackend):
         if sig.Sq <= self.unfused_max_sq < sig.Sk:
             return "lowering: unfused (decode-sized call; on a ContiguousKVCache: FlexDecoding, Triton, per key-length bucket)"
         low, why = self.lowering_for(sig)
+        if low == "flash":
+            return "lowering: FLASH (FlashAttention-4 CuTe kernel)"
         tanh = "; softcap's tanh: tanh.approx.f32" if self.uses_fast_tanh(sig, low) else ""
-        return "lowering: FLASH (FlashAttention-4 CuTe kernel)" if low == "flash" else f"lowering: Triton ({why}){tanh}"
+        promise = "; kernel guarantees: rows never empty, key blocks contiguous" if self.triton_options(sig) else ""
+        return f"lowering: Triton ({why}){tanh}{promise}"
 
     def reads_pages(self, sig) -> bool:
         return True  # a BlockMask over the pool, through the page table (see _paged)
@@ -438,7 +465,7 @@ class FlexBackend(AttentionBackend):
             sink = call.sink
             out, lse = _call_flex(
                 q, k, v, self.score_mod_for(call), self.block_mask_for(call), call.scale, call.gqa,
-                call.return_lse or sink is not None,
+                call.return_lse or sink is not None, self.triton_options(call.sig),
             )  # fmt: skip
             if sink is not None:
                 out, lse = sink.combine(out, lse)
@@ -470,12 +497,12 @@ class FlexBackend(AttentionBackend):
                 zero = rows_seen(call)
             want_lse = call.return_lse or call.sink is not None or zero is True
             low = self.lowering_for(call.sig)[0]
-            hit = (self.entry_for(call, want_lse, low), self.score_mod_for(call, low), False, self.block_mask_for(call), zero, low)
+            opts = _FLASH_OPTS if low == "flash" else self.triton_options(call.sig)
+            hit = (self.entry_for(call, want_lse, low), self.score_mod_for(call, low), False, self.block_mask_for(call), zero, low, opts)  # fmt: skip
             if call.cacheable:
                 self._by_call.put(call.key, hit, call.tokens)
-        fn, sm, expand, bm, zero, low = hit
+        fn, sm, expand, bm, zero, low, opts = hit
         want_lse = call.return_lse or call.sink is not None or zero is True
-        opts = _FLASH_OPTS if low == "flash" else None
         if expand:
             k, v = _expand_kv(call)
             out, lse = fn(q, k, v, sm, bm, call.scale, False, want_lse, opts)
@@ -497,16 +524,16 @@ class FlexBackend(AttentionBackend):
                 lines = [ln for ln in str(e).splitlines() if ln.strip()]
                 self.flash_failed[self._variant(call.sig)] = f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
                 self.stats["flash_fallbacks"] += 1
-                low, opts = "triton", None
+                low, opts = "triton", self.triton_options(call.sig)
                 fn, sm = self.entry_for(call, want_lse, low), self.score_mod_for(call, low)
                 if call.cacheable:
-                    self._by_call.put(call.key, (fn, sm, False, bm, zero, low), call.tokens)
+                    self._by_call.put(call.key, (fn, sm, False, bm, zero, low, opts), call.tokens)
                 out, lse = fn(q, k, v, sm, bm, call.scale, call.gqa, want_lse, opts)
             elif call.gqa and _GQA_COMPILE_FAILURE in str(e):
                 self.stats["gqa_expanded"] += 1
                 fn = self._entry(("expanded-kv", id(fn)))
                 if call.cacheable:
-                    self._by_call.put(call.key, (fn, sm, True, bm, zero, low), call.tokens)
+                    self._by_call.put(call.key, (fn, sm, True, bm, zero, low, opts), call.tokens)
                 k, v = _expand_kv(call)
                 out, lse = fn(q, k, v, sm, bm, call.scale, False, want_lse, opts)
             else:
