@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Round 21 b, one call (<= ~9.5 min), run from a checkout of branch flex-kernel-guarantees: flex's
-# kernel guarantees (flex_blocks.kernel_guarantees: ROWS_GUARANTEED_SAFE / BLOCKS_ARE_CONTIGUOUS
-# for plain causal and unmasked calls). On main it runs the same tests and bench without them.
+# Round 21 b, one call (<= ~9.5 min): flex's kernel guarantees (flex_blocks.kernel_guarantees:
+# ROWS_GUARANTEED_SAFE / BLOCKS_ARE_CONTIGUOUS for plain causal and unmasked calls; ran in round 21
+# from their branch, merged since).
 # On an H200: benchmarks/device_round19.sh (issue 15's one-process tables, then the CUDA churn /
 # core / layout tests, which hold the guarantee tests). On any other card:
 #   1. the CUDA tests of the touched code: core (the guarantee tests against float64), churn,

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Round 21 c, one call (<= ~5 min), from branch flex-kernel-guarantees with main merged: the CUDA
+# Round 21 c, one call (<= ~5 min), not yet run: the CUDA
 # tests after flex_tanh's registration fix (its first use may now come inside a caller's compiled
 # graph: test_cuda_train's compiled Decoder with softcap on flex / auto failed in call 6 without
 # it) and flex's kernel guarantees: test_cuda_train (all), test_cuda_core and test_cuda_hf on flex.
