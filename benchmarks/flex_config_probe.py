@@ -26,8 +26,11 @@ import time
 import torch
 import torch.nn.functional as F
 
+from anyattn.backends.flex_blocks import GUARANTEES
+from anyattn.bench.cases import alibi_slopes
+
 CAP = 30.0
-SAFE = {"ROWS_GUARANTEED_SAFE": True, "BLOCKS_ARE_CONTIGUOUS": True}
+SAFE = dict(GUARANTEES)  # what flex promises the Triton kernel where flex_blocks.kernel_guarantees holds
 FWD_CONFIGS = {
     "default": None,
     "tma": {"USE_TMA": True},
@@ -131,7 +134,7 @@ def main():
     approx = fast_tanh()
     dev = torch.device(a.device)
     S, H, D = a.seq, a.heads, 128
-    slopes = torch.tensor([2.0 ** (-8 * (i + 1) / H) for i in range(H)], device=dev)
+    slopes = alibi_slopes(H).to(dev)
     lengths = _doc_lengths(S)
     doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).to(dev)
 
