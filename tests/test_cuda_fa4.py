@@ -125,3 +125,33 @@ def test_flex_flash_lowering_runs_no_triton_attention_kernel(flex_flash):
     assert names, "the profiler saw no CUDA kernel"
     assert not [n for n in names if "triton_tem" in n], names
     assert "lowering: FLASH" in str(aa.explain(q, k, v, mask=aa.causal(), backend="flex"))
+
+
+@pytest.fixture
+def flex_auto():
+    """flex with the default lowering choice (FLASH where it is exact, Triton where measured faster)."""
+    be = REGISTRY["flex"]
+    prev = be._lowering
+    be.lowering = "auto"
+    aa.clear_caches()
+    try:
+        yield be
+    finally:
+        be.lowering = prev
+        aa.clear_caches()
+
+
+def test_flex_runs_a_softcap_forward_on_triton_and_its_backward_on_flash(flex_auto):
+    """auto on Hopper: a softcap forward with the kernel guarantees runs the Triton kernel
+    (``triton_beats_flash``), the same variant with gradients runs FLASH; both match the oracle."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Triton-over-FLASH softcap forward was measured on Hopper only")
+    q, k, v = generate_qkv(2, 8, 2, 256, 256, 128, dtype=torch.bfloat16, device="cuda", layout="bshd", seed=11)
+    kw = dict(mask=aa.causal(), score=aa.softcap(20.0))
+    assert "measured faster than FLASH for a softcap forward" in str(aa.explain(q, k, v, backend="flex", **kw))
+    tri, fl = flex_auto.stats["triton_calls"], flex_auto.stats["flash_calls"]
+    _check(compare_to_oracle(q, k, v, backend="flex", grad=False, **kw))
+    assert flex_auto.stats["triton_calls"] > tri and flex_auto.stats["flash_calls"] == fl
+    tri = flex_auto.stats["triton_calls"]
+    _check(compare_to_oracle(q, k, v, backend="flex", grad=True, **kw))
+    assert flex_auto.stats["flash_calls"] > fl and flex_auto.stats["triton_calls"] == tri

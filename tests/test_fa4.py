@@ -234,7 +234,7 @@ def _flex(arch=9, **kw):
 def test_flex_uses_flash_where_it_is_exact_and_says_why_not_elsewhere():
     be = _flex()
     assert be.flash_refusal(_sig(mask=aa.causal())) is None
-    assert be.note(_sig(mask=aa.causal(), score=aa.softcap(20.0))) == "lowering: FLASH (FlashAttention-4 CuTe kernel)"
+    assert be.note(_sig(mask=aa.causal(), score=aa.softcap(20.0), requires_grad=True)) == "lowering: FLASH (FlashAttention-4 CuTe kernel)"
     assert "float16/bfloat16" in be.flash_refusal(_sig(dtype=torch.float32))
     assert "no kernel for D=256, Dv=256" not in (be.flash_refusal(_sig(D=256)) or "")  # sm90 takes 256
     assert "no kernel for D=160" in _flex(arch=10).flash_refusal(_sig(D=160))
@@ -252,6 +252,28 @@ def test_flex_uses_flash_where_it_is_exact_and_says_why_not_elsewhere():
     assert none_here.note(_sig()) == "lowering: Triton (the FLASH lowering needs flash-attn-4)" + promise
     padded = _sig(mask=aa.padding(torch.tensor([200, 256])))
     assert none_here.note(padded) == "lowering: Triton (the FLASH lowering needs flash-attn-4)"
+
+
+def test_flex_keeps_a_softcap_forward_on_triton_where_it_was_measured_faster():
+    """Hopper, auto: a softcap forward with the kernel guarantees and tanh.approx.f32 stays on
+    Triton (measured faster than FLASH, round 22); with gradients, with other score terms, without
+    the guarantees or the fast tanh, forced FLASH, or on Blackwell, FLASH serves it."""
+    fast = "lowering: Triton (measured faster than FLASH for a softcap forward); softcap's tanh: tanh.approx.f32"
+    promise = "; kernel guarantees: rows never empty, key blocks contiguous"
+    be = _flex(lowering="auto")
+    for mask in (aa.causal(), None):
+        sig = _sig(mask=mask, score=aa.softcap(20.0))
+        assert be.lowering_for(sig) == ("triton", "measured faster than FLASH for a softcap forward")
+        assert be.note(sig) == fast + promise
+    flash = ("flash", "")
+    assert be.lowering_for(_sig(mask=aa.causal(), score=aa.softcap(20.0), requires_grad=True)) == flash
+    assert be.lowering_for(_sig(mask=aa.causal())) == flash  # no softcap
+    assert be.lowering_for(_sig(mask=aa.causal(), score=[aa.softcap(20.0), aa.alibi(torch.ones(4))])) == flash
+    assert be.lowering_for(_sig(mask=aa.sliding_window(64), score=aa.softcap(20.0))) == flash  # no guarantees
+    assert _flex(lowering="auto", kernel_guarantees=False).lowering_for(_sig(mask=aa.causal(), score=aa.softcap(20.0))) == flash
+    assert _flex(lowering="auto", fast_tanh=False).lowering_for(_sig(mask=aa.causal(), score=aa.softcap(20.0))) == flash
+    assert _flex(lowering="flash").lowering_for(_sig(mask=aa.causal(), score=aa.softcap(20.0))) == flash
+    assert _flex(arch=10, lowering="auto").lowering_for(_sig(mask=aa.causal(), score=aa.softcap(20.0))) == flash
 
 
 def test_flex_lowering_switch_from_argument_and_environment(monkeypatch):

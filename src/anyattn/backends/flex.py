@@ -303,9 +303,29 @@ class FlexBackend(AttentionBackend):
             return "triton", "ANYATTN_FLEX_LOWERING=triton"
         why = self.flash_refusal(sig)
         if why is None:
-            failed = self.flash_failed.get(self._variant(sig)) if self.lowering == "auto" else None
-            return ("triton", f"FLASH failed to compile this variant: {failed}") if failed else ("flash", "")
+            if self.lowering != "auto":
+                return "flash", ""
+            failed = self.flash_failed.get(self._variant(sig))
+            if failed:
+                return "triton", f"FLASH failed to compile this variant: {failed}"
+            if self.triton_beats_flash(sig):
+                return "triton", "measured faster than FLASH for a softcap forward"
+            return "flash", ""
         return "triton", why
+
+    def triton_beats_flash(self, sig) -> bool:
+        """Whether a call FLASH could serve runs faster on the Triton lowering, from measurements
+        (benchmarks/results/round22, H100, 1 x 16 x 16384 x 128 bf16, useful TFLOP/s): a softcap
+        forward (causal or no mask) with ``tanh.approx.f32`` and the kernel guarantees runs at 398
+        on Triton against FLASH's 344 (round 21, 8 x 2048: 313 against 273). With gradients FLASH
+        is faster (404 against 347), and on other variants FLASH wins everywhere it was measured.
+        Measured on Hopper only: on Blackwell FLASH keeps every call."""
+        scores = sig.logit_scores
+        return (
+            not sig.requires_grad and bool(scores) and all(type(s) is Softcap for s in scores)
+            and self.uses_fast_tanh(sig, "triton") and self.triton_options(sig) is not None
+            and self._flash_probe()[0] == 9
+        )  # fmt: skip
 
     def note(self, sig) -> str:
         """For ``explain``: which lowering flex uses for calls of ``sig``."""
