@@ -155,3 +155,60 @@ def test_flex_runs_a_softcap_forward_on_triton_and_its_backward_on_flash(flex_au
     tri = flex_auto.stats["triton_calls"]
     _check(compare_to_oracle(q, k, v, backend="flex", grad=True, **kw))
     assert flex_auto.stats["flash_calls"] > fl and flex_auto.stats["triton_calls"] == tri
+
+
+# --------------------------------------------------------------------------------------------
+# flex's lowering choice with gradients: GQA x score terms / masks that read the head index x
+# head dims. The FLASH backward on sm90 gave wrong gradients at D=80 and, with GQA, for alibi
+# and bias (round 23): flex must route those calls to Triton; every case matches the oracle.
+# benchmarks/flash_grad_probe.py runs the same cases with FLASH forced past those refusals.
+
+
+def _scale_by_head(s, b, h, q, kv):
+    return s * (0.5 + 0.25 * h)
+
+
+def _tilt(s, b, h, q, kv):
+    return s + 0.05 * (q - kv)
+
+
+def _grad_variants(H, S):
+    g = torch.Generator().manual_seed(4)
+    return {
+        "causal": dict(mask=aa.causal()),
+        "softcap": dict(mask=aa.causal(), score=aa.softcap(5.0)),
+        "alibi": dict(mask=aa.causal(), score=aa.alibi(torch.linspace(0.05, 0.5, H))),
+        "bias_h": dict(score=aa.bias(torch.randn(1, H, S, S, generator=g))),
+        "bias_1": dict(score=aa.bias(torch.randn(1, 1, S, S, generator=g))),
+        "score_fn_h": dict(mask=aa.causal(), score=aa.score_fn(_scale_by_head)),
+        "score_fn_q": dict(mask=aa.causal(), score=aa.score_fn(_tilt)),
+        "documents": dict(mask=aa.documents([S // 3, S - S // 3 - 5]) & aa.causal()),
+    }
+
+
+# (Hq, Hkv, S, D, dtype, variant)
+GRAD_CASES = [
+    (hq, hkv, 128, d, "bf16", var)
+    for hq, hkv in ((4, 4), (8, 2))
+    for d in (64, 128)
+    for var in ("causal", "softcap", "alibi", "bias_h", "bias_1", "score_fn_h", "score_fn_q", "documents")
+] + [
+    (hq, hkv, s, d, dt, "causal")
+    for hq, hkv in ((4, 4), (8, 2))
+    for s, d, dt in ((128, 80, "bf16"), (200, 80, "fp16"), (128, 96, "bf16"), (128, 256, "bf16"), (128, 64, "fp16"))
+]  # fmt: skip
+GRAD_IDS = [f"{v}-H{hq}/{hkv}-S{s}-D{d}-{dt}" for hq, hkv, s, d, dt, v in GRAD_CASES]
+
+
+def grad_case(case):
+    """(q, k, v, attention kwargs) of a GRAD_CASES entry."""
+    hq, hkv, s, d, dt, var = case
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dt]
+    q, k, v = generate_qkv(2, hq, hkv, s, s, d, dtype=dtype, device="cuda", layout="bshd", seed=13)
+    return q, k, v, _grad_variants(hq, s)[var]
+
+
+@pytest.mark.parametrize("case", GRAD_CASES, ids=GRAD_IDS)
+def test_flex_lowering_choice_keeps_gradients_exact(case, flex_auto):
+    q, k, v, kw = grad_case(case)
+    _check(compare_to_oracle(q, k, v, backend="flex", grad=True, **kw))

@@ -118,4 +118,43 @@ def flash_refusal(sig, probe, unfused_max_sq: int, dynamic: bool) -> str | None:
             return "the FLASH backward does not differentiate score-term tensors (a bias or slopes that require grad)"
         if torch.are_deterministic_algorithms_enabled() and sig.mask is not None and arch < 10:
             return "deterministic FLASH backward with a block mask needs sm100 (torch.use_deterministic_algorithms is on)"
+        if arch == 9 and (sig.D not in _SM90_BWD_HEAD_DIMS or sig.Dv not in _SM90_BWD_HEAD_DIMS):
+            return (
+                f"the FLASH backward on sm90 gave wrong gradients at D=80 and is checked only at D, Dv in "
+                f"{sorted(_SM90_BWD_HEAD_DIMS)}, got D={sig.D}, Dv={sig.Dv}"
+            )
+        if arch == 9 and sig.Hq != sig.Hkv and _reads_head(sig):
+            return "the FLASH backward on sm90 gives wrong gradients with GQA when a score term or the mask reads the head index"
     return None
+
+
+# The FLASH backward on sm90 (torch 2.11, flash-attn-4 4.0.0b40, H100; benchmarks/results/round23):
+# gradients matched the float64 oracle at these head dims and were wrong (errors of 1 to 10^2)
+# at D=80; with GQA they were wrong for alibi and bias, whose score_mods read the head index.
+_SM90_BWD_HEAD_DIMS = frozenset({64, 128})
+
+
+def _reads_head(sig) -> bool:
+    """Whether a score term or the mask of ``sig`` may read the head index (unknown functions
+    count as reading it)."""
+    from ..spec.masks import And, Not, Or
+    from ..spec.patterns import Dense, MaskFn
+    from ..spec.scores import Bias, Softcap, Sink
+
+    def tensor_heads(t) -> bool:
+        return not isinstance(t, torch.Tensor) or (t.dim() >= 3 and t.shape[-3] != 1)
+
+    def mask_reads(m) -> bool:
+        if isinstance(m, (And, Or)):
+            return any(mask_reads(t) for t in m.terms)
+        if isinstance(m, Not):
+            return mask_reads(m.term)
+        if isinstance(m, MaskFn):
+            return True
+        if isinstance(m, Dense):
+            return tensor_heads(m.mask)
+        return False
+
+    if sig.mask is not None and mask_reads(sig.mask):
+        return True
+    return any(tensor_heads(s.tensor) if type(s) is Bias else type(s) not in (Softcap, Sink) for s in sig.scores)

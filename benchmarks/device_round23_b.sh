@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Round 23, call 2 (<= ~9.5 min), with `carry: [".fa4"]` (benchmarks/fa4_pack.sh builds it), on a
+# Hopper or Blackwell card:
+#   1. the CUDA tests of flex's lowering choice: tests/test_cuda_fa4.py (every FA4 / FLASH test,
+#      the softcap-forward-on-Triton test, the gradient matrix) and test_cuda_core's flex, softcap,
+#      tanh and kernel-guarantee tests (-k TESTS_K), flash-attn-4 importable (<= TESTS_S s);
+#   2. benchmarks/flash_grad_probe.py: the same gradient matrix with FLASH forced past flex's
+#      refusals (where the FLASH backward itself is exact), in what is left of TOTAL s.
+# Everything comes back as $OUT/all.tar.gz plus $OUT/summary.txt and $OUT/probe.txt.
+#   OUT=/path bash benchmarks/device_round23_b.sh      # from the repository root
+FINAL=${OUT:-/tmp/out}
+OUT=$(mktemp -d /tmp/r23b.XXXXXX)
+. benchmarks/device_common.sh
+TOTAL=${TOTAL:-560}
+K=${TESTS_K:-flex or softcap or guarantees or tanh}
+if [ -f .fa4/fa4site.tar.xz ]; then
+  mkdir -p /tmp/site && xz -d < .fa4/fa4site.tar.xz | tar x -C /tmp/site
+  export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:src
+fi
+python3 -c "import flash_attn.cute; print('flash_attn.cute importable')" 2>&1 | tail -1 | tee -a "$OUT/summary.txt"
+cuda_tests "${TESTS_S:-300}" tests/test_cuda_fa4.py tests/test_cuda_core.py -k "$K or test_cuda_fa4"
+left=$(( TOTAL - $(el) )); [ "$left" -lt 40 ] && left=40
+timeout -k 5 "$left" python3 -m pytest -q -rA -p no:cacheprovider -n 14 benchmarks/flash_grad_probe.py > "$OUT/probe.log" 2>&1
+echo "probe rc=$? at $(el)s: $(tail -1 "$OUT/probe.log")" | tee -a "$OUT/summary.txt"
+grep -E '^(PASSED|FAILED|SKIPPED|ERROR)' "$OUT/probe.log" | sed 's/benchmarks\/flash_grad_probe.py::test_forced_flash_gradients//' | cut -c1-230 | sort > "$OUT/probe.txt"
+mkdir -p "$FINAL"
+tar -czf "$FINAL/all.tar.gz" -C "$OUT" .
+cp "$OUT/summary.txt" "$OUT/probe.txt" "$FINAL/"
+cat "$OUT/probe.txt" | cut -c1-160
