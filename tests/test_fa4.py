@@ -255,25 +255,29 @@ def test_flex_uses_flash_where_it_is_exact_and_says_why_not_elsewhere():
 
 
 def test_flex_keeps_gradients_off_flash_where_the_sm90_backward_was_wrong():
-    """sm90: the FLASH backward gave wrong gradients at D=80 and, with GQA, for score terms that
-    read the head index (round 23): with gradients such calls go to Triton; forward-only calls,
-    no GQA, softcap and head-independent terms keep FLASH; sm100 is not restricted."""
+    """sm90 (round 23, benchmarks/flash_grad_probe.py): the FLASH backward gave wrong gradients at
+    D=80 and, with GQA, for every score term but softcap: with gradients such calls go to Triton,
+    as do GQA calls whose mask may read the head index (never checked); forward-only calls, no
+    GQA, softcap and head-independent masks keep FLASH; sm100 is not restricted."""
     be = _flex()
-    alibi = aa.alibi(torch.ones(4))
     gqa = dict(Hkv=2, requires_grad=True)
-    assert "D=80" in be.flash_refusal(_sig(D=80, mask=aa.causal(), requires_grad=True))
+    assert "wrong gradients at D=80), got D=80, Dv=80" in be.flash_refusal(_sig(D=80, mask=aa.causal(), requires_grad=True))
+    assert "got D=256" in be.flash_refusal(_sig(D=256, mask=aa.causal(), requires_grad=True))
     assert be.flash_refusal(_sig(D=80, mask=aa.causal())) is None  # forward
-    assert be.flash_refusal(_sig(D=64, mask=aa.causal(), requires_grad=True)) is None
-    head = "GQA when a score term or the mask reads the head index"
-    for kw in (dict(mask=aa.causal(), score=alibi), dict(score=aa.bias(torch.zeros(1, 4, 256, 256))),
-               dict(score=aa.score_fn(lambda s, b, h, q, kv: s * h)), dict(mask=~aa.mask_fn(lambda b, h, q, kv: q >= kv)),
+    for d in (64, 96, 128):
+        assert be.flash_refusal(_sig(D=d, mask=aa.causal(), requires_grad=True)) is None
+    assert _flex(arch=10).flash_refusal(_sig(D=80, mask=aa.causal(), requires_grad=True)) is None
+    head = "wrong gradients with GQA for score terms other than softcap"
+    for kw in (dict(mask=aa.causal(), score=aa.alibi(torch.ones(4))), dict(score=aa.bias(torch.zeros(1, 4, 256, 256))),
+               dict(score=aa.bias(torch.zeros(1, 1, 256, 256))), dict(score=aa.score_fn(lambda s, b, h, q, kv: s + q - kv)),
+               dict(mask=~aa.mask_fn(lambda b, h, q, kv: q >= kv)),
                dict(mask=aa.dense(torch.ones(1, 4, 256, 256, dtype=torch.bool)) & aa.causal())):  # fmt: skip
         assert head in be.flash_refusal(_sig(**kw, **gqa)), kw
         assert be.flash_refusal(_sig(**kw, requires_grad=True)) is None, kw  # no GQA
         assert be.flash_refusal(_sig(**kw, Hkv=2)) is None, kw  # forward
         assert _flex(arch=10).flash_refusal(_sig(**kw, **gqa)) is None, kw
-    for kw in (dict(mask=aa.causal(), score=aa.softcap(5.0)), dict(score=aa.bias(torch.zeros(1, 1, 256, 256))),
-               dict(mask=aa.documents([100, 156]) & aa.causal())):  # fmt: skip
+    for kw in (dict(mask=aa.causal(), score=aa.softcap(5.0)), dict(mask=aa.documents([100, 156]) & aa.causal()),
+               dict(mask=aa.dense(torch.ones(1, 1, 256, 256, dtype=torch.bool)) & aa.causal())):  # fmt: skip
         assert be.flash_refusal(_sig(**kw, **gqa)) is None, kw
 
 

@@ -120,41 +120,46 @@ def flash_refusal(sig, probe, unfused_max_sq: int, dynamic: bool) -> str | None:
             return "deterministic FLASH backward with a block mask needs sm100 (torch.use_deterministic_algorithms is on)"
         if arch == 9 and (sig.D not in _SM90_BWD_HEAD_DIMS or sig.Dv not in _SM90_BWD_HEAD_DIMS):
             return (
-                f"the FLASH backward on sm90 gave wrong gradients at D=80 and is checked only at D, Dv in "
-                f"{sorted(_SM90_BWD_HEAD_DIMS)}, got D={sig.D}, Dv={sig.Dv}"
+                f"the FLASH backward on sm90 is checked only at D, Dv in {sorted(_SM90_BWD_HEAD_DIMS)} (wrong "
+                f"gradients at D=80), got D={sig.D}, Dv={sig.Dv}"
             )
-        if arch == 9 and sig.Hq != sig.Hkv and _reads_head(sig):
-            return "the FLASH backward on sm90 gives wrong gradients with GQA when a score term or the mask reads the head index"
+        if arch == 9 and sig.Hq != sig.Hkv and _gqa_bwd_unsafe(sig):
+            return (
+                "the FLASH backward on sm90 gives wrong gradients with GQA for score terms other than softcap "
+                "(alibi, bias, score_fn) and is unchecked for masks that read the head index"
+            )
     return None
 
 
-# The FLASH backward on sm90 (torch 2.11, flash-attn-4 4.0.0b40, H100; benchmarks/results/round23):
-# gradients matched the float64 oracle at these head dims and were wrong (errors of 1 to 10^2)
-# at D=80; with GQA they were wrong for alibi and bias, whose score_mods read the head index.
-_SM90_BWD_HEAD_DIMS = frozenset({64, 128})
+# The FLASH backward on sm90 (torch 2.11, flash-attn-4 4.0.0b40, H100; benchmarks/results/round23,
+# benchmarks/flash_grad_probe.py): against the float64 oracle, gradients matched at D = 64, 96 and
+# 128 and were wrong at D=80 (errors of 1 to 10, with and without GQA); D=256 does not compile with
+# a block mask. With GQA they were wrong for every score term that reads an index (alibi, bias with
+# or without a head dimension, a score_fn of q and kv only) and right for softcap, causal and
+# documents.
+_SM90_BWD_HEAD_DIMS = frozenset({64, 96, 128})
 
 
-def _reads_head(sig) -> bool:
-    """Whether a score term or the mask of ``sig`` may read the head index (unknown functions
-    count as reading it)."""
+def _gqa_bwd_unsafe(sig) -> bool:
+    """Whether a call of ``sig`` has a score term other than softcap, or a mask that may read the
+    head index (a mask function, a dense mask with a head dimension): what the sm90 FLASH
+    backward with GQA got wrong or was never checked on."""
     from ..spec.masks import And, Not, Or
     from ..spec.patterns import Dense, MaskFn
-    from ..spec.scores import Bias, Softcap, Sink
+    from ..spec.scores import Softcap, Sink
 
-    def tensor_heads(t) -> bool:
-        return not isinstance(t, torch.Tensor) or (t.dim() >= 3 and t.shape[-3] != 1)
-
-    def mask_reads(m) -> bool:
+    def mask_reads_head(m) -> bool:
         if isinstance(m, (And, Or)):
-            return any(mask_reads(t) for t in m.terms)
+            return any(mask_reads_head(t) for t in m.terms)
         if isinstance(m, Not):
-            return mask_reads(m.term)
+            return mask_reads_head(m.term)
         if isinstance(m, MaskFn):
             return True
         if isinstance(m, Dense):
-            return tensor_heads(m.mask)
+            t = m.mask
+            return not isinstance(t, torch.Tensor) or (t.dim() >= 3 and t.shape[-3] != 1)
         return False
 
-    if sig.mask is not None and mask_reads(sig.mask):
+    if any(type(s) not in (Softcap, Sink) for s in sig.scores):
         return True
-    return any(tensor_heads(s.tensor) if type(s) is Bias else type(s) not in (Softcap, Sink) for s in sig.scores)
+    return sig.mask is not None and mask_reads_head(sig.mask)
