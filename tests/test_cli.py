@@ -99,7 +99,7 @@ RESULT_TYPES = {
     "variant": str, "mode": str, "dtype": str, "impl": str, "backend": str, "chosen": str, "B": int, "S": int,
     "Hq": int, "Hkv": int, "D": int, "spec": str, "status": str, "ms": float, "first_ms": float, "tflops": float,
     "flops": float, "pairs": int, "raw": str, "raw_ms": float, "overhead_pct": float, "check": str,
-    "check_err": float, "check_bound": float, "verify": str, "reason": str,
+    "check_err": float, "check_bound": float, "verify": str, "reason": str, "lowering": str,
 }  # fmt: skip
 
 

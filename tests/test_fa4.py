@@ -381,3 +381,18 @@ def test_bench_names_force_flex_lowering_and_restore_it():
     kernels.add_arguments(p)
     sw = kernels.sweep_from_args(p.parse_args(["--quick", "--backends", "cudnn,flex:triton,flex:flash,fa4", "--variants", "doc_window"]))
     assert sw.backends == ("cudnn", "flex:triton", "flex:flash", "fa4") and sw.raw == () and sw.variants == ("doc_window",)
+
+
+def test_bench_rows_name_the_lowering_flex_ran():
+    """``bench kernels`` rows carry the lowering from explain's flex row, decided in the row's grad
+    mode; the tables name it (``flex[FLASH]``), the plot's series do not."""
+    from anyattn.bench import matrix, report
+
+    with use_backend(_flex()):
+        _, fwd = resolve(_sig(mask=aa.causal(), score=aa.softcap(20.0)), ("flex",), full=True)
+        _, bwd = resolve(_sig(mask=aa.causal(), score=aa.softcap(20.0), requires_grad=True), ("flex",), full=True)
+    assert matrix.lowering_of(fwd).startswith("Triton (measured faster than FLASH for a softcap forward)")
+    assert matrix.lowering_of(bwd) == "FLASH (FlashAttention-4 CuTe kernel)"
+    row = {"backend": "auto", "chosen": "flex", "lowering": matrix.lowering_of(bwd)}
+    assert report._name(row) == "auto>flex[FLASH]" and report._name(row, False) == "auto>flex"
+    assert report._name({"backend": "sdpa", "chosen": "sdpa", "lowering": ""}) == "sdpa"

@@ -66,6 +66,7 @@ class Result:
     check_bound: float  # its bound: 2 x (3 x for grads) eager-same-dtype error + 1e-5 (1e-4)
     verify: str  # where it was checked: "full shape" or "reduced: B=.. S=.."
     reason: str  # why skipped, or the error
+    lowering: str = ""  # rows that ran flex: "FLASH" | "Triton" | "unfused", and why (from explain)
 
     @property
     def key(self) -> tuple:
@@ -196,8 +197,8 @@ def _run_anyattn_as(name, be_name, cfg, inp, get_ref, base, state, raw_ms) -> Re
     why = state.over_budget()
     if why:
         return Result(**dict(row, reason=why))
-    try:
-        d = explain(inp.q, inp.k, inp.v, backend=be_name, **inp.kwargs())
+    try:  # decided with the inputs' grad mode: the lowering flex takes may depend on it
+        d = explain(inp.q.detach().requires_grad_(cfg.grad), inp.k, inp.v, backend=be_name, **inp.kwargs())
     except Exception as e:  # noqa: BLE001 - a raising case is recorded, the run goes on
         return Result(**dict(row, status="failed", check="error", reason=err_text(e)))
     if d.chosen is None:
@@ -211,6 +212,7 @@ def _run_anyattn_as(name, be_name, cfg, inp, get_ref, base, state, raw_ms) -> Re
         return Result(**dict(row, reason=f"refused: {why}"))
     chosen = d.chosen
     row["chosen"] = chosen
+    row["lowering"] = lowering_of(d)
     if chosen == "flex":
         why = state.flex_allowed(cfg)
         if why:
@@ -233,7 +235,9 @@ def _run_anyattn_as(name, be_name, cfg, inp, get_ref, base, state, raw_ms) -> Re
             return failed
         t = measure(fn, cfg.device)
         if name == "auto":  # the timed calls reuse one mask: auto's choice for values seen before
-            chosen = row["chosen"] = explain(inp.q, inp.k, inp.v, backend=be_name, **inp.kwargs()).chosen or chosen
+            d = explain(inp.q.detach().requires_grad_(cfg.grad), inp.k, inp.v, backend=be_name, **inp.kwargs())
+            chosen = row["chosen"] = d.chosen or chosen
+            row["lowering"] = lowering_of(d)
     except Exception as e:  # noqa: BLE001
         free(cfg.device)
         check = "error" if row["check"] != "ok" else "ok"
@@ -245,6 +249,14 @@ def _run_anyattn_as(name, be_name, cfg, inp, get_ref, base, state, raw_ms) -> Re
         **dict(row, status="ok", ms=t.ms, tflops=fmt_tflops(row["flops"], t.ms), raw=cp if ovh == ovh else "",
                raw_ms=rms, overhead_pct=ovh)
     )  # fmt: skip
+
+
+def lowering_of(decision) -> str:
+    """The lowering the chosen backend reports in ``explain`` ("FLASH (...)", "Triton (why)"), or ""."""
+    for r in decision.rows:
+        if r.backend == decision.chosen and "lowering: " in r.reason:
+            return r.reason.split("lowering: ", 1)[1]
+    return ""
 
 
 def _run_raw(name, cfg, inp, get_ref, base, state) -> Result:

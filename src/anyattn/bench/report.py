@@ -31,9 +31,13 @@ def _ovh(x) -> str:
     return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.0f}%"
 
 
-def _name(r) -> str:
+def _name(r, lowering: bool = True) -> str:
+    """The row's name: ``auto>chosen`` for auto; with ``lowering``, flex rows carry the lowering
+    that ran (``flex[FLASH]``, ``flex[Triton]``)."""
     b, c = _get(r, "backend"), _get(r, "chosen")
-    return f"auto>{c}" if b == "auto" and c else b
+    name = f"auto>{c}" if b == "auto" and c else b
+    low = (r.get("lowering") if isinstance(r, dict) else getattr(r, "lowering", "")) or ""
+    return f"{name}[{low.split(' ', 1)[0]}]" if low and lowering else name
 
 
 def _get(r, k):
@@ -192,7 +196,7 @@ def plot(path: str, results, meta) -> str | None:
     if not ok:
         return "kernels.png not written: no measured rows"
     cases = list(dict.fromkeys((r.variant, r.mode, r.dtype, r.B, r.S) for r in ok))
-    names = list(dict.fromkeys(_name(r) if r.backend != "auto" else "auto" for r in ok))
+    names = list(dict.fromkeys(_name(r, False) if r.backend != "auto" else "auto" for r in ok))
     fig, ax = plt.subplots(figsize=(10, max(3.0, 0.22 * len(ok) + 0.4 * len(cases))))
     cmap = plt.get_cmap("tab20")
     y, ticks, labels = 0.0, [], []
@@ -201,7 +205,7 @@ def plot(path: str, results, meta) -> str | None:
         rows = [r for r in ok if (r.variant, r.mode, r.dtype, r.B, r.S) == case]
         start = y
         for r in rows:
-            nm = "auto" if r.backend == "auto" else _name(r)
+            nm = "auto" if r.backend == "auto" else _name(r, False)
             lab = nm if nm not in seen else None
             seen.add(nm)
             ax.barh(y, r.tflops, color=cmap(names.index(nm) % 20), label=lab, height=0.8)
