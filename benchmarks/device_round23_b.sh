@@ -9,7 +9,8 @@
 #      refusals (where the FLASH backward itself is exact), in what is left of TOTAL s.
 # Everything comes back as $OUT/all.tar.gz plus $OUT/summary.txt, $OUT/probe.txt and $OUT/oor.txt.
 # SKIP_PROBE=1 leaves step 2 out; BENCH=1 then runs `bench kernels --preset h200` on causal, softcap
-# and ALiBi (bf16) with cuDNN and flex's FLASH and Triton lowerings forced, in what is left of TOTAL.
+# and ALiBi (bf16; BENCH_VARIANTS) with cuDNN and flex's FLASH and Triton lowerings forced
+# (BENCH_BACKENDS), in what is left of TOTAL.
 #   OUT=/path bash benchmarks/device_round23_b.sh      # from the repository root
 FINAL=${OUT:-/tmp/out}
 OUT=$(mktemp -d /tmp/r23b.XXXXXX)
@@ -32,8 +33,8 @@ grep -E '^(PASSED|FAILED|SKIPPED|ERROR)' "$OUT/probe.log" | sed 's/benchmarks\/f
 wait $OOR; echo "oor probe rc=$?" >> "$OUT/summary.txt"
 if [ "${BENCH:-0}" = 1 ]; then  # BENCH=1: flex's two lowerings side by side on causal, softcap, ALiBi
   left=$(( TOTAL - $(el) )); [ "$left" -lt 40 ] && left=40
-  timeout -s TERM -k 5 "$left" python3 -m anyattn bench kernels --preset h200 --variants causal,softcap,alibi --dtypes bf16 \
-    --backends cudnn,flex:flash,flex:triton --budget-s $(( left - 15 )) --no-progress --no-host-overhead --out "$OUT/kernels" \
+  timeout -s TERM -k 5 "$left" python3 -m anyattn bench kernels --preset h200 --variants "${BENCH_VARIANTS:-causal,softcap,alibi}" --dtypes bf16 \
+    --backends "${BENCH_BACKENDS:-cudnn,flex:flash,flex:triton}" --budget-s $(( left - 15 )) --no-progress --no-host-overhead --out "$OUT/kernels" \
     > "$OUT/kernels.log" 2>&1
   echo "kernels rc=$? at $(el)s" | tee -a "$OUT/summary.txt"
   tail -30 "$OUT/kernels.log"
