@@ -363,6 +363,45 @@ def test_a_flash_compile_failure_falls_back_to_triton_for_that_variant(monkeypat
         forced.run(make_call(q, k, v, mask=aa.causal()))
 
 
+def test_a_triton_kernel_out_of_shared_memory_compiles_again_with_fewer_stages(monkeypatch):
+    """Triton "No valid triton configs ... out of resource" (round 23: a bias at D=64 on an H100):
+    flex retries the variant with num_stages 2, then 1, keeps the cap for the variant (explain
+    says so), and re-raises what still fails. The entry points are stand-ins: nothing compiles."""
+    q, k, v = generate_qkv(1, 2, 2, 32, 32, 16, seed=4)
+    ref = oracle(q, k, v, mask=aa.causal())
+    ran, limit = [], {"fits": 2}
+    oor = "No valid triton configs. OutOfMemoryError: out of resource: triton_tem_fused_flex_attention_4 Required: 245760"
+
+    def entry_for(self, call, return_lse, lowering="triton"):
+        def fn(q, k, v, score_mod, block_mask, scale, gqa, want_lse, opts):
+            ran.append(opts)
+            if (opts or {}).get("num_stages", 3) > limit["fits"]:
+                raise RuntimeError(oor)
+            return aa.attention(q, k, v, mask=aa.causal(), backend="eager").to(q.dtype), None
+
+        return fn
+
+    monkeypatch.setattr(FlexBackend, "entry_for", entry_for)
+    be = FlexBackend(flash_probe=lambda: (0, "no FLASH here"), lowering="auto")
+    out, _ = be.run(make_call(q, k, v, mask=aa.causal()))
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    assert ran == [None, {"num_stages": 2}] and be.stats["fewer_stages"] == 1 and be.stats["triton_calls"] == 1
+    assert list(be.triton_stages.values()) == [2]
+    assert be.triton_options(make_call(q, k, v, mask=aa.causal()).sig) == {"num_stages": 2}
+    be.run(make_call(q, k, v, mask=aa.causal()))  # the cached decision: straight to 2 stages
+    assert ran[-1] == {"num_stages": 2} and be.stats["fewer_stages"] == 1
+
+    limit["fits"] = 1  # needs one stage
+    be2 = FlexBackend(flash_probe=lambda: (0, "no FLASH here"), lowering="auto")
+    be2.run(make_call(q, k, v, mask=aa.causal()))
+    assert ran[-3:] == [None, {"num_stages": 2}, {"num_stages": 1}] and be2.stats["fewer_stages"] == 2
+
+    limit["fits"] = 0  # never fits: the failure is raised
+    be3 = FlexBackend(flash_probe=lambda: (0, "no FLASH here"), lowering="auto")
+    with pytest.raises(RuntimeError, match="No valid triton configs"):
+        be3.run(make_call(q, k, v, mask=aa.causal()))
+
+
 # --------------------------------------------------------------------------------------------
 # bench kernels: flex's lowerings as bench backend names
 

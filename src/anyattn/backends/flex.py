@@ -78,10 +78,13 @@ UNFUSED_MAX_SCORES = 2**26
 # benchmarks/flex_diag.py; results in benchmarks/results/flex_diag_h200.txt. When it happens the
 # kv heads are repeated to the query heads (the same math: head h reads kv head h // (Hq // Hkv))
 # and that form is compiled instead; the call stays on flex and stays exact.
-# Round 23 (H100, torch 2.11): a bias score_mod with GQA (8 query / 2 kv heads, D=64, S=128) and
-# gradients failed the same way with "No valid triton configs. OutOfMemoryError: out of resource"
-# (shared memory); benchmarks/flex_gqa_oor_probe.py says which forms compile.
-_GQA_COMPILE_FAILURES = ("NoValidChoicesError", "No valid triton configs")
+_GQA_COMPILE_FAILURE = "NoValidChoicesError"
+# Round 23 (H100, torch 2.11): a bias score_mod (8 query / 2 kv heads, D=64, S=128, bf16, with
+# gradients) failed to compile with "No valid triton configs. OutOfMemoryError: out of resource:
+# ... Required: 245760 Hardware limit: 232448": the default config pipelines 3 stages of K, V and
+# the float32 bias tile. flex recompiles such a variant with 2, then 1 stage (``triton_stages``);
+# benchmarks/flex_gqa_oor_probe.py says which forms compile.
+_OUT_OF_SHARED_MEMORY = "No valid triton configs"
 
 class FlexFallbackError(AnyAttnError, RuntimeError):
     """The compiled FlexAttention kernel could not be used and the unfused path was refused."""
@@ -193,9 +196,11 @@ class FlexBackend(AttentionBackend):
         self.kernel_guarantees = kernel_guarantees  # tell the Triton kernel what the mask guarantees
         self._entries: dict = {}
         self.flash_failed: dict = {}  # variant key -> why FLASH failed to compile (auto uses Triton for it)
+        self.triton_stages: dict = {}  # variant key -> num_stages cap after a shared-memory compile failure
         self._ran: set = set()  # ids of entry points that have run once (compiled)
         self.stats = {"block_mask_builds": 0, "structured_block_masks": 0, "compiled_entries": 0, "gqa_expanded": 0,
-                      "page_table_block_masks": 0, "flash_calls": 0, "triton_calls": 0, "flash_fallbacks": 0, "unfused_calls": 0}  # fmt: skip
+                      "page_table_block_masks": 0, "flash_calls": 0, "triton_calls": 0, "flash_fallbacks": 0, "unfused_calls": 0,
+                      "fewer_stages": 0}  # fmt: skip
 
     def available(self) -> str | None:
         try:
@@ -281,14 +286,23 @@ class FlexBackend(AttentionBackend):
         self._kernel_guarantees = bool(value)
         self._by_call.clear()
 
+    def promises(self, sig) -> bool:
+        """Whether calls of ``sig`` on the Triton lowering get the kernel guarantees."""
+        return self._kernel_guarantees and kernel_guarantees(sig)
+
     def triton_options(self, sig) -> dict | None:
-        """The ``kernel_options`` of calls of ``sig`` on the Triton lowering (None: torch's defaults)."""
-        return GUARANTEES if self._kernel_guarantees and kernel_guarantees(sig) else None
+        """The ``kernel_options`` of calls of ``sig`` on the Triton lowering (None: torch's defaults):
+        the kernel guarantees where they hold, and a pipeline-stage cap for a variant whose
+        default kernel ran out of shared memory (``triton_stages``)."""
+        opts = GUARANTEES if self.promises(sig) else None
+        stages = self.triton_stages.get(self._variant(sig))
+        return opts if stages is None else {**(opts or {}), "num_stages": stages}
 
     def clear(self) -> None:
         self.block_masks.clear()
         self._by_call.clear()
         self.flash_failed.clear()
+        self.triton_stages.clear()
         clear_rows()
 
     # -- lowering choice (FLASH / Triton) ---------------------------------------------------
@@ -326,7 +340,7 @@ class FlexBackend(AttentionBackend):
         scores = sig.logit_scores
         return (
             not sig.requires_grad and bool(scores) and all(type(s) is Softcap for s in scores)
-            and self.uses_fast_tanh(sig, "triton") and self.triton_options(sig) is not None
+            and self.uses_fast_tanh(sig, "triton") and self.promises(sig)
             and self._flash_probe()[0] == 9
         )  # fmt: skip
 
@@ -340,8 +354,32 @@ class FlexBackend(AttentionBackend):
         if low == "flash":
             return "lowering: FLASH (FlashAttention-4 CuTe kernel)"
         tanh = "; softcap's tanh: tanh.approx.f32" if self.uses_fast_tanh(sig, low) else ""
-        promise = "; kernel guarantees: rows never empty, key blocks contiguous" if self.triton_options(sig) else ""
-        return f"lowering: Triton ({why}){tanh}{promise}"
+        promise = "; kernel guarantees: rows never empty, key blocks contiguous" if self.promises(sig) else ""
+        stages = self.triton_stages.get(self._variant(sig))
+        cap = f"; {stages} pipeline stages (the default kernel ran out of shared memory)" if stages else ""
+        return f"lowering: Triton ({why}){tanh}{promise}{cap}"
+
+    def _run_with_fewer_stages(self, call, fn, sm, bm, zero, want_lse, first):
+        """Compile a Triton variant that ran out of shared memory with 2, then 1 pipeline stage;
+        the cap is kept for the variant (later calls, new packings included, start with it)."""
+        key, err = self._variant(call.sig), first
+        for stages in (2, 1):
+            if stages >= self.triton_stages.get(key, 3):
+                continue
+            self.triton_stages[key] = stages
+            self.stats["fewer_stages"] += 1
+            opts = self.triton_options(call.sig)
+            try:
+                out, lse = fn(call.q, call.k, call.v, sm, bm, call.scale, call.gqa, want_lse, opts)
+            except Exception as e:  # noqa: BLE001 - only the same failure is retried
+                if _OUT_OF_SHARED_MEMORY not in str(e):
+                    raise
+                err = e
+                continue
+            if call.cacheable:
+                self._by_call.put(call.key, (fn, sm, False, bm, zero, "triton", opts), call.tokens)
+            return out, lse
+        raise err
 
     def reads_pages(self, sig) -> bool:
         return True  # a BlockMask over the pool, through the page table (see _paged)
@@ -552,7 +590,11 @@ class FlexBackend(AttentionBackend):
                 if call.cacheable:
                     self._by_call.put(call.key, (fn, sm, False, bm, zero, low, opts), call.tokens)
                 out, lse = fn(q, k, v, sm, bm, call.scale, call.gqa, want_lse, opts)
-            elif call.gqa and any(m in str(e) for m in _GQA_COMPILE_FAILURES):
+            elif low == "triton" and _OUT_OF_SHARED_MEMORY in str(e) and self.triton_stages.get(self._variant(call.sig), 3) > 1:
+                # the default config's software pipeline keeps a tile of every tensor the score_mod
+                # loads per stage (a float32 bias: 64 KiB at 128 x 128): fewer stages, same math
+                out, lse = self._run_with_fewer_stages(call, fn, sm, bm, zero, want_lse, e)
+            elif call.gqa and _GQA_COMPILE_FAILURE in str(e):
                 self.stats["gqa_expanded"] += 1
                 fn = self._entry(("expanded-kv", id(fn)))
                 if call.cacheable:
