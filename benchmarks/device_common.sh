@@ -22,3 +22,13 @@ cuda_tests() {
   echo "tests rc=$? at $(el)s: $(tail -1 "$OUT/tests.log")" | tee -a "$OUT/summary.txt"
   grep -E '^FAILED|^ERROR' "$OUT/tests.log" | cut -c1-250 | head -20 | tee -a "$OUT/summary.txt"
 }
+
+# use_fa4_site: flash-attn-4 on the path from .fa4/fa4site.tar.xz (`carry: [".fa4"]`; built by
+# benchmarks/fa4_pack.sh), and whether flash_attn.cute imports, appended to $OUT/summary.txt.
+use_fa4_site() {
+  if [ -f .fa4/fa4site.tar.xz ]; then
+    mkdir -p /tmp/site && xz -d < .fa4/fa4site.tar.xz | tar x -C /tmp/site
+    export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:src
+  fi
+  python3 -c "import flash_attn.cute; print('flash_attn.cute importable')" 2>&1 | tail -1 | tee -a "$OUT/summary.txt"
+}

@@ -15,11 +15,7 @@ OUT=$(mktemp -d /tmp/r23.XXXXXX)
 . benchmarks/device_common.sh
 TOTAL=${TOTAL:-560}
 K=${TESTS_K:-flex or softcap or guarantees or tanh}
-if [ -f .fa4/fa4site.tar.xz ]; then
-  mkdir -p /tmp/site && xz -d < .fa4/fa4site.tar.xz | tar x -C /tmp/site
-  export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:src
-fi
-python3 -c "import flash_attn.cute; print('flash_attn.cute importable')" 2>&1 | tail -1 | tee -a "$OUT/summary.txt"
+use_fa4_site
 H200=0
 nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && H200=1
 if [ "$H200" = 1 ]; then

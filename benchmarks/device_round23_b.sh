@@ -17,11 +17,7 @@ OUT=$(mktemp -d /tmp/r23b.XXXXXX)
 . benchmarks/device_common.sh
 TOTAL=${TOTAL:-560}
 K=${TESTS_K:-flex or softcap or guarantees or tanh}
-if [ -f .fa4/fa4site.tar.xz ]; then
-  mkdir -p /tmp/site && xz -d < .fa4/fa4site.tar.xz | tar x -C /tmp/site
-  export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:src
-fi
-python3 -c "import flash_attn.cute; print('flash_attn.cute importable')" 2>&1 | tail -1 | tee -a "$OUT/summary.txt"
+use_fa4_site
 timeout -k 5 200 python3 benchmarks/flex_gqa_oor_probe.py > "$OUT/oor.txt" 2>&1 &  # compiles only: no timing
 OOR=$!
 cuda_tests "${TESTS_S:-300}" tests/test_cuda_fa4.py tests/test_cuda_core.py -k "$K or test_cuda_fa4"

@@ -17,7 +17,7 @@ import torch
 
 import anyattn as aa
 from anyattn.backends import REGISTRY
-from anyattn.testing import compare_to_oracle, generate_qkv
+from anyattn.testing import compare_to_oracle, flex_lowering, generate_qkv
 
 
 def _fa4_missing() -> str | None:
@@ -94,15 +94,8 @@ def test_fa4_refuses_what_it_cannot_compute():
 @pytest.fixture
 def flex_flash():
     """flex with the FLASH lowering forced (a call FLASH cannot serve is refused, never Triton)."""
-    be = REGISTRY["flex"]
-    prev = be._lowering
-    be.lowering = "flash"
-    aa.clear_caches()
-    try:
+    with flex_lowering("flash") as be:
         yield be
-    finally:
-        be.lowering = prev
-        aa.clear_caches()
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] in FLEX_CASES], ids=list(FLEX_CASES))
@@ -130,15 +123,8 @@ def test_flex_flash_lowering_runs_no_triton_attention_kernel(flex_flash):
 @pytest.fixture
 def flex_auto():
     """flex with the default lowering choice (FLASH where it is exact, Triton where measured faster)."""
-    be = REGISTRY["flex"]
-    prev = be._lowering
-    be.lowering = "auto"
-    aa.clear_caches()
-    try:
+    with flex_lowering("auto") as be:
         yield be
-    finally:
-        be.lowering = prev
-        aa.clear_caches()
 
 
 def test_flex_runs_a_softcap_forward_on_triton_and_its_backward_on_flash(flex_auto):

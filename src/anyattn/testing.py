@@ -63,6 +63,22 @@ def record_calls():
 
 
 @contextlib.contextmanager
+def flex_lowering(lowering: str | None):
+    """flex with its lowering set inside the block (``"auto"``, ``"flash"``, ``"triton"``; None:
+    ``ANYATTN_FLEX_LOWERING``), the previous one restored after it; decisions and lowered forms
+    are dropped on entry and exit (they were taken under the other lowering). Yields flex."""
+    flex = REGISTRY["flex"]
+    prev = flex._lowering
+    flex.lowering = lowering
+    _api.clear_caches()
+    try:
+        yield flex
+    finally:
+        flex.lowering = prev
+        _api.clear_caches()
+
+
+@contextlib.contextmanager
 def use_backend(impl: AttentionBackend):
     """Serve ``impl.name`` with ``impl`` inside the block (decisions and availability are
     recomputed on entry and exit). Yields ``impl``."""

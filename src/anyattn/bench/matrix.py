@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import attention, clear_caches, explain
-from ..backends import REGISTRY
+from .. import attention, explain
+from ..testing import flex_lowering
 from . import raw, verify
 from .cases import Config, attention_flops, build_inputs, build_terms, fmt_tflops, make_config, score_gib, visible_pairs
 from .timing import first_call_ms, host_us_per_call, measure
@@ -175,15 +175,8 @@ def lowered(name: str):
     if name not in LOWERED:
         yield name
         return
-    flex = REGISTRY["flex"]
-    prev = flex._lowering
-    flex.lowering = name.split(":")[1]
-    clear_caches()
-    try:
+    with flex_lowering(name.split(":")[1]):
         yield "flex"
-    finally:
-        flex.lowering = prev
-        clear_caches()
 
 
 def _run_anyattn(name, cfg, inp, get_ref, base, state, raw_ms) -> Result:
