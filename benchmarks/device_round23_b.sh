@@ -8,7 +8,7 @@
 #   2. benchmarks/flash_grad_probe.py: the same gradient matrix with FLASH forced past flex's
 #      refusals (where the FLASH backward itself is exact), in what is left of TOTAL s.
 # Everything comes back as $OUT/all.tar.gz plus $OUT/summary.txt, $OUT/probe.txt and $OUT/oor.txt.
-# SKIP_PROBE=1 leaves step 2 out; BENCH=1 then runs `bench kernels --preset h200` on causal, softcap
+# TESTS_SEL replaces the whole -k expression of step 1. SKIP_PROBE=1 leaves step 2 out; BENCH=1 then runs `bench kernels --preset h200` on causal, softcap
 # and ALiBi (bf16; BENCH_VARIANTS) with cuDNN and flex's FLASH and Triton lowerings forced
 # (BENCH_BACKENDS), in what is left of TOTAL.
 #   OUT=/path bash benchmarks/device_round23_b.sh      # from the repository root
@@ -20,7 +20,7 @@ K=${TESTS_K:-flex or softcap or guarantees or tanh}
 use_fa4_site
 timeout -k 5 200 python3 benchmarks/flex_gqa_oor_probe.py > "$OUT/oor.txt" 2>&1 &  # compiles only: no timing
 OOR=$!
-cuda_tests "${TESTS_S:-300}" tests/test_cuda_fa4.py tests/test_cuda_core.py -k "$K or test_cuda_fa4"
+cuda_tests "${TESTS_S:-300}" tests/test_cuda_fa4.py tests/test_cuda_core.py -k "${TESTS_SEL:-$K or test_cuda_fa4}"
 left=$(( TOTAL - $(el) )); [ "$left" -lt 40 ] && left=40
 [ "${SKIP_PROBE:-0}" = 1 ] && left=1  # SKIP_PROBE=1: tests (and the OOR probe) only
 timeout -k 5 "$left" python3 -m pytest -q -rA -p no:cacheprovider -n 14 benchmarks/flash_grad_probe.py > "$OUT/probe.log" 2>&1
