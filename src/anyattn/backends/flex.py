@@ -335,8 +335,10 @@ class FlexBackend(AttentionBackend):
         (benchmarks/results/round22, H100, 1 x 16 x 16384 x 128 bf16, useful TFLOP/s): a softcap
         forward (causal or no mask) with ``tanh.approx.f32`` and the kernel guarantees runs at 398
         on Triton against FLASH's 344 (round 21, 8 x 2048: 313 against 273). With gradients FLASH
-        is faster (404 against 347), and on other variants FLASH wins everywhere it was measured.
-        Measured on Hopper only: on Blackwell FLASH keeps every call."""
+        is faster (404 against 347), and so it is on documents and sliding windows at that shape.
+        (ALiBi at 8 x 2048 ran slower in a round-23 row believed to be FLASH, a run that did not
+        record the lowering: not acted on.) Measured on Hopper only: on Blackwell FLASH keeps
+        every call."""
         scores = sig.logit_scores
         return (
             not sig.requires_grad and bool(scores) and all(type(s) is Softcap for s in scores)
