@@ -31,6 +31,7 @@ LAYERS = [
 SHARED_BACKEND_HELPERS = {
     "anyattn.backends", "anyattn.backends.base", "anyattn.backends._varlen", "anyattn.backends._sdp_switch",
     "anyattn.backends.flex_blocks",  # flex's own block structure, split out of flex.py for size
+    "anyattn.backends.flex_compile",  # flex's known compile failures and entry keys, split out of flex.py for size
     "anyattn.backends.flex_lowering",  # flex's FLASH/Triton lowering choice, split out of flex.py for size
     "anyattn.backends.flex_paged",  # flex's BlockMask on a paged KV cache, split out of flex.py for size
     "anyattn.backends.flex_tanh",  # softcap's tanh in flex's CUDA Triton kernels (a custom op and its lowering)

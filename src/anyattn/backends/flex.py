@@ -53,6 +53,7 @@ from .base import AttentionBackend, Facts
 from .flex_blocks import (
     GUARANTEES, clear_rows, kernel_guarantees, may_have_empty_rows, rows_seen, structured_block_mask,
 )  # fmt: skip
+from .flex_compile import GQA_COMPILE_FAILURE, OUT_OF_SHARED_MEMORY, code_ids, expand_kv, is_recompile_limit
 from .flex_lowering import _FLASH_OPTS, LOWERINGS, _flash_probe, _lowering_from_env, flash_refusal
 from .flex_paged import paged_block_mask
 from .flex_tanh import fast_tanh as _tanh_op
@@ -72,19 +73,6 @@ _DYNAMIC = os.environ.get("ANYATTN_FLEX_DYNAMIC", "0") == "1"
 UNFUSED_MAX_SQ = 16
 UNFUSED_MAX_SCORES = 2**26
 
-# Known issue (torch 2.11, H200): FlexAttention forward+backward with GQA fails to compile at some
-# sequence lengths ("NoValidChoicesError: No choices to select", e.g. S=113 with 8 query / 2 kv
-# heads; the same geometry without GQA, and S=128 or 200 with GQA, compile). Reproducer:
-# benchmarks/flex_diag.py; results in benchmarks/results/flex_diag_h200.txt. When it happens the
-# kv heads are repeated to the query heads (the same math: head h reads kv head h // (Hq // Hkv))
-# and that form is compiled instead; the call stays on flex and stays exact.
-_GQA_COMPILE_FAILURE = "NoValidChoicesError"
-# Round 23 (H100, torch 2.11): a bias score_mod (8 query / 2 kv heads, D=64, S=128, bf16, with
-# gradients) failed to compile with "No valid triton configs. OutOfMemoryError: out of resource:
-# ... Required: 245760 Hardware limit: 232448": the default config pipelines 3 stages of K, V and
-# the float32 bias tile. flex recompiles such a variant with 2, then 1 stage (``triton_stages``);
-# benchmarks/flex_gqa_oor_probe.py says which forms compile.
-_OUT_OF_SHARED_MEMORY = "No valid triton configs"
 
 class FlexFallbackError(AnyAttnError, RuntimeError):
     """The compiled FlexAttention kernel could not be used and the unfused path was refused."""
@@ -142,34 +130,6 @@ def _call_flex(q, k, v, score_mod, block_mask, scale, enable_gqa, return_lse, op
         q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, kernel_options=opts
     )
     return out, None
-
-
-def _code_ids(term) -> tuple:
-    """The user functions inside a term: a different function is a different kernel."""
-    out = []
-    for name in getattr(term, "__dataclass_fields__", ()):
-        v = getattr(term, name)
-        if isinstance(v, tuple):
-            for x in v:
-                out.extend(_code_ids(x))
-        elif hasattr(v, "__dataclass_fields__") and not hasattr(v, "cu_seqlens"):
-            out.extend(_code_ids(v))
-        elif callable(v) and not isinstance(v, torch.Tensor):
-            out.append(id(getattr(v, "__code__", v)))
-    return tuple(out)
-
-
-def _is_recompile_limit(e: BaseException) -> bool:
-    """Dynamo's recompile-limit failure (torch 2.11 raises FailOnRecompileLimitHit, "Hard failure
-    due to fullgraph=True", chained to an Unsupported("Dynamo recompile limit exceeded"))."""
-    seen = 0
-    while e is not None and seen < 8:
-        name = type(e).__name__
-        if "RecompileLimit" in name or "CacheLimit" in name or "recompile limit" in str(e):
-            return True
-        e = e.__cause__ or e.__context__
-        seen += 1
-    return False
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,7 +334,7 @@ class FlexBackend(AttentionBackend):
             try:
                 out, lse = fn(call.q, call.k, call.v, sm, bm, call.scale, call.gqa, want_lse, opts)
             except Exception as e:  # noqa: BLE001 - only the same failure is retried
-                if _OUT_OF_SHARED_MEMORY not in str(e):
+                if OUT_OF_SHARED_MEMORY not in str(e):
                     raise
                 err = e
                 continue
@@ -405,7 +365,7 @@ class FlexBackend(AttentionBackend):
         sig = call.sig
         key = (
             sig.mask.structure if sig.mask is not None else None, tuple(s.structure for s in sig.scores),
-            _code_ids(call.mask), tuple(_code_ids(s) for s in call.scores), sig.device.type,
+            code_ids(call.mask), tuple(code_ids(s) for s in call.scores), sig.device.type,
             None if _DYNAMIC else (tuple(call.q.shape), tuple(call.k.shape), tuple(call.v.shape)),
             sig.dtype, sig.requires_grad, return_lse, lowering,
         )  # fmt: skip
@@ -501,8 +461,8 @@ class FlexBackend(AttentionBackend):
                 # the pool-coordinate mask captures tensors of fixed shapes: one kernel for every step;
                 # a logical-coordinate mask captures tensors of the logical key length: one per bucket
                 fn = self._entry((
-                    "paged", sig.mask.structure, tuple(x.structure for x in sig.scores), _code_ids(call.mask),
-                    tuple(_code_ids(x) for x in call.scores), sig.device.type, tuple(call.q.shape), tuple(kp.shape),
+                    "paged", sig.mask.structure, tuple(x.structure for x in sig.scores), code_ids(call.mask),
+                    tuple(code_ids(x) for x in call.scores), sig.device.type, tuple(call.q.shape), tuple(kp.shape),
                     tuple(vp.shape), sig.dtype, want_lse, None if pooled else geo.Sk,
                 ))  # fmt: skip
             hit = (fn, sm, bm, zero, want_lse)
@@ -567,14 +527,14 @@ class FlexBackend(AttentionBackend):
         fn, sm, expand, bm, zero, low, opts = hit
         want_lse = call.return_lse or call.sink is not None or zero is True
         if expand:
-            k, v = _expand_kv(call)
+            k, v = expand_kv(call)
             out, lse = fn(q, k, v, sm, bm, call.scale, False, want_lse, opts)
             self.stats[f"{low}_calls"] += 1
             return _finish(call, out, lse, zero)
         try:
             out, lse = fn(q, k, v, sm, bm, call.scale, call.gqa, want_lse, opts)
         except Exception as e:  # noqa: BLE001 - re-raised below unless it is one of three known cases
-            if _is_recompile_limit(e):
+            if is_recompile_limit(e):
                 # fullgraph=True: dynamo raises at its recompile limit; say what it means
                 raise FlexFallbackError(
                     f"flex: torch.compile reached its recompile limit ({torch._dynamo.config.recompile_limit}) for "
@@ -592,16 +552,16 @@ class FlexBackend(AttentionBackend):
                 if call.cacheable:
                     self._by_call.put(call.key, (fn, sm, False, bm, zero, low, opts), call.tokens)
                 out, lse = fn(q, k, v, sm, bm, call.scale, call.gqa, want_lse, opts)
-            elif low == "triton" and _OUT_OF_SHARED_MEMORY in str(e) and self.triton_stages.get(self._variant(call.sig), 3) > 1:
+            elif low == "triton" and OUT_OF_SHARED_MEMORY in str(e) and self.triton_stages.get(self._variant(call.sig), 3) > 1:
                 # the default config's software pipeline keeps a tile of every tensor the score_mod
                 # loads per stage (a float32 bias: 64 KiB at 128 x 128): fewer stages, same math
                 out, lse = self._run_with_fewer_stages(call, fn, sm, bm, zero, want_lse, e)
-            elif call.gqa and _GQA_COMPILE_FAILURE in str(e):
+            elif call.gqa and GQA_COMPILE_FAILURE in str(e):
                 self.stats["gqa_expanded"] += 1
                 fn = self._entry(("expanded-kv", id(fn)))
                 if call.cacheable:
                     self._by_call.put(call.key, (fn, sm, True, bm, zero, low, opts), call.tokens)
-                k, v = _expand_kv(call)
+                k, v = expand_kv(call)
                 out, lse = fn(q, k, v, sm, bm, call.scale, False, want_lse, opts)
             else:
                 raise
@@ -624,8 +584,3 @@ def _finish(call, out, lse, zero):
     if sink is not None:
         out, lse = sink.combine(out, lse)
     return out, (lse if call.return_lse else None)
-
-
-def _expand_kv(call):
-    g = call.geo.H // call.Hkv
-    return call.k.repeat_interleave(g, dim=1), call.v.repeat_interleave(g, dim=1)
