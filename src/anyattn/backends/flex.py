@@ -29,8 +29,10 @@
 * Two lowerings of the same kernel (an internal option, shown by ``explain``): torch's Triton
   templates, or FlashAttention-4 CuTe kernels (``kernel_options={"BACKEND": "FLASH"}``, torch >=
   2.11 with ``flash_attn.cute`` installed, Hopper/Blackwell). FLASH is used where it is available
-  and exact (``flash_refusal`` says why not), else Triton; a FLASH compile failure in ``auto`` falls
-  back to Triton for that variant. ``ANYATTN_FLEX_LOWERING=auto|flash|triton`` (or
+  and exact (``flash_refusal`` says why not; on sm90 that excludes gradients at some head dims and
+  with GQA and index-reading score terms, measured wrong), else Triton, and Triton also where it
+  was measured faster (``triton_beats_flash``); a FLASH compile failure in ``auto`` falls back to
+  Triton for that variant. ``ANYATTN_FLEX_LOWERING=auto|flash|triton`` (or
   ``FlexBackend(lowering=...)``): ``flash`` refuses the calls FLASH cannot serve, ``triton`` never
   uses FLASH. See docs/fa4.md.
 """
