@@ -145,8 +145,9 @@ def test_flex_runs_a_softcap_forward_on_triton_and_its_backward_on_flash(flex_au
 
 # --------------------------------------------------------------------------------------------
 # flex's lowering choice with gradients: GQA x score terms / masks that read the head index x
-# head dims. The FLASH backward on sm90 gave wrong gradients at D=80 and, with GQA, for alibi
-# and bias (round 23): flex must route those calls to Triton; every case matches the oracle.
+# head dims. The FLASH backward on sm90 gave wrong gradients at D=80 and, with GQA, for every
+# score term but softcap (round 23): flex must route those calls to Triton; every case matches
+# the oracle.
 # benchmarks/flash_grad_probe.py runs the same cases with FLASH forced past those refusals.
 
 
