@@ -555,8 +555,7 @@ class FlexBackend(AttentionBackend):
                     self._by_call.put(call.key, (fn, sm, False, bm, zero, low, opts), call.tokens)
                 out, lse = fn(q, k, v, sm, bm, call.scale, call.gqa, want_lse, opts)
             elif low == "triton" and OUT_OF_SHARED_MEMORY in str(e) and self.triton_stages.get(self._variant(call.sig), 3) > 1:
-                # the default config's software pipeline keeps a tile of every tensor the score_mod
-                # loads per stage (a float32 bias: 64 KiB at 128 x 128): fewer stages, same math
+                # fewer software-pipeline stages need less shared memory: same math
                 out, lse = self._run_with_fewer_stages(call, fn, sm, bm, zero, want_lse, e)
             elif call.gqa and GQA_COMPILE_FAILURE in str(e):
                 self.stats["gqa_expanded"] += 1

@@ -19,8 +19,9 @@ import torch
 GQA_COMPILE_FAILURE = "NoValidChoicesError"
 # Round 23 (H100, torch 2.11): a bias score_mod (8 query / 2 kv heads, D=64, S=128, bf16, with
 # gradients) failed to compile with "No valid triton configs. OutOfMemoryError: out of resource:
-# ... Required: 245760 Hardware limit: 232448": the default config pipelines 3 stages of K, V and
-# the float32 bias tile. flex recompiles such a variant with 2, then 1 stage (``triton_stages``);
+# ... Required: 245760 Hardware limit: 232448" (torch's default config there: 128 x 128 blocks, 3
+# pipeline stages; 3 x (64 KiB float32 bias tile + 16 KiB K tile) is that size: our reading, not
+# traced). flex recompiles such a variant with 2, then 1 stage (``triton_stages``);
 # benchmarks/flex_gqa_oor_probe.py says which forms compile.
 OUT_OF_SHARED_MEMORY = "No valid triton configs"
 
