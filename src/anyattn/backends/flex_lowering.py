@@ -32,6 +32,10 @@ import os
 
 import torch
 
+from ..spec.masks import And, Not, Or
+from ..spec.patterns import Dense, MaskFn
+from ..spec.scores import Softcap, Sink
+
 LOWERINGS = ("auto", "flash", "triton")
 _FLASH_OPTS = {"BACKEND": "FLASH"}
 FA4_INSTALL = 'the FLASH lowering needs flash-attn-4 (flash_attn.cute): pip install --pre "anyattn[fa4]"'
@@ -146,9 +150,6 @@ def _gqa_bwd_unsafe(sig) -> bool:
     """Whether a call of ``sig`` has a score term other than softcap, or a mask that may read the
     head index (a mask function, a dense mask with a head dimension): what the sm90 FLASH
     backward with GQA got wrong or was never checked on."""
-    from ..spec.masks import And, Not, Or
-    from ..spec.patterns import Dense, MaskFn
-    from ..spec.scores import Softcap, Sink
 
     def mask_reads_head(m) -> bool:
         if isinstance(m, (And, Or)):

@@ -190,8 +190,8 @@ def _run_anyattn_as(name, be_name, cfg, inp, get_ref, base, state, raw_ms) -> Re
     why = state.over_budget()
     if why:
         return Result(**dict(row, reason=why))
-    try:  # decided with the inputs' grad mode: the lowering flex takes may depend on it
-        d = explain(inp.q.detach().requires_grad_(cfg.grad), inp.k, inp.v, backend=be_name, **inp.kwargs())
+    try:
+        d = _decide(inp, be_name, cfg.grad)
     except Exception as e:  # noqa: BLE001 - a raising case is recorded, the run goes on
         return Result(**dict(row, status="failed", check="error", reason=err_text(e)))
     if d.chosen is None:
@@ -228,7 +228,7 @@ def _run_anyattn_as(name, be_name, cfg, inp, get_ref, base, state, raw_ms) -> Re
             return failed
         t = measure(fn, cfg.device)
         if name == "auto":  # the timed calls reuse one mask: auto's choice for values seen before
-            d = explain(inp.q.detach().requires_grad_(cfg.grad), inp.k, inp.v, backend=be_name, **inp.kwargs())
+            d = _decide(inp, be_name, cfg.grad)
             chosen = row["chosen"] = d.chosen or chosen
             row["lowering"] = lowering_of(d)
     except Exception as e:  # noqa: BLE001
@@ -242,6 +242,11 @@ def _run_anyattn_as(name, be_name, cfg, inp, get_ref, base, state, raw_ms) -> Re
         **dict(row, status="ok", ms=t.ms, tflops=fmt_tflops(row["flops"], t.ms), raw=cp if ovh == ovh else "",
                raw_ms=rms, overhead_pct=ovh)
     )  # fmt: skip
+
+
+def _decide(inp, be_name: str, grad: bool):
+    """``explain`` for a case, in its grad mode (the lowering flex takes may depend on it)."""
+    return explain(inp.q.detach().requires_grad_(grad), inp.k, inp.v, backend=be_name, **inp.kwargs())
 
 
 def lowering_of(decision) -> str:
