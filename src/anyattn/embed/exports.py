@@ -158,6 +158,8 @@ def _write_safetensors(path: str, entries: list, meta: dict, blobs) -> None:
     header: dict = {"__metadata__": {k: str(v) for k, v in meta.items()}}
     off = 0
     for i, dt, shape, nb in entries:
+        if i == "__metadata__":  # the job refuses it before any work; never write an unreadable header
+            raise bad_value("ids", "no sequence id named '__metadata__' (reserved in .safetensors)", "that id")
         header[i] = {"dtype": _ST_DTYPES[dt], "shape": list(shape), "data_offsets": [off, off + nb]}
         off += nb
     h = json.dumps(header, separators=(",", ":")).encode("utf-8")

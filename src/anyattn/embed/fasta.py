@@ -87,6 +87,8 @@ class _Checker:
 
     def __init__(self, alphabet, unknown: str):
         self.alphabet, self.unknown = alphabet, unknown
+        if alphabet is not None and unknown == "x" and "X" not in alphabet:
+            raise bad_value("unknown", "'error' for this model: its tokenizer has no X token to map other characters to", "'x'")
         if alphabet is not None:
             # ``c in alphabet`` for one character c: the alphabet's one-character strings
             ok = {c for c in alphabet if isinstance(c, str) and len(c) == 1}

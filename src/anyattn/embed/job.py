@@ -46,7 +46,7 @@ from ..errors import bad_type, bad_value
 from ..layout import host_to_device  # noqa: F401 - benchmarks/embed_h2d_probe.py patches job.host_to_device
 from .fasta import UNKNOWN_POLICIES, FastaError
 from .formats import input_format
-from .model import _DTYPES, _compile, _config, _load_model, _model_identity
+from .model import _DTYPES, _cast_in_place, _compile, _config, _load_model, _model_identity
 from .plan import _RESIDUES, _SEQ_INDEX, _collect, _collect_input, _plan, _read_input  # noqa: F401 - _collect: benchmarks
 from .pooling import POOLERS, columns, parse_pooling
 from .run import EmbedError, _Assembler, _batch_tokens, _Progress, _run_local, _run_workers  # noqa: F401 - _batch_tokens: benchmarks
@@ -240,8 +240,9 @@ def embed(
         raise bad_value(
             "long_policy", f"'error' or 'truncate' with pooling={token[0]!r} (a split sequence has no single {'start' if token[0] == 'cls' else 'end'} token)", "'split'"
         )  # fmt: skip
-    if not isinstance(append, bool):
-        raise bad_type("append", "a bool", type(append).__name__)
+    for name, flag in (("append", append), ("compile", compile), ("progress", progress)):
+        if not isinstance(flag, bool):
+            raise bad_type(name, "a bool", type(flag).__name__)
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 3:
         raise bad_value("max_tokens", "an int >= 3 (tokens per packed batch)", repr(max_tokens))
     if not isinstance(out, (str, os.PathLike)):
@@ -310,6 +311,10 @@ def _resolve_layers(layers, L: int):
         if not _is_int(x) or not -(L + 1) <= x <= L:
             raise bad_value("layers", f"None, 'all', an int or a list of ints in [{-(L + 1)}, {L}] (hidden states 0..{L})", repr(layers))
         norm.append(x % (L + 1))
+    if len(set(norm)) < len(norm):
+        n = next(x for x in norm if norm.count(x) > 1)
+        same = " and ".join(str(x) for x, y in zip(raw, norm) if y == n)
+        raise bad_value("layers", f"distinct hidden states (of 0..{L}; {same} are all hidden state {n})", repr(layers))
     return norm, layer_axis
 
 
@@ -347,7 +352,11 @@ def _embed(fasta_or_records, model, source, out, export_to, work_path, t_start, 
     if "eos" in poolers and not fmt.suffix:
         raise bad_value("pooling", f"poolers of tokens this family has: {fmt.describe()} has no end token for 'eos'", "'eos'")
     if len(devs) == 1:
-        m.to(device=devs[0], dtype=tdtype).eval()
+        if source is None:  # the caller's object, cast in place: it remembers the weights it came from
+            _cast_in_place(m, identity, device=devs[0], dtype=tdtype)
+        else:
+            m.to(device=devs[0], dtype=tdtype)
+        m.eval()
         if compile:
             _compile(m)
     load_s = time.perf_counter() - t0
@@ -359,6 +368,8 @@ def _embed(fasta_or_records, model, source, out, export_to, work_path, t_start, 
     seqs, id_map, n_records = inp.seqs, inp.id_map, inp.n_records
     if export_to and export_to.endswith(".npz") and "__anyattn_metadata__" in id_map:
         raise FastaError(f"{where}: the id '__anyattn_metadata__' is reserved in .npz stores (write to *.sqlite or *.safetensors)")
+    if export_to and export_to.endswith(".safetensors") and "__metadata__" in id_map:
+        raise FastaError(f"{where}: the id '__metadata__' is reserved in .safetensors files (write to *.sqlite or *.npz)")
     names = " and ".join(" ".join(x) for x in (fmt.prefix_names, fmt.suffix_names) if x) or "no special tokens"
     batches = _plan(seqs, fmt.max_residues, long_policy, max_tokens, where, fmt.specials, names)
     parse_s = time.perf_counter() - t0

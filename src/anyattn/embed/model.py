@@ -92,20 +92,48 @@ def _tokenizer(model, source):
     raise bad_value("model", "a model whose tokenizer anyattn.models.load_tokenizer can find", type(model).__name__)
 
 
+# set on a model object the job casts in place: (its identity right after the cast, the identity
+# of the weights before it). Rounding float32 -> float16 -> bfloat16 is not float32 -> bfloat16,
+# so without it a second job on the same object after a float16 run would see another model.
+_CAST_FROM = "_anyattn_embed_cast_from"
+
+
 def _model_identity(model) -> dict:
+    """Architecture fields and a fingerprint of every weight, rounded to bfloat16 (the fingerprint
+    of one checkpoint is the same whatever dtype it was cast to). ``model_weights_sha1`` hashes 64
+    strided values per tensor (the key stores of earlier versions hold, kept so they resume);
+    ``model_weights_all_sha1`` hashes every value, so that two checkpoints differing in any weight
+    never share a store."""
     cfg = _config(model)
     arch = {k: getattr(cfg, k, None) for k in _CONFIG_KEYS}
     arch.update({k: v for k in _MORE_CONFIG_KEYS if (v := getattr(cfg, k, None)) is not None})
     arch["model_type"] = arch["model_type"] or "esm"
     conf = hashlib.sha1(json.dumps(arch, sort_keys=True, default=str).encode()).hexdigest()
-    # 64 strided values of every tensor, rounded to bfloat16 so that the fingerprint of one
-    # checkpoint is the same whatever dtype it was cast to
-    h = hashlib.sha1()
+    sampled, full = hashlib.sha1(), hashlib.sha1()
     with torch.no_grad():
         for name, t in sorted(model.state_dict().items()):
             flat = t.detach().reshape(-1)
             step = max(1, flat.numel() // 64)
-            sample = flat[::step][:64].to(torch.bfloat16).float().cpu()
-            h.update(f"{name}{tuple(t.shape)}".encode())
-            h.update(_np().asarray(sample.numpy()).tobytes())
-    return {"model_type": str(arch["model_type"]), "model_config_sha1": conf, "model_weights_sha1": h.hexdigest()}
+            label = f"{name}{tuple(t.shape)}".encode()
+            sampled.update(label)
+            sampled.update(_np().asarray(flat[::step][:64].to(torch.bfloat16).float().cpu().numpy()).tobytes())
+            full.update(label)
+            for chunk in flat.split(1 << 24):  # bounded host memory for large tensors
+                bits = chunk.to(torch.bfloat16).view(torch.int16).cpu() if chunk.is_floating_point() else chunk.cpu()
+                full.update(_np().ascontiguousarray(bits.numpy()).tobytes())
+    ident = {
+        "model_type": str(arch["model_type"]), "model_config_sha1": conf,
+        "model_weights_sha1": sampled.hexdigest(), "model_weights_all_sha1": full.hexdigest(),
+    }  # fmt: skip
+    cast = getattr(model, _CAST_FROM, None)
+    if cast is not None and cast[0] == ident:  # unchanged since the job cast it: the weights it came from
+        return dict(cast[1])
+    return ident
+
+
+def _cast_in_place(model, identity: dict, **to) -> None:
+    """``model.to(**to)``, remembering ``identity`` (of the weights before the cast) on the object."""
+    model.to(**to)
+    after = _model_identity(model)
+    if after != identity:
+        setattr(model, _CAST_FROM, (after, dict(identity)))

@@ -218,13 +218,19 @@ def _records_of(meta: dict, ids: list) -> list:
 
 
 def _open_npz(path: str) -> _MemoryStore:
+    """Members read by their exact names (``<id>.npy``): numpy's ``NpzFile["x.npy"]`` returns the
+    member of id ``x`` when one exists, so ids ``x`` and ``x.npy`` would read the same row."""
     np = _np()
     try:
-        with np.load(path, allow_pickle=False) as z:
-            if "__anyattn_metadata__" not in z.files:
+        with zipfile.ZipFile(path) as z:
+            names = [n for n in z.namelist() if n.endswith(".npy")]
+            if "__anyattn_metadata__.npy" not in names:
                 raise StoreMismatchError(f"{path}: an .npz without anyattn metadata (not written by anyattn embed)")
-            meta = json.loads(str(z["__anyattn_metadata__"]))
-            arrays = {k: z[k] for k in z.files if k != "__anyattn_metadata__"}
+            arrays = {}
+            for n in names:
+                with z.open(n) as f:
+                    arrays[n[: -len(".npy")]] = np.lib.format.read_array(f, allow_pickle=False)
+            meta = json.loads(str(arrays.pop("__anyattn_metadata__")))
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
         if isinstance(e, StoreMismatchError):
             raise

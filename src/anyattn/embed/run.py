@@ -345,11 +345,12 @@ def _worker(rank, device, source, dtype_name, backend, runner_kw, compile_, task
         if torch.device(device).type == "cuda":
             torch.cuda.set_device(torch.device(device))
         model = _load_model(source, backend=backend)
+        identity = _model_identity(model)  # float32 CPU weights, as the parent's (before any cast)
         model.to(device=device, dtype=_DTYPES[dtype_name]).eval()
         if compile_:
             _compile(model)
         runner = _Runner(model, device, **runner_kw)
-        results.put(("ready", rank, _model_identity(model)))
+        results.put(("ready", rank, identity))
         pending = None
         while True:
             try:

@@ -77,11 +77,13 @@ _SQLITE_MAGIC = b"SQLite format 3\x00"
 # meta keys that must be equal for two runs to share a store; the rest (model_source,
 # anyattn_version, created) are recorded for the reader only
 IDENTITY_KEYS = (
-    "format", "model_type", "model_config_sha1", "model_weights_sha1", "input_format", "tokenizer_sha1",
+    "format", "model_type", "model_config_sha1", "model_weights_sha1", "model_weights_all_sha1", "input_format", "tokenizer_sha1",
     "input_records", "input_sha1", "pooling", "layers", "dtype", "store_dtype", "long_policy", "unknown",
     "max_residues",
 )  # fmt: skip
 _INPUT_KEYS = ("input_records", "input_sha1")
+# identity keys added after format /2 was first written: a store without them resumes on the rest
+_ADDED_KEYS = ("model_weights_all_sha1",)
 
 
 class StoreMismatchError(AnyAttnError, ValueError):
@@ -468,6 +470,8 @@ def check_meta(stored: dict, wanted: dict, path: str, skip=()) -> None:
     for k in IDENTITY_KEYS:
         have, want = stored.get(k), (None if wanted.get(k) is None else str(wanted.get(k)))
         if k in skip or have == want or k == "input_sha1" and "input_records" in [d[0] for d in diffs]:
+            continue
+        if k in _ADDED_KEYS and k not in stored:  # a store of an earlier version: its other keys decide
             continue
         if k in _INPUT_KEYS:
             diffs.append((k, (
