@@ -115,6 +115,11 @@ class HFMask:
     def shape(self) -> tuple:  # a few HF code paths read mask.shape[-1] (the key length)
         return (None, None, self.q_length, self.kv_length)
 
+    # generate() with a compileable cache (cache_implementation="static") builds the mask once per
+    # step and passes it to the model as ``attention_mask``; transformers then asks ``.ndim``
+    # (2 = a padding mask to prepare) and hands it back to the mask builder, which returns it
+    ndim = 4
+
     def __repr__(self) -> str:
         return f"HFMask({self.term!r}, q_length={self.q_length}, kv_length={self.kv_length}, how={self.how!r})"
 
@@ -267,6 +272,13 @@ def _mask_interface(batch_size=None, q_length=None, kv_length=None, q_offset=0, 
         raise bad_value("mask builder arguments", "q_length and kv_length from transformers", f"{sorted(kwargs)}")
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:  # a prepared 4-D mask
         return attention_mask
+    if isinstance(attention_mask, HFMask):  # built by generate() for this step (see HFMask.ndim)
+        if (attention_mask.q_length, attention_mask.kv_length) != (int(q_length), int(kv_length)):
+            raise bad_value(
+                "attention_mask", f"a mask for {q_length} queries and {kv_length} keys",
+                f"an anyattn mask for {attention_mask.q_length} and {attention_mask.kv_length}",
+            )  # fmt: skip
+        return attention_mask
     got = _structured(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
                       kwargs.get("config"), mu)  # fmt: skip
     if not isinstance(got, str):
@@ -410,10 +422,18 @@ def _cache_forward(module, query, key, value, attention_mask, step, score, scali
     layer = getattr(module, "layer_idx", None)
     if not isinstance(layer, int):
         raise bad_value("anyattn_kv", "attention modules with an integer layer_idx (decoder LMs)", f"{type(module).__name__}")
-    view = step.write(layer, key, value)
     window = _window_of(attention_mask, module, kwargs)
-    if view.window is not None and (window.left is None or window.left > view.window - 1):
-        window = _spec.sliding_window(view.window - 1)  # a full-attention layer on a windowed cache: what it keeps
+    W = step.cache.window
+    if W is not None and (window.left is None or window.left > W - 1):
+        # the cache has evicted keys this layer sees: narrowing the layer to the cache's window
+        # would change the model (Gemma2's global layers), so it is refused
+        sees = "every earlier key" if window.left is None else f"{window.left + 1} keys"
+        raise bad_value(
+            "anyattn_kv", f"a cache that keeps the keys layer {layer} attends to (it sees {sees}; this cache keeps "
+            f"{W}: window={W}). Models with full-attention layers need a cache without a window",
+            f"{type(step.cache).__name__}(window={W})",
+        )  # fmt: skip
+    view = step.write(layer, key, value)
     out = _api.attention(query, kv=view, mask=window, score=score or None, scale=scaling, backend=backend)
     return out.transpose(1, 2), None
 

@@ -34,8 +34,11 @@ paged cache frees pages that lie wholly before the window (their table entries p
 null page 0, never read). Calls on a windowed cache must carry a window of at most
 ``sliding_window(W - 1)`` (checked: an evicted key would be silently missing otherwise).
 
-Storage is zero-initialized (a masked key is multiplied by 0 on some backends; NaN garbage
-would leak). Caches are inference-only: ``attention(..., kv=...)`` refuses autograd.
+Storage is zero-initialized, and slots are zeroed again before another sequence gets them (a
+page handed out, a row reset, the tail a window compaction leaves): a masked key is multiplied
+by 0 on some backends, so a finished request's NaN or inf would leak into the next one. A step
+that raises leaves the cache as it was. Caches are inference-only: ``attention(..., kv=...)``
+refuses autograd.
 
 Shape legend: L layers, B rows, P pages (+1: the null page), ps page size, Hkv kv heads, D/Dv
 head dims, n new tokens of a sequence this step, m its cached keys after the step.
@@ -81,6 +84,7 @@ class _Cache:
         self.k = [torch.zeros(*shape, self.kv_heads, self.head_dim, dtype=dtype, device=self.device) for _ in range(self.layers)]
         self.v = [torch.zeros(*shape, self.kv_heads, self.value_dim, dtype=dtype, device=self.device) for _ in range(self.layers)]
         self.device = self.k[0].device  # "cuda" -> "cuda:0": the device tensors report, which writes are checked against
+        self._epoch = 0  # bumped by every step, release and reset (KVStep.write's fast check)
 
     @property
     def keep(self) -> int | None:
@@ -126,35 +130,52 @@ class ContiguousKVCache(_Cache):
                          value_dim=value_dim, dtype=dtype, device=device, window=window)  # fmt: skip
         self.lengths = [0] * self.batch  # keys stored per row (slot index space)
         self.offsets = [0] * self.batch  # absolute position of slot 0
+        self._generation = [0] * self.batch  # bumped by reset(): a new sequence in the row
+
+    def _stamp(self, seqs) -> tuple:
+        """What a step's writes assume about its rows (KVStep.write checks it is unchanged)."""
+        return (tuple(self.lengths), tuple(self._generation))
 
     def reset(self, rows=None) -> None:
-        """Empty the given rows (all by default): a new sequence starts there."""
-        for b in range(self.batch) if rows is None else rows:
+        """Empty the given rows (all by default): a new sequence starts there (its slots zeroed)."""
+        rows = list(range(self.batch)) if rows is None else list(rows)
+        for b in rows:
+            if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b < self.batch:
+                raise bad_value("rows", f"row indices in [0, {self.batch})", repr(b))
+        with torch.no_grad():
+            for t in self.k + self.v:
+                t[rows] = 0
+        for b in rows:
             self.lengths[b] = self.offsets[b] = 0
+            self._generation[b] += 1
+        self._epoch += 1
 
     def step(self, new_tokens) -> KVStep:
         """Reserve ``new_tokens`` slots per row (an int: every row; a list: per row, 0 = idle this
         step). Compacts windowed rows that would overflow, for every layer, before any writes."""
         n = self._new_counts(new_tokens, self.batch)
         before = list(self.lengths)
-        for b, nb in enumerate(n):
-            if nb == 0 or before[b] + nb <= self.capacity:
-                continue
+        full = [b for b, nb in enumerate(n) if nb and before[b] + nb > self.capacity]
+        for b in full:  # every row checked before any is compacted: a step that raises changes nothing
             if self.window is None:
                 raise bad_value(
                     "new_tokens", f"at most {self.capacity - before[b]} more tokens in row {b} (capacity {self.capacity}, "
-                    f"{before[b]} cached; a windowed cache evicts, this one has no window)", nb,
+                    f"{before[b]} cached; a windowed cache evicts, this one has no window)", n[b],
                 )  # fmt: skip
+            if min(before[b], self.keep) + n[b] > self.capacity:
+                raise bad_value("new_tokens", f"at most capacity - (window - 1) = {self.capacity - self.keep} in one step", n[b])
+        for b in full:
             keep = min(before[b], self.keep)
-            if keep + nb > self.capacity:
-                raise bad_value("new_tokens", f"at most capacity - (window - 1) = {self.capacity - self.keep} in one step", nb)
             shift = before[b] - keep
-            for t in self.k + self.v:  # the keys the window still needs move to the row's start
-                t[b, :keep] = t[b, shift : before[b]].clone()
+            with torch.no_grad():
+                for t in self.k + self.v:  # the keys the window still needs move to the row's start
+                    t[b, :keep] = t[b, shift : before[b]].clone()
+                    t[b, keep : before[b]] = 0
             self.offsets[b] += shift
             before[b] = keep
         after = [a + x for a, x in zip(before, n)]
         self.lengths = list(after)
+        self._epoch += 1
         Sq = max(n)
         slots = [b * self.capacity + before[b] + t for b in range(self.batch) for t in range(n[b])]
         src = None if all(x == Sq for x in n) else [b * Sq + t for b in range(self.batch) for t in range(n[b])]
@@ -201,6 +222,7 @@ class PagedKVCache(_Cache):
         self._check_seq(seq)
         self._free.extend(p for p in reversed(self._tables.pop(seq)) if p)
         del self._lengths[seq]
+        self._epoch += 1
 
     def length(self, seq: int) -> int:
         """Tokens the sequence has had (absolute: evicted ones included)."""
@@ -214,6 +236,11 @@ class PagedKVCache(_Cache):
     @property
     def sequences(self) -> tuple:
         return tuple(self._tables)
+
+    def _stamp(self, seqs) -> tuple:
+        """What a step's writes assume about its sequences: their lengths (ids are never reused,
+        so a released sequence reads None)."""
+        return tuple(self._lengths.get(s) for s in seqs)
 
     def _check_seq(self, seq) -> None:
         if seq not in self._tables:
@@ -243,21 +270,32 @@ class PagedKVCache(_Cache):
             layout = "rows" if len(set(n)) == 1 else "packed"
         if layout not in ("rows", "packed"):
             raise bad_value("layout", "'rows' or 'packed'", repr(layout))
+        if layout == "packed" and q_len is not None and _pos_int("q_len", q_len) < sum(n):
+            raise bad_value("q_len", f"at least the {sum(n)} new tokens", q_len)
         ps = self.page_size
         need = 0
         for s, ns in zip(seqs, n):
             need += max(0, -(-(self._lengths[s] + ns) // ps) - len(self._tables[s]))
-        freed = self._evict(seqs)
-        if need > len(self._free):
-            raise bad_value("new_tokens", f"at most the free pages ({len(self._free)} of {self.pages}, {freed} just evicted)",
-                            f"{need} more pages")  # fmt: skip
-        before = []
+        evictable = self._evictable(seqs)
+        if need > len(self._free) + len(evictable):
+            raise bad_value("new_tokens", f"at most the free pages ({len(self._free)} of {self.pages}, {len(evictable)} more "
+                            "past the window)", f"{need} more pages")  # fmt: skip
+        for s, j in evictable:  # pages wholly before every window this step can reach
+            self._free.append(self._tables[s][j])
+            self._tables[s][j] = 0
+        before, handed_out = [], []
         for s, ns in zip(seqs, n):
             before.append(self._lengths[s])
             table = self._tables[s]
             while len(table) * ps < self._lengths[s] + ns:
                 table.append(self._free.pop())
+                handed_out.append(table[-1])
             self._lengths[s] += ns
+        if handed_out:  # a page's slots past this step's writes are masked, not unread: no stale values
+            with torch.no_grad():
+                for t in self.k + self.v:
+                    t[handed_out] = 0
+        self._epoch += 1
         slots = []
         for s, b0, ns in zip(seqs, before, n):
             table = self._tables[s]
@@ -268,29 +306,24 @@ class PagedKVCache(_Cache):
             positions = [[b0 + t if t < nr else 0 for t in range(Sq)] for b0, nr in zip(before, n)]
         else:
             T = sum(n)
-            Sq = T if q_len is None else _pos_int("q_len", q_len)
-            if Sq < T:
-                raise bad_value("q_len", f"at least the {T} new tokens", Sq)
+            Sq = T if q_len is None else q_len  # checked before the cache changed
             src = None
             positions = [[b0 + t for b0, nr in zip(before, n) for t in range(nr)] + [0] * (Sq - T)]
         after = tuple(self._lengths[s] for s in seqs)
         tables = [list(self._tables[s]) for s in seqs]
         return KVStep(self, layout, tuple(seqs), tuple(n), after, Sq, slots, src, positions, tables=tables)
 
-    def _evict(self, seqs) -> int:
-        """Free the pages of ``seqs`` that lie wholly before every window this step can reach."""
+    def _evictable(self, seqs) -> list[tuple[int, int]]:
+        """(sequence, table index) of the pages of ``seqs`` that lie wholly before every window
+        this step can reach (the first new query sits at the current length)."""
         if self.window is None:
-            return 0
-        ps, freed = self.page_size, 0
+            return []
+        ps, out = self.page_size, []
         for s in seqs:
-            first_needed = self._lengths[s] - self.keep  # the first new query sits at the current length
             table = self._tables[s]
-            for j in range(min(len(table), max(0, first_needed) // ps)):
-                if table[j]:
-                    self._free.append(table[j])
-                    table[j] = 0
-                    freed += 1
-        return freed
+            first_needed = self._lengths[s] - self.keep
+            out.extend((s, j) for j in range(min(len(table), max(0, first_needed) // ps)) if table[j])
+        return out
 
 
 def page_bytes(kv_heads: int, head_dim: int, page_size: int, dtype, layers: int = 1, value_dim: int | None = None) -> int:

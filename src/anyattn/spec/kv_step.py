@@ -56,6 +56,9 @@ class KVStep:
         self._src = None if src is None else host_to_device(torch.tensor(src, dtype=torch.int64), dev)
         self._Sk, self._tables = Sk, tables
         self._memo: dict = {}
+        # the sequences' state this step was made for; the cache's epoch counts every step,
+        # release and reset, so a write of the latest step compares one int
+        self._epoch, self._stamp = cache._epoch, cache._stamp(seqs)
 
     @property
     def rows(self) -> int:
@@ -75,6 +78,11 @@ class KVStep:
         c = self.cache
         if not isinstance(layer, int) or not 0 <= layer < c.layers:
             raise bad_value("layer", f"a layer index in [0, {c.layers})", repr(layer))
+        if c._epoch != self._epoch and c._stamp(self.seqs) != self._stamp:  # its slots may be another sequence's
+            raise bad_value(
+                "step", "the latest step of its sequences (a later step, release() or reset() changed them "
+                "since this one was made)", repr(self),
+            )  # fmt: skip
         for name, x, d in (("k_new", k_new, c.head_dim), ("v_new", v_new, c.value_dim)):
             want = (self.rows, c.kv_heads, self.Sq, d)
             if not isinstance(x, torch.Tensor):
@@ -83,6 +91,8 @@ class KVStep:
                 raise bad_value(name, f"shape (rows, Hkv, Sq, D) = {want} (the step's query layout)", f"shape {tuple(x.shape)}")
             if x.device != c.device:
                 raise bad_value(name, f"the cache's device {c.device}", f"device {x.device}")
+            if x.dtype != c.dtype:
+                raise bad_value(name, f"the cache's dtype {c.dtype}", f"dtype {x.dtype}")
         with torch.no_grad():
             for store, x in ((c.k[layer], k_new), (c.v[layer], v_new)):
                 tok = x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3])  # (rows * Sq, Hkv, D)
@@ -90,7 +100,7 @@ class KVStep:
                     tok = tok.index_select(0, self._src)
                 elif tok.shape[0] != self._slots.numel():  # a packed step padded to q_len: the tail is padding
                     tok = tok[: self._slots.numel()]
-                store.view(-1, store.shape[-2], store.shape[-1]).index_copy_(0, self._slots, tok.to(store.dtype))
+                store.view(-1, store.shape[-2], store.shape[-1]).index_copy_(0, self._slots, tok)
         return KVView(self, layer)
 
     def view(self, layer: int) -> KVView:
