@@ -50,8 +50,8 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class AttentionOutput(NamedTuple):
-    """``attention(..., return_lse=True)``: out (B, Hq, Sq, Dv) and lse (B, Hq, Sq) float32,
-    natural log, ``-inf`` on rows with no visible key."""
+    """``attention(..., return_lse=True)``: out (B, Hq, Sq, Dv) and lse (B, Hq, Sq) float32
+    (float64 for float64 inputs), natural log, ``-inf`` on rows with no visible key."""
 
     out: torch.Tensor
     lse: torch.Tensor
@@ -337,7 +337,7 @@ def attention(
         backend: "auto", a backend name, or a sequence of names tried in order. A named backend
             that cannot serve the call raises :class:`UnsupportedError`; it is never replaced.
         dropout_p: attention-weight dropout probability (applied whenever > 0).
-        return_lse: also return the log-sum-exp (B, Hq, Sq), float32, natural log.
+        return_lse: also return the log-sum-exp (B, Hq, Sq), float32 (float64 for float64 inputs), natural log.
 
     Returns:
         out (B, Hq, Sq, Dv), or ``AttentionOutput(out, lse)`` when ``return_lse=True``.
@@ -441,7 +441,8 @@ def _attention_kv(q, k, v, view, mask, score, scale, backend, dropout_p, return_
 
 
 def attention_with_weights(q, k, v, *, mask=None, score=None, scale=None, dropout_p=0.0):
-    """Eager attention that also returns the weights (B, Hq, Sq, Sk), float32: (out, weights).
+    """Eager attention that also returns the weights (B, Hq, Sq, Sk), float32 (float64 for float64
+    inputs): (out, weights).
 
     This is the one sanctioned path to attention weights (``output_attentions``); it always runs
     the eager backend.

@@ -237,7 +237,7 @@ def check_layouts(mask) -> None:
     if len(seq) > 1:
         raise bad_value(
             "mask", "one documents(...) or padding(...) term when queries and keys have separate layouts (kv=...)",
-            " & ".join(repr(t) for t in seq),
+            " and ".join(repr(t) for t in seq),
         )  # fmt: skip
 
 
@@ -297,10 +297,18 @@ def canonical_part(t):
         inner = canonical_part(t.term)
         if isinstance(inner, Not):
             return inner.term
-        if inner is None:
-            return Not(Window(None, None))
+        if inner is None:  # ~everything: no key (the same object again, so combinations settle)
+            return t if _is_everything(t.term) else _NOTHING
         return t if inner is t.term else Not(inner)
     return t
+
+
+def _is_everything(t) -> bool:
+    return type(t) is Window and t.left is None and t.right is None
+
+
+_EVERYTHING = Window(None, None)
+_NOTHING = Not(_EVERYTHING)
 
 
 def _flatten(cls, terms) -> list:
@@ -342,12 +350,20 @@ def canonical_combination(mask):
             return mask
     if True:
         parts = [canonical_part(t) for t in _flatten(cls, mask.terms)]
+        if cls is Or and any(p is None for p in parts):  # x | everything == everything ...
+            layouts = [p for p in parts if p is not None and p.packed_layout]
+            if not layouts:
+                return None
+            # ... but a packed query/key layout still says where each query sits (ALiBi, T5
+            # buckets and windows measure from there): keep it, OR-ed with everything
+            if (len(mask.terms) == len(layouts) + 1 and all(a is b for a, b in zip(mask.terms, layouts))
+                    and _is_everything(mask.terms[-1])):  # fmt: skip
+                return mask
+            return Or((*layouts, _EVERYTHING))
         out: list = []
         win_at = None
         for p in parts:
             if p is None:
-                if cls is Or:
-                    return None  # x | everything == everything
                 continue
             if isinstance(p, cls):
                 out.extend(p.terms)

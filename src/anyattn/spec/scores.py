@@ -58,7 +58,9 @@ class Alibi(ScoreTerm):
             raise bad_value("alibi(slopes)", f"one slope per query head, shape ({geo.H},)", f"shape {tuple(self.slopes.shape)}")
 
     def bind(self, geo: Geometry) -> BoundScore:
-        slopes = to_device(self.slopes, geo.device).float()
+        raw = to_device(self.slopes, geo.device)
+        slopes = raw.float()  # fused kernels' score_mods compute in float32
+        wide = raw.to(_dense_dtype(raw))  # the dense form keeps float64 slopes (the float64 oracle)
         pos, ub = aligner(geo)
 
         def mod(s, b, h, q, kv):
@@ -69,7 +71,7 @@ class Alibi(ScoreTerm):
             hh = torch.arange(geo.H, device=geo.device).view(1, -1, 1, 1)
             qq = torch.arange(geo.Sq, device=geo.device).view(1, 1, -1, 1)
             kk = torch.arange(geo.Sk, device=geo.device).view(1, 1, 1, -1)
-            return mod(torch.zeros((), device=geo.device), bb, hh, qq, kk)
+            return -(wide[hh] * (pos(bb, qq) - kk).abs())
 
         return BoundScore(mod, True, ub, True, dense_bias)
 
@@ -100,7 +102,13 @@ class Bias(ScoreTerm):
         def mod(s, b, h, q, kv):
             return s + full[b, h, q, kv]
 
-        return BoundScore(mod, True, t4.shape[0] != 1, t4.shape[1] != 1, lambda: t4.float())
+        return BoundScore(mod, True, t4.shape[0] != 1, t4.shape[1] != 1, lambda: t4.to(_dense_dtype(t4)))
+
+
+def _dense_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype of an additive term's dense form: float32, or float64 for a float64 tensor (half
+    precision terms are widened; a float64 term is not narrowed: eager on float64 is the oracle)."""
+    return torch.promote_types(t.dtype, torch.float32)
 
 
 def t5_bucket(rel: torch.Tensor, num_buckets: int, max_distance: int, bidirectional: bool) -> torch.Tensor:
@@ -155,7 +163,7 @@ class RelativeBias(ScoreTerm):
             qq = torch.arange(geo.Sq, device=geo.device).view(1, 1, -1, 1)
             kk = torch.arange(geo.Sk, device=geo.device).view(1, 1, 1, -1)
             bucket = t5_bucket(kk - pos(bb, qq), nb, md, bi)  # (Bd, 1, Sq, Sk)
-            return table.float()[hh, bucket]  # (Bd, H, Sq, Sk)
+            return table.to(_dense_dtype(table))[hh, bucket]  # (Bd, H, Sq, Sk)
 
         return BoundScore(mod, True, ub, True, dense_bias)
 
