@@ -152,6 +152,21 @@ def _check_options(scale, dropout_p, return_lse) -> float | None:
     return scale
 
 
+def _plain_options(scale, dropout_p, return_lse):
+    """The options as the decision key holds them: a float scale (a tensor's value read on every
+    call: one edited in place is never served the old one), a float dropout_p, a bool return_lse.
+    Checked on every call that passes another type (``True == 1.0`` must not hit a cached
+    decision of ``scale=1.0``); plain floats and bools pass untouched."""
+    if scale is not None and type(scale) is not float:
+        scale = _check_options(scale, 0.0, False)
+    if type(dropout_p) is not float:
+        _check_options(None, dropout_p, False)
+        dropout_p = float(dropout_p)
+    if type(return_lse) is not bool:
+        _check_options(None, 0.0, return_lse)
+    return scale, dropout_p
+
+
 def _check_values(call: Call) -> None:
     """Checks of term values against the call (lengths within the sequence, shapes of term
     tensors, user functions' results); once per content key."""
@@ -196,6 +211,9 @@ def _prepare(q, k, v, mask, score, scale, dropout_p, return_lse, need_weights, b
     if not compiling and not (type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor):
         if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)):
             _check_qkv(q, k, v)  # raises the precise error
+    if not compiling and (type(dropout_p) is not float or type(return_lse) is not bool
+                          or (scale is not None and type(scale) is not float)):  # fmt: skip
+        scale, dropout_p = _plain_options(scale, dropout_p, return_lse)
     cmask = canonical_mask(mask)
     scores = canonical_scores(score) if score is not None else ()
     grad_on = torch.is_grad_enabled()
@@ -297,7 +315,11 @@ def _empty_result(call: Call):
     out = call.q.new_zeros(B, Hq, Sq, call.Dv)
     if call.requires_grad:  # keep the graph so that .backward() gives zero gradients
         out = out + 0.0 * (call.q.sum() + call.k.sum() + call.v.sum())
-    lse = torch.full((B, Hq, Sq), float("-inf"), device=call.device, dtype=torch.float32)
+    lse_dtype = torch.float64 if call.q.dtype == torch.float64 else torch.float32
+    lse = torch.full((B, Hq, Sq), float("-inf"), device=call.device, dtype=lse_dtype)
+    sink = call.sink
+    if sink is not None:  # the sink's term is the whole denominator: lse = its logit, output still 0
+        lse = sink.logits.to(device=call.device, dtype=lse_dtype).view(1, -1, 1).expand(B, Hq, Sq)
     return out, lse
 
 

@@ -281,7 +281,9 @@ class SdpaBackend(AttentionBackend):
         if lw is None:  # first use: no host sync, no conversion (a mask built per call pays neither)
             lw = lower(call)._replace(reuse_pending=True)
             self.cache.put(call.key, lw, call.tokens)
-        elif lw.reuse_pending:  # used again: the form is worth settling
+        elif lw.reuse_pending and not call.requires_grad:  # used again: the form is worth settling
+            # (not while autograd records: a checkpointed forward recomputed in the backward must
+            # run the ops the first forward ran, or torch.utils.checkpoint raises)
             if lw.rows_unread:  # read once whether a row sees no key, drop row_ok if none does
                 lw = lw._replace(row_ok=None if bool(lw.row_ok.all()) else lw.row_ok, rows_unread=False)
             if self._only is None:

@@ -278,7 +278,9 @@ def int_tensor(name: str, x, *, dims: tuple[int, ...], nonneg: bool = True) -> t
         raise bad_type(name, "integer values", f"dtype {t.dtype}")
     if t.dim() not in dims:
         raise bad_value(name, f"a tensor of {' or '.join(str(d) for d in dims)} dimensions", f"shape {tuple(t.shape)}")
-    if nonneg and t.numel() and t.device.type == "cpu" and int(t.min()) < 0:
+    # inside a caller's torch.compile trace the value is not read (a data-dependent branch would
+    # break the graph); the call-time checks are skipped there too (api._check_terms)
+    if nonneg and t.numel() and t.device.type == "cpu" and not torch.compiler.is_compiling() and int(t.min()) < 0:
         raise bad_value(name, "non-negative values", f"minimum {int(t.min())}")
     return t
 
