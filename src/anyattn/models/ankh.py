@@ -58,7 +58,7 @@ from ._compile import LayerCompiler, check_compile_layers
 from ._esmc_ankh_batch import norm_bound
 from ._switches import AttnBackendSwitch, PackPaddedSwitch, backend_value
 from ._inputs import check_input_ids, keep_mask
-from .checkpoints import check_state_dict, is_ankh_config, read_weights, resolve_dtype, resolve_saved_backend
+from .checkpoints import check_state_dict, is_ankh_config, read_weights, resolve_dtype, resolve_saved_backend, strict_from_pretrained
 
 __all__ = [
     "ANKH_PRESETS",
@@ -411,22 +411,7 @@ class AnkhModel(AttnBackendSwitch, PackPaddedSwitch, PreTrainedModel):
         """transformers' ``from_pretrained``, strict (missing, unexpected or mis-shaped weights
         raise, naming them; the decoder of a full T5 checkpoint is skipped). ``strict=False``
         restores transformers' warnings. :func:`load_ankh` is the checked path for ANKH's files."""
-        strict = kwargs.pop("strict", True)
-        want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        if strict:
-            parts = [
-                f"{k}: {sorted(map(str, info.get(k) or []))}"
-                for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")
-                if info.get(k)
-            ]
-            if parts:
-                raise bad_value(
-                    "pretrained_model_name_or_path",
-                    "a checkpoint with exactly the weights of AnkhModel",
-                    "; ".join(parts),
-                )
-        return (model, info) if want_info else model
+        return strict_from_pretrained(super().from_pretrained, "AnkhModel", args, kwargs)
 
     def _score(self):
         cfg = self.config

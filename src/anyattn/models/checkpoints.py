@@ -16,7 +16,7 @@ from ..errors import bad_type, bad_value
 
 __all__ = [
     "Family", "MODEL_FILES", "TOKENIZER_FILES", "check_state_dict", "download", "is_ankh_config", "is_esm2_config",
-    "is_esmc_config", "read_weights", "resolve_dtype", "resolve_saved_backend",
+    "is_esmc_config", "read_weights", "resolve_dtype", "resolve_saved_backend", "strict_from_pretrained",
 ]  # fmt: skip
 
 
@@ -188,6 +188,28 @@ def _read_file(reader, file: str) -> dict:
 def _damaged(file: str, e: BaseException) -> ValueError:
     first = str(e).strip().splitlines()[0][:300] if str(e).strip() else "no details"
     return bad_value("weights", "a readable checkpoint file", f"{file}, damaged or truncated ({type(e).__name__}: {first}); download it again")
+
+
+def strict_from_pretrained(load, name: str, args, kwargs):
+    """transformers' ``from_pretrained`` (``load``, the parent's bound classmethod), strict: a
+    checkpoint with missing, unexpected or mis-shaped weights raises, naming every one, instead of
+    leaving weights at their random initialisation. ``strict=False`` restores transformers'
+    warnings. (Strict loading asks transformers to report mis-shaped weights rather than raise on
+    them: its own error names no key.)"""
+    strict = kwargs.pop("strict", True)
+    want_info = kwargs.pop("output_loading_info", False)
+    if strict:
+        kwargs.setdefault("ignore_mismatched_sizes", True)
+    model, info = load(*args, output_loading_info=True, **kwargs)
+    if strict:
+        parts = [
+            f"{k}: {sorted(map(str, info.get(k) or []))}"
+            for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")
+            if info.get(k)
+        ]
+        if parts:
+            raise bad_value("pretrained_model_name_or_path", f"a checkpoint with exactly the weights of {name}", "; ".join(parts))
+    return (model, info) if want_info else model
 
 
 def check_state_dict(sd: dict, ours: dict, *, expected: str, optional=()) -> None:

@@ -237,7 +237,10 @@ def _model_classes() -> dict:
             if seq_info is not None:
                 return super().forward(input_ids, attention_mask, seq_info=seq_info, **kwargs)
             if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
-                got = f"shape {tuple(input_ids.shape)}" if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+                if not isinstance(input_ids, torch.Tensor):
+                    got = type(input_ids).__name__
+                else:
+                    got = f"shape {tuple(input_ids.shape)}" if input_ids.dim() != 2 else f"dtype {input_ids.dtype}"
                 raise bad_value("input_ids", "a (B, S) integer tensor", got)
             if attention_mask is None:
                 keep = input_ids != self.config.pad_token_id

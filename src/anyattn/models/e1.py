@@ -74,7 +74,7 @@ from ._switches import AttnBackendSwitch
 from .e1_batch import E1Batch, _s_max, e1_batch_structure, runs_packed
 from .e1_config import E1_PRESETS, E1Config
 from .e1_tokenizer import _ORIGINAL_MODEL_TYPES, E1_DEFAULT_VOCAB, MODEL_TYPE, E1Tokenizer, is_e1_config
-from .checkpoints import check_state_dict, read_weights, resolve_saved_backend
+from .checkpoints import check_state_dict, read_weights, resolve_saved_backend, strict_from_pretrained
 
 __all__ = [
     "E1Config",
@@ -114,9 +114,11 @@ def _rms(x, w, eps: float):
     return F.rms_norm(x, (x.shape[-1],), w, eps).to(x.dtype)
 
 
-def _clip_rope(q_BSHD, k_BSGD, v_BSGD, cos_BS1D, sin_BS1D, clip, dtype):
-    """Optional clamp of q, k, v, then rotary of q, k in float32, cast back to ``dtype``."""
+def _clip_rope(q_BSHD, k_BSGD, v_BSGD, cos_BS1D, sin_BS1D, clip):
+    """Optional clamp of q, k, v, then rotary of q, k in float32, cast back to the projections'
+    dtype (the residual stream's, or autocast's: q, k and v then share it)."""
     q, k, v = q_BSHD, k_BSGD, v_BSGD
+    dtype = v.dtype
     if clip is not None:
         q, k, v = q.clamp(-clip, clip), k.clamp(-clip, clip), v.clamp(-clip, clip)
     qf, kf = q.float(), k.float()
@@ -131,7 +133,7 @@ def _qkv(x_BSC, norm_w, eps: float, wq, wk, wv, cos_BS1D, sin_BS1D, H: int, G: i
     D = C // H
     h = _rms(x_BSC, norm_w, eps)
     q, k, v = F.linear(h, wq).view(B, S, H, D), F.linear(h, wk).view(B, S, G, D), F.linear(h, wv).view(B, S, G, D)
-    return _clip_rope(q, k, v, cos_BS1D, sin_BS1D, clip, x_BSC.dtype)
+    return _clip_rope(q, k, v, cos_BS1D, sin_BS1D, clip)
 
 
 def _out_ffn(o_BSC, x_BSC, w_o, norm_w, eps: float, w1, w2, w3, act):
@@ -244,7 +246,7 @@ class E1Layer(nn.Module):
         else:  # modules called (PEFT LoRA and other wrappers take effect)
             h = na.input_layernorm(x_BSC)
             q, k, v = sa.q_proj(h).view(B, S, H, D), sa.k_proj(h).view(B, S, G, D), sa.v_proj(h).view(B, S, G, D)
-            q, k, v = _clip_rope(q, k, v, cos, sin, cfg.clip_qkv, x_BSC.dtype)
+            q, k, v = _clip_rope(q, k, v, cos, sin, cfg.clip_qkv)
         # (B, S, H, D) memory, (B, H, S, D) views: the layout anyattn takes (DESIGN.md section 4)
         q4, k4, v4 = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         scale = D**-0.5
@@ -286,6 +288,13 @@ class E1PreTrainedModel(AttnBackendSwitch, PreTrainedModel):
     _no_split_modules = ["E1Layer"]
     supports_gradient_checkpointing = False
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' ``from_pretrained``, strict: missing, unexpected or mis-shaped weights
+        raise, naming them. ``strict=False`` restores transformers' warnings. :func:`load_e1` is
+        the checked path for E1's own files."""
+        return strict_from_pretrained(super().from_pretrained, cls.__name__, args, kwargs)
+
     @torch.no_grad()
     def _init_weights(self, module):
         std = self.config.initializer_range
@@ -305,6 +314,9 @@ class E1PreTrainedModel(AttnBackendSwitch, PreTrainedModel):
 
 class E1Model(E1PreTrainedModel):
     """The encoder: embeddings (+ sequence-index embedding), L layers, final RMSNorm."""
+
+    # the encoder alone may come from a masked-LM checkpoint: its head is not ours to load
+    _keys_to_ignore_on_load_unexpected = [r"^mlm_head\."]
 
     def __init__(self, config: E1Config):
         super().__init__(config)
@@ -350,6 +362,13 @@ class E1Model(E1PreTrainedModel):
         cfg = self.config
         if isinstance(input_ids, torch.Tensor):
             check_input_ids(input_ids, cfg.vocab_size, check_range=input_ids.device.type == "cpu" or attention_mask is not None)
+            if seq_info is None and sequence_ids is None and input_ids.dim() == 2 and (
+                    input_ids.numel() == 0 or (isinstance(attention_mask, torch.Tensor) and attention_mask.shape == input_ids.shape
+                                               and attention_mask.device.type == "cpu" and not bool(attention_mask.any()))):  # fmt: skip
+                raise bad_value(
+                    "input_ids", "at least one real token (E1 samples: <bos> 1 ... 2 <eos>; an empty batch or one of "
+                    "padding only has no sample)", f"shape {tuple(input_ids.shape)}" + ("" if input_ids.numel() == 0 else ", all padding"),
+                )  # fmt: skip
         b = e1_batch_structure(
             input_ids, attention_mask, seq_info=seq_info, sequence_ids=sequence_ids,
             within_seq_position_ids=within_seq_position_ids, global_position_ids=global_position_ids,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from ..errors import bad_type, bad_value
-from ..resolve import check_backend
+from ._switches import backend_value
 from ._compile import check_compile_layers
 from .e1_tokenizer import _ORIGINAL_MODEL_TYPES, MODEL_TYPE, is_e1_config
 
@@ -66,9 +66,7 @@ class E1Config(PretrainedConfig):
             raise bad_value(
                 "global_attention_every_n_layers", "0 (none) or a positive int", global_attention_every_n_layers
             )
-        if isinstance(attn_backend, list):
-            attn_backend = tuple(attn_backend)  # JSON round trip gives a list
-        check_backend(attn_backend)
+        attn_backend = backend_value(attn_backend)  # a list (a JSON round trip) becomes a tuple
         check_compile_layers(compile_layers)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size

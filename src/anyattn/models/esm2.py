@@ -84,7 +84,7 @@ from .esm2_layers import (  # noqa: E402, F401  (the layer functions are part of
     _Rotary,
     _s_max,
 )
-from .checkpoints import check_state_dict, is_esm2_config, read_weights, resolve_saved_backend  # noqa: E402
+from .checkpoints import check_state_dict, is_esm2_config, read_weights, resolve_saved_backend, strict_from_pretrained  # noqa: E402
 
 __all__ = [
     "ESM2Config",
@@ -149,14 +149,18 @@ class ESM2PreTrainedModel(AttnBackendSwitch, PackPaddedSwitch, PreTrainedModel):
         """transformers' ``from_pretrained``, strict: a checkpoint with unknown, missing or
         mis-shaped weights raises (listing them) instead of leaving weights at their random
         initialisation. ``strict=False`` restores transformers' warnings."""
-        strict = kwargs.pop("strict", True)
-        want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        if strict:
-            parts = [f"{k}: {sorted(map(str, info.get(k) or []))}" for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs") if info.get(k)]
-            if parts:
-                raise bad_value("pretrained_model_name_or_path", f"a checkpoint with exactly the weights of {cls.__name__}", "; ".join(parts))
-        return (model, info) if want_info else model
+        out = strict_from_pretrained(super().from_pretrained, cls.__name__, args, kwargs)
+        model = out[0] if isinstance(out, tuple) else out
+        t = getattr(model.config, "dplm_type", None)
+        if t and cls.__name__ in ("ESM2Model", "ESM2ForMaskedLM"):  # the Auto classes' targets
+            raise bad_value(
+                "pretrained_model_name_or_path",
+                "an ESM2 checkpoint for ESM2Model / ESM2ForMaskedLM (and the Auto classes): a DPLM "
+                "checkpoint's forward differs (positions, default mask, DPLM-2's rescaling); load it with "
+                "anyattn.models.load(path) or DPLMForMaskedLM / DPLM2ForMaskedLM.from_pretrained(path)",
+                f"a DPLM checkpoint (dplm_type {t!r})",
+            )  # fmt: skip
+        return out
 
 
 class ESM2Model(ESM2PreTrainedModel):

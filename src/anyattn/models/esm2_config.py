@@ -6,7 +6,7 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from ..errors import bad_value
-from ..resolve import check_backend
+from ._switches import backend_value
 
 __all__ = ["MODEL_TYPE", "ESM2Config", "ESM2_PRESETS", "esm2_flops"]
 
@@ -60,9 +60,7 @@ class ESM2Config(PretrainedConfig):
         kwargs.pop("esmfold_config", None)
         if hidden_size % num_attention_heads:
             raise bad_value("hidden_size", f"a multiple of num_attention_heads={num_attention_heads}", hidden_size)
-        if isinstance(attn_backend, list):
-            attn_backend = tuple(attn_backend)  # a JSON round trip gives a list
-        check_backend(attn_backend)
+        attn_backend = backend_value(attn_backend)  # a list (a JSON round trip) becomes a tuple
         if pack_padded not in ("auto", True, False):
             raise bad_value("pack_padded", "'auto', True or False", repr(pack_padded))
         if compile_layers not in ("auto", True, False):

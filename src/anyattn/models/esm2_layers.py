@@ -279,15 +279,17 @@ class _Encoder(nn.Module):
 class _ContactHead(nn.Module):
     """Logistic regression on symmetrized, APC-corrected attention maps (ESM's contact head)."""
 
-    def __init__(self, cfg: ESM2Config, eos_idx: int = 2):
+    def __init__(self, cfg: ESM2Config, eos_idx: int = 2, cls_idx: int = 0):
         super().__init__()
-        self.eos_idx = eos_idx
+        self.eos_idx, self.cls_idx = eos_idx, cls_idx
         self.regression = nn.Linear(cfg.num_hidden_layers * cfg.num_attention_heads, 1)
 
     def forward(self, tokens_BS, attns_BLHSS):
-        eos = tokens_BS.ne(self.eos_idx).to(attns_BLHSS)
-        eos = eos.unsqueeze(1) * eos.unsqueeze(2)
-        a = (attns_BLHSS * eos[:, None, None])[..., 1:-1, 1:-1]  # drop <cls> and the last token
+        # <eos> and <cls> are zeroed wherever they sit (ESM zeroes <eos> and slices off column 0
+        # as <cls>: with left padding column 0 is padding and <cls> would stay in the sums)
+        keep = (tokens_BS.ne(self.eos_idx) & tokens_BS.ne(self.cls_idx)).to(attns_BLHSS)
+        keep = keep.unsqueeze(1) * keep.unsqueeze(2)
+        a = (attns_BLHSS * keep[:, None, None])[..., 1:-1, 1:-1]  # the (S - 2) grid of ESM's contact maps
         B, L, H, S, _ = a.shape
         a = a.reshape(B, L * H, S, S).to(self.regression.weight.device)
         a = a + a.transpose(-1, -2)

@@ -56,7 +56,7 @@ from ._compile import LayerCompiler, check_compile_layers
 from ._esmc_ankh_batch import norm_bound
 from ._switches import AttnBackendSwitch, PackPaddedSwitch, backend_value
 from ._inputs import check_input_ids, keep_mask
-from .checkpoints import is_esmc_config
+from .checkpoints import is_esmc_config, strict_from_pretrained
 from .tokenizer import ProteinTokenizer
 
 __all__ = [
@@ -390,22 +390,7 @@ class ESMCPreTrainedModel(AttnBackendSwitch, PackPaddedSwitch, PreTrainedModel):
     def from_pretrained(cls, *args, **kwargs):
         """transformers' ``from_pretrained``, strict: missing, unexpected or mis-shaped weights
         raise, naming them. ``strict=False`` restores transformers' warnings."""
-        strict = kwargs.pop("strict", True)
-        want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        if strict:
-            parts = [
-                f"{k}: {sorted(map(str, info.get(k) or []))}"
-                for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")
-                if info.get(k)
-            ]
-            if parts:
-                raise bad_value(
-                    "pretrained_model_name_or_path",
-                    f"a checkpoint with exactly the weights of {cls.__name__}",
-                    "; ".join(parts),
-                )
-        return (model, info) if want_info else model
+        return strict_from_pretrained(super().from_pretrained, cls.__name__, args, kwargs)
 
 
 class ESMCModel(ESMCPreTrainedModel):
