@@ -324,3 +324,33 @@ def test_cuda_bench_serving_rows_count_compiles_and_allocator_retries(tmp_path):
     rows = json.loads((tmp_path / "serving.json").read_text())["rows"]
     assert rows and all(r["status"] == "ok" for r in rows), rows
     assert all(r["alloc_retries"] == 0 and r["compiles"] == 0 for r in rows), rows
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "cudnn", "flex", "flash_torch", "auto"])
+@pytest.mark.parametrize("kind", ["paged", "contiguous"])
+def test_cuda_a_finished_requests_nan_does_not_reach_the_next_one(kind, backend):
+    """A request whose keys and values overflowed (NaN) is released; the next one gets its page
+    (or row): the slots past the new keys are masked but read by the kernels, so they must hold
+    zeros (they are zeroed when handed out), on every backend."""
+    nan = torch.full((1, HKV, 128, D), float("nan"), device="cuda", dtype=BF16)
+    if kind == "paged":
+        cache = aa.PagedKVCache(1, 128, HKV, D, dtype=BF16, device="cuda")
+        old = cache.add_sequence()
+        cache.step([old], 128).write(0, nan, nan)
+        cache.release(old)
+        step = cache.step([cache.add_sequence()], 5)
+    else:
+        cache = aa.ContiguousKVCache(1, 128, HKV, D, dtype=BF16, device="cuda")
+        cache.step(128).write(0, nan, nan)
+        cache.reset()
+        step = cache.step(5)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, H, 5, D, device="cuda", dtype=BF16, generator=g)
+    k, v = (torch.randn(1, HKV, 5, D, device="cuda", dtype=BF16, generator=g) for _ in range(2))
+    try:
+        out = aa.attention(q, kv=step.write(0, k, v), mask=aa.causal(), backend=backend)
+    except aa.UnsupportedError:
+        pytest.skip(f"{backend} does not serve a {kind} cache step")
+    want = aa.attention(q.double(), k.double(), v.double(), mask=aa.causal(), backend="eager")
+    assert torch.isfinite(out).all(), "the previous request's NaN reached the new one"
+    assert (out.double() - want).abs().max().item() < 3e-2
