@@ -84,13 +84,14 @@ def use(backend):
     """
     names = check_backend(backend)
     token = _DEFAULT.set(names)
-    before = _TRACED_DEFAULT[0]
     _TRACED_DEFAULT[0] = names
     try:
         yield
     finally:
         _DEFAULT.reset(token)
-        _TRACED_DEFAULT[0] = before
+        # the default this thread returns to (not the value seen on entry: blocks of two threads
+        # that overlap would otherwise leave the first block's default for compiled calls)
+        _TRACED_DEFAULT[0] = _DEFAULT.get()
 
 
 def clear_caches() -> None:

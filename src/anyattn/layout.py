@@ -218,14 +218,16 @@ class SeqInfo:
     @classmethod
     def from_padding_mask(cls, mask: torch.Tensor) -> SeqInfo:
         """Padded batch from a (B, S) keep-mask (HF ``attention_mask``: 1 = real token). Left,
-        right or mixed padding; each row is one sequence. Reads the row lengths to the host once."""
+        right or mixed padding; each row is one sequence. Reads the row lengths to the host once.
+        The SeqInfo holds its own copy of the mask: an edit of ``mask`` afterwards changes nothing
+        (its lengths were read when it was built)."""
         if not isinstance(mask, torch.Tensor):
             raise bad_type("mask", "a (B, S) bool or 0/1 integer tensor", type(mask).__name__)
         if mask.dim() != 2:
             raise bad_value("mask", "a (B, S) keep-mask", f"shape {tuple(mask.shape)}")
         if mask.dtype.is_floating_point:
             raise bad_type("mask", "a bool or 0/1 integer keep-mask", f"dtype {mask.dtype}")
-        keep = mask if mask.dtype == torch.bool else mask != 0
+        keep = mask.clone() if mask.dtype == torch.bool else mask != 0
         B, S = keep.shape
         counts_t = keep.sum(-1)
         pos = torch.arange(S, device=keep.device)

@@ -19,7 +19,9 @@ from typing import NamedTuple
 
 import torch
 
-from .._cache import obj_key, tensor_key
+from torch.compiler import is_compiling
+
+from .._cache import CONTENT_KEY_MAX, obj_key, tensor_key
 from ..errors import bad_type, bad_value
 from ..layout import host_to_device
 
@@ -256,8 +258,15 @@ def check_broadcast(name: str, t: torch.Tensor, geo: Geometry) -> None:
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``t`` on ``device``; a CPU tensor (lengths, a keep-mask written on the host) goes to a GPU
     through pinned memory (``layout.host_to_device``), the copy CUDA documents as never waiting
-    for the GPU's queue."""
-    return t if t.device == device else host_to_device(t, device)
+    for the GPU's queue. A small CPU tensor that stays on the CPU is copied too: such tensors are
+    cache-keyed by value (``_cache.tensor_key``), so what is lowered from them (SDPA's keep-mask,
+    flex's closures) must not read the caller's memory, which another call with the same values
+    would then see after the caller refills it."""
+    if t.device != device:
+        return host_to_device(t, device)
+    if t.device.type == "cpu" and t.numel() <= CONTENT_KEY_MAX and not t.requires_grad and not is_compiling():
+        return t.clone()
+    return t
 
 
 def fmt_arg(v) -> str:
