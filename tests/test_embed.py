@@ -26,6 +26,7 @@ pytest.importorskip("safetensors")
 
 from anyattn.embed import FastaError, StoreMismatchError, embed, open_store, read_fasta  # noqa: E402
 from anyattn.models import ProteinTokenizer, load_esm2  # noqa: E402
+from .test_embed_support import count_rows, one_thread  # noqa: E402, F401 (one_thread: an autouse fixture)
 
 MAX_POS = 42  # 40 residues + <cls> + <eos>
 AA = "ACDEFGHIKLMNPQRSTVWY"
@@ -49,14 +50,6 @@ def _save_ckpt(path, seed):
     return str(path)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread (on a shared CPU, spinning OpenMP threads made each
-    layer norm ~100x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -202,15 +195,6 @@ def _rows(path):
     return {i: st.get(i) for i in st.ids()}
 
 
-def _count(path):
-    try:
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=0.2)
-        try:
-            return con.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0]
-        finally:
-            con.close()
-    except sqlite3.Error:
-        return 0
 
 
 def test_sigkill_at_random_points_then_resume_equals_uninterrupted(ckpt, tmp_path):
@@ -229,21 +213,21 @@ def test_sigkill_at_random_points_then_resume_equals_uninterrupted(ckpt, tmp_pat
     rng = random.Random(1234)
     killed, counts = 0, []
     for attempt in range(3):
-        before = _count(out)
+        before = count_rows(out)
         p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         if attempt == 0:
             time.sleep(rng.uniform(0.0, 0.3))  # still importing / loading
         else:
             target = before + rng.randint(5, 120)
             t_end = time.time() + 60
-            while p.poll() is None and _count(out) < target and time.time() < t_end:
+            while p.poll() is None and count_rows(out) < target and time.time() < t_end:
                 time.sleep(0.01)
         if p.poll() is None:
             p.send_signal(signal.SIGKILL)
             killed += 1
         p.wait()
         p.stderr.close()
-        counts.append(_count(out))
+        counts.append(count_rows(out))
     assert killed >= 2, f"the job finished before it could be killed: {counts}"
     assert counts[-1] < len(recs), counts
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

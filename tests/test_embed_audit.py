@@ -48,7 +48,7 @@ from anyattn.cli import main  # noqa: E402
 from anyattn.embed import StoreMismatchError, embed, open_store  # noqa: E402
 from anyattn.models import ProteinTokenizer  # noqa: E402
 
-from .test_embed_support import ankh_tokenizer, cli_env, make_ckpt  # noqa: E402
+from .test_embed_support import ankh_tokenizer, cli_env, count_rows, make_ckpt, one_thread  # noqa: E402, F401 (one_thread: an autouse fixture)
 
 AA = "ACDEFGHIKLMNPQRSTVWY"
 MAXRES = 40  # the tiny checkpoint's max_position_embeddings 42 minus <cls> and <eos>
@@ -56,12 +56,6 @@ TOL = 1e-5
 POOLERS = ["mean", "max", "min", "norm", "median", "std", "var"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -347,15 +341,6 @@ def test_interrupted_then_resumed_equals_a_clean_run_and_changed_settings_are_re
         assert out.read_bytes() == ref_out.read_bytes()
 
 
-def _rows_in(path):
-    try:
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=0.2)
-        try:
-            return con.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0]
-        finally:
-            con.close()
-    except sqlite3.Error:
-        return 0
 
 
 def test_sigkill_of_a_single_file_safetensors_job_then_resume_is_byte_identical(ckpt, tmp_path):
@@ -377,13 +362,13 @@ def test_sigkill_of_a_single_file_safetensors_job_then_resume_is_byte_identical(
     p = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     target = random.Random(1).randint(20, 120)
     t_end = time.time() + 120
-    while p.poll() is None and _rows_in(work) < target and time.time() < t_end:
+    while p.poll() is None and count_rows(work) < target and time.time() < t_end:
         time.sleep(0.005)
     assert p.poll() is None, "the job ended before it could be killed"
     p.send_signal(signal.SIGKILL)
     p.wait()
     p.stderr.close()
-    kept = _rows_in(work)
+    kept = count_rows(work)
     assert 0 < kept < 301 and not out.exists()
     r = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -589,4 +574,12 @@ def test_the_same_hidden_state_twice_is_refused(ckpt, tmp_path):
     for layers in ([1, 1], [-1, 2]):
         with pytest.raises(ValueError, match="layers: expected distinct hidden states"):
             embed({"a": "MKV"}, model=ckpt, out=tmp_path / "o.sqlite", layers=layers, progress=False)
+    assert not (tmp_path / "o.sqlite").exists()
+
+
+def test_a_missing_model_path_is_named_model(tmp_path):
+    """The loader's own argument name (path_or_repo) reached embed's users; the job names its
+    argument: model (--model)."""
+    with pytest.raises(ValueError, match=r"^model: expected an existing local directory"):
+        embed({"a": "MKV"}, model=str(tmp_path / "nope"), out=tmp_path / "o.sqlite", progress=False)
     assert not (tmp_path / "o.sqlite").exists()

@@ -16,7 +16,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -25,7 +24,7 @@ from anyattn.embed import embed, open_store  # noqa: E402
 from anyattn.embed.formats import input_format  # noqa: E402
 from anyattn.embed.run import _batch_tokens  # noqa: E402
 
-from .test_embed_support import FAMILIES, MAX_RESIDUES, alone, load_ref, make_ckpt, pool_ref, rel_err, residues, seqs  # noqa: E402
+from .test_embed_support import FAMILIES, MAX_RESIDUES, alone, load_ref, make_ckpt, one_thread, pool_ref, rel_err, residues, seqs  # noqa: E402, F401 (one_thread: an autouse fixture)
 
 TOL = 1e-5
 FORMATS = {
@@ -38,12 +37,6 @@ FORMATS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("transformers")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
@@ -23,15 +22,9 @@ safetensors_numpy = pytest.importorskip("safetensors.numpy")
 from anyattn.cli import main  # noqa: E402
 from anyattn.embed import StoreMismatchError, embed, open_store  # noqa: E402
 
-from .test_embed_support import ankh_tokenizer, make_ckpt, seqs, write_fasta  # noqa: E402
+from .test_embed_support import ankh_tokenizer, make_ckpt, one_thread, seqs, write_fasta  # noqa: E402, F401 (one_thread: an autouse fixture)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -17,40 +17,23 @@ from __future__ import annotations
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
 from anyattn.embed import embed, open_store  # noqa: E402
 
-from .test_embed_support import cli_env, make_ckpt, seqs, write_fasta  # noqa: E402
+from .test_embed_support import cli_env, count_rows, make_ckpt, one_thread, seqs, write_fasta  # noqa: E402, F401 (one_thread: an autouse fixture)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
-def _count(path) -> int:
-    try:
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=0.2)
-        try:
-            return con.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0]
-        finally:
-            con.close()
-    except sqlite3.Error:
-        return 0
 
 
 def _kill_and_resume(cmd, work, n_rows, seed, kills=2):
@@ -60,21 +43,21 @@ def _kill_and_resume(cmd, work, n_rows, seed, kills=2):
     env = cli_env()
     killed, counts = 0, []
     for attempt in range(kills):
-        before = _count(work)
+        before = count_rows(work)
         p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         if attempt == 0:
             time.sleep(rng.uniform(0.0, 1.5))  # importing, loading the model, reading the input
         else:
             target = before + rng.randint(5, max(6, n_rows // 3))
             t_end = time.time() + 120
-            while p.poll() is None and _count(work) < target and time.time() < t_end:
+            while p.poll() is None and count_rows(work) < target and time.time() < t_end:
                 time.sleep(0.01)
         if p.poll() is None:
             p.send_signal(signal.SIGKILL)
             killed += 1
         p.wait()
         p.stderr.close()
-        counts.append(_count(work))
+        counts.append(count_rows(work))
     assert killed == kills, f"the job finished before it could be killed: {counts}"
     assert 0 < counts[-1] < n_rows, counts  # the last run resumed a partly written store
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

@@ -18,8 +18,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import sqlite3
 
 import numpy as np
+import pytest
 import torch
 
 AA = "ACDEFGHIKLMNPQRSTVWY"
@@ -207,3 +209,26 @@ def rows_of(path):
 
 def cli_env():
     return dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread (on a shared CPU, spinning OpenMP threads made each
+    layer norm ~100x slower). Autouse in every module that imports it."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def count_rows(path) -> int:
+    """Rows committed to an SQLite store (0 while it does not exist or is locked): what a test
+    that kills a job part-way polls."""
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=0.2)
+        try:
+            return con.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return 0

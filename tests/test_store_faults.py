@@ -38,6 +38,8 @@ from anyattn.embed import store as store_mod  # noqa: E402
 from anyattn.embed.fasta import read_records  # noqa: E402
 from anyattn.models import load_esm2  # noqa: E402
 
+from .test_embed_support import one_thread  # noqa: E402, F401 (one_thread: an autouse fixture)
+
 MAX_POS = 42  # 40 residues
 AA = "ACDEFGHIKLMNPQRSTVWY"
 ALPHABET = frozenset("LAGVSERTIDPKQNFYMHWCXBUZO")
@@ -57,12 +59,6 @@ def _save_ckpt(path, seed=0):
     return str(path)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from ..errors import bad_type, bad_value
+from ..errors import ArgumentError, ArgumentTypeError, bad_type, bad_value
 from .store import _np
 
 _DTYPES = {
@@ -65,7 +65,13 @@ def _load_model(source, *, backend):
     loader = getattr(models, "load", None)
     if loader is None:  # anyattn.models.load (all model families) not available: ESM2 only
         loader = models.load_esm2
-    return loader(os.fspath(source), attn_backend=backend)  # None: the checkpoint's saved backend, else auto
+    try:
+        return loader(os.fspath(source), attn_backend=backend)  # None: the checkpoint's saved backend, else auto
+    except (ArgumentError, ArgumentTypeError) as e:  # the loader names its own argument: name ours
+        msg = str(e)
+        if msg.startswith("path_or_repo: "):
+            raise type(e)("model: " + msg[len("path_or_repo: "):]) from None
+        raise
 
 
 def _compile(model) -> None:
