@@ -933,3 +933,18 @@ def test_hf_on_a_cache_rows_layout_with_uneven_counts_equals_eager(name, kind):
         for i, ids in enumerate(seqs_ids):
             want = ref(ids[None, : done[i]], use_cache=False).logits[0]
             torch.testing.assert_close(got[i], want, atol=2e-5, rtol=1e-4, msg=lambda m, i=i: f"sequence {i}: {m}")
+
+
+def test_contiguous_reset_takes_numpy_and_tensor_row_indices_and_refuses_others():
+    """reset(rows) took any iterable before it zeroed rows; it now checks each index (numpy and
+    tensor ints are indices too) before changing anything."""
+    import numpy as np
+
+    cache = aa.ContiguousKVCache(3, 16, 1, D)
+    cache.step(4).write(0, *(torch.ones(3, 1, 4, D),) * 2)
+    cache.reset([np.int64(1), torch.tensor(2)])
+    assert cache.lengths == [4, 0, 0] and not cache.k[0][1:].any() and cache.k[0][0, :4].all()
+    for bad in ([True], [3], ["0"]):
+        with pytest.raises(ValueError, match=r"rows: expected row indices in \[0, 3\)"):
+            cache.reset(bad)
+    assert cache.lengths == [4, 0, 0]

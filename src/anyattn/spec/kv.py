@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import operator
 
 import torch
 
@@ -139,9 +140,14 @@ class ContiguousKVCache(_Cache):
     def reset(self, rows=None) -> None:
         """Empty the given rows (all by default): a new sequence starts there (its slots zeroed)."""
         rows = list(range(self.batch)) if rows is None else list(rows)
-        for b in rows:
-            if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b < self.batch:
-                raise bad_value("rows", f"row indices in [0, {self.batch})", repr(b))
+        for i, given in enumerate(rows):
+            try:
+                b = None if isinstance(given, bool) else operator.index(given)  # numpy / tensor ints too
+            except TypeError:
+                b = None
+            if b is None or not 0 <= b < self.batch:
+                raise bad_value("rows", f"row indices in [0, {self.batch})", repr(given))
+            rows[i] = b
         with torch.no_grad():
             for t in self.k + self.v:
                 t[rows] = 0
