@@ -306,9 +306,10 @@ class SelfAttention(nn.Module):
         c = self.config
         B, S, _ = x_BSC.shape
         D = c.dhead
-        q_BSHD = self.wq(x_BSC).view(B, S, -1, D)  # -1: local heads under tensor parallel
-        k_BSHD = self.wk(x_BSC).view(B, S, -1, D)
-        v_BSHD = self.wv(x_BSC).view(B, S, -1, D)
+        q, k, v = self.wq(x_BSC), self.wk(x_BSC), self.wv(x_BSC)
+        # heads from the projections' widths: local heads under tensor parallel (and no -1, which
+        # a view of zero tokens cannot infer)
+        q_BSHD, k_BSHD, v_BSHD = (t.view(B, S, t.shape[-1] // D, D) for t in (q, k, v))
         if self.rotary is not None:
             if rope is None:
                 pos = batch.positions if batch is not None else torch.arange(S, device=x_BSC.device).expand(B, S)
@@ -322,7 +323,7 @@ class SelfAttention(nn.Module):
             mask=self.mask_for(batch), score=self._scores, backend=c.backend,
             dropout_p=c.dropout if self.training else 0.0,
         )  # fmt: skip
-        return self.wo(o_BHSD.transpose(1, 2).reshape(B, S, -1))
+        return self.wo(o_BHSD.transpose(1, 2).reshape(B, S, o_BHSD.shape[1] * o_BHSD.shape[3]))
 
 
 def attention_flops(config: AttentionConfig, visible_pairs: int, backward: bool = True) -> int:

@@ -194,12 +194,15 @@ def _lowered_nbytes(lw) -> int:
 
 class SdpaBackend(AttentionBackend):
     """One SDPA-based backend; ``only`` restricts SDPA to one kernel (None = torch decides).
-    ``kernel`` is the SDPA function called (a test passes a recording stand-in)."""
+    ``kernel`` is the SDPA function called (a test passes a recording stand-in); by default
+    ``torch.nn.functional.scaled_dot_product_attention`` is looked up at every call, not once:
+    torch's ``context_parallel`` replaces that attribute with its ring attention inside its
+    block, and a function kept from import time would attend within the local shard only."""
 
     def __init__(self, name: str = "sdpa", only: str | None = None, *, kernel=None):
         self.name = name
         self._only = only
-        self._kernel = kernel if kernel is not None else F.scaled_dot_product_attention
+        self._kernel = kernel
         self.facts = Facts(dropout=True, context_parallel=True)
         self.cache = LRU(256, max_bytes=MASK_CACHE_BYTES, nbytes=_lowered_nbytes)
 
@@ -295,7 +298,7 @@ class SdpaBackend(AttentionBackend):
     def run(self, call):
         lw = self.lowered(call)
         kw = {"enable_gqa": True} if call.gqa else {}
-        sdpa = self._kernel
+        sdpa = self._kernel or F.scaled_dot_product_attention  # looked up per call (see the class docstring)
 
         def kernel():
             return sdpa(

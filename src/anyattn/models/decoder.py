@@ -196,8 +196,15 @@ class Decoder(nn.Module):
             layer.attention.set_backend(backend)
         self.config = dataclasses.replace(self.config, backend=backend)
 
+    context_parallel = False  # set by prepare_context_parallel
+
     def forward(self, input_ids: torch.Tensor, batch: PackedBatch | None = None, labels: torch.Tensor | None = None):
         B, S = input_ids.shape
+        if self.context_parallel and batch is not None and any(x is not None for x in (batch.doc_ids, batch.image_ids, batch.info)):
+            raise bad_value(
+                "batch", "None under context parallel: one sequence per row (the ring attention takes is_causal "
+                "only, not the mask of packed documents)", "a PackedBatch with documents",
+            )  # fmt: skip
         pos = batch.positions if batch is not None else torch.arange(S, device=input_ids.device).expand(B, S)
         rope = self.rotary(pos)  # once per forward, shared by every layer
         h = self.tok_embeddings(input_ids)
@@ -320,4 +327,5 @@ def prepare_context_parallel(model: Decoder) -> Decoder:
         raise bad_value("config.attn_dropout", "0.0 under context parallel", cfg.attn_dropout)
     for layer in model.layers:
         layer.attention.expand_kv = True
+    model.context_parallel = True  # forward refuses batches of documents (the ring takes is_causal only)
     return model
