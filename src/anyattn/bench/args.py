@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import UsageError
 
-__all__ = ["device", "listopt", "posint", "shape"]
+__all__ = ["device", "listopt", "out_dir", "out_file", "posint", "shape"]
 
 
 def listopt(name: str, value, valid) -> tuple[str, ...]:
@@ -49,3 +51,32 @@ def device(value) -> str | None:
     if value == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: torch.cuda.is_available() is False on this machine")
     return value
+
+
+def out_dir(name: str, path) -> None:
+    """An output directory option, checked before any work (a run that measures for minutes must
+    not fail at its end): an existing directory, or a new one whose parent exists and is writable."""
+    if path is None:
+        return
+    p = os.path.abspath(os.fspath(path))
+    if os.path.exists(p) and not os.path.isdir(p):
+        raise UsageError(f"--{name}: expected a directory (new or existing), got {path!r}, which is a file")
+    parent = p if os.path.isdir(p) else os.path.dirname(p)
+    while parent and not os.path.exists(parent):  # makedirs creates missing parents: check the first that exists
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise UsageError(f"--{name}: expected a writable place for {path!r}, got {parent!r}, which is not writable")
+
+
+def out_file(name: str, path) -> None:
+    """An output file option, checked before any work: not a directory, in an existing writable directory."""
+    if path is None:
+        return
+    p = os.path.abspath(os.fspath(path))
+    if os.path.isdir(p):
+        raise UsageError(f"--{name}: expected a file path, got {path!r}, which is a directory")
+    parent = os.path.dirname(p)
+    if not os.path.isdir(parent):
+        raise UsageError(f"--{name}: expected a file in an existing directory, got {path!r} ({parent!r} does not exist)")
+    if not os.access(parent, os.W_OK) or (os.path.exists(p) and not os.access(p, os.W_OK)):
+        raise UsageError(f"--{name}: expected a writable file, got {path!r}")

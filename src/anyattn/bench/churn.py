@@ -514,7 +514,8 @@ def options_from_args(a) -> Options:
     from . import args as A
 
     device = A.device(a.device)
-    o = quick(device or "cpu") if a.quick else Options(device=device or Options.device)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")  # --device default, read now
+    o = quick(device) if a.quick else Options(device=device)
     ch: dict = {}
     if a.cases:
         ch["cases"] = A.listopt("cases", a.cases, CASES)

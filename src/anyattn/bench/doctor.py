@@ -331,9 +331,13 @@ def _bar(n, enabled):
 
 
 def run_from_args(args, command: str = "anyattn doctor") -> int:
+    from .args import out_file
+
     names = None
-    if args.backend:
+    if args.backend is not None:
         names = [n.strip() for a in args.backend for n in a.split(",") if n.strip()]
+        if not names:
+            raise UsageError(f"--backend: expected a comma list of {list(REGISTRY)}, got an empty list")
         bad = [n for n in names if n not in REGISTRY]
         if bad:
             raise UsageError(f"--backend: unknown {bad}; expected some of {list(REGISTRY)}")
@@ -343,6 +347,7 @@ def run_from_args(args, command: str = "anyattn doctor") -> int:
         raise UsageError(f"--device: expected cuda or cpu, got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: torch.cuda.is_available() is False on this machine")
+    out_file("json", args.json)  # before the run, not after it
     report = diagnose(
         backends=names, device=device, full=args.full, speed=not args.no_speed, progress=not args.no_progress
     )

@@ -405,7 +405,8 @@ def options_from_args(a) -> HostOptions:
     from . import args as A
 
     device = A.device(a.device)
-    o = quick(device or "cpu") if a.quick else HostOptions(device=device or HostOptions.device)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")  # --device default, read now
+    o = quick(device) if a.quick else HostOptions(device=device)
     ch: dict = {}
     if a.backends:
         import anyattn

@@ -297,7 +297,7 @@ _SWEEP_KEYS = ("variants", "backends", "modes", "dtypes", "seqlen", "batch", "he
                "device", "budget_s", "shapes", "preset", "quick")  # fmt: skip
 
 
-_listopt, _posint = args_.listopt, args_.posint
+_listopt, _posint, _out_dir = args_.listopt, args_.posint, args_.out_dir
 
 
 def _load_sweep_file(path: str) -> dict:
@@ -392,6 +392,7 @@ def sweep_from_args(args) -> Sweep:
 
 def run_from_args(args, command: str = "anyattn bench kernels") -> int:
     _check_mode_options(args)
+    _out_dir("out", args.out)  # before measuring: the files are written at the end
     if args.mode == "new-packing":
         return _run_mode(churn, churn.options_from_args(args), args, command)
     if args.mode == "host":
