@@ -48,7 +48,7 @@ import torch
 from . import api as _api
 from . import spec as _spec
 from ._cache import LRU, tensor_key
-from .errors import bad_type, bad_value
+from .errors import AnyAttnError, bad_type, bad_value
 from .layout import SeqInfo
 
 if importlib.util.find_spec("transformers") is None:  # pragma: no cover - exercised in a subprocess test
@@ -122,6 +122,32 @@ class HFMask:
 
     def __repr__(self) -> str:
         return f"HFMask({self.term!r}, q_length={self.q_length}, kv_length={self.kv_length}, how={self.how!r})"
+
+    # Models that call HF's mask builders and then use the result as a tensor (their own attention
+    # code: Bloom, MPT, XGLM, RoFormer; a bias added onto the mask: Falcon with ALiBi, Doge) cannot
+    # run on anyattn's mask, a description rather than a tensor: say so instead of failing deep
+    # inside transformers. (Dunder lookups stay plain AttributeErrors: copy, pickle, hasattr.)
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise _used_as_tensor(f"reads mask.{name}")
+
+    def _arith(self, *_):
+        raise _used_as_tensor("does arithmetic on the mask")
+
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __and__ = __rand__ = __or__ = __ror__ = _arith
+
+
+class MaskUsedAsTensorError(AnyAttnError, AttributeError, TypeError):
+    """A model used anyattn's HF mask as a tensor (see ``HFMask.__getattr__``)."""
+
+
+def _used_as_tensor(what: str) -> MaskUsedAsTensorError:
+    return MaskUsedAsTensorError(
+        f"attn_implementation: expected a model whose attention layers pass the mask to the attention "
+        f"function (anyattn's mask is a description, not a tensor); this model {what}: load it with "
+        "attn_implementation='sdpa' or 'eager' (docs/hf.md, 'Models that cannot run on anyattn')"
+    )
 
 
 def _closure(fn) -> dict:
