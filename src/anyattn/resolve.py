@@ -131,8 +131,10 @@ def resolve(
     """
     auto = requested == ("auto",)
     if auto:
-        order = list(ranking_for(sig, first_sight=first_sight))
-        order = [n for n in order if n in REGISTRY] + [n for n in REGISTRY if n not in order]
+        ranked = ranking_for(sig, first_sight=first_sight)
+        # the first-sight note only where a FIRST_SIGHT row ranked this call (none on the CPU)
+        first_sight = first_sight and tuple(ranked) != tuple(ranking_for(sig))
+        order = [n for n in ranked if n in REGISTRY] + [n for n in REGISTRY if n not in ranked]
     else:
         order = list(requested)
     # the text form joins strings over the mask's terms: not traceable with symbolic sizes
